@@ -1,0 +1,53 @@
+"""The ``gguftool`` command: a click group whose subcommands live one per module and load lazily.
+
+Each subcommand module (``gguftool/cli/<name>_cmd.py``) defines a click command named ``command``. Only the
+module of the command being run is imported, so ``gguftool inspect`` never pays for numba.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .. import __version__
+
+# command name -> (module, one-line help shown by `gguftool --help`)
+COMMANDS = {
+    "convert": ("gguftool.cli.convert_cmd", "Hugging Face safetensors checkpoint -> (quantized) GGUF in one step."),
+    "quantize": ("gguftool.cli.quantize_cmd", "Quantize a GGUF file with llama.cpp's type mixes (Q4_K_M, Q6_K ...)."),
+    "inspect": ("gguftool.cli.inspect_cmd", "Show what a GGUF file holds: metadata, tokenizer, tensors."),
+    "edit": ("gguftool.cli.edit_cmd", "Change a GGUF file's metadata without touching its tensors."),
+    "imatrix": ("gguftool.cli.imatrix_cmd", "Compute an importance matrix from calibration text."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(module) is not None]
+
+    def get_command(self, ctx, name):
+        entry = COMMANDS.get(name)
+        if entry is None:
+            return None
+        try:
+            module = importlib.import_module(entry[0])
+        except ModuleNotFoundError as e:
+            if e.name == entry[0]:
+                return None
+            raise
+        return module.command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gguftool")
+def main():
+    """Convert, quantize, inspect and edit GGUF files (llama.cpp's model format).
+
+    The tensors gguftool writes are byte-identical to llama.cpp's for the same input and options.
+    """
