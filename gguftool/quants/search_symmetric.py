@@ -1,0 +1,205 @@
+"""Signed symmetric scale searches of ggml-quants.c: make_qx_quants and make_q3_quants.
+
+Both pick one scale d for a group of n values so that x[i] ~= d * (L[i] - nmax) with L[i] in [0, 2*nmax).
+They are numba functions meant to be called from other kernels; the arithmetic mirrors the C reference
+operation by operation in float32 (same order of sequential sums, same comparisons), so results are
+bit-identical with llama.cpp's x86-64 build (compiled without FMA contraction).
+
+API (all arrays 1-D, at least n long; slices of bigger arrays are fine, they are views):
+
+    make_qx_quants(n: int, nmax: int, x: float32[:], L: int8[:], rmse_type: int, qw: float32[:]) -> float32
+        ggml's make_qx_quants. Writes L[0:n] (values in [0, 2*nmax)) and returns the scale.
+        qw: per-element weights; an EMPTY array (qw.size == 0) means NULL (no weights), in which case the
+        weight is chosen by rmse_type: 1 -> x*x, 2 -> 1, 3 -> |x|, otherwise sqrt(|x|).
+        rmse_type 0: plain rounding with iscale = -nmax/max, returns 1/iscale (weights unused).
+        rmse_type < 0: one least-squares refinement of the first rounding, returns the mean of the fitted
+        and the initial scale (the "return_early" mode), weights chosen by -rmse_type.
+        rmse_type > 0: full search over 18 extra trial scales -(nmax + 0.1*is)/max, is in [-9, 9] \\ {0}.
+        Callers in llama.cpp: Q6_K (n=16, nmax=32, rmse 1, qw NULL or imatrix), Q3_K impl (16, 4, 1, w) and
+        its scale-of-scales (16, 32, 1, sw), Q4_0 impl (32, 8, 1, w), Q5_0 impl (32, 16, 1, w).
+
+    make_q3_quants(n: int, nmax: int, x: float32[:], L: int8[:], do_rmse: bool) -> float32
+        ggml's make_q3_quants (Q3_K reference path, n=16, nmax=4, do_rmse=True): rounding followed by up
+        to 5 passes of coordinate descent on the weighted (w = x*x) error. Writes L[0:n], returns the scale.
+
+    nearest_int_c(fval) -> int
+        ggml's nearest_int including its behaviour outside |fval| <= 2^22 (low mantissa bits of
+        fval + 12582912.f), which make_q3_quants can reach when its running sums are tiny or overflowed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from gguftool.quants.common import nearest_int
+
+F32 = np.float32
+GROUP_MAX_EPS = np.float32(1e-15)
+_MAGIC = np.float32(12582912.0)         # 1.5 * 2^23
+
+
+# --- rounding with the reference's out-of-range behaviour
+@njit(cache=True)
+def _nearest_int_bits(fval):
+    """Low 23 mantissa bits of float32(fval + 12582912.f) minus 2^22, as the C code computes them."""
+    val = np.float32(np.float32(fval) + _MAGIC)
+    if val != val:
+        return 0                        # x86 default NaN 0x7FC00000: mantissa 0x400000
+    a = abs(val)
+    if a == np.inf or a == 0:
+        return -0x400000                # mantissa field 0
+    m, e = math.frexp(float(a))         # a = m * 2^e, m in [0.5, 1): mantissa field = m*2^24 - 2^23
+    return int(m * 16777216.0) - 8388608 - 0x400000
+
+
+@njit(cache=True, inline="always")
+def nearest_int_c(fval):
+    if abs(fval) <= np.float32(4194303.0):
+        return nearest_int(fval)
+    return _nearest_int_bits(fval)
+
+
+@njit(cache=True, inline="always")
+def _clamp(l, lo, hi):
+    if l > hi:
+        return hi
+    if l < lo:
+        return lo
+    return l
+
+
+@njit(cache=True, inline="always")
+def _weight(has_w, qw, i, xi, rmse_type):
+    if has_w:
+        return qw[i]
+    if rmse_type == 1:
+        return np.float32(xi * xi)
+    if rmse_type == 2:
+        return np.float32(1.0)
+    if rmse_type == 3:
+        return np.float32(abs(xi))
+    return np.float32(math.sqrt(np.float32(abs(xi))))
+
+
+# --- make_qx_quants
+@njit(cache=True)
+def make_qx_quants(n, nmax, x, L, rmse_type, qw):
+    has_w = qw.size > 0
+    fmax = np.float32(0.0)
+    amax = np.float32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            fmax = x[i]
+    if amax < GROUP_MAX_EPS:            # all zero
+        for i in range(n):
+            L[i] = 0
+        return np.float32(0.0)
+    fnmax = np.float32(nmax)
+    iscale = np.float32(-fnmax / fmax)
+    if rmse_type == 0:
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            L[i] = nmax + _clamp(l, -nmax, nmax - 1)
+        return np.float32(np.float32(1.0) / iscale)
+    return_early = False
+    if rmse_type < 0:
+        rmse_type = -rmse_type
+        return_early = True
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        xi = x[i]
+        l = _clamp(nearest_int(iscale * xi), -nmax, nmax - 1)
+        L[i] = l + nmax
+        w = _weight(has_w, qw, i, xi, rmse_type)
+        fl = np.float32(l)
+        sumlx = np.float32(sumlx + np.float32(np.float32(w * xi) * fl))
+        suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+    scale = np.float32(sumlx / suml2) if suml2 != 0 else np.float32(0.0)
+    if return_early:
+        if suml2 > 0:
+            return np.float32(np.float32(0.5) * np.float32(scale + np.float32(np.float32(1.0) / iscale)))
+        return np.float32(np.float32(1.0) / iscale)
+    best = np.float32(scale * sumlx)
+    for itry in range(-9, 10):
+        if itry == 0:
+            continue
+        iscale = np.float32(-np.float32(fnmax + np.float32(np.float32(0.1) * np.float32(itry))) / fmax)
+        sumlx = np.float32(0.0)
+        suml2 = np.float32(0.0)
+        for i in range(n):
+            xi = x[i]
+            l = _clamp(nearest_int(iscale * xi), -nmax, nmax - 1)
+            w = _weight(has_w, qw, i, xi, rmse_type)
+            fl = np.float32(l)
+            sumlx = np.float32(sumlx + np.float32(np.float32(w * xi) * fl))
+            suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+        if suml2 > 0 and np.float32(sumlx * sumlx) > np.float32(best * suml2):
+            for i in range(n):
+                l = nearest_int(iscale * x[i])
+                L[i] = nmax + _clamp(l, -nmax, nmax - 1)
+            scale = np.float32(sumlx / suml2)
+            best = np.float32(scale * sumlx)
+    return scale
+
+
+# --- make_q3_quants
+@njit(cache=True)
+def make_q3_quants(n, nmax, x, L, do_rmse):
+    fmax = np.float32(0.0)
+    amax = np.float32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            fmax = x[i]
+    if amax < GROUP_MAX_EPS:            # all zero
+        for i in range(n):
+            L[i] = 0
+        return np.float32(0.0)
+    iscale = np.float32(-np.float32(nmax) / fmax)
+    if do_rmse:
+        sumlx = np.float32(0.0)
+        suml2 = np.float32(0.0)
+        for i in range(n):
+            xi = x[i]
+            l = _clamp(nearest_int_c(iscale * xi), -nmax, nmax - 1)
+            L[i] = l
+            w = np.float32(xi * xi)
+            fl = np.float32(l)
+            sumlx = np.float32(sumlx + np.float32(np.float32(w * xi) * fl))
+            suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+        for itry in range(5):
+            n_changed = 0
+            for i in range(n):
+                xi = x[i]
+                w = np.float32(xi * xi)
+                fLi = np.float32(L[i])
+                slx = np.float32(sumlx - np.float32(np.float32(w * xi) * fLi))
+                if slx > 0:
+                    sl2 = np.float32(suml2 - np.float32(np.float32(w * fLi) * fLi))
+                    new_l = nearest_int_c(np.float32(np.float32(xi * sl2) / slx))
+                    new_l = _clamp(new_l, -nmax, nmax - 1)
+                    if new_l != L[i]:
+                        fnl = np.float32(new_l)
+                        slx = np.float32(slx + np.float32(np.float32(w * xi) * fnl))
+                        sl2 = np.float32(sl2 + np.float32(np.float32(w * fnl) * fnl))
+                        if sl2 > 0 and np.float32(np.float32(slx * slx) * suml2) > \
+                                np.float32(np.float32(sumlx * sumlx) * sl2):
+                            L[i] = new_l
+                            sumlx = slx
+                            suml2 = sl2
+                            n_changed += 1
+            if n_changed == 0:
+                break
+        for i in range(n):
+            L[i] += nmax
+        return np.float32(sumlx / suml2) if suml2 > 0 else np.float32(0.0)
+    for i in range(n):
+        l = _clamp(nearest_int_c(iscale * x[i]), -nmax, nmax - 1)
+        L[i] = l + nmax
+    return np.float32(np.float32(1.0) / iscale)
