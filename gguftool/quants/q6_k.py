@@ -1,0 +1,155 @@
+"""Q6_K: 6-bit signed quants in 256-blocks of 16 sub-blocks, 8-bit sub-block scales, one fp16 super-scale.
+
+Mirrors ggml-quants.c quantize_row_q6_K_ref (no imatrix), quantize_row_q6_K_impl (imatrix) and
+dequantize_row_q6_K. quantize_q6_K runs the ref path when imatrix is NULL; with an imatrix the impl path
+passes the raw per-column importance straight to make_qx_quants as weights (the sigma2-based weighting is
+commented out in the reference).
+
+Block layout (210 bytes):
+    ql[128]     low 4 bits of the quants: for half h (128 values), ql[64h + l] = q[128h+l] | q[128h+l+64] << 4,
+                ql[64h + 32 + l] = q[128h+l+32] | q[128h+l+96] << 4   (l in 0..31)
+    qh[64]      high 2 bits: qh[32h + l] = q[128h+l]>>4 | q[..+32]>>4 << 2 | q[..+64]>>4 << 4 | q[..+96]>>4 << 6
+    scales[16]  int8 sub-block scales
+    d           fp16 super-block scale;     x ~= d * scales[i/16] * (q[i] - 32)
+
+API: quantize_ref(x, out, L, scales), quantize_impl(x, qw, out, L, scales), dequantize_block(blk, y) for one
+block; quantize_rows(x, imatrix, out) / dequantize_rows(data, out) row drivers (registry contract).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from gguftool.gguf.constants import GGMLType
+from gguftool.quants.common import fp16_bits_to_fp32, fp32_to_fp16_bits
+from gguftool.quants.search_symmetric import GROUP_MAX_EPS, make_qx_quants, nearest_int_c
+
+GGML_TYPE = GGMLType.Q6_K
+USES_IMATRIX = True
+
+QK_K = 256
+BLOCK_BYTES = 210
+_OFF_QH = 128
+_OFF_SC = 192
+_OFF_D = 208
+
+
+# --- one block
+@njit(cache=True)
+def _quantize_block(x, qw, out, L, scales):
+    """quantize_row_q6_K_ref / _impl for one 256-block (qw empty: ref). L int8[256], scales float32[16] scratch."""
+    max_scale = np.float32(0.0)
+    max_abs_scale = np.float32(0.0)
+    has_w = qw.size > 0
+    for ib in range(16):
+        if has_w:
+            scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1,
+                                   qw[16 * ib:16 * ib + 16])
+        else:
+            scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, qw)
+        scales[ib] = scale
+        abs_scale = abs(scale)
+        if abs_scale > max_abs_scale:
+            max_abs_scale = abs_scale
+            max_scale = scale
+
+    if max_abs_scale < GROUP_MAX_EPS:
+        for k in range(BLOCK_BYTES):
+            out[k] = 0
+        return
+
+    iscale = np.float32(np.float32(-128.0) / max_scale)
+    dh = fp32_to_fp16_bits(np.float32(np.float32(1.0) / iscale))
+    out[_OFF_D] = dh & 0xFF
+    out[_OFF_D + 1] = dh >> 8
+    for ib in range(16):
+        v = nearest_int_c(np.float32(iscale * scales[ib]))
+        if v > 127:
+            v = 127
+        out[_OFF_SC + ib] = v & 0xFF        # stored as int8_t
+
+    dd = fp16_bits_to_fp32(dh)
+    for j in range(16):
+        sc = int(out[_OFF_SC + j])
+        sci = sc - 256 if sc > 127 else sc
+        d = np.float32(dd * np.float32(sci))
+        if d == 0:
+            continue
+        for ii in range(16):
+            l = nearest_int_c(np.float32(x[16 * j + ii] / d))
+            if l > 31:
+                l = 31
+            elif l < -32:
+                l = -32
+            L[16 * j + ii] = l + 32
+
+    for h in range(2):
+        j = 128 * h
+        for l in range(32):
+            q1 = L[j + l]
+            q2 = L[j + l + 32]
+            q3 = L[j + l + 64]
+            q4 = L[j + l + 96]
+            out[64 * h + l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+            out[64 * h + l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+            out[_OFF_QH + 32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+
+
+@njit(cache=True)
+def quantize_ref(x, out, L, scales):
+    """quantize_row_q6_K_ref for one block: x float32[256] -> out uint8[210]."""
+    _quantize_block(x, np.empty(0, np.float32), out, L, scales)
+
+
+@njit(cache=True)
+def quantize_impl(x, qw, out, L, scales):
+    """quantize_row_q6_K_impl for one block with the block's 256 importance weights qw."""
+    _quantize_block(x, qw, out, L, scales)
+
+
+@njit(cache=True)
+def dequantize_block(blk, y):
+    """dequantize_row_q6_K for one block: blk uint8[210] -> y float32[256]."""
+    d = fp16_bits_to_fp32(int(blk[_OFF_D]) | (int(blk[_OFF_D + 1]) << 8))
+    for h in range(2):
+        for l in range(32):
+            isc = 8 * h + l // 16
+            qh = blk[_OFF_QH + 32 * h + l]
+            a = blk[64 * h + l]
+            b = blk[64 * h + l + 32]
+            q1 = ((a & 0xF) | (((qh >> 0) & 3) << 4)) - 32
+            q2 = ((b & 0xF) | (((qh >> 2) & 3) << 4)) - 32
+            q3 = ((a >> 4) | (((qh >> 4) & 3) << 4)) - 32
+            q4 = ((b >> 4) | (((qh >> 6) & 3) << 4)) - 32
+            for k, q in ((0, q1), (2, q2), (4, q3), (6, q4)):
+                s = np.int64(blk[_OFF_SC + isc + k])
+                if s > 127:
+                    s -= 256
+                y[128 * h + l + 16 * k] = np.float32(np.float32(d * np.float32(s)) * np.float32(q))
+
+
+# --- row drivers
+@njit(cache=True, parallel=True)
+def quantize_rows(x, imatrix, out):
+    nrows = x.shape[0]
+    nb = x.shape[1] // QK_K
+    use_w = imatrix.size > 0
+    for r in prange(nrows):
+        L = np.empty(QK_K, np.int8)
+        scales = np.empty(16, np.float32)
+        for b in range(nb):
+            xb = x[r, b * QK_K:(b + 1) * QK_K]
+            ob = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
+            if use_w:
+                _quantize_block(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales)
+            else:
+                _quantize_block(xb, imatrix[0:0], ob, L, scales)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(data, out):
+    nrows = data.shape[0]
+    nb = out.shape[1] // QK_K
+    for r in prange(nrows):
+        for b in range(nb):
+            dequantize_block(data[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES], out[r, b * QK_K:(b + 1) * QK_K])
