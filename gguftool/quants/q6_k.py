@@ -70,7 +70,7 @@ def _quantize_block(x, qw, out, L, scales):
 
     dd = fp16_bits_to_fp32(dh)
     for j in range(16):
-        sc = int(out[_OFF_SC + j])
+        sc = np.int64(out[_OFF_SC + j])
         sci = sc - 256 if sc > 127 else sc
         d = np.float32(dd * np.float32(sci))
         if d == 0:
@@ -110,7 +110,7 @@ def quantize_impl(x, qw, out, L, scales):
 @njit(cache=True)
 def dequantize_block(blk, y):
     """dequantize_row_q6_K for one block: blk uint8[210] -> y float32[256]."""
-    d = fp16_bits_to_fp32(int(blk[_OFF_D]) | (int(blk[_OFF_D + 1]) << 8))
+    d = fp16_bits_to_fp32(np.int64(blk[_OFF_D]) | (np.int64(blk[_OFF_D + 1]) << 8))
     for h in range(2):
         for l in range(32):
             isc = 8 * h + l // 16

@@ -1,0 +1,203 @@
+"""Q3_K: 3-bit signed quants in 256-blocks of 16 sub-blocks, 6-bit sub-block scales, one fp16 super-scale.
+
+Mirrors ggml-quants.c quantize_row_q3_K_ref (no imatrix: make_q3_quants per sub-block, then the scales
+quantized by plain rounding against the largest), quantize_row_q3_K_impl (imatrix: make_qx_quants with
+weights qw * sqrt(sigma2 + x^2), sigma2 = 2 * sum(x^2) / 256, and a weighted make_qx_quants over the 16
+sub-block scales with the per-sub-block weight sums) and dequantize_row_q3_K. quantize_q3_K runs the ref path
+when imatrix is NULL, the impl path otherwise.
+
+Block layout (110 bytes):
+    hmask[32]   high (third) bit of each quant: bit (i / 32) of hmask[i % 32] is set when q[i] >= 4
+    qs[64]      low 2 bits: for half h, qs[32h + l] = q[128h+l] | q[128h+l+32] << 2 | q[..+64] << 4 | q[..+96] << 6
+    scales[12]  16 six-bit scales s[j] (stored + 32): low nibbles of j<8 in bytes 0..7, of j>=8 in the high
+                nibbles of bytes 0..7; the top 2 bits of s[j] in byte 8 + j%4 at bit 2*(j/4)
+    d           fp16 super-block scale;     x ~= d * (s[i/16] - 32) * (q[i] - 4)
+
+API: quantize_ref(x, out, L, scales), quantize_impl(x, qw, out, L, scales), dequantize_block(blk, y) for one
+block; quantize_rows(x, imatrix, out) / dequantize_rows(data, out) row drivers (registry contract).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from gguftool.gguf.constants import GGMLType
+from gguftool.quants.common import fp16_bits_to_fp32, fp32_to_fp16_bits
+from gguftool.quants.search_symmetric import make_q3_quants, make_qx_quants, nearest_int_c
+
+GGML_TYPE = GGMLType.Q3_K
+USES_IMATRIX = True
+
+QK_K = 256
+BLOCK_BYTES = 110
+_OFF_QS = 32
+_OFF_SC = 96
+_OFF_D = 108
+
+
+# --- shared tail: scales packing, final rounding against the fp16 scale, bit packing
+@njit(cache=True, inline="always")
+def _pack_scale(out, j, l):
+    """Store the 6-bit value l (0..63) of sub-block j in the 12 scale bytes (zeroed beforehand)."""
+    if j < 8:
+        out[_OFF_SC + j] = l & 0xF
+    else:
+        out[_OFF_SC + j - 8] |= (l & 0xF) << 4
+    out[_OFF_SC + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
+
+
+@njit(cache=True)
+def _finish_block(x, out, L, dh):
+    """Requantize every sub-block against d*sc (the stored fp16 d), then write hmask and qs."""
+    dd = fp16_bits_to_fp32(dh)
+    for j in range(16):
+        if j < 8:
+            lo = np.int64(out[_OFF_SC + j]) & 0xF
+        else:
+            lo = np.int64(out[_OFF_SC + j - 8]) >> 4
+        sc = (lo | (((np.int64(out[_OFF_SC + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+        d = np.float32(dd * np.float32(sc))
+        if d == 0:
+            continue            # L keeps what the scale search left there
+        for ii in range(16):
+            l = nearest_int_c(np.float32(x[16 * j + ii] / d))
+            if l > 3:
+                l = 3
+            elif l < -4:
+                l = -4
+            L[16 * j + ii] = l + 4
+
+    for m in range(32):
+        out[m] = 0
+    for j in range(QK_K):
+        if L[j] > 3:
+            out[j % 32] |= 1 << (j // 32)
+            L[j] -= 4
+    for h in range(2):
+        j = 128 * h
+        for l in range(32):
+            out[_OFF_QS + 32 * h + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+
+
+# --- one block
+@njit(cache=True)
+def quantize_ref(x, out, L, scales):
+    """quantize_row_q3_K_ref for one block: x float32[256] -> out uint8[110]. L int8[256], scales float32[16]."""
+    max_scale = np.float32(0.0)
+    amax = np.float32(0.0)
+    for j in range(16):
+        s = make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], True)
+        scales[j] = s
+        a = abs(s)
+        if a > amax:
+            amax = a
+            max_scale = s
+
+    for k in range(12):
+        out[_OFF_SC + k] = 0
+    if max_scale != 0:
+        iscale = np.float32(np.float32(-32.0) / max_scale)
+        for j in range(16):
+            l = nearest_int_c(np.float32(iscale * scales[j]))
+            l = ((l + 128) & 0xFF) - 128       # int8_t l = nearest_int(...)
+            if l > 31:
+                l = 31
+            elif l < -32:
+                l = -32
+            _pack_scale(out, j, l + 32)
+        dh = fp32_to_fp16_bits(np.float32(np.float32(1.0) / iscale))
+    else:
+        dh = np.uint16(0)
+    out[_OFF_D] = dh & 0xFF
+    out[_OFF_D + 1] = dh >> 8
+    _finish_block(x, out, L, dh)
+
+
+@njit(cache=True)
+def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls):
+    sumx2 = np.float32(0.0)
+    for j in range(QK_K):
+        sumx2 = np.float32(sumx2 + np.float32(x[j] * x[j]))
+    sigma2 = np.float32(np.float32(np.float32(2.0) * sumx2) / np.float32(256.0))
+
+    for j in range(16):
+        for l in range(16):
+            xv = x[16 * j + l]
+            weight[l] = np.float32(qw[16 * j + l] * np.float32(math.sqrt(np.float32(sigma2 + np.float32(xv * xv)))))
+        sumw = np.float32(0.0)
+        for l in range(16):
+            sumw = np.float32(sumw + weight[l])
+        sw[j] = sumw
+        scales[j] = make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, weight)
+
+    for k in range(12):
+        out[_OFF_SC + k] = 0
+    d_block = make_qx_quants(16, 32, scales, Ls, 1, sw)
+    for j in range(16):
+        _pack_scale(out, j, np.int64(Ls[j]))
+    dh = fp32_to_fp16_bits(d_block)
+    out[_OFF_D] = dh & 0xFF
+    out[_OFF_D + 1] = dh >> 8
+    _finish_block(x, out, L, dh)
+
+
+@njit(cache=True)
+def quantize_impl(x, qw, out, L, scales):
+    """quantize_row_q3_K_impl for one block with the block's 256 importance weights qw."""
+    _quantize_impl(x, qw, out, L, scales, np.empty(16, np.float32), np.empty(16, np.float32),
+                   np.empty(16, np.int8))
+
+
+@njit(cache=True)
+def dequantize_block(blk, y):
+    """dequantize_row_q3_K for one block: blk uint8[110] -> y float32[256]."""
+    d_all = fp16_bits_to_fp32(np.int64(blk[_OFF_D]) | (np.int64(blk[_OFF_D + 1]) << 8))
+    for h in range(2):
+        for j in range(4):
+            m = 1 << (4 * h + j)
+            shift = 2 * j
+            for half in range(2):
+                isc = 8 * h + 2 * j + half
+                if isc < 8:
+                    lo = np.int64(blk[_OFF_SC + isc]) & 0xF
+                else:
+                    lo = np.int64(blk[_OFF_SC + isc - 8]) >> 4
+                sc = (lo | (((np.int64(blk[_OFF_SC + 8 + isc % 4]) >> (2 * (isc // 4))) & 3) << 4)) - 32
+                dl = np.float32(d_all * np.float32(sc))
+                for l in range(16 * half, 16 * half + 16):
+                    q = (np.int64(blk[_OFF_QS + 32 * h + l]) >> shift) & 3
+                    if not (np.int64(blk[l]) & m):
+                        q -= 4
+                    y[128 * h + 32 * j + l] = np.float32(dl * np.float32(q))
+
+
+# --- row drivers
+@njit(cache=True, parallel=True)
+def quantize_rows(x, imatrix, out):
+    nrows = x.shape[0]
+    nb = x.shape[1] // QK_K
+    use_w = imatrix.size > 0
+    for r in prange(nrows):
+        L = np.empty(QK_K, np.int8)
+        scales = np.empty(16, np.float32)
+        weight = np.empty(16, np.float32)
+        sw = np.empty(16, np.float32)
+        Ls = np.empty(16, np.int8)
+        for b in range(nb):
+            xb = x[r, b * QK_K:(b + 1) * QK_K]
+            ob = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
+            if use_w:
+                _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, weight, sw, Ls)
+            else:
+                quantize_ref(xb, ob, L, scales)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(data, out):
+    nrows = data.shape[0]
+    nb = out.shape[1] // QK_K
+    for r in prange(nrows):
+        for b in range(nb):
+            dequantize_block(data[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES], out[r, b * QK_K:(b + 1) * QK_K])
