@@ -1,0 +1,187 @@
+"""Q4_K: 256-element super-blocks of 8 sub-blocks x 32, 4-bit levels with a 6-bit scale and 6-bit min per
+sub-block and fp16 super-scales. Byte-exact port of ggml-quants.c quantize_row_q4_K_ref / _impl.
+
+Block layout (144 bytes): d (fp16), dmin (fp16), scales[12] (6-bit packed), qs[128] (two 4-bit levels each).
+
+Module contract (registry): ``quantize_rows(x, imatrix, out)`` (imatrix.size == 0 -> reference path, as
+llama.cpp's quantize_q4_K does with a NULL imatrix), ``dequantize_rows(data, out)``, ``GGML_TYPE``,
+``USES_IMATRIX``. Per-block kernels: ``quantize_block_ref(x, y, s)``, ``quantize_block_impl(x, qw, y, s)``
+(x: float32[256], qw: float32[256] importance of these columns, y: uint8[144] output, s: a ``Scratch`` from
+``make_scratch()``), ``dequantize_block(y, out)``.
+
+The shared part of Q4_K and Q5_K (the sub-block searches and the 6-bit scale/min quantization, which only
+differ by nmax and search parameters) is ``affine_k_scales_ref`` / ``affine_k_scales_impl``; Q5_K imports them.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from gguftool.gguf.constants import GGMLType
+from gguftool.quants.common import fp32_to_fp16_bits
+from gguftool.quants.k_scales import get_fp16, get_scale_min_k4, pack_scale_min_k4, put_fp16
+from gguftool.quants.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants, nearest_int_c
+
+GGML_TYPE = GGMLType.Q4_K
+USES_IMATRIX = True
+
+QK_K = 256
+BLOCK_BYTES = 144
+
+
+@njit(cache=True)
+def make_scratch():
+    """Per-thread scratch: L[256], Laux[32], Ls[8], Lm[8] (uint8); weights[32], sw[8], mins[8], scales[8]."""
+    return (np.zeros(QK_K, np.uint8), np.zeros(32, np.uint8), np.zeros(8, np.uint8), np.zeros(8, np.uint8),
+            np.zeros(32, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32))
+
+
+@njit(cache=True, inline="always")
+def _requantize(x, y, L, nmax):
+    """Final pass shared by ref and impl: levels from the stored (fp16 / 6-bit) scales and mins."""
+    dd = get_fp16(y, 0)
+    dmm = get_fp16(y, 2)
+    q = y[4:16]
+    for j in range(8):
+        sc, m = get_scale_min_k4(j, q)
+        d = dd * np.float32(sc)
+        if d == np.float32(0.0):
+            continue
+        dm = dmm * np.float32(m)
+        for ii in range(32):
+            l = nearest_int_c((x[32 * j + ii] + dm) / d)
+            l = nmax if nmax < l else l
+            l = 0 if 0 > l else l
+            L[32 * j + ii] = l
+
+
+@njit(cache=True)
+def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
+    """quantize_row_q{4,5}_K_ref up to the level packing: writes d, dmin, scales[12] into y[0:16], levels in L."""
+    L, Laux, Ls, Lm, weights, sw, mins, scales = s
+    max_scale = np.float32(0.0)
+    max_min = np.float32(0.0)
+    for j in range(8):
+        xs = x[32 * j:32 * j + 32]
+        sum_x2 = np.float32(0.0)
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
+        av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        sc, mn = make_qkx2_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
+        scales[j] = sc
+        mins[j] = mn
+        if sc > max_scale:
+            max_scale = sc
+        if mn > max_min:
+            max_min = mn
+    inv_scale = np.float32(63.0) / max_scale if max_scale > np.float32(0.0) else np.float32(0.0)
+    inv_min = np.float32(63.0) / max_min if max_min > np.float32(0.0) else np.float32(0.0)
+    q = y[4:16]
+    for j in range(8):
+        ls = nearest_int_c(inv_scale * scales[j]) & 0xFF
+        lm = nearest_int_c(inv_min * mins[j]) & 0xFF
+        ls = 63 if 63 < ls else ls
+        lm = 63 if 63 < lm else lm
+        pack_scale_min_k4(q, j, ls, lm)
+    put_fp16(y, 0, fp32_to_fp16_bits(max_scale / np.float32(63.0)))
+    put_fp16(y, 2, fp32_to_fp16_bits(max_min / np.float32(63.0)))
+    _requantize(x, y, L, nmax)
+
+
+@njit(cache=True)
+def affine_k_scales_impl(x, qw, y, s, nmax, clamp63):
+    """quantize_row_q{4,5}_K_impl (with quant_weights) up to the level packing. clamp63: Q5_K's MIN(63, .)."""
+    L, Laux, Ls, Lm, weights, sw, mins, scales = s
+    sum_x2 = np.float32(0.0)
+    for l in range(QK_K):
+        sum_x2 += x[l] * x[l]
+    sigma2 = np.float32(2.0) * sum_x2 / np.float32(256.0)
+    for j in range(8):
+        xs = x[32 * j:32 * j + 32]
+        for l in range(32):
+            weights[l] = qw[32 * j + l] * np.float32(np.sqrt(sigma2 + xs[l] * xs[l]))
+        sumw = np.float32(0.0)
+        for l in range(32):
+            sumw += weights[l]
+        sw[j] = sumw
+        sc, mn = make_qkx3_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
+                                  np.float32(-0.9), np.float32(0.05), 36, False)
+        scales[j] = sc
+        mins[j] = mn
+    d_block = make_qp_quants(8, 63, scales, Ls, sw)
+    m_block = make_qp_quants(8, 63, mins, Lm, sw)
+    q = y[4:16]
+    for j in range(8):
+        ls = int(Ls[j])
+        lm = int(Lm[j])
+        if clamp63:
+            ls = 63 if 63 < ls else ls
+            lm = 63 if 63 < lm else lm
+        pack_scale_min_k4(q, j, ls, lm)
+    put_fp16(y, 0, fp32_to_fp16_bits(d_block))
+    put_fp16(y, 2, fp32_to_fp16_bits(m_block))
+    _requantize(x, y, L, nmax)
+
+
+@njit(cache=True, inline="always")
+def _pack_q4(y, L):
+    for j in range(4):
+        for l in range(32):
+            y[16 + 32 * j + l] = L[64 * j + l] | (L[64 * j + l + 32] << 4)
+
+
+@njit(cache=True)
+def quantize_block_ref(x, y, s):
+    affine_k_scales_ref(x, y, s, 15, np.float32(-1.0), np.float32(0.1), 20)
+    _pack_q4(y, s[0])
+
+
+@njit(cache=True)
+def quantize_block_impl(x, qw, y, s):
+    affine_k_scales_impl(x, qw, y, s, 15, False)
+    _pack_q4(y, s[0])
+
+
+@njit(cache=True)
+def dequantize_block(y, out):
+    d = get_fp16(y, 0)
+    mn = get_fp16(y, 2)
+    q = y[4:16]
+    for j in range(4):
+        sc, m = get_scale_min_k4(2 * j, q)
+        d1 = d * np.float32(sc)
+        m1 = mn * np.float32(m)
+        sc, m = get_scale_min_k4(2 * j + 1, q)
+        d2 = d * np.float32(sc)
+        m2 = mn * np.float32(m)
+        for l in range(32):
+            out[64 * j + l] = d1 * np.float32(y[16 + 32 * j + l] & 0xF) - m1
+        for l in range(32):
+            out[64 * j + 32 + l] = d2 * np.float32(y[16 + 32 * j + l] >> 4) - m2
+
+
+@njit(cache=True, parallel=True)
+def quantize_rows(x, imatrix, out):
+    nrows = x.shape[0]
+    nb = x.shape[1] // QK_K
+    use_imatrix = imatrix.size > 0
+    for r in prange(nrows):
+        s = make_scratch()
+        for i in range(nb):
+            xb = x[r, QK_K * i:QK_K * (i + 1)]
+            yb = out[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)]
+            if use_imatrix:
+                quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
+            else:
+                quantize_block_ref(xb, yb, s)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(data, out):
+    nrows = data.shape[0]
+    nb = out.shape[1] // QK_K
+    for r in prange(nrows):
+        for i in range(nb):
+            dequantize_block(data[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)], out[r, QK_K * i:QK_K * (i + 1)])

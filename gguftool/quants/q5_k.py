@@ -1,0 +1,109 @@
+"""Q5_K: 256-element super-blocks of 8 sub-blocks x 32, 5-bit levels with a 6-bit scale and 6-bit min per
+sub-block and fp16 super-scales. Byte-exact port of ggml-quants.c quantize_row_q5_K_ref / _impl.
+
+Block layout (176 bytes): d (fp16), dmin (fp16), scales[12] (6-bit packed), qh[32] (high bits), qs[128]
+(low 4 bits, two levels each).
+
+Module contract (registry): ``quantize_rows(x, imatrix, out)`` (imatrix.size == 0 -> reference path),
+``dequantize_rows(data, out)``, ``GGML_TYPE``, ``USES_IMATRIX``. Per-block kernels: ``quantize_block_ref(x, y, s)``,
+``quantize_block_impl(x, qw, y, s)``, ``dequantize_block(y, out)``; ``s`` from ``q4_k.make_scratch()``.
+The scale search is shared with Q4_K (``q4_k.affine_k_scales_ref`` / ``affine_k_scales_impl``).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from gguftool.gguf.constants import GGMLType
+from gguftool.quants.k_scales import get_fp16, get_scale_min_k4
+from gguftool.quants.q4_k import affine_k_scales_impl, affine_k_scales_ref, make_scratch
+
+GGML_TYPE = GGMLType.Q5_K
+USES_IMATRIX = True
+
+QK_K = 256
+BLOCK_BYTES = 176
+
+
+@njit(cache=True, inline="always")
+def _pack_q5(y, L):
+    for j in range(32):
+        y[16 + j] = 0
+    m1 = 1
+    m2 = 2
+    for n in range(4):
+        for j in range(32):
+            l1 = int(L[64 * n + j])
+            if l1 > 15:
+                l1 -= 16
+                y[16 + j] |= m1
+            l2 = int(L[64 * n + j + 32])
+            if l2 > 15:
+                l2 -= 16
+                y[16 + j] |= m2
+            y[48 + 32 * n + j] = (l1 | (l2 << 4)) & 0xFF
+        m1 <<= 2
+        m2 <<= 2
+
+
+@njit(cache=True)
+def quantize_block_ref(x, y, s):
+    affine_k_scales_ref(x, y, s, 31, np.float32(-0.5), np.float32(0.1), 15)
+    _pack_q5(y, s[0])
+
+
+@njit(cache=True)
+def quantize_block_impl(x, qw, y, s):
+    affine_k_scales_impl(x, qw, y, s, 31, True)
+    _pack_q5(y, s[0])
+
+
+@njit(cache=True)
+def dequantize_block(y, out):
+    d = get_fp16(y, 0)
+    mn = get_fp16(y, 2)
+    q = y[4:16]
+    u1 = 1
+    u2 = 2
+    for j in range(4):
+        sc, m = get_scale_min_k4(2 * j, q)
+        d1 = d * np.float32(sc)
+        m1 = mn * np.float32(m)
+        sc, m = get_scale_min_k4(2 * j + 1, q)
+        d2 = d * np.float32(sc)
+        m2 = mn * np.float32(m)
+        for l in range(32):
+            ql = int(y[48 + 32 * j + l])
+            qh = int(y[16 + l])
+            out[64 * j + l] = d1 * np.float32((ql & 0xF) + (16 if qh & u1 else 0)) - m1
+        for l in range(32):
+            ql = int(y[48 + 32 * j + l])
+            qh = int(y[16 + l])
+            out[64 * j + 32 + l] = d2 * np.float32((ql >> 4) + (16 if qh & u2 else 0)) - m2
+        u1 <<= 2
+        u2 <<= 2
+
+
+@njit(cache=True, parallel=True)
+def quantize_rows(x, imatrix, out):
+    nrows = x.shape[0]
+    nb = x.shape[1] // QK_K
+    use_imatrix = imatrix.size > 0
+    for r in prange(nrows):
+        s = make_scratch()
+        for i in range(nb):
+            xb = x[r, QK_K * i:QK_K * (i + 1)]
+            yb = out[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)]
+            if use_imatrix:
+                quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
+            else:
+                quantize_block_ref(xb, yb, s)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(data, out):
+    nrows = data.shape[0]
+    nb = out.shape[1] // QK_K
+    for r in prange(nrows):
+        for i in range(nb):
+            dequantize_block(data[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)], out[r, QK_K * i:QK_K * (i + 1)])
