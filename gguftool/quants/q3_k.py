@@ -38,7 +38,7 @@ _OFF_D = 108
 
 
 # --- shared tail: scales packing, final rounding against the fp16 scale, bit packing
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _pack_scale(out, j, l):
     """Store the 6-bit value l (0..63) of sub-block j in the 12 scale bytes (zeroed beforehand)."""
     if j < 8:
@@ -48,7 +48,7 @@ def _pack_scale(out, j, l):
     out[_OFF_SC + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _finish_block(x, out, L, dh):
     """Requantize every sub-block against d*sc (the stored fp16 d), then write hmask and qs."""
     dd = fp16_bits_to_fp32(dh)
@@ -82,7 +82,7 @@ def _finish_block(x, out, L, dh):
 
 
 # --- one block
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_ref(x, out, L, scales):
     """quantize_row_q3_K_ref for one block: x float32[256] -> out uint8[110]. L int8[256], scales float32[16]."""
     max_scale = np.float32(0.0)
@@ -115,7 +115,7 @@ def quantize_ref(x, out, L, scales):
     _finish_block(x, out, L, dh)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls):
     sumx2 = np.float32(0.0)
     for j in range(QK_K):
@@ -143,14 +143,14 @@ def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls):
     _finish_block(x, out, L, dh)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_impl(x, qw, out, L, scales):
     """quantize_row_q3_K_impl for one block with the block's 256 importance weights qw."""
     _quantize_impl(x, qw, out, L, scales, np.empty(16, np.float32), np.empty(16, np.float32),
                    np.empty(16, np.int8))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_block(blk, y):
     """dequantize_row_q3_K for one block: blk uint8[110] -> y float32[256]."""
     d_all = fp16_bits_to_fp32(np.int64(blk[_OFF_D]) | (np.int64(blk[_OFF_D + 1]) << 8))
@@ -174,7 +174,7 @@ def dequantize_block(blk, y):
 
 
 # --- row drivers
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
     nrows = x.shape[0]
     nb = x.shape[1] // QK_K
@@ -194,7 +194,7 @@ def quantize_rows(x, imatrix, out):
                 quantize_ref(xb, ob, L, scales)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def dequantize_rows(data, out):
     nrows = data.shape[0]
     nb = out.shape[1] // QK_K

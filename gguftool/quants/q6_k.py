@@ -35,7 +35,7 @@ _OFF_D = 208
 
 
 # --- one block
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block(x, qw, out, L, scales):
     """quantize_row_q6_K_ref / _impl for one 256-block (qw empty: ref). L int8[256], scales float32[16] scratch."""
     max_scale = np.float32(0.0)
@@ -95,19 +95,19 @@ def _quantize_block(x, qw, out, L, scales):
             out[_OFF_QH + 32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_ref(x, out, L, scales):
     """quantize_row_q6_K_ref for one block: x float32[256] -> out uint8[210]."""
     _quantize_block(x, np.empty(0, np.float32), out, L, scales)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_impl(x, qw, out, L, scales):
     """quantize_row_q6_K_impl for one block with the block's 256 importance weights qw."""
     _quantize_block(x, qw, out, L, scales)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_block(blk, y):
     """dequantize_row_q6_K for one block: blk uint8[210] -> y float32[256]."""
     d = fp16_bits_to_fp32(np.int64(blk[_OFF_D]) | (np.int64(blk[_OFF_D + 1]) << 8))
@@ -129,7 +129,7 @@ def dequantize_block(blk, y):
 
 
 # --- row drivers
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
     nrows = x.shape[0]
     nb = x.shape[1] // QK_K
@@ -146,7 +146,7 @@ def quantize_rows(x, imatrix, out):
                 _quantize_block(xb, imatrix[0:0], ob, L, scales)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def dequantize_rows(data, out):
     nrows = data.shape[0]
     nb = out.shape[1] // QK_K

@@ -41,7 +41,7 @@ _MAGIC = np.float32(12582912.0)         # 1.5 * 2^23
 
 
 # --- rounding with the reference's out-of-range behaviour
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _nearest_int_bits(fval):
     """Low 23 mantissa bits of float32(fval + 12582912.f) minus 2^22, as the C code computes them."""
     val = np.float32(np.float32(fval) + _MAGIC)
@@ -54,14 +54,14 @@ def _nearest_int_bits(fval):
     return int(m * 16777216.0) - 8388608 - 0x400000
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def nearest_int_c(fval):
     if abs(fval) <= np.float32(4194303.0):
         return nearest_int(fval)
     return _nearest_int_bits(fval)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _clamp(l, lo, hi):
     if l > hi:
         return hi
@@ -70,7 +70,7 @@ def _clamp(l, lo, hi):
     return l
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _weight(has_w, qw, i, xi, rmse_type):
     if has_w:
         return qw[i]
@@ -84,7 +84,7 @@ def _weight(has_w, qw, i, xi, rmse_type):
 
 
 # --- make_qx_quants
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(n, nmax, x, L, rmse_type, qw):
     has_w = qw.size > 0
     fmax = np.float32(0.0)
@@ -102,7 +102,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
     iscale = np.float32(-fnmax / fmax)
     if rmse_type == 0:
         for i in range(n):
-            l = nearest_int(iscale * x[i])
+            l = nearest_int_c(iscale * x[i])
             L[i] = nmax + _clamp(l, -nmax, nmax - 1)
         return np.float32(np.float32(1.0) / iscale)
     return_early = False
@@ -113,7 +113,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
     suml2 = np.float32(0.0)
     for i in range(n):
         xi = x[i]
-        l = _clamp(nearest_int(iscale * xi), -nmax, nmax - 1)
+        l = _clamp(nearest_int_c(iscale * xi), -nmax, nmax - 1)
         L[i] = l + nmax
         w = _weight(has_w, qw, i, xi, rmse_type)
         fl = np.float32(l)
@@ -133,14 +133,14 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
         suml2 = np.float32(0.0)
         for i in range(n):
             xi = x[i]
-            l = _clamp(nearest_int(iscale * xi), -nmax, nmax - 1)
+            l = _clamp(nearest_int_c(iscale * xi), -nmax, nmax - 1)
             w = _weight(has_w, qw, i, xi, rmse_type)
             fl = np.float32(l)
             sumlx = np.float32(sumlx + np.float32(np.float32(w * xi) * fl))
             suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
         if suml2 > 0 and np.float32(sumlx * sumlx) > np.float32(best * suml2):
             for i in range(n):
-                l = nearest_int(iscale * x[i])
+                l = nearest_int_c(iscale * x[i])
                 L[i] = nmax + _clamp(l, -nmax, nmax - 1)
             scale = np.float32(sumlx / suml2)
             best = np.float32(scale * sumlx)
@@ -148,7 +148,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
 
 
 # --- make_q3_quants
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L, do_rmse):
     fmax = np.float32(0.0)
     amax = np.float32(0.0)
