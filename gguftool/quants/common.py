@@ -29,7 +29,7 @@ def nearest_int(fval):
 def fp32_to_fp16_bits(f):
     """float32 -> binary16 bit pattern (uint16), round to nearest even. NaN -> 0x7E00 (with sign)."""
     f = np.float32(f)
-    sign = 0x8000 if (f < 0 or (f == 0 and math.copysign(1.0, f) < 0)) else 0
+    sign = 0x8000 if math.copysign(1.0, f) < 0 else 0     # sign bit, also of -0.0 and of NaN
     if f != f:
         return np.uint16(sign | 0x7E00)
     a = abs(f)
@@ -59,7 +59,7 @@ def fp16_bits_to_fp32(h):
         v = np.inf if mant == 0 else np.nan
     else:
         v = (1024 + mant) * 2.0 ** (exp - 25)
-    return np.float32(sign * v)
+    return np.float32(math.copysign(v, sign))          # keeps the sign of NaN too
 
 
 @njit(cache=True, inline="always")
