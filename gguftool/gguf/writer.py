@@ -1,0 +1,477 @@
+"""Write GGUF files in a stream: header, KV pairs and tensor infos first, then tensor data one tensor at a time.
+
+The layout is the one llama.cpp's ``gguf_write_out`` (ggml/src/gguf.cpp) and gguf-py's ``GGUFWriter`` produce,
+so that a file read and written back unchanged is byte-identical:
+
+    header | KVs (in the order added) | tensor infos (in the order declared) | zeros to the alignment
+    tensor 0 data | zeros to the alignment | tensor 1 data | zeros to the alignment | ...
+
+Tensor offsets are relative to the data section; unless given explicitly each tensor starts where the previous
+one ended, rounded up to the alignment. n_dims is written as given (gguf-py keeps trailing 1s, llama.cpp drops
+them; the caller's shape decides).
+
+The output goes to a temporary file beside the target and is renamed onto it by ``finish()``; an exception or
+Ctrl-C inside the ``with`` block removes the temporary file and leaves the target untouched.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import GGUFError
+from .constants import (
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    KEY_ALIGNMENT,
+    TYPE_TRAITS,
+    VALUE_DTYPES,
+    GGMLType,
+    GGUFValueType,
+)
+from .reader import GGML_MAX_DIMS, TensorInfo
+from .values import KV, GGUFArray
+
+__all__ = ["GGUFWriter", "encode_kv", "encode_value"]
+
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<B", GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+_SCALAR_STRUCTS = {t: struct.Struct(f) for t, f in _SCALAR_FORMATS.items()}
+
+_CHUNK = 1 << 24  # bytes per write when copying large buffers
+_ZEROS = bytes(4096)
+
+
+# --- encoding of KV pairs (also used by tools that need the exact byte size of a header)
+def _encode_string(s: "str | bytes") -> bytes:
+    raw = s if isinstance(s, (bytes, bytearray)) else s.encode("utf-8", "surrogateescape")
+    return _U64.pack(len(raw)) + bytes(raw)
+
+
+def encode_value(vtype: GGUFValueType, value: Any, key: str = "?") -> bytes:
+    """The bytes of a value of type ``vtype`` (without the type tag)."""
+    vtype = GGUFValueType(vtype)
+    if vtype == GGUFValueType.STRING:
+        if not isinstance(value, (str, bytes, bytearray)):
+            raise GGUFError(f"key {key!r}: STRING value must be a str, got {type(value).__name__}")
+        return _encode_string(value)
+    if vtype == GGUFValueType.ARRAY:
+        if not isinstance(value, GGUFArray):
+            raise GGUFError(f"key {key!r}: ARRAY value must be a GGUFArray, got {type(value).__name__}")
+        return _encode_array(value, key)
+    st = _SCALAR_STRUCTS[vtype]
+    try:
+        if vtype == GGUFValueType.BOOL:
+            return st.pack(1 if value else 0)
+        if vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+            return st.pack(float(value))
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise GGUFError(f"key {key!r}: {vtype.name} value must be an integer, got {value!r}")
+        return st.pack(int(value))
+    except (struct.error, OverflowError, TypeError, ValueError) as e:
+        if isinstance(e, GGUFError):
+            raise
+        raise GGUFError(f"key {key!r}: value {value!r} does not fit type {vtype.name}") from None
+
+
+def _encode_array(arr: GGUFArray, key: str) -> bytes:
+    etype = GGUFValueType(arr.element_type)
+    values = arr.values
+    head = _I32.pack(int(etype)) + _U64.pack(len(values))
+    if etype == GGUFValueType.STRING:
+        parts = [head]
+        enc = _encode_string
+        try:
+            parts.extend(enc(s) for s in values)
+        except AttributeError:
+            raise GGUFError(f"key {key!r}: array of STRING holds a non-string element") from None
+        return b"".join(parts)
+    if etype == GGUFValueType.ARRAY:
+        parts = [head]
+        for item in values:
+            if not isinstance(item, GGUFArray):
+                raise GGUFError(f"key {key!r}: array of ARRAY holds a {type(item).__name__}, not a GGUFArray")
+            parts.append(_encode_array(item, key))
+        return b"".join(parts)
+    dtype = np.dtype(VALUE_DTYPES[etype])
+    if etype == GGUFValueType.BOOL:
+        a = np.asarray(values)
+        if a.dtype == np.bool_ or a.dtype == np.uint8:
+            data = np.ascontiguousarray(a).view(np.uint8) if a.size else np.zeros(0, np.uint8)
+        else:
+            data = (a != 0).astype(np.uint8)
+        return head + data.tobytes()
+    a = np.asarray(values)
+    if a.dtype != dtype:
+        if a.size and a.dtype.kind in "iub" and dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            if int(a.min()) < info.min or int(a.max()) > info.max:
+                raise GGUFError(f"key {key!r}: array values out of range for {etype.name}")
+        try:
+            a = a.astype(dtype)
+        except (TypeError, ValueError, OverflowError):
+            raise GGUFError(f"key {key!r}: array values cannot be stored as {etype.name}") from None
+    return head + np.ascontiguousarray(a).tobytes()
+
+
+def encode_kv(kv: KV) -> bytes:
+    """The bytes of one KV pair as stored in a GGUF header."""
+    if not isinstance(kv, KV):
+        raise GGUFError(f"expected a KV, got {type(kv).__name__}")
+    vtype = GGUFValueType(kv.type)
+    return _encode_string(kv.key) + _I32.pack(int(vtype)) + encode_value(vtype, kv.value, kv.key)
+
+
+def _encode_tensor_info(t: TensorInfo) -> bytes:
+    return (_encode_string(t.name) + _U32.pack(len(t.shape)) + b"".join(_U64.pack(d) for d in t.shape)
+            + _I32.pack(int(t.type)) + _U64.pack(t.offset))
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+# --- the writer
+class _State(enum.Enum):
+    METADATA = 0  # adding KVs and tensor infos
+    DATA = 1      # header written, tensor data being written
+    DONE = 2      # renamed onto the target (or aborted)
+
+
+@dataclass
+class _Pending:
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLType
+    nbytes: int
+    n_elements: int
+    offset: int | None
+
+
+class GGUFWriter:
+    """Streaming GGUF writer. Typical use::
+
+        with GGUFWriter(out, protect=[src]) as w:
+            w.add_kvs(kvs)
+            for name, shape, t in plan:
+                w.add_tensor_info(name, shape, t)
+            w.write_header()
+            for name, data in tensors:
+                w.write_tensor_data(name, data)   # array / bytes / iterable of chunks
+            w.finish()
+    """
+
+    def __init__(self, path: "str | os.PathLike[str]", *, alignment: int | None = None, version: int = 3,
+                 overwrite: bool = False, protect: Sequence["str | os.PathLike[str]"] = ()):
+        self.path = os.fspath(path)
+        if version not in (2, 3):
+            raise GGUFError(f"cannot write GGUF version {version} (only 2 and 3)")
+        if alignment is not None:
+            _check_alignment(alignment)
+        self.version = version
+        self._alignment_arg = alignment
+        self.alignment: int = alignment or GGUF_DEFAULT_ALIGNMENT
+        self._kvs: list[KV] = []
+        self._keys: set[str] = set()
+        self._pending: list[_Pending] = []
+        self._names: set[str] = set()
+        self.tensor_infos: list[TensorInfo] = []
+        self._state = _State.METADATA
+        self._file = None
+        self._tmp: str | None = None
+        self._next = 0          # index of the next tensor to write
+        self._data_start = 0    # absolute file offset of the data section
+        self._pos = 0           # bytes written so far
+        self._check_target(overwrite, protect)
+
+    # --- target checks
+    def _check_target(self, overwrite: bool, protect) -> None:
+        if os.path.isdir(self.path):
+            raise GGUFError(f"{self.path}: output path is a directory")
+        exists = os.path.lexists(self.path)
+        if exists:
+            for p in protect:
+                try:
+                    if os.path.samefile(self.path, p):
+                        raise GGUFError(f"{self.path}: refusing to overwrite the input file")
+                except FileNotFoundError:
+                    pass
+            if not overwrite:
+                raise GGUFError(f"{self.path}: output file already exists (use --force to overwrite it)")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise GGUFError(f"{self.path}: output directory {parent} does not exist")
+
+    # --- metadata
+    def add_kv(self, kv: KV) -> None:
+        self._require(_State.METADATA, "add_kv")
+        if not isinstance(kv, KV):
+            raise GGUFError(f"add_kv expects a KV, got {type(kv).__name__}")
+        if not kv.key:
+            raise GGUFError("empty metadata key")
+        if kv.key in self._keys:
+            raise GGUFError(f"duplicate metadata key {kv.key!r}")
+        if kv.key == KEY_ALIGNMENT:
+            if kv.type != GGUFValueType.UINT32:
+                raise GGUFError(f"{KEY_ALIGNMENT} must be UINT32, not {GGUFValueType(kv.type).name}")
+            _check_alignment(kv.value)
+            if self._alignment_arg is not None and kv.value != self._alignment_arg:
+                raise GGUFError(f"{KEY_ALIGNMENT} = {kv.value} contradicts alignment={self._alignment_arg}")
+            self.alignment = int(kv.value)
+        self._keys.add(kv.key)
+        self._kvs.append(kv)
+
+    def add_kvs(self, kvs: Iterable[KV]) -> None:
+        for kv in kvs:
+            self.add_kv(kv)
+
+    @property
+    def kvs(self) -> list[KV]:
+        return list(self._kvs)
+
+    def add_tensor_info(self, name: str, shape: Sequence[int], type: "GGMLType | int | str", *,
+                        offset: int | None = None) -> None:
+        """Declare a tensor (shape in ggml order, ne0 first). ``offset`` (relative to the data section) is
+        normally computed; give it to reproduce a file's layout exactly (it must be aligned and after the
+        previous tensor)."""
+        self._require(_State.METADATA, "add_tensor_info")
+        if name in self._names:
+            raise GGUFError(f"duplicate tensor name {name!r}")
+        try:
+            ttype = GGMLType.parse(type)
+        except ValueError as e:
+            raise GGUFError(f"tensor {name!r}: {e}") from None
+        shape = tuple(int(d) for d in shape)
+        if len(shape) > GGML_MAX_DIMS:
+            raise GGUFError(f"tensor {name!r} has {len(shape)} dimensions (at most {GGML_MAX_DIMS})")
+        if any(d < 0 for d in shape):
+            raise GGUFError(f"tensor {name!r} has a negative dimension: {shape}")
+        traits = TYPE_TRAITS[ttype]
+        ne0 = shape[0] if shape else 1
+        if ne0 % traits.block_size:
+            raise GGUFError(f"tensor {name!r}: row length {ne0} is not a multiple of the {ttype.name} block "
+                            f"size {traits.block_size}")
+        n = 1
+        for d in shape:
+            n *= d
+        self._names.add(name)
+        self._pending.append(_Pending(name, shape, ttype, n // traits.block_size * traits.type_size, n, offset))
+
+    # --- header
+    def write_header(self) -> None:
+        """Compute tensor offsets, open the temporary file and write header, KVs, tensor infos and padding."""
+        self._require(_State.METADATA, "write_header")
+        align = self.alignment
+        if align != GGUF_DEFAULT_ALIGNMENT and KEY_ALIGNMENT not in self._keys:
+            # readers only learn a non-default alignment from this key
+            self.add_kv(KV(KEY_ALIGNMENT, GGUFValueType.UINT32, align))
+        infos: list[TensorInfo] = []
+        end = 0
+        for p in self._pending:
+            off = _pad(end, align) if p.offset is None else int(p.offset)
+            if off % align:
+                raise GGUFError(f"tensor {p.name!r}: offset {off} is not a multiple of the alignment {align}")
+            if off < end:
+                raise GGUFError(f"tensor {p.name!r}: offset {off} overlaps the previous tensor (ends at {end})")
+            infos.append(TensorInfo(p.name, p.shape, p.type, off, p.nbytes, p.n_elements))
+            end = off + p.nbytes
+        parts = [GGUF_MAGIC, _U32.pack(self.version), _U64.pack(len(infos)), _U64.pack(len(self._kvs))]
+        parts.extend(encode_kv(kv) for kv in self._kvs)
+        # info_offset: where each record starts in the file
+        pos = sum(len(p) for p in parts)
+        final = []
+        for t in infos:
+            rec = _encode_tensor_info(t)
+            final.append(TensorInfo(t.name, t.shape, t.type, t.offset, t.nbytes, t.n_elements, pos))
+            parts.append(rec)
+            pos += len(rec)
+        header = b"".join(parts)
+        header += bytes(_pad(len(header), align) - len(header))
+        self.tensor_infos = final
+        self._open_temp()
+        self._write(header)
+        self._data_start = len(header)
+        self._state = _State.DATA
+
+    @property
+    def data_offset(self) -> int:
+        """Absolute file offset of the data section (valid after write_header)."""
+        return self._data_start
+
+    # --- tensor data
+    def write_tensor_data(self, name: str, data: Any) -> None:
+        """Write the next tensor's bytes: a numpy array (any dtype, written as its raw bytes in C order),
+        bytes / bytearray / memoryview, or an iterable of those chunks. The total must equal the declared size."""
+        if self._state == _State.METADATA:
+            self.write_header()
+        self._require(_State.DATA, "write_tensor_data")
+        if self._next >= len(self.tensor_infos):
+            raise GGUFError(f"tensor {name!r}: all {len(self.tensor_infos)} declared tensors are already written")
+        info = self.tensor_infos[self._next]
+        if name != info.name:
+            raise GGUFError(f"tensor data written out of order: expected {info.name!r}, got {name!r}")
+        target = self._data_start + info.offset
+        if self._pos > target:
+            raise GGUFError(f"tensor {name!r}: data would start at {self._pos}, past its offset {target}")
+        self._zeros(target - self._pos)
+        written = 0
+        for chunk in _chunks(data):
+            n = chunk.nbytes
+            if written + n > info.nbytes:
+                raise GGUFError(f"tensor {name!r}: got more than the declared {info.nbytes} bytes "
+                                f"({info.type.name} {list(info.shape)})")
+            self._write(chunk)
+            written += n
+        if written != info.nbytes:
+            raise GGUFError(f"tensor {name!r}: got {written} bytes, expected {info.nbytes} "
+                            f"({info.type.name} {list(info.shape)})")
+        self._zeros(_pad(self._pos, self.alignment) - self._pos)
+        self._next += 1
+
+    def copy_data_section(self, data: Any) -> None:
+        """Write a whole data section verbatim (from another file with the same tensor offsets and alignment)
+        instead of writing tensors one by one; it must cover every declared tensor."""
+        if self._state == _State.METADATA:
+            self.write_header()
+        self._require(_State.DATA, "copy_data_section")
+        if self._next:
+            raise GGUFError("copy_data_section after write_tensor_data")
+        need = max((t.offset + t.nbytes for t in self.tensor_infos), default=0)
+        written = 0
+        for chunk in _chunks(data):
+            self._write(chunk)
+            written += chunk.nbytes
+        if written < need:
+            raise GGUFError(f"data section has {written} bytes but the tensors need {need}")
+        self._next = len(self.tensor_infos)
+
+    # --- completion
+    def finish(self) -> None:
+        """Check every tensor was written, flush, and rename the temporary file onto the target."""
+        if self._state == _State.DONE:
+            return
+        try:
+            if self._state == _State.METADATA:
+                self.write_header()
+            if self._next != len(self.tensor_infos):
+                missing = self.tensor_infos[self._next].name
+                raise GGUFError(f"{self.path}: only {self._next} of {len(self.tensor_infos)} tensors were "
+                                f"written (next: {missing!r})")
+            f, self._file = self._file, None
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+            self._state = _State.DONE
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Close and delete the temporary file; the target is left as it was."""
+        self._state = _State.DONE
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    close = abort
+
+    def __enter__(self) -> "GGUFWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state != _State.DONE:
+            self.finish()
+
+    def __del__(self):
+        if getattr(self, "_tmp", None) is not None:
+            self.abort()
+
+    # --- internals
+    def _require(self, state: _State, what: str) -> None:
+        if self._state != state:
+            raise GGUFError(f"{what}() not allowed now: writer is in state {self._state.name}")
+
+    def _open_temp(self) -> None:
+        d = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=d)
+        self._tmp = tmp
+        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+        except OSError:
+            pass
+
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._pos += len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+
+    def _zeros(self, n: int) -> None:
+        while n > 0:
+            k = min(n, len(_ZEROS))
+            self._write(_ZEROS[:k])
+            n -= k
+
+
+def _check_alignment(a: Any) -> None:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a <= 0 or int(a) & (int(a) - 1) \
+            or a >= 1 << 32:
+        raise GGUFError(f"alignment {a!r} is not a power of two")
+
+
+def _as_bytes_view(x: Any) -> "memoryview | None":
+    if isinstance(x, np.ndarray):
+        a = np.ascontiguousarray(x).reshape(-1)
+        return memoryview(a.view(np.uint8))
+    if isinstance(x, (bytes, bytearray)):
+        return memoryview(x)
+    if isinstance(x, memoryview):
+        return x.cast("B") if x.format != "B" or x.ndim != 1 else x
+    return None
+
+
+def _chunks(data: Any):
+    """Yield memoryviews of bytes from an array, a bytes-like object or an iterable of them."""
+    mv = _as_bytes_view(data)
+    if mv is not None:
+        for i in range(0, mv.nbytes, _CHUNK):
+            yield mv[i:i + _CHUNK]
+        return
+    try:
+        it = iter(data)
+    except TypeError:
+        raise GGUFError(f"tensor data must be an array, bytes or an iterable of them, not "
+                        f"{type(data).__name__}") from None
+    for item in it:
+        mv = _as_bytes_view(item)
+        if mv is None:
+            raise GGUFError(f"tensor data chunk must be an array or bytes, not {type(item).__name__}")
+        for i in range(0, mv.nbytes, _CHUNK):
+            yield mv[i:i + _CHUNK]
