@@ -1,0 +1,128 @@
+"""F16 and BF16 rows: plain per-element conversions, no blocks, no imatrix.
+
+Mirrors ggml_quantize_chunk's F16 case (ggml_fp32_to_fp16_row -> GGML_FP32_TO_FP16, ggml-impl.h's
+ggml_compute_fp32_to_fp16: IEEE round-to-nearest-even, NaN -> 0x7E00 with the sign) and its BF16 case
+(ggml_fp32_to_bf16_row_ref -> ggml_compute_fp32_to_bf16: round-to-nearest-even on the bits, NaN forced
+quiet by setting bit 6 of the truncated pattern, subnormals kept).
+
+The conversions work on the integer bit patterns (rows viewed as uint32 / uint16) so they vectorise; the
+F16 one is checked against gguftool.quants.common.fp32_to_fp16_bits (the verified scalar reference).
+
+Each type is exposed as a namespace with the interface of a type module (GGML_TYPE, USES_IMATRIX,
+quantize_rows, dequantize_rows): ``float_types.F16`` and ``float_types.BF16``.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from numba import njit, prange
+
+from ..gguf.constants import GGMLType
+
+F32 = np.float32
+U32 = np.uint32
+
+
+# --- F16
+@njit(cache=True, inline="always")
+def f32_bits_to_f16_bits(u):
+    """binary32 bit pattern (uint32) -> binary16 bit pattern, round to nearest even."""
+    sign = (u >> U32(16)) & U32(0x8000)
+    a = u & U32(0x7FFFFFFF)
+    if a > U32(0x7F800000):                      # NaN
+        return sign | U32(0x7E00)
+    if a >= U32(0x477FF000):                     # >= 65520: rounds to infinity
+        return sign | U32(0x7C00)
+    if a >= U32(0x38800000):                     # >= 2^-14: normal half
+        # rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even;
+        # a mantissa carry moves into the exponent field by itself
+        return sign | ((a - U32(0x38000000) + U32(0x0FFF) + ((a >> U32(13)) & U32(1))) >> U32(13))
+    if a < U32(0x33000001):                      # <= 2^-25: rounds to zero (2^-25 is a tie, to even 0)
+        return sign
+    # subnormal half: value = m * 2^(e-150) with the implicit bit; the half unit is 2^-24
+    e = a >> U32(23)
+    m = (a & U32(0x7FFFFF)) | U32(0x800000)
+    shift = U32(126) - e                         # in [14, 24]: bits dropped to reach units of 2^-24
+    q = m >> shift
+    rem = m & ((U32(1) << shift) - U32(1))
+    half = U32(1) << (shift - U32(1))
+    if rem > half or (rem == half and (q & U32(1))):
+        q += U32(1)
+    return sign | q
+
+
+@njit(cache=True, inline="always")
+def f16_bits_to_f32_bits(h):
+    """binary16 bit pattern (uint32 holding 16 bits) -> binary32 bit pattern (exact)."""
+    sign = (h & U32(0x8000)) << U32(16)
+    e = (h >> U32(10)) & U32(0x1F)
+    m = h & U32(0x3FF)
+    if e == U32(31):
+        return sign | U32(0x7F800000) | (m << U32(13))
+    if e != U32(0):
+        return sign | ((e + U32(112)) << U32(23)) | (m << U32(13))
+    if m == U32(0):
+        return sign
+    # subnormal half: normalise the mantissa
+    e2 = U32(113)
+    while (m & U32(0x400)) == U32(0):
+        m <<= U32(1)
+        e2 -= U32(1)
+    return sign | (e2 << U32(23)) | ((m & U32(0x3FF)) << U32(13))
+
+
+@njit(cache=True, parallel=True)
+def f16_quantize_rows(x, imatrix, out):
+    n = x.shape[1]
+    for r in prange(x.shape[0]):
+        xu = x[r].view(np.uint32)
+        ou = out[r].view(np.uint16)
+        for j in range(n):
+            ou[j] = np.uint16(f32_bits_to_f16_bits(xu[j]))
+
+
+@njit(cache=True, parallel=True)
+def f16_dequantize_rows(data, out):
+    n = out.shape[1]
+    for r in prange(out.shape[0]):
+        hu = data[r].view(np.uint16)
+        ou = out[r].view(np.uint32)
+        for j in range(n):
+            ou[j] = f16_bits_to_f32_bits(U32(hu[j]))
+
+
+# --- BF16
+@njit(cache=True, inline="always")
+def f32_bits_to_bf16_bits(u):
+    """ggml_compute_fp32_to_bf16 on the bit pattern."""
+    if (u & U32(0x7FFFFFFF)) > U32(0x7F800000):  # NaN: truncate and force quiet
+        return (u >> U32(16)) | U32(64)
+    return (u + (U32(0x7FFF) + ((u >> U32(16)) & U32(1)))) >> U32(16)
+
+
+@njit(cache=True, parallel=True)
+def bf16_quantize_rows(x, imatrix, out):
+    n = x.shape[1]
+    for r in prange(x.shape[0]):
+        xu = x[r].view(np.uint32)
+        ou = out[r].view(np.uint16)
+        for j in range(n):
+            ou[j] = np.uint16(f32_bits_to_bf16_bits(xu[j]))
+
+
+@njit(cache=True, parallel=True)
+def bf16_dequantize_rows(data, out):
+    n = out.shape[1]
+    for r in prange(out.shape[0]):
+        hu = data[r].view(np.uint16)
+        ou = out[r].view(np.uint32)
+        for j in range(n):
+            ou[j] = U32(hu[j]) << U32(16)
+
+
+# --- the two "type modules"
+F16 = SimpleNamespace(GGML_TYPE=GGMLType.F16, USES_IMATRIX=False,
+                      quantize_rows=f16_quantize_rows, dequantize_rows=f16_dequantize_rows)
+BF16 = SimpleNamespace(GGML_TYPE=GGMLType.BF16, USES_IMATRIX=False,
+                       quantize_rows=bf16_quantize_rows, dequantize_rows=bf16_dequantize_rows)
