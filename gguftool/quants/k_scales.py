@@ -14,7 +14,7 @@ from numba import njit
 from gguftool.quants.common import fp16_bits_to_fp32
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def pack_scale_min_k4(q, j, ls, lm):
     ls = ls & 0xFF
     lm = lm & 0xFF
@@ -27,7 +27,7 @@ def pack_scale_min_k4(q, j, ls, lm):
         q[j] = (int(q[j]) | ((lm >> 4) << 6)) & 0xFF
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def get_scale_min_k4(j, q):
     if j < 4:
         return int(q[j]) & 63, int(q[j + 4]) & 63
@@ -36,13 +36,13 @@ def get_scale_min_k4(j, q):
     return sc, m
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def put_fp16(y, off, bits):
     b = int(bits)
     y[off] = b & 0xFF
     y[off + 1] = (b >> 8) & 0xFF
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def get_fp16(y, off):
     return fp16_bits_to_fp32(int(y[off]) | (int(y[off + 1]) << 8))

@@ -29,14 +29,14 @@ _OFF_D = 80
 _OFF_DMIN = 82
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_scratch():
     """L[256], Laux[16], Ls[16], Lm[16] (uint8); weights[16], sw[16], mins[16], scales[16] (float32)."""
     return (np.zeros(QK_K, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8),
             np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _requantize(x, y, L, dd, dmm):
     for j in range(16):
         sc = int(y[j])
@@ -51,7 +51,7 @@ def _requantize(x, y, L, dd, dmm):
             L[16 * j + ii] = l
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _pack_q2(y, L):
     for h in range(2):
         for l in range(32):
@@ -60,7 +60,7 @@ def _pack_q2(y, L):
                                        | (int(L[b + 96]) << 6)) & 0xFF
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block_ref(x, y, s):
     L, Laux, Ls, Lm, weights, sw, mins, scales = s
     q4scale = np.float32(15.0)
@@ -99,7 +99,7 @@ def quantize_block_ref(x, y, s):
     _pack_q2(y, L)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block_impl(x, qw, y, s):
     L, Laux, Ls, Lm, weight, sw, mins, scales = s
     sumx2 = np.float32(0.0)
@@ -128,7 +128,7 @@ def quantize_block_impl(x, qw, y, s):
     _pack_q2(y, L)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_block(y, out):
     d = get_fp16(y, _OFF_D)
     mn = get_fp16(y, _OFF_DMIN)
@@ -147,7 +147,7 @@ def dequantize_block(y, out):
                     idx += 1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
     nrows = x.shape[0]
     nb = x.shape[1] // QK_K
@@ -163,7 +163,7 @@ def quantize_rows(x, imatrix, out):
                 quantize_block_ref(xb, yb, s)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def dequantize_rows(data, out):
     nrows = data.shape[0]
     nb = out.shape[1] // QK_K

@@ -29,14 +29,14 @@ QK_K = 256
 BLOCK_BYTES = 144
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_scratch():
     """Per-thread scratch: L[256], Laux[32], Ls[8], Lm[8] (uint8); weights[32], sw[8], mins[8], scales[8]."""
     return (np.zeros(QK_K, np.uint8), np.zeros(32, np.uint8), np.zeros(8, np.uint8), np.zeros(8, np.uint8),
             np.zeros(32, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _requantize(x, y, L, nmax):
     """Final pass shared by ref and impl: levels from the stored (fp16 / 6-bit) scales and mins."""
     dd = get_fp16(y, 0)
@@ -55,7 +55,7 @@ def _requantize(x, y, L, nmax):
             L[32 * j + ii] = l
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
     """quantize_row_q{4,5}_K_ref up to the level packing: writes d, dmin, scales[12] into y[0:16], levels in L."""
     L, Laux, Ls, Lm, weights, sw, mins, scales = s
@@ -90,7 +90,7 @@ def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
     _requantize(x, y, L, nmax)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def affine_k_scales_impl(x, qw, y, s, nmax, clamp63):
     """quantize_row_q{4,5}_K_impl (with quant_weights) up to the level packing. clamp63: Q5_K's MIN(63, .)."""
     L, Laux, Ls, Lm, weights, sw, mins, scales = s
@@ -125,26 +125,26 @@ def affine_k_scales_impl(x, qw, y, s, nmax, clamp63):
     _requantize(x, y, L, nmax)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _pack_q4(y, L):
     for j in range(4):
         for l in range(32):
             y[16 + 32 * j + l] = L[64 * j + l] | (L[64 * j + l + 32] << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block_ref(x, y, s):
     affine_k_scales_ref(x, y, s, 15, np.float32(-1.0), np.float32(0.1), 20)
     _pack_q4(y, s[0])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block_impl(x, qw, y, s):
     affine_k_scales_impl(x, qw, y, s, 15, False)
     _pack_q4(y, s[0])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_block(y, out):
     d = get_fp16(y, 0)
     mn = get_fp16(y, 2)
@@ -162,7 +162,7 @@ def dequantize_block(y, out):
             out[64 * j + 32 + l] = d2 * np.float32(y[16 + 32 * j + l] >> 4) - m2
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
     nrows = x.shape[0]
     nb = x.shape[1] // QK_K
@@ -178,7 +178,7 @@ def quantize_rows(x, imatrix, out):
                 quantize_block_ref(xb, yb, s)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def dequantize_rows(data, out):
     nrows = data.shape[0]
     nb = out.shape[1] // QK_K

@@ -25,7 +25,7 @@ QK_K = 256
 BLOCK_BYTES = 176
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _pack_q5(y, L):
     for j in range(32):
         y[16 + j] = 0
@@ -46,19 +46,19 @@ def _pack_q5(y, L):
         m2 <<= 2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block_ref(x, y, s):
     affine_k_scales_ref(x, y, s, 31, np.float32(-0.5), np.float32(0.1), 15)
     _pack_q5(y, s[0])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block_impl(x, qw, y, s):
     affine_k_scales_impl(x, qw, y, s, 31, True)
     _pack_q5(y, s[0])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_block(y, out):
     d = get_fp16(y, 0)
     mn = get_fp16(y, 2)
@@ -84,7 +84,7 @@ def dequantize_block(y, out):
         u2 <<= 2
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
     nrows = x.shape[0]
     nb = x.shape[1] // QK_K
@@ -100,7 +100,7 @@ def quantize_rows(x, imatrix, out):
                 quantize_block_ref(xb, yb, s)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def dequantize_rows(data, out):
     nrows = data.shape[0]
     nb = out.shape[1] // QK_K

@@ -5,7 +5,8 @@ operation: the same float32 expressions evaluated in the same order, sequential 
 branches (including the C ``MIN``/``MAX`` ternaries, which matter when NaN/Inf appear) and the same uint8
 truncation where the reference stores an ``int`` into a ``uint8_t``.
 
-API (all ``@njit(cache=True)``; call them from other numba code, or from Python with float32 arrays):
+API (all ``@njit(cache=True, error_model="numpy")``: float division by zero gives inf/NaN as in C instead of
+raising; call them from other numba code, or from Python with float32 arrays):
 
 ``nearest_int_c(f) -> int``
     ggml's ``nearest_int`` including its behaviour outside |f| <= 4194303 (the assert is compiled out in
@@ -37,7 +38,7 @@ F32 = np.float32
 GROUP_MAX_EPS = np.float32(1e-15)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def nearest_int_c(f):
     """ggml nearest_int, bit-exact also outside its asserted range (see module docstring)."""
     f = np.float32(f)
@@ -46,7 +47,7 @@ def nearest_int_c(f):
     return _nearest_int_slow(f)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _nearest_int_slow(f):
     val = np.float32(f + np.float32(12582912.0))
     if val != val:              # NaN: quiet-NaN mantissa 0x400000
@@ -61,7 +62,7 @@ def _nearest_int_slow(f):
     return (mant & 0x7FFFFF) - 0x400000
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
     rmin = np.float32(rmin)
     rdelta = np.float32(rdelta)
@@ -140,7 +141,7 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
     return scale, -mn
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
     rmin = np.float32(rmin)
     rdelta = np.float32(rdelta)
@@ -225,7 +226,7 @@ def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
     return scale, -mn
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qp_quants(n, nmax, x, L, quant_weights):
     fnmax = np.float32(nmax)
     mx = np.float32(0.0)
