@@ -111,7 +111,7 @@ def _as_imatrix(imatrix, n_per_row: int) -> np.ndarray:
     bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
     if bad.size:
         i = int(bad[0])
-        raise QuantError(f"imatrix weight {i} is {w[i]!r}: weights must be finite and non-negative")
+        raise QuantError(f"imatrix weight {i} is {float(w[i])}: weights must be finite and non-negative")
     return w
 
 
@@ -187,7 +187,8 @@ def dequantize(data, qtype, n_per_row: int, threads=None) -> np.ndarray:
                          f"{n_per_row} elements ({row_bytes} bytes each)")
     rows = raw.size // row_bytes
     if t in _PLAIN_DTYPES:
-        return raw.view(_PLAIN_DTYPES[t]).astype(np.float32).reshape(rows, n_per_row)
+        with np.errstate(over="ignore"):  # F64 beyond float32's range becomes +-inf, as a C cast would
+            return raw.view(_PLAIN_DTYPES[t]).astype(np.float32).reshape(rows, n_per_row)
     blocks = np.ascontiguousarray(raw.reshape(rows, row_bytes))
     if not blocks.flags.writeable:  # see _as_rows: avoid a separate compilation for read-only input
         blocks = blocks.copy()
