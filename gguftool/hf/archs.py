@@ -1,0 +1,424 @@
+"""One readable table per supported Hugging Face architecture: metadata, tensor names, transforms.
+
+What llama.cpp's ``convert_hf_to_gguf.py`` (``conversion/base.py`` TextModel, ``llama.py``, ``qwen.py``,
+``gemma.py``) writes for each architecture, restated as data:
+
+- ``defaults``: the value transformers' config class gives a key that config.json leaves out. llama.cpp reads
+  the config through ``AutoConfig.from_pretrained(...).to_dict()``, so these defaults reach the GGUF (for
+  example ``head_dim`` -> ``attention.key_length``); the values are those of transformers 5.x.
+- ``tensors``: HF tensor name (``{bid}`` = layer) -> GGUF name, as gguf-py's ``tensor_mapping`` maps them.
+- transforms: Q/K permutation (llama), +1 on RMSNorm weights (Gemma), vocabulary trimming (Gemma3), generated
+  ``rope_freqs`` (Llama 3 rope scaling).
+
+``hyperparameters(arch, config)`` builds the per-architecture KV list in llama.cpp's order; duplicated keys keep
+their first position and their last value (what gguf-py's ``GGUFWriter.add_key_value`` does).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ConvertError
+from ..gguf.constants import GGUFValueType
+from ..gguf.values import KV
+
+
+# --- ordered KV list with gguf-py's overwrite semantics
+class KVList:
+    """Insertion-ordered KVs; setting an existing key replaces its value but keeps its position."""
+
+    def __init__(self):
+        self._kv: dict[str, KV] = {}
+
+    def set(self, key: str, vtype: GGUFValueType, value: Any) -> None:
+        self._kv[key] = KV(key, vtype, value)
+
+    def u32(self, key: str, value: int) -> None:
+        self.set(key, GGUFValueType.UINT32, int(value))
+
+    def f32(self, key: str, value: float) -> None:
+        self.set(key, GGUFValueType.FLOAT32, float(value))
+
+    def string(self, key: str, value: str) -> None:
+        self.set(key, GGUFValueType.STRING, str(value))
+
+    def boolean(self, key: str, value: bool) -> None:
+        self.set(key, GGUFValueType.BOOL, bool(value))
+
+    def remove(self, key: str) -> None:
+        self._kv.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kv
+
+    def get(self, key: str, default=None):
+        kv = self._kv.get(key)
+        return default if kv is None else kv.value
+
+    def extend(self, kvs) -> None:
+        for kv in kvs:
+            self._kv[kv.key] = kv
+
+    def items(self) -> list[KV]:
+        return list(self._kv.values())
+
+
+# --- hyperparameters as llama.cpp sees them
+def _find(hp: dict, keys, default=None):
+    for k in keys:
+        if k in hp:
+            return hp[k]
+    return default
+
+
+def normalized_config(arch: "Arch", config: dict) -> dict:
+    """config.json as ``AutoConfig(...).to_dict()`` + TextModel.__init__ present it to llama.cpp's converter.
+
+    Fills the config class's defaults, derives ``head_dim`` / ``num_key_value_heads`` as transformers does and
+    folds the legacy ``rope_theta`` / ``rope_scaling`` keys into ``rope_parameters``.
+    """
+    hp = dict(config)
+    if isinstance(hp.get("text_config"), dict):
+        hp = {**hp, **hp["text_config"]}
+    for k, v in arch.defaults.items():
+        if hp.get(k) is None and k not in ("head_dim", "num_key_value_heads"):
+            hp[k] = v
+    for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        if not isinstance(hp.get(k), int) or isinstance(hp.get(k), bool) or hp[k] <= 0:
+            raise ConvertError(f"config.json: {k} must be a positive integer, got {hp.get(k)!r}")
+    if hp.get("head_dim") is None:
+        d = arch.defaults.get("head_dim")
+        hp["head_dim"] = d if d is not None else hp["hidden_size"] // hp["num_attention_heads"]
+    if hp.get("num_key_value_heads") is None:
+        d = arch.defaults.get("num_key_value_heads")
+        hp["num_key_value_heads"] = d if d is not None else hp["num_attention_heads"]
+    if arch.post_config is not None:
+        arch.post_config(hp)
+    hp["rope_parameters"] = arch.rope_parameters(hp)
+    return hp
+
+
+def _rope_parameters_single(hp: dict) -> dict:
+    """transformers 5's standardisation of rope_theta + rope_scaling for single-rope models (llama, qwen)."""
+    rp = hp.get("rope_parameters")
+    if isinstance(rp, dict) and rp:
+        rp = dict(rp)
+    else:
+        scaling = hp.get("rope_scaling")
+        rp = dict(scaling) if isinstance(scaling, dict) else {}
+    rp.setdefault("rope_theta", hp.get("rope_theta", 10000.0) if hp.get("rope_theta") is not None else 10000.0)
+    if "rope_type" not in rp:
+        rp["rope_type"] = rp.get("type", "default")
+    for k in ("rope_theta", "rope_scaling", "rope_local_base_freq"):
+        hp.pop(k, None)
+    return rp
+
+
+def _rope_parameters_gemma3(hp: dict) -> dict:
+    """Gemma3: separate global (full attention) and local (sliding) rope; rope_scaling applies to global."""
+    rp = hp.get("rope_parameters")
+    if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
+        return rp
+    scaling = hp.get("rope_scaling")
+    full = dict(scaling) if isinstance(scaling, dict) else {}
+    if "rope_type" not in full:
+        full["rope_type"] = full.get("type", "default")
+    full["rope_theta"] = hp.get("rope_theta") if hp.get("rope_theta") is not None else 1_000_000.0
+    local_theta = hp.get("rope_local_base_freq")
+    local = {"rope_type": "default", "rope_theta": local_theta if local_theta is not None else 10_000.0}
+    for k in ("rope_theta", "rope_scaling", "rope_local_base_freq"):
+        hp.pop(k, None)
+    return {"sliding_attention": local, "full_attention": full}
+
+
+def _qwen_post(hp: dict) -> None:
+    if not hp.get("use_sliding_window", False):
+        hp["sliding_window"] = None
+
+
+def _gemma3_post(hp: dict) -> None:
+    if hp.get("use_bidirectional_attention"):
+        pass  # to_dict() writes back the value given, so nothing changes for llama.cpp
+
+
+# --- the KV list of TextModel.set_gguf_parameters (conversion/base.py), then each architecture's additions
+def _text_model_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    a = arch.gguf_arch
+    kv.u32(f"{a}.block_count", hp["num_hidden_layers"])
+    n_ctx = _find(hp, ["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
+                       "model_max_length"])
+    if n_ctx is not None:
+        kv.u32(f"{a}.context_length", n_ctx)
+    kv.u32(f"{a}.embedding_length", hp["hidden_size"])
+    n_ff = _find(hp, ["prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner",
+                      "hidden_dim"])
+    if n_ff is not None:
+        kv.u32(f"{a}.feed_forward_length", n_ff)
+    kv.u32(f"{a}.attention.head_count", hp["num_attention_heads"])
+    kv.u32(f"{a}.attention.head_count_kv", hp["num_key_value_heads"])
+    if hp.get("is_causal") is False:
+        kv.boolean(f"{a}.attention.causal", False)
+
+    rope_all = hp["rope_parameters"]
+    rope = rope_all.get("full_attention", rope_all)
+    rope_type = rope.get("rope_type")
+    if rope_type is not None:
+        factor = rope.get("factor")
+        if rope_type == "linear" and factor is not None:
+            kv.string(f"{a}.rope.scaling.type", "linear")
+            kv.f32(f"{a}.rope.scaling.factor", factor)
+        elif rope_type == "yarn" and factor is not None:
+            kv.string(f"{a}.rope.scaling.type", "yarn")
+            kv.f32(f"{a}.rope.scaling.factor", factor)
+            kv.u32(f"{a}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
+            for src, dst in (("extrapolation_factor", "yarn_ext_factor"), ("beta_fast", "yarn_beta_fast"),
+                             ("beta_slow", "yarn_beta_slow")):
+                if rope.get(src) is not None:
+                    kv.f32(f"{a}.rope.scaling.{dst}", rope[src])
+            attn = rope.get("attention_factor", rope.get("attn_factor"))
+            if attn is not None:
+                kv.f32(f"{a}.rope.scaling.yarn_attn_factor", attn)
+        elif rope_type in ("su", "longrope"):
+            kv.string(f"{a}.rope.scaling.type", "longrope")
+    if rope.get("rope_theta") is not None:
+        kv.f32(f"{a}.rope.freq_base", rope["rope_theta"])
+    local_theta = rope_all.get("sliding_attention", {}).get("rope_theta")
+    if local_theta is not None:
+        kv.f32(f"{a}.rope.freq_base_swa", local_theta)
+    eps = _find(hp, ["rms_norm_eps", "norm_eps"])
+    if eps is not None:
+        kv.f32(f"{a}.attention.layer_norm_rms_epsilon", eps)
+    eps = _find(hp, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])
+    if eps is not None:
+        kv.f32(f"{a}.attention.layer_norm_epsilon", eps)
+    if hp.get("head_dim") is not None:
+        kv.u32(f"{a}.attention.key_length", hp["head_dim"])
+        kv.u32(f"{a}.attention.value_length", hp["head_dim"])
+    kv.u32("general.file_type", 0)  # ALL_F32: the reference is `convert_hf_to_gguf.py --outtype f32`
+
+
+def _llama_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # LlamaModel.set_gguf_parameters (conversion/llama.py)
+    _text_model_params(arch, hp, kv)
+    kv.u32(f"{arch.gguf_arch}.vocab_size", hp["vocab_size"])
+    kv.u32(f"{arch.gguf_arch}.rope.dimension_count", hp["head_dim"])
+
+
+def _qwen_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # Qwen2Model / Qwen3Model: the TextModel keys (pooling type only for sentence-transformers folders)
+    _text_model_params(arch, hp, kv)
+
+
+def _gemma3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # Gemma3Model.set_gguf_parameters (conversion/gemma.py): re-sets some keys (same position, new value)
+    a = arch.gguf_arch
+    _text_model_params(arch, hp, kv)
+    kv.u32(f"{a}.context_length", hp.get("max_position_embeddings", 131072))
+    kv.u32(f"{a}.attention.head_count", hp.get("num_attention_heads", 8))
+    kv.f32(f"{a}.attention.layer_norm_rms_epsilon", hp.get("rms_norm_eps", 1e-6))
+    kv.u32(f"{a}.attention.key_length", hp.get("head_dim", 256))
+    kv.u32(f"{a}.attention.value_length", hp.get("head_dim", 256))
+    rope = hp["rope_parameters"]
+    kv.f32(f"{a}.rope.freq_base", rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    if hp.get("attn_logit_softcapping") is not None:
+        raise ConvertError("config.json: attn_logit_softcapping is set, but Gemma3 has none")
+    if hp.get("final_logit_softcapping"):
+        kv.f32(f"{a}.final_logit_softcapping", hp["final_logit_softcapping"])
+    if hp.get("sliding_window_pattern") != 1:
+        if hp.get("sliding_window") is None:
+            raise ConvertError("config.json: sliding_window is missing")
+        kv.u32(f"{a}.attention.sliding_window", hp["sliding_window"])
+    kv.u32(f"{a}.attention.head_count_kv", hp.get("num_key_value_heads", 4))
+
+
+# --- tensor name tables (gguf-py tensor_mapping for each architecture)
+_COMMON_TENSORS = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
+    "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q",
+    "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k",
+    "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v",
+    "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output",
+    "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate",
+    "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up",
+    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
+}
+
+LLAMA_TENSORS = {**_COMMON_TENSORS, "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm"}
+QWEN2_TENSORS = LLAMA_TENSORS
+QWEN3_TENSORS = {**LLAMA_TENSORS,
+                 "model.layers.{bid}.self_attn.q_norm": "blk.{bid}.attn_q_norm",
+                 "model.layers.{bid}.self_attn.k_norm": "blk.{bid}.attn_k_norm"}
+GEMMA3_TENSORS = {**_COMMON_TENSORS,
+                  "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.post_attention_norm",
+                  "model.layers.{bid}.pre_feedforward_layernorm": "blk.{bid}.ffn_norm",
+                  "model.layers.{bid}.post_feedforward_layernorm": "blk.{bid}.post_ffw_norm",
+                  "model.layers.{bid}.self_attn.q_norm": "blk.{bid}.attn_q_norm",
+                  "model.layers.{bid}.self_attn.k_norm": "blk.{bid}.attn_k_norm"}
+
+# names llama.cpp drops without mapping (prepare_tensors)
+SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str                              # our label
+    hf_names: tuple[str, ...]              # config.json "architectures"[0]
+    gguf_arch: str                         # general.architecture
+    defaults: dict                         # transformers config-class defaults (see module docstring)
+    tensors: dict                          # HF name -> GGUF name (without .weight/.bias)
+    params: Callable[["Arch", dict, KVList], None]
+    rope_parameters: Callable[[dict], dict] = _rope_parameters_single
+    post_config: Callable[[dict], None] | None = None
+    vocab: str = "llama"                   # which set_vocab path (see vocab.py)
+    permute_qk: bool = False               # LlamaModel.undo_permute
+    norm_shift: float = 0.0                # Gemma: RMSNorm weight stored as w - 1
+    trim_vocab_rows: bool = False          # Gemma3: token_embd cut to the tokenizer's size
+    skip_lm_head: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def map_name(self, hf_name: str) -> str | None:
+        """GGUF name for an HF tensor name, or None when the table has no entry."""
+        for suffix in (".weight", ".bias"):
+            if hf_name.endswith(suffix):
+                base = hf_name[: -len(suffix)]
+                break
+        else:
+            base, suffix = hf_name, ""
+        gguf = self._lookup().get(base)
+        if gguf is not None:
+            return gguf + suffix
+        # block tensors: find the layer number
+        parts = base.split(".")
+        for i, p in enumerate(parts):
+            if p.isdecimal():
+                key = ".".join(parts[:i] + ["{bid}"] + parts[i + 1:])
+                g = self.tensors.get(key)
+                if g is not None:
+                    return g.format(bid=int(p)) + suffix
+                break
+        return None
+
+    def _lookup(self) -> dict:
+        return {k: v for k, v in self.tensors.items() if "{bid}" not in k}
+
+
+_LLAMA_DEFAULTS = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, head_dim=None,
+                       num_key_value_heads=None, tie_word_embeddings=False)
+
+ARCHS: dict[str, Arch] = {}
+
+
+def _register(a: Arch) -> Arch:
+    for n in a.hf_names:
+        ARCHS[n] = a
+    return a
+
+
+LLAMA = _register(Arch(
+    name="llama", hf_names=("LlamaForCausalLM", "LLaMAForCausalLM"), gguf_arch="llama",
+    defaults=_LLAMA_DEFAULTS, tensors=LLAMA_TENSORS, params=_llama_params,
+    vocab="llama", permute_qk=True))
+
+MISTRAL = _register(Arch(
+    name="mistral", hf_names=("MistralForCausalLM",), gguf_arch="llama",
+    defaults=dict(vocab_size=32000, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, head_dim=None,
+                  num_key_value_heads=8, sliding_window=4096),
+    tensors=LLAMA_TENSORS, params=_llama_params, vocab="llama", permute_qk=True))
+
+QWEN2 = _register(Arch(
+    name="qwen2", hf_names=("Qwen2ForCausalLM",), gguf_arch="qwen2",
+    defaults=dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, num_key_value_heads=32,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+    tensors=QWEN2_TENSORS, params=_qwen_params, post_config=_qwen_post, vocab="qwen2"))
+
+QWEN3 = _register(Arch(
+    name="qwen3", hf_names=("Qwen3ForCausalLM",), gguf_arch="qwen3",
+    defaults=dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, num_key_value_heads=32,
+                  head_dim=128, use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+    tensors=QWEN3_TENSORS, params=_qwen_params, post_config=_qwen_post, vocab="qwen2"))
+
+GEMMA3 = _register(Arch(
+    name="gemma3", hf_names=("Gemma3ForCausalLM",), gguf_arch="gemma3",
+    defaults=dict(vocab_size=262208, max_position_embeddings=131072, rms_norm_eps=1e-6, num_key_value_heads=4,
+                  head_dim=256, sliding_window=4096, final_logit_softcapping=None, attn_logit_softcapping=None),
+    tensors=GEMMA3_TENSORS, params=_gemma3_params, rope_parameters=_rope_parameters_gemma3,
+    post_config=_gemma3_post, vocab="gemma3", norm_shift=1.0, trim_vocab_rows=True))
+
+
+def supported_names() -> list[str]:
+    return sorted(ARCHS)
+
+
+def arch_for_config(config: dict) -> Arch:
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise ConvertError(f"config.json: no 'architectures' entry; supported: {', '.join(supported_names())}")
+    a = ARCHS.get(archs[0])
+    if a is None:
+        raise ConvertError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(supported_names())}")
+    return a
+
+
+def hyperparameters(arch: Arch, hp: dict) -> list[KV]:
+    """The architecture's KVs (set_gguf_parameters), in llama.cpp's order, from a normalized config."""
+    kv = KVList()
+    arch.params(arch, hp, kv)
+    return kv.items()
+
+
+# --- transforms
+def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """LlamaModel.permute: reorder each head's rows from HF's rotate-half layout to llama.cpp's interleaved one.
+
+    Rows of one head are [first half | second half]; llama.cpp wants them as pairs (i, i + half).
+    Applied to q_proj with n_head and to k_proj with the key/value head count.
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ConvertError(f"cannot permute a tensor of {rows} rows into {n_head} heads")
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def llama3_rope_freqs(hp: dict) -> np.ndarray | None:
+    """LlamaModel.generate_extra_tensors: per-dimension rope factors for Llama 3 "llama3" rope scaling.
+
+    Computed in float32 step by step as the reference (torch float32 tensors mixed with Python floats) does.
+    """
+    rope_all = hp["rope_parameters"]
+    rope = rope_all.get("full_attention", rope_all)
+    if not rope or str(rope.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = float(rope.get("rope_theta", 10000.0))
+    dim = hp["head_dim"]
+    f32 = np.float32
+    # torch evaluates `scalar / t` as t.reciprocal() * scalar, and mixes Python floats in as float32
+    expo = np.arange(0, dim, 2, dtype=np.float32) / f32(dim)
+    freqs = (f32(1) / np.power(f32(base), expo, dtype=np.float32)) * f32(1.0)
+    factor = rope.get("factor", 8.0)
+    low = rope.get("low_freq_factor", 1.0)
+    high = rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen = f32(old_ctx / low)
+    high_wavelen = f32(old_ctx / high)
+    out = []
+    for freq in freqs:
+        wavelen = f32(f32(1) / freq) * f32(2 * math.pi)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = f32(f32(f32(1) / wavelen) * f32(old_ctx) - f32(low)) / f32(high - low)
+            inner = f32(f32(f32(1) - smooth) / f32(factor)) + smooth
+            out.append(f32(f32(1) / inner) * f32(1))
+    return np.array(out, dtype=np.float32)

@@ -1,0 +1,251 @@
+"""A Hugging Face checkpoint on disk: config.json plus one or more safetensors files, read lazily.
+
+Only the safetensors headers are parsed up front (every length and offset checked against the file size); the
+tensor data stays in a read-only memory map and one tensor at a time is turned into a numpy array on demand, so
+converting a model never holds more than one tensor in anonymous memory.
+
+Tensor order follows llama.cpp's ``convert_hf_to_gguf.py`` (``ModelBase.index_tensors``): the shard files sorted
+by name (from ``model.safetensors.index.json`` when present, else every ``model*.safetensors`` in the folder),
+and within each shard the tensor names sorted (as gguf-py's ``SafetensorsLocal`` sorts them).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConvertError
+
+# --- safetensors dtypes
+# dtype name -> (bytes per element, numpy dtype used to view the stored bytes)
+SUPPORTED_DTYPES = {
+    "F32": (4, np.dtype("<f4")),
+    "F16": (2, np.dtype("<f2")),
+    "BF16": (2, np.dtype("<u2")),  # viewed as raw 16-bit words, widened to float32 by shifting
+}
+# Every dtype the safetensors format defines, with its element size, so that an unsupported one can be named
+# (and its byte length still checked) instead of being reported as garbage.
+_OTHER_DTYPES = {
+    "F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F6_E2M3": 1, "F6_E3M2": 1, "F4": 1,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def bf16_to_f32(words: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly (bf16 is the top half of an f32)."""
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    """One tensor of a safetensors file: where its bytes are, not the bytes themselves."""
+
+    name: str
+    dtype: str                 # "BF16" / "F16" / "F32" (others are refused when the file is opened)
+    shape: tuple[int, ...]     # as stored (PyTorch order: slowest dimension first)
+    file: "SafetensorsFile"
+    offset: int                # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def array(self) -> np.ndarray:
+        """The stored values as a read-only view of the memory map (uint16 words for BF16)."""
+        np_dtype = SUPPORTED_DTYPES[self.dtype][1]
+        buf = self.file.buffer()
+        arr = np.frombuffer(buf, dtype=np_dtype, count=self.n_elements, offset=self.offset)
+        return arr.reshape(self.shape)
+
+    def read_f32(self) -> np.ndarray:
+        """The tensor as a new float32 array in its stored shape."""
+        a = self.array()
+        if self.dtype == "BF16":
+            return bf16_to_f32(a)
+        return a.astype(np.float32)
+
+
+class SafetensorsFile:
+    """A parsed safetensors header; the data is memory-mapped on first use."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._mm: mmap.mmap | None = None
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, SafetensorsTensor] = {}
+        self._parse()
+
+    # --- header
+    def _parse(self) -> None:
+        p = self.path
+        try:
+            size = os.path.getsize(p)
+        except OSError as e:
+            raise ConvertError(f"{p}: cannot open safetensors file ({e.strerror})") from None
+        if size < 8:
+            raise ConvertError(f"{p}: not a safetensors file: {size} bytes, too short for the 8-byte header length")
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise ConvertError(f"{p}: corrupt safetensors header: header length {n} at offset 0 exceeds the "
+                                   f"file size {size} (truncated or not a safetensors file)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConvertError(f"{p}: corrupt safetensors header: not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ConvertError(f"{p}: corrupt safetensors header: expected a JSON object")
+        data_start = 8 + n
+        data_size = size - data_start
+        for name, meta in header.items():
+            if name == "__metadata__":
+                if isinstance(meta, dict):
+                    self.metadata = {str(k): str(v) for k, v in meta.items()}
+                continue
+            self.tensors[name] = self._tensor_entry(name, meta, data_start, data_size)
+
+    def _tensor_entry(self, name: str, meta, data_start: int, data_size: int) -> SafetensorsTensor:
+        p = self.path
+        if not isinstance(meta, dict):
+            raise ConvertError(f"{p}: corrupt safetensors header: entry for tensor {name!r} is not an object")
+        dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                  for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_size):
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has data_offsets {offs!r} outside "
+                               f"the {data_size} data bytes (truncated file?)")
+        if dtype in SUPPORTED_DTYPES:
+            itemsize = SUPPORTED_DTYPES[dtype][0]
+        elif dtype in _OTHER_DTYPES:
+            raise ConvertError(f"{p}: tensor {name!r} has dtype {dtype}, which gguftool cannot convert "
+                               f"(supported: BF16, F16, F32)")
+        else:
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has unknown dtype {dtype!r}")
+        n_el = 1
+        for d in shape:
+            n_el *= d
+        if n_el * itemsize != offs[1] - offs[0]:
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} {dtype}{shape} needs "
+                               f"{n_el * itemsize} bytes but data_offsets {offs} give {offs[1] - offs[0]}")
+        return SafetensorsTensor(name, dtype, tuple(shape), self, data_start + offs[0], offs[1] - offs[0])
+
+    # --- data
+    def buffer(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    raise ConvertError(f"{self.path}: empty file")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a numpy view still refers to it; the OS unmaps it when that goes
+                pass
+            self._mm = None
+
+
+# --- checkpoint folder
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """config.json + safetensors shards of one Hugging Face model folder."""
+
+    directory: Path
+    config: dict
+    files: list[SafetensorsFile]
+    tensors: dict[str, SafetensorsTensor] = field(default_factory=dict)  # llama.cpp's order
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        """Open a checkpoint from its folder or from one of its ``.safetensors`` files."""
+        path = Path(path)
+        if not path.exists():
+            raise ConvertError(f"{path}: no such file or directory")
+        if path.is_dir():
+            directory, given = path, None
+        else:
+            if not path.name.endswith(".safetensors"):
+                raise ConvertError(f"{path}: expected a .safetensors file or a checkpoint directory")
+            directory, given = path.parent, path
+        config = load_config(directory)
+        files = [SafetensorsFile(p) for p in shard_paths(directory, given)]
+        ck = cls(directory, config, files)
+        for f in files:
+            for name in sorted(f.tensors):
+                ck.tensors[name] = f.tensors[name]
+        return ck
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def dominant_dtype(self) -> str | None:
+        """dtype of the first tensor with 2+ dimensions (llama.cpp's --outtype auto heuristic), or None."""
+        for t in self.tensors.values():
+            if len(t.shape) >= 2:
+                return t.dtype
+        return None
+
+
+def load_config(directory: Path) -> dict:
+    p = directory / CONFIG_NAME
+    if not p.is_file():
+        raise ConvertError(f"{directory}: missing {CONFIG_NAME} (the model's hyperparameters)")
+    try:
+        with open(p, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{p}: expected a JSON object")
+    return cfg
+
+
+def shard_paths(directory: Path, given: Path | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint, in llama.cpp's order (sorted by file name)."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ConvertError(f"{index}: not a valid index ({e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConvertError(f"{index}: has no 'weight_map'")
+        names = sorted(set(str(v) for v in weight_map.values()))
+        paths = [directory / n for n in names]
+        missing = [n for n, p in zip(names, paths) if not p.is_file()]
+        if missing:
+            raise ConvertError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+        return paths
+    names = sorted(n for n in os.listdir(directory) if n.startswith("model") and n.endswith(".safetensors"))
+    if given is not None and given.name not in names:
+        return [given]
+    if not names:
+        raise ConvertError(f"{directory}: no model*.safetensors file and no {INDEX_NAME}")
+    return [directory / n for n in names]

@@ -1,0 +1,287 @@
+"""A Hugging Face checkpoint presented as a ``TensorSource``: what ``convert_hf_to_gguf.py`` would write.
+
+``open_hf_source(path)`` returns the KV list and the tensors that llama.cpp's converter writes with
+``--outtype f32`` (or ``bf16`` for a BF16 checkpoint), in its order, under its GGUF names. Nothing is read
+but headers until a tensor's ``read_f32`` / ``read_raw`` is called; each call maps the tensor's bytes, applies
+the architecture's transform (Q/K permutation, Gemma norm shift, vocabulary trim) and returns a new array.
+
+KV order (ModelBase.prepare_metadata + TextModel.prepare_metadata): general.architecture, general.type,
+general.* descriptive keys (gguf.Metadata), the architecture's hyperparameters (set_gguf_parameters),
+general.quantization_version, then the tokenizer (set_vocab).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConvertError
+from ..gguf.constants import GGMLType, GGUFValueType
+from ..gguf.values import KV
+from ..source import SourceTensor, TensorSource
+from . import archs as A
+from .checkpoint import Checkpoint, SafetensorsTensor
+from .vocab import VocabInfo, gemma3_vocab_rows, vocab_kvs
+
+GGML_QUANT_VERSION = 2
+# llama_ftype values llama.cpp writes as general.file_type for the float conversions
+FTYPE_OF = {"f32": 0, "f16": 1, "bf16": 32}
+_OUT_TYPE = {"f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16}
+
+
+# --- tensors
+class HFTensor(SourceTensor):
+    """One checkpoint tensor as the converter writes it (transform applied when read)."""
+
+    def __init__(self, name: str, st: SafetensorsTensor, out_type: GGMLType,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None, rows: int | None = None):
+        self.name = name
+        self.st = st
+        self.type = out_type
+        self.transform = transform
+        self.rows = rows  # keep only the first `rows` rows (Gemma3 vocabulary trim)
+        hf_shape = list(st.shape)
+        if rows is not None:
+            hf_shape[0] = rows
+        self.hf_shape = tuple(hf_shape)
+        self.shape = tuple(reversed(hf_shape)) if hf_shape else (1,)
+
+    def _values(self) -> np.ndarray:
+        """The transformed values in the dtype llama.cpp transforms them in (F16 stays F16, BF16 -> F32)."""
+        a = self.st.array()
+        if self.rows is not None:
+            a = a[: self.rows]
+        if self.st.dtype == "BF16":
+            from .checkpoint import bf16_to_f32
+            a = bf16_to_f32(a)
+        if self.transform is not None:
+            a = self.transform(a)
+        return a
+
+    def read_f32(self) -> np.ndarray:
+        a = self._values()
+        ne0 = self.shape[0]
+        return np.ascontiguousarray(a, dtype=np.float32).reshape(-1, ne0)
+
+    def read_raw(self) -> np.ndarray:
+        if self.type == GGMLType.F32:
+            return self.read_f32().reshape(-1).view(np.uint8)
+        if self.type == GGMLType.BF16:
+            if self.st.dtype != "BF16":
+                raise ConvertError(f"{self.name}: BF16 output needs a BF16 checkpoint tensor")
+            a = self.st.array()  # raw words: every transform applied to BF16 weights is a pure permutation
+            if self.rows is not None:
+                a = a[: self.rows]
+            if self.transform is not None:
+                a = self.transform(a)
+            return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        if self.type == GGMLType.F16:
+            return np.ascontiguousarray(self._values(), dtype=np.float16).reshape(-1).view(np.uint8)
+        raise ConvertError(f"{self.name}: no raw form for {self.type.name}")  # pragma: no cover
+
+
+class GeneratedTensor(SourceTensor):
+    """A tensor the converter computes (rope_freqs)."""
+
+    def __init__(self, name: str, data: np.ndarray):
+        self.name = name
+        self.data = np.ascontiguousarray(data, dtype=np.float32)
+        self.type = GGMLType.F32
+        self.shape = tuple(reversed(self.data.shape))
+
+    def read_f32(self) -> np.ndarray:
+        return self.data.reshape(-1, self.shape[0]).copy()
+
+    def read_raw(self) -> np.ndarray:
+        return self.data.reshape(-1).view(np.uint8).copy()
+
+
+# --- the source
+@dataclass
+class HFSource(TensorSource):
+    checkpoint: Checkpoint | None = None
+    arch: A.Arch | None = None
+    hparams: dict = field(default_factory=dict)
+    vocab: VocabInfo | None = None
+    outtype: str = "f32"
+    name: str = ""
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+
+_MULTIMODAL = ("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.", "sound_encoder.",
+               "sound_projection.", "speech_embeddings.")
+_MULTIMODAL_IN = ("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.",
+                  "projector.", "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed",
+                  "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
+
+
+def _filtered_name(name: str) -> str | None:
+    """TextModel / LlamaModel filter_tensors: drop multimodal tensors, strip language_model./text_model."""
+    if name.startswith(_MULTIMODAL) or any(s in name for s in _MULTIMODAL_IN):
+        return None
+    if name.endswith("e_score_correction_bias"):
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+    return name.replace("language_model.", "").replace("text_model.", "")
+
+
+def _default_name(directory: Path) -> str:
+    return directory.resolve().name
+
+
+def metadata_kvs(arch: A.Arch, name: str, n_params: int) -> list[KV]:
+    """The descriptive general.* keys. llama.cpp derives more of them (basename, finetune, size label, license,
+    organization ...) from the model card and folder name; gguftool writes the name and size label only."""
+    kv = A.KVList()
+    kv.string("general.architecture", arch.gguf_arch)
+    kv.string("general.type", "model")
+    kv.string("general.name", name)
+    label = size_label(n_params)
+    if label:
+        kv.string("general.size_label", label)
+    return kv.items()
+
+
+def size_label(n: int) -> str:
+    """gguf-py's model_weight_count_rounded_notation (at least 2 significant digits): '135M', '1.4M' ..."""
+    if n <= 0:
+        return ""
+    if n > 1e12:
+        v, suffix = n * 1e-12, "T"
+    elif n > 1e9:
+        v, suffix = n * 1e-9, "B"
+    elif n > 1e6:
+        v, suffix = n * 1e-6, "M"
+    else:
+        v, suffix = n * 1e-3, "K"
+    fix = max(2 - len(str(round(v)).lstrip("0")), 0)
+    return f"{v:.{fix}f}{suffix}"
+
+
+def _expected_shapes(arch: A.Arch, hp: dict, vocab_rows: int | None) -> list[tuple[re.Pattern, tuple]]:
+    h, hd = hp["hidden_size"], hp["head_dim"]
+    nh, nkv = hp["num_attention_heads"], hp["num_key_value_heads"]
+    ff = hp.get("intermediate_size")
+    vocab = vocab_rows if vocab_rows is not None else hp["vocab_size"]
+    rules = [
+        (r"token_embd\.weight", (vocab, h)), (r"output\.weight", (vocab, h)), (r"output_norm\.weight", (h,)),
+        (r"blk\.\d+\.attn_q\.weight", (nh * hd, h)), (r"blk\.\d+\.attn_k\.weight", (nkv * hd, h)),
+        (r"blk\.\d+\.attn_v\.weight", (nkv * hd, h)), (r"blk\.\d+\.attn_output\.weight", (h, nh * hd)),
+        (r"blk\.\d+\.attn_q\.bias", (nh * hd,)), (r"blk\.\d+\.attn_k\.bias", (nkv * hd,)),
+        (r"blk\.\d+\.attn_v\.bias", (nkv * hd,)),
+        (r"blk\.\d+\.(attn_norm|ffn_norm|post_attention_norm|post_ffw_norm)\.weight", (h,)),
+        (r"blk\.\d+\.attn_[qk]_norm\.weight", (hd,)),
+    ]
+    if isinstance(ff, int):
+        rules += [(r"blk\.\d+\.ffn_(gate|up)\.weight", (ff, h)), (r"blk\.\d+\.ffn_down\.weight", (h, ff))]
+    return [(re.compile(p + "$"), s) for p, s in rules]
+
+
+def _required(arch: A.Arch, n_layers: int) -> list[str]:
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+                 "ffn_norm"]
+    if arch.gguf_arch == "gemma3":
+        per_layer += ["post_attention_norm", "post_ffw_norm"]
+    names = ["token_embd.weight", "output_norm.weight"]
+    for b in range(n_layers):
+        names += [f"blk.{b}.{p}.weight" for p in per_layer]
+    return names
+
+
+def open_hf_source(path: str | os.PathLike, outtype: str = "auto", name: str | None = None,
+                   vocab_only: bool = False) -> HFSource:
+    """Open a checkpoint (folder or .safetensors file) as the converter's output would look.
+
+    ``outtype``: "f32", "f16", "bf16", or "auto" (bf16 for a BF16 checkpoint, else f32: what gguftool's
+    reference conversion uses before quantizing).
+    """
+    ck = Checkpoint.open(path)
+    try:
+        return _build(ck, outtype, name, vocab_only)
+    except BaseException:
+        ck.close()
+        raise
+
+
+def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> HFSource:
+    arch = A.arch_for_config(ck.config)
+    hp = A.normalized_config(arch, ck.config)
+    if outtype == "auto":
+        outtype = "bf16" if ck.dominant_dtype() == "BF16" else "f32"
+    if outtype not in _OUT_TYPE:
+        raise ConvertError(f"unknown outtype {outtype!r}")
+    out_type = _OUT_TYPE[outtype]
+
+    voc_kvs, vinfo = vocab_kvs(arch.vocab, ck.directory, hp)
+
+    n_layers = hp["num_hidden_layers"]
+    vocab_rows = gemma3_vocab_rows(ck.directory, hp) if arch.trim_vocab_rows else None
+    shapes = _expected_shapes(arch, hp, None)
+    nh, nkv = hp["num_attention_heads"], hp["num_key_value_heads"]
+
+    tensors: list[SourceTensor] = []
+    rope = A.llama3_rope_freqs(hp) if arch.gguf_arch == "llama" else None
+    if rope is not None:
+        tensors.append(GeneratedTensor("rope_freqs.weight", rope))
+    seen: dict[str, str] = {}
+    for hf_name, st in ck.tensors.items():
+        fname = _filtered_name(hf_name)
+        if fname is None or fname.endswith(A.SKIPPED_SUFFIXES):
+            continue
+        gname = arch.map_name(fname)
+        if gname is None:
+            raise ConvertError(f"tensor {hf_name!r} has no GGUF name for architecture {arch.hf_names[0]}")
+        bid = next((int(p) for p in fname.split(".") if p.isdecimal()), None)
+        if bid is not None and bid >= n_layers:
+            raise ConvertError(f"tensor {hf_name!r}: layer {bid} but config.json num_hidden_layers is {n_layers}")
+        if gname in seen:
+            raise ConvertError(f"tensors {seen[gname]!r} and {hf_name!r} both map to {gname}")
+        seen[gname] = hf_name
+        for pat, want in shapes:
+            if pat.match(gname):
+                if tuple(st.shape) != tuple(want):
+                    raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies "
+                                       f"{list(want)}")
+                break
+        transform = None
+        if arch.permute_qk and fname.endswith(("q_proj.weight", "q_proj.bias")):
+            transform = (lambda a, h=nh: A.permute_qk(a, h, h))
+        elif arch.permute_qk and fname.endswith(("k_proj.weight", "k_proj.bias")):
+            transform = (lambda a, h=nh, k=nkv: A.permute_qk(a, h, k))
+        elif arch.norm_shift and fname.endswith("norm.weight"):
+            transform = (lambda a, s=arch.norm_shift: a + a.dtype.type(s))
+        rows = None
+        if arch.trim_vocab_rows and "embed_tokens.weight" in fname and vocab_rows is not None:
+            rows = min(vocab_rows, st.shape[0])
+        n_dims = len(st.shape)
+        if n_dims <= 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight"):
+            t = GGMLType.F32
+        else:
+            t = out_type
+            if t == GGMLType.BF16 and st.dtype != "BF16":
+                t = GGMLType.BF16  # values are rounded from float32 by the pipeline when it writes BF16
+        tensors.append(HFTensor(gname, st, t, transform, rows))
+
+    missing = [n for n in _required(arch, n_layers) if n not in seen]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ConvertError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more} "
+                           f"for {n_layers} layers of {arch.hf_names[0]}")
+
+    n_params = sum(t.n_elements for t in tensors)
+    label = name or _default_name(ck.directory)
+    kv = A.KVList()
+    kv.extend(metadata_kvs(arch, label, n_params))
+    kv.extend(A.hyperparameters(arch, hp))
+    kv.u32("general.file_type", FTYPE_OF[outtype])
+    kv.u32("general.quantization_version", GGML_QUANT_VERSION)
+    kv.extend(voc_kvs)
+    src = HFSource(kvs=kv.items(), tensors=[] if vocab_only else tensors, checkpoint=ck, arch=arch, hparams=hp,
+                   vocab=vinfo, outtype=outtype, name=label)
+    return src
