@@ -1,0 +1,422 @@
+"""The streaming quantize pipeline shared by ``gguftool quantize`` and ``gguftool convert``:
+
+    TensorSource --(policy: a type per tensor)--> quant kernels --> GGUFWriter (temp file + rename)
+
+One tensor at a time, and a big tensor in slabs of rows, so memory stays bounded whatever the model size.
+It mirrors llama.cpp's ``llama_model_quantize_impl`` (src/llama-quant.cpp) for what lands in the file:
+
+- tensors in llama's order (non-layer tensors first, then by layer, each group sorted by name);
+- KV pairs of the input in order, then ``general.quantization_version`` and ``general.file_type`` moved to
+  the end (llama.cpp's gguf_set_val_* removes a key and appends it), ``split.*`` keys removed, then the
+  --override-kv pairs and the ``quantize.imatrix.*`` keys the same way;
+- a tensor whose type does not change is copied byte for byte; others are converted to float32 (dequantized
+  if needed) and quantized with the imatrix weights of their name.
+
+Two steps: :func:`make_plan` decides everything and checks every request before a byte is written (so a bad
+request never leaves a partial file); :func:`execute` streams the data. Neither prints: progress and warnings
+go to callbacks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import policy as P
+from .errors import ImatrixError, PolicyError
+from .gguf.constants import GGML_QUANTIZATION_VERSION, KEY_FILE_TYPE, KEY_QUANTIZATION_VERSION, GGMLType
+from .gguf.values import KV, kv_bool, kv_f32, kv_str, kv_u32
+from .imatrix_file import Imatrix
+from .source import SourceTensor, TensorSource
+
+__all__ = ["QuantizeConfig", "Plan", "TensorResult", "Summary", "make_plan", "execute", "output_kvs",
+           "parse_kv_override", "imatrix_kvs", "SLAB_BYTES"]
+
+# float32 bytes of source rows converted at once (a big tensor goes through in slabs of this size)
+SLAB_BYTES = 64 << 20
+
+_SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+KEY_IMATRIX_FILE = "quantize.imatrix.file"
+KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
+KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
+KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
+
+
+# --- request
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything a quantize request says (llama-quantize's options)."""
+    ftype: P.FileType
+    pure: bool = False
+    leave_output_tensor: bool = False
+    output_tensor_type: GGMLType | None = None
+    token_embedding_type: GGMLType | None = None
+    tensor_types: list[tuple[str, GGMLType]] = field(default_factory=list)   # --tensor-type REGEX=TYPE
+    imatrix: Imatrix | None = None
+    imatrix_path: str | None = None        # as given on the command line (goes into quantize.imatrix.file)
+    include_weights: list[str] = field(default_factory=list)
+    exclude_weights: list[str] = field(default_factory=list)
+    allow_requantize: bool = False
+    kv_overrides: list[KV] = field(default_factory=list)
+    order: str = "llama"                   # "llama": llama-quantize's tensor order; "source": as given
+    set_quant_kvs: bool = True             # write general.quantization_version / general.file_type
+
+
+@dataclass
+class Plan:
+    tensors: list[P.TensorPlan]            # in output order
+    sources: dict[str, SourceTensor]
+    kvs: list[KV]                          # output metadata in order
+    model: P.ModelParams | None
+    imatrix: dict[str, np.ndarray] | None  # name -> per-column weights (after include/exclude)
+    warnings: list[str] = field(default_factory=list)
+    n_fallback: int = 0
+
+    @property
+    def src_bytes(self) -> int:
+        return sum(t.src_nbytes for t in self.tensors)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.new_nbytes for t in self.tensors)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def out_bpw(self) -> float:
+        return self.out_bytes * 8.0 / self.n_elements if self.n_elements else 0.0
+
+    @property
+    def src_bpw(self) -> float:
+        return self.src_bytes * 8.0 / self.n_elements if self.n_elements else 0.0
+
+
+# --- metadata
+
+
+def parse_kv_override(text: str) -> KV:
+    """KEY=TYPE:VALUE with TYPE int, float, bool or str (common.cpp string_parse_kv_override).
+
+    Written as llama_model_quantize writes overrides: int -> UINT32 of |value|, float -> FLOAT32, bool -> BOOL,
+    str -> STRING (at most 127 bytes).
+    """
+    key, sep, rest = text.partition("=")
+    if not sep or not key or len(key) >= 128:
+        raise PolicyError(f"malformed KV override {text!r}: expected KEY=TYPE:VALUE")
+    kind, sep, value = rest.partition(":")
+    if not sep or kind not in ("int", "float", "bool", "str"):
+        raise PolicyError(f"invalid type for KV override {text!r}: TYPE must be int, float, bool or str")
+    try:
+        if kind == "int":
+            v = abs(int(value, 0))
+            if v >= 2 ** 32:
+                raise PolicyError(f"KV override {text!r}: {value} does not fit the UINT32 llama.cpp writes")
+            return kv_u32(key, v)
+        if kind == "float":
+            return kv_f32(key, float(value))
+    except ValueError:
+        raise PolicyError(f"invalid {kind} value in KV override {text!r}") from None
+    if kind == "bool":
+        if value not in ("true", "false"):
+            raise PolicyError(f"invalid boolean value for KV override {text!r} (true or false)")
+        return kv_bool(key, value == "true")
+    if len(value.encode("utf-8", "surrogateescape")) > 127:
+        raise PolicyError(f"malformed KV override {text!r}: value cannot exceed 127 bytes")
+    return kv_str(key, value)
+
+
+def _trunc127(s: str) -> str:
+    # quantize.cpp strncpy's into char[128]
+    return s.encode("utf-8", "surrogateescape")[:127].decode("utf-8", "surrogateescape")
+
+
+def imatrix_kvs(path: str, im: Imatrix, n_entries: int) -> list[KV]:
+    """The quantize.imatrix.* keys llama-quantize adds (as KV overrides, in this order)."""
+    out = [kv_str(KEY_IMATRIX_FILE, _trunc127(path))]
+    if im.datasets:
+        out.append(kv_str(KEY_IMATRIX_DATASET, _trunc127(im.datasets[0])))
+    out.append(kv_u32(KEY_IMATRIX_N_ENTRIES, n_entries))
+    if im.chunk_count > 0:
+        out.append(kv_u32(KEY_IMATRIX_N_CHUNKS, im.chunk_count))
+    return out
+
+
+def output_kvs(src_kvs: Sequence[KV], ftype: P.FileType | None, overrides: Sequence[KV] = ()) -> list[KV]:
+    """The output metadata, in llama-quantize's order (see the module docstring)."""
+    kvs = list(src_kvs)
+
+    def set_kv(kv: KV) -> None:
+        kvs[:] = [k for k in kvs if k.key != kv.key]
+        kvs.append(kv)
+
+    if ftype is not None:
+        set_kv(kv_u32(KEY_QUANTIZATION_VERSION, GGML_QUANTIZATION_VERSION))
+        set_kv(kv_u32(KEY_FILE_TYPE, ftype.id))
+    kvs[:] = [k for k in kvs if k.key not in _SPLIT_KEYS]
+    for kv in overrides:
+        set_kv(kv)
+    return kvs
+
+
+# --- planning
+
+
+def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
+    s = list(shape) + [1, 1, 1]
+    return s[0], s[1], s[2]
+
+
+def make_plan(source: TensorSource, cfg: QuantizeConfig) -> Plan:
+    """Decide every tensor's type and check the request against the source; raises GGUFError subclasses."""
+    warnings: list[str] = []
+    by_name: dict[str, SourceTensor] = {}
+    for t in source.tensors:
+        if t.name in by_name:
+            raise PolicyError(f"duplicate tensor name {t.name!r} in the source")
+        by_name[t.name] = t
+    names = P.llama_tensor_order(by_name) if cfg.order == "llama" else list(by_name)
+
+    # imatrix: include/exclude, then the weights llama-quantize computes
+    weights = None
+    extra_kvs: list[KV] = []
+    if cfg.imatrix is not None:
+        im = cfg.imatrix
+        if not im.is_legacy and not im.has_metadata:
+            raise ImatrixError(f"{cfg.imatrix_path or 'imatrix'}: missing imatrix metadata (imatrix.datasets, "
+                               f"imatrix.chunk_count, imatrix.chunk_size)")
+        im = im.filtered(cfg.include_weights, cfg.exclude_weights)
+        weights = im.weights()
+        for name, w in weights.items():
+            bad = np.flatnonzero(~np.isfinite(w))
+            if bad.size:
+                raise ImatrixError(f"imatrix entry {name} contains a non-finite value ({w[bad[0]]!r} at "
+                                   f"column {int(bad[0])})")
+        if weights:
+            extra_kvs = imatrix_kvs(cfg.imatrix_path or "", im, len(weights))
+        else:
+            warnings.append("no imatrix entries left after --include-weights/--exclude-weights: "
+                            "quantizing without an imatrix")
+            weights = None
+
+    opts = P.QuantOptions(cfg.ftype, pure=cfg.pure, leave_output_tensor=cfg.leave_output_tensor,
+                          output_tensor_type=cfg.output_tensor_type,
+                          token_embedding_type=cfg.token_embedding_type,
+                          tensor_types=list(cfg.tensor_types), has_imatrix=weights is not None)
+    model = P.ModelParams.from_metadata(source.get)
+    plans = P.plan([(n, by_name[n].shape, by_name[n].type) for n in names], model, opts)
+
+    requantized: dict[str, int] = {}
+    missing: list[str] = []
+    for tp in plans:
+        _check_tensor(tp, cfg, weights, warnings, requantized, missing)
+    if missing:
+        warnings.append(f"no imatrix weights for {len(missing)} tensors ({', '.join(missing[:3])}"
+                        f"{', ...' if len(missing) > 3 else ''}): quantized without")
+    if requantized:
+        kinds = ", ".join(f"{n} x{c}" for n, c in sorted(requantized.items()))
+        warnings.append(f"requantizing {sum(requantized.values())} already-quantized tensors ({kinds}): "
+                        f"quality will be lower than quantizing from F32/F16/BF16")
+
+    kvs = output_kvs(source.kvs, cfg.ftype if cfg.set_quant_kvs else None,
+                     list(cfg.kv_overrides) + extra_kvs)
+    return Plan(plans, by_name, kvs, model, weights, warnings, P.count_fallbacks(plans))
+
+
+def _check_tensor(tp: P.TensorPlan, cfg: QuantizeConfig, weights, warnings: list[str],
+                  requantized: dict[str, int], missing: list[str]) -> None:
+    from .quants import SUPPORTED_TYPES, can_dequantize
+
+    name = tp.name
+    if tp.requires_imatrix and (weights is None or name not in weights):
+        if weights is None:
+            raise PolicyError(f"this quantization requires an imatrix (tensor {name} -> {tp.new_type.name} in a "
+                              f"{cfg.ftype.name} file); give one with --imatrix")
+        raise ImatrixError(f"missing importance matrix for tensor {name} in a very low-bit quantization "
+                           f"({tp.new_type.name})")
+    if not tp.converts:
+        return
+    if tp.new_type not in SUPPORTED_TYPES:
+        raise PolicyError(f"tensor {name}: gguftool cannot quantize to {tp.new_type.name}")
+    if P.is_quantized(tp.src_type):
+        if not cfg.allow_requantize:
+            raise PolicyError(f"tensor {name} is already quantized ({tp.src_type.name}); requantizing is "
+                              f"disabled (use --allow-requantize)")
+        requantized[tp.src_type.name] = requantized.get(tp.src_type.name, 0) + 1
+    if not can_dequantize(tp.src_type) and tp.src_type not in (GGMLType.F16, GGMLType.BF16):
+        raise PolicyError(f"tensor {name}: cannot read {tp.src_type.name} data to convert it")
+    if weights is not None and name in weights:
+        ne0, _, ne2 = _shape3(tp.shape)
+        if weights[name].size != ne0 * ne2:
+            msg = (f"imatrix size {weights[name].size} is different from tensor size {ne0 * ne2} for {name}")
+            if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+                warnings.append(msg + " (ignored for the token embeddings)")
+            else:
+                raise ImatrixError(msg)
+    elif weights is not None and P.is_quantized(tp.new_type) and tp.new_type != GGMLType.Q8_0:
+        missing.append(name)
+
+
+# --- execution
+
+
+@dataclass
+class TensorResult:
+    name: str
+    shape: tuple[int, ...]
+    src_type: GGMLType
+    new_type: GGMLType
+    src_bytes: int
+    new_bytes: int
+    seconds: float
+    rmse: float | None = None           # --stats: RMS error of the dequantized result against the source
+    weighted_rmse: float | None = None  # --stats with an imatrix: the same, columns weighted by the imatrix
+
+
+@dataclass
+class Summary:
+    path: str | None
+    results: list[TensorResult]
+    src_bytes: int
+    out_bytes: int
+    n_elements: int
+    file_size: int
+    seconds: float
+    n_fallback: int
+
+    @property
+    def src_bpw(self) -> float:
+        return self.src_bytes * 8.0 / self.n_elements if self.n_elements else 0.0
+
+    @property
+    def out_bpw(self) -> float:
+        return self.out_bytes * 8.0 / self.n_elements if self.n_elements else 0.0
+
+    def overall_rmse(self) -> float | None:
+        rs = [(r.rmse, math.prod(r.shape)) for r in self.results if r.rmse is not None]
+        if not rs:
+            return None
+        n = sum(k for _, k in rs)
+        return math.sqrt(sum(r * r * k for r, k in rs) / n) if n else 0.0
+
+
+Progress = Callable[[int, P.TensorPlan], None]
+
+
+def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]", *, threads: int | None = None,
+            stats: bool = False, overwrite: bool = False, protect: Sequence[str] = (),
+            progress: Progress | None = None) -> Summary:
+    """Write the planned file. progress(n, tensor) is called with source bytes just processed.
+
+    The output goes to a temporary file renamed onto out_path at the end; on any error or interrupt the
+    temporary file is removed and out_path is left as it was.
+    """
+    from .gguf.writer import GGUFWriter
+
+    t0 = time.perf_counter()
+    out_path = os.fspath(out_path)
+    results: list[TensorResult] = []
+    with GGUFWriter(out_path, overwrite=overwrite, protect=list(protect)) as w:
+        w.add_kvs(plan.kvs)
+        for tp in plan.tensors:
+            w.add_tensor_info(tp.name, _ggml_shape(tp.shape), tp.new_type)
+        w.write_header()
+        for tp in plan.tensors:
+            t1 = time.perf_counter()
+            src = plan.sources[tp.name]
+            acc = _StatAcc() if stats and tp.converts else None
+            w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress))
+            r = TensorResult(tp.name, tp.shape, tp.src_type, tp.new_type, tp.src_nbytes, tp.new_nbytes,
+                             time.perf_counter() - t1)
+            if acc is not None:
+                r.rmse, r.weighted_rmse = acc.result()
+            results.append(r)
+        w.finish()
+    return Summary(out_path, results, plan.src_bytes, plan.out_bytes, plan.n_elements,
+                   os.path.getsize(out_path), time.perf_counter() - t0, plan.n_fallback)
+
+
+def _ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """llama.cpp writes ggml_n_dims dimensions (trailing 1s dropped)."""
+    return tuple(shape[:P.n_dims(shape)])
+
+
+def _read_rows(src: SourceTensor, start: int, stop: int) -> np.ndarray:
+    rr = getattr(src, "read_rows", None)
+    if rr is not None:
+        return rr(start, stop)
+    return src.read_f32()[start:stop]
+
+
+def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, progress):
+    """The bytes of one output tensor, slab by slab."""
+    from .quants import dequantize, quantize
+
+    total = tp.src_nbytes
+    if not tp.converts:
+        raw = src.read_raw()
+        step = max(SLAB_BYTES, 1)
+        for off in range(0, raw.size, step):
+            chunk = raw[off:off + step]
+            yield chunk
+            if progress:
+                progress(chunk.size, tp)
+        if raw.size == 0 and progress:
+            progress(0, tp)
+        return
+
+    ne0, ne1, ne2 = _shape3(tp.shape)
+    n_rows = tp.n_elements // ne0
+    rows_per_expert = ne1 if len(tp.shape) >= 3 else n_rows
+    w_all = imatrix.get(tp.name) if imatrix is not None else None
+    if w_all is not None and w_all.size != ne0 * ne2:
+        w_all = None  # token_embd with a mismatched entry: ignored, as llama.cpp does
+    slab = max(1, SLAB_BYTES // (4 * ne0))
+    src_row_bytes = total // n_rows if n_rows else 0
+    row = 0
+    while row < n_rows:
+        # a slab never crosses an expert boundary: each expert has its own imatrix slice
+        expert = row // rows_per_expert
+        stop = min(n_rows, row + slab, (expert + 1) * rows_per_expert)
+        x = _read_rows(src, row, stop)
+        w = None if w_all is None else w_all[expert * ne0:(expert + 1) * ne0]
+        q = quantize(x, tp.new_type, imatrix=w, threads=threads)
+        if acc is not None:
+            acc.add(x, dequantize(q, tp.new_type, ne0, threads=threads), w)
+        del x
+        yield q
+        if progress:
+            progress((stop - row) * src_row_bytes, tp)
+        row = stop
+
+
+class _StatAcc:
+    """Running sums for the RMS error of one tensor (float64)."""
+
+    def __init__(self):
+        self.se = 0.0
+        self.n = 0
+        self.wse = 0.0
+        self.wsum = 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
+        d = (y.astype(np.float64) - x.astype(np.float64)) ** 2
+        col = d.sum(axis=0)
+        self.se += float(col.sum())
+        self.n += d.size
+        if w is not None:
+            w64 = w.astype(np.float64)
+            self.wse += float(col @ w64)
+            self.wsum += float(w64.sum()) * d.shape[0]
+
+    def result(self) -> tuple[float | None, float | None]:
+        rmse = math.sqrt(self.se / self.n) if self.n else None
+        wrmse = math.sqrt(self.wse / self.wsum) if self.wsum > 0 else None
+        return rmse, wrmse

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Write a synthetic llama-architecture F32 GGUF whose dimensions are multiples of 256.
+
+Used by the quantize tests (small: a few MB) and by scripts/bench_quantize.py (``--large``: about 2.4 GB).
+Every dimension is a multiple of 256, so the K-quant mixes apply without row-length fallbacks, and the
+GQA ratio is 4, so the n_gqa >= 4 rules fire.
+
+The weights come from an integer hash of (seed, tensor index, element index) turned into float32 with exact
+operations only (no log/sin/exp whose last bit may differ between numpy builds), so the same arguments give
+the same bytes on every machine - the committed reference hashes in fixtures/quantize_reference/ rely on it.
+
+The file is written with gguf-py's streaming writer (one tensor in memory at a time).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_embd: int = 256
+    n_ff: int = 768
+    n_layer: int = 8
+    n_head: int = 4
+    n_head_kv: int = 1
+    n_vocab: int = 1024
+    tied: bool = False   # no output.weight: token_embd doubles as the output projection
+
+
+SMALL = Shape()
+LARGE = Shape(n_embd=2048, n_ff=5632, n_layer=10, n_head=16, n_head_kv=4, n_vocab=32000)
+
+# --- deterministic float32 data
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def synthetic_rows(seed: int, tensor_index: int, n_rows: int, n_cols: int, scale: float,
+                   row_start: int = 0) -> np.ndarray:
+    """Rows [row_start, row_start + n_rows) of a tensor: roughly normal values with per-column scales.
+
+    The value = (sum of 4 uniforms in [0,1) - 2) * column scale * scale: an Irwin-Hall bell curve with a few
+    loud columns (as real activations/weights have), computed with float32 +,-,* only.
+    """
+    base = np.uint64((seed * 1_000_003 + tensor_index) * 0x100000000 & 0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        idx = np.arange(row_start * n_cols, (row_start + n_rows) * n_cols, dtype=np.uint64)
+        acc = np.zeros(idx.shape, dtype=np.float32)
+        for k in range(4):
+            h = _splitmix64(idx * np.uint64(4) + np.uint64(k) + base * np.uint64(7))
+            acc += (h >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+        acc -= np.float32(2.0)
+        col = _splitmix64(np.arange(n_cols, dtype=np.uint64) + base + np.uint64(12345))
+        # 1 column in 32 is 4x louder, 1 in 256 is 16x louder
+        col_scale = np.where((col & np.uint64(255)) == 0, np.float32(16.0),
+                             np.where((col & np.uint64(31)) == 0, np.float32(4.0), np.float32(1.0)))
+    x = acc.reshape(n_rows, n_cols) * col_scale.astype(np.float32)[None, :]
+    return x * np.float32(scale)
+
+
+# --- model layout
+
+
+def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...], float]]:
+    """(name, ggml shape (ne0 first), scale) in the order convert_hf_to_gguf writes them."""
+    head_dim = s.n_embd // s.n_head
+    kv = head_dim * s.n_head_kv
+    w = 0.02
+    specs = [("token_embd.weight", (s.n_embd, s.n_vocab), 0.5)]
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        specs += [
+            (p + "attn_norm.weight", (s.n_embd,), 1.0),
+            (p + "attn_q.weight", (s.n_embd, s.n_embd), w),
+            (p + "attn_k.weight", (s.n_embd, kv), w),
+            (p + "attn_v.weight", (s.n_embd, kv), w),
+            (p + "attn_output.weight", (s.n_embd, s.n_embd), w),
+            (p + "ffn_norm.weight", (s.n_embd,), 1.0),
+            (p + "ffn_gate.weight", (s.n_embd, s.n_ff), w),
+            (p + "ffn_up.weight", (s.n_embd, s.n_ff), w),
+            (p + "ffn_down.weight", (s.n_ff, s.n_embd), w),
+        ]
+    specs.append(("output_norm.weight", (s.n_embd,), 1.0))
+    if not s.tied:
+        specs.append(("output.weight", (s.n_embd, s.n_vocab), w))
+    return specs
+
+
+def _vocab(n: int):
+    """A minimal SentencePiece-style vocabulary so that llama.cpp can load the model."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    i = 0
+    while len(tokens) < n:
+        tokens.append(f"\u2581t{i}")
+        types.append(1)
+        i += 1
+    tokens, types = tokens[:n], types[:n]
+    scores = [-float(j) for j in range(n)]
+    return tokens, scores, types
+
+
+def write_model(path: str, shape: Shape = SMALL, seed: int = 0, progress=None) -> int:
+    """Write the model to path; returns its size in bytes."""
+    import gguf
+
+    if shape.n_embd % 256 or shape.n_ff % 256:
+        raise ValueError("all row lengths must be multiples of 256")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("synthetic-llama")
+    w.add_uint32("general.file_type", 0)
+    w.add_context_length(2048)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(shape.n_vocab)
+    tokens, scores, types = _vocab(shape.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    specs = tensor_specs(shape)
+    for name, ggml_shape, _ in specs:
+        n = int(np.prod(ggml_shape))
+        w.add_tensor_info(name, tuple(reversed(ggml_shape)), np.dtype(np.float32), n * 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for ti, (name, ggml_shape, scale) in enumerate(specs):
+        ne0 = ggml_shape[0]
+        nrows = int(np.prod(ggml_shape[1:])) if len(ggml_shape) > 1 else 1
+        if len(ggml_shape) == 1:
+            data = np.float32(1.0) + synthetic_rows(seed, ti, 1, ne0, 0.1)
+        else:
+            data = synthetic_rows(seed, ti, nrows, ne0, scale)
+        w.write_tensor_data(data.reshape(tuple(reversed(ggml_shape))))
+        if progress:
+            progress(name)
+    w.close()
+    return os.path.getsize(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="output .gguf path")
+    ap.add_argument("--large", action="store_true", help="the ~2.4 GB benchmark model instead of the small one")
+    ap.add_argument("--tied", action="store_true", help="no output.weight (tied embeddings)")
+    ap.add_argument("--layers", type=int, help="override the layer count")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    shape = LARGE if a.large else SMALL
+    if a.tied or a.layers:
+        shape = Shape(**{**shape.__dict__, "tied": a.tied or shape.tied, "n_layer": a.layers or shape.n_layer})
+    size = write_model(a.out, shape, a.seed, progress=(lambda n: print(n, file=sys.stderr)) if a.large else None)
+    print(f"wrote {a.out}: {size / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
