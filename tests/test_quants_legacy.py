@@ -1,0 +1,194 @@
+"""F16, BF16, Q8_0 and the legacy 32-block types: conversions, dequantization, error bounds, live llama.cpp.
+
+Byte-exactness on the golden vectors is in test_quants_golden.py; here:
+- dequantize() against gguf-py (an independent implementation) on every golden output, bit for bit;
+- the bitwise F16/BF16 converters against the scalar reference in quants.common / ggml's formula;
+- round-trip error bounds on random data, and the importance path lowering the weighted error;
+- fresh random and adversarial rows against llama.cpp's own ggml_quantize_chunk (skipped without it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numba import njit
+
+from gguftool.gguf.constants import GGMLType
+from gguftool.quants import SUPPORTED_TYPES, dequantize, quantize
+from gguftool.quants.common import fp32_to_fp16_bits
+from gguftool.quants.float_types import (bf16_dequantize_rows, bf16_quantize_rows, f16_dequantize_rows,
+                                         f16_quantize_rows)
+
+GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
+LEGACY = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+NO_W = np.empty(0, np.float32)
+
+
+# --- dequantization against gguf-py on the golden outputs
+def _golden_outputs():
+    params = []
+    for path in sorted(GOLDEN.glob("*.npz")):
+        with np.load(path) as d:
+            for k in sorted(d.files):
+                if k.startswith("q_") or k.startswith("qi_"):
+                    params.append(pytest.param(path.name, k, id=f"{path.stem}-{k}"))
+    return params
+
+
+@pytest.mark.parametrize("fname,key", _golden_outputs())
+def test_dequantize_matches_gguf_py(fname, key):
+    gguf_quants = pytest.importorskip("gguf.quants", reason="gguf-py (pip install gguf) is the independent "
+                                                             "dequantizer this test compares with")
+    from gguf import GGMLQuantizationType
+
+    with np.load(GOLDEN / fname) as d:
+        q, n = d[key], d["x"].shape[1]
+    tname = key.split("_", 1)[1]
+    ours = dequantize(q, tname, n)
+    theirs = gguf_quants.dequantize(q, GGMLQuantizationType[tname]).astype(np.float32).reshape(ours.shape)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), \
+        f"{key}: max |diff| {np.nanmax(np.abs(ours - theirs))}"
+
+
+# --- F16 / BF16 converters
+@njit(cache=True)
+def _scalar_f16(u32):
+    out = np.empty(u32.size, np.uint16)
+    f = u32.view(np.float32)
+    for i in range(u32.size):
+        out[i] = fp32_to_fp16_bits(f[i])
+    return out
+
+
+def _interesting_bits(rng) -> np.ndarray:
+    """Random bit patterns plus every pattern near the F16 thresholds (rounding ties, subnormal edge, overflow)."""
+    edges = []
+    for v in (0x33000000, 0x33800000, 0x387FE000, 0x38800000, 0x477FE000, 0x477FF000, 0x47800000,
+              0x7F800000, 0x00000000, 0x3F800000, 0x3F801000, 0x3F803000, 0x35000000, 0x36801000):
+        edges.append(np.arange(v - 4096, v + 4096, dtype=np.int64))
+    e = np.concatenate(edges) & 0x7FFFFFFF
+    e = np.concatenate([e, e | 0x80000000]).astype(np.uint32)
+    return np.concatenate([e, rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)])
+
+
+def test_f16_bitwise_matches_scalar_reference():
+    u = _interesting_bits(np.random.default_rng(7))
+    out = np.empty((1, 2 * u.size), np.uint8)
+    f16_quantize_rows(u.view(np.float32).reshape(1, -1), NO_W, out)
+    assert np.array_equal(out.view(np.uint16)[0], _scalar_f16(u))
+    # and with numpy's own (round-to-nearest-even) conversion for every non-NaN value
+    x = u.view(np.float32)
+    finite = ~np.isnan(x)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out.view(np.uint16)[0][finite], x[finite].astype(np.float16).view(np.uint16))
+
+
+def test_f16_dequantize_all_patterns():
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty((1, h.size), np.float32)
+    f16_dequantize_rows(h.view(np.uint8).reshape(1, -1), out)
+    assert np.array_equal(out[0].view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+def test_bf16_both_directions():
+    u = _interesting_bits(np.random.default_rng(8))
+    out = np.empty((1, 2 * u.size), np.uint8)
+    bf16_quantize_rows(u.view(np.float32).reshape(1, -1), NO_W, out)
+    # ggml_compute_fp32_to_bf16, vectorised in 64-bit integers
+    w = u.astype(np.uint64)
+    expect = ((w + 0x7FFF + ((w >> 16) & 1)) >> 16) & 0xFFFF
+    nan = (w & 0x7FFFFFFF) > 0x7F800000
+    expect[nan] = (w[nan] >> 16) | 64
+    assert np.array_equal(out.view(np.uint16)[0], expect.astype(np.uint16))
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    back = np.empty((1, h.size), np.float32)
+    bf16_dequantize_rows(h.view(np.uint8).reshape(1, -1), back)
+    assert np.array_equal(back[0].view(np.uint32), h.astype(np.uint32) << 16)
+
+
+# --- round-trip error bounds
+# relative RMS error on N(0, 1) rows (measured values are about 60-80% of these)
+RMS_BOUND = {"F32": 0.0, "F16": 4e-4, "BF16": 3e-3, "Q8_0": 8e-3, "Q5_1": 0.05, "Q5_0": 0.06, "Q4_1": 0.1,
+             "Q4_0": 0.11, "Q6_K": 0.025, "Q5_K": 0.05, "Q4_K": 0.1, "Q3_K": 0.2, "Q2_K": 0.38}
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    rng = np.random.default_rng(99)
+    x = rng.standard_normal((32, 1024)).astype(np.float32)
+    imatrix = (rng.random(1024) ** 4 + 1e-3).astype(np.float32)
+    return x, imatrix
+
+
+def test_every_supported_type_has_a_bound():
+    assert set(RMS_BOUND) == {t.name for t in SUPPORTED_TYPES}
+
+
+@pytest.mark.parametrize("name", sorted(RMS_BOUND))
+def test_round_trip_error(gaussian, name):
+    x, imatrix = gaussian
+    for w in (None, imatrix):
+        y = dequantize(quantize(x, name, w), name, x.shape[1])
+        rel = float(np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x ** 2)))
+        assert rel <= RMS_BOUND[name], (name, w is not None, rel)
+
+
+def test_q8_0_elementwise_bound(gaussian):
+    x, _ = gaussian
+    y = dequantize(quantize(x, "Q8_0"), "Q8_0", x.shape[1])
+    amax = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True)
+    # half a step, plus the fp16 rounding of the scale times the largest level
+    bound = amax / 127 * (0.5 + 127 * 2.0 ** -11) * 1.0001
+    assert (np.abs((y - x).reshape(-1, 32)) <= bound).all()
+
+
+@pytest.mark.parametrize("name,levels", [("Q4_0", 16), ("Q4_1", 15), ("Q5_0", 32), ("Q5_1", 31)])
+def test_legacy_ref_elementwise_bound(gaussian, name, levels):
+    x, _ = gaussian
+    y = dequantize(quantize(x, name), name, x.shape[1])
+    xb = x.reshape(-1, 32)
+    span = xb.max(1, keepdims=True) - xb.min(1, keepdims=True) if name.endswith("_1") \
+        else 2 * np.abs(xb).max(1, keepdims=True)
+    # within one quantization step (rounding, clamping of the far end, fp16 scale/min)
+    assert (np.abs((y - x).reshape(-1, 32)) <= span / levels * 1.01).all()
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_importance_path_lowers_weighted_error(gaussian, name):
+    x, imatrix = gaussian
+    n = x.shape[1]
+
+    def werr(q):
+        return float(((dequantize(q, name, n) - x) ** 2 * imatrix).sum())
+
+    assert werr(quantize(x, name, imatrix)) < 0.97 * werr(quantize(x, name))
+
+
+# --- live llama.cpp
+def _imatrices(n, rng):
+    sparse = (rng.random(n) ** 2).astype(np.float32)
+    sparse[::5] = 0
+    return {"none": None, "random": (rng.random(n) ** 4).astype(np.float32), "sparse": sparse,
+            "zeros": np.zeros(n, np.float32), "huge": np.full(n, 1e20, np.float32)}
+
+
+@pytest.mark.parametrize("n_per_row", [96, 256, 576])
+@pytest.mark.parametrize("name", LEGACY)
+def test_against_live_llama_cpp(name, n_per_row):
+    from llama_oracle import adversarial_rows, first_diff_block, oracle_or_skip
+
+    ggml = oracle_or_skip()
+    rng = np.random.default_rng(1000 + n_per_row)
+    x = np.concatenate([
+        adversarial_rows(n_per_row, rng),
+        rng.standard_normal((24, n_per_row)).astype(np.float32),
+        (rng.standard_t(2.0, (8, n_per_row)) * rng.choice([1e-6, 1e-3, 1.0, 1e3], (8, 1))).astype(np.float32),
+        (rng.standard_normal((4, n_per_row)) * 1e-39).astype(np.float32),  # subnormal inputs: 1/d overflows
+    ])
+    bb = GGMLType[name].type_size
+    for label, w in _imatrices(n_per_row, rng).items():
+        ours = quantize(x, name, w)
+        ref = ggml.quantize(name, x, w)
+        diff = first_diff_block(ours, ref, bb)
+        assert diff is None, f"{name} n={n_per_row} imatrix={label}: first differing (row, block) {diff}"
