@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import policy as P
-from .errors import ImatrixError, PolicyError
+from .errors import ImatrixError, PolicyError, QuantError
 from .gguf.constants import GGML_QUANTIZATION_VERSION, KEY_FILE_TYPE, KEY_QUANTIZATION_VERSION, GGMLType
 from .gguf.values import KV, kv_bool, kv_f32, kv_str, kv_u32
 from .imatrix_file import Imatrix
@@ -332,7 +332,12 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
             t1 = time.perf_counter()
             src = plan.sources[tp.name]
             acc = _StatAcc() if stats and tp.converts else None
-            w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress))
+            try:
+                w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress))
+            except QuantError as e:
+                if tp.name in str(e):
+                    raise
+                raise QuantError(f"tensor {tp.name} ({tp.src_type.name} -> {tp.new_type.name}): {e}") from None
             r = TensorResult(tp.name, tp.shape, tp.src_type, tp.new_type, tp.src_nbytes, tp.new_nbytes,
                              time.perf_counter() - t1)
             if acc is not None:
