@@ -282,12 +282,14 @@ class GGUFWriter:
         end = 0
         for p in self._pending:
             off = _pad(end, align) if p.offset is None else int(p.offset)
-            if off % align:
+            if off < 0 or off % align:
                 raise GGUFError(f"tensor {p.name!r}: offset {off} is not a multiple of the alignment {align}")
-            if off < end:
-                raise GGUFError(f"tensor {p.name!r}: offset {off} overlaps the previous tensor (ends at {end})")
             infos.append(TensorInfo(p.name, p.shape, p.type, off, p.nbytes, p.n_elements))
-            end = off + p.nbytes
+            end = max(end, off + p.nbytes)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in infos if t.nbytes)
+        for (_, end0, name0), (start1, _, name1) in zip(spans, spans[1:]):
+            if start1 < end0:
+                raise GGUFError(f"tensor {name1!r} (offset {start1}) overlaps tensor {name0!r} (ends at {end0})")
         parts = [GGUF_MAGIC, _U32.pack(self.version), _U64.pack(len(infos)), _U64.pack(len(self._kvs))]
         parts.extend(encode_kv(kv) for kv in self._kvs)
         # info_offset: where each record starts in the file
