@@ -67,7 +67,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each gguftool command (best is kept)")
-    ap.add_argument("--dump-repeat", type=int, default=1, help="runs of gguf-dump (slow)")
+    ap.add_argument("--dump-repeat", type=int, default=1, help="runs of gguf-dump (slow; 0 skips it)")
     args = ap.parse_args()
     gguftool = [sys.executable, "-m", "gguftool.cli"] if shutil.which("gguftool") is None else ["gguftool"]
     dump = shutil.which("gguf-dump")
@@ -79,10 +79,10 @@ def main() -> int:
         for f in files:
             print(f"{f.name} ({os.path.getsize(f):,} bytes)")
             ref = None
-            if dump:
+            if dump and args.dump_repeat > 0:
                 ref = best([dump, "--no-tensors", str(f)], args.dump_repeat)
                 print(f"  {'gguf-dump --no-tensors':<34} wall {ref[0]:7.3f} s   cpu {ref[1]:7.3f} s")
-            else:
+            elif not dump:
                 print("  gguf-dump not found (pip install gguf)")
             for extra in (["--no-tensors"], [], ["--json"], ["--json", "--full"]):
                 wall, cpu = best(gguftool + ["inspect", *extra, str(f)], args.repeat)

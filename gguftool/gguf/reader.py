@@ -73,6 +73,20 @@ _MIN_KV_BYTES = 8 + 1 + 4 + 1      # key length, 1-byte key, value type, 1-byte 
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length (empty name), n_dims = 0, type, offset
 
 
+# GGUF spec (docs/gguf.md): keys are at most 2^16-1 bytes; llama.cpp allows tensor names of 63 bytes, we are
+# lenient up to the key limit. Both caps keep a corrupted length from costing a huge allocation.
+MAX_KEY_LENGTH = 65535
+MAX_NAME_LENGTH = 65535
+
+
+class _Lazy:
+    """A string or array found by the first (validating) pass, decoded only once the whole header is valid."""
+    __slots__ = ("vtype", "pos", "n", "etype", "items")
+
+    def __init__(self, vtype, pos, n, etype=None, items=None):
+        self.vtype, self.pos, self.n, self.etype, self.items = vtype, pos, n, etype, items
+
+
 # --- public data classes
 @dataclass(frozen=True)
 class TensorInfo:
@@ -198,14 +212,20 @@ class GGUFReader:
         self._need(pos, 8, what)
         return _U64.unpack_from(self._buf, pos)[0]
 
-    def _string(self, pos: int, what: str) -> tuple[str, int]:
+    def _string_span(self, pos: int, what: str, limit: int | None = None) -> tuple[int, int]:
+        """(start, length) of the string at pos, checked against the bytes left (and ``limit``)."""
         n = self._u64(pos, f"length of {what}")
         pos += 8
+        if limit is not None and n > limit:
+            raise self._error(pos - 8, f"{what} has length {n}, more than the {limit} bytes allowed")
         if n > self.file_size - pos:
             raise self._error(pos - 8, f"{what} has length {n} but only {self.file_size - pos} bytes are left "
                                        f"in the file")
-        raw = self._buf[pos:pos + n]
-        return _decode(raw), pos + n
+        return pos, n
+
+    def _string(self, pos: int, what: str, limit: int | None = None) -> tuple[str, int]:
+        start, n = self._string_span(pos, what, limit)
+        return _decode(self._buf[start:start + n]), start + n
 
     # --- header
     def _parse(self) -> None:
@@ -240,7 +260,7 @@ class GGUFReader:
         seen: set[str] = set()
         for i in range(n_kv):
             start = pos
-            key, pos = self._string(pos, f"key of KV pair {i}")
+            key, pos = self._string(pos, f"key of KV pair {i}", MAX_KEY_LENGTH)
             if not key:
                 raise self._error(start, f"KV pair {i} has an empty key")
             if key in seen:
@@ -253,20 +273,18 @@ class GGUFReader:
             if vtype is None:
                 raise self._error(tpos, f"key {key!r} has unknown value type {type_id}")
             value, pos = self._value(pos, vtype, key)
-            kvs.append(KV(key, vtype, value))
+            kvs.append((key, vtype, value))
             kv_offsets.append(start)
-        self.kvs = kvs
         self.kv_offsets = kv_offsets
-        self._kv_index = {kv.key: n for n, kv in enumerate(kvs)}
+        self._kv_index = {kv[0]: n for n, kv in enumerate(kvs)}
 
         # --- alignment
         alignment = GGUF_DEFAULT_ALIGNMENT
         if KEY_ALIGNMENT in self._kv_index:
             n = self._kv_index[KEY_ALIGNMENT]
-            kv = kvs[n]
-            if kv.type != GGUFValueType.UINT32:
-                raise self._error(kv_offsets[n], f"{KEY_ALIGNMENT} must be of type UINT32, not {kv.type.name}")
-            alignment = kv.value
+            _, vtype, alignment = kvs[n]
+            if vtype != GGUFValueType.UINT32:
+                raise self._error(kv_offsets[n], f"{KEY_ALIGNMENT} must be of type UINT32, not {vtype.name}")
             if alignment == 0 or alignment & (alignment - 1):
                 raise self._error(kv_offsets[n], f"{KEY_ALIGNMENT} = {alignment} is not a power of two")
         self.alignment = alignment
@@ -282,10 +300,14 @@ class GGUFReader:
         self.header_end = pos  # end of the last tensor info, before the padding
         self.data_offset = _pad(pos, alignment)
         self._check_tensor_data()
+        # Only now, with the whole header known to be consistent, are strings decoded and arrays copied: a
+        # corrupted length can no longer make us allocate the rest of a multi-GB file.
+        self.kvs = [KV(key, vtype, self._resolve(value)) for key, vtype, value in kvs]
 
     def _value(self, pos: int, vtype: GGUFValueType, key: str, depth: int = 0) -> tuple[Any, int]:
         if vtype == GGUFValueType.STRING:
-            return self._string(pos, f"string value of key {key!r}")
+            start, n = self._string_span(pos, f"string value of key {key!r}")
+            return _Lazy(GGUFValueType.STRING, start, n), start + n
         if vtype == GGUFValueType.ARRAY:
             return self._array(pos, key, depth)
         st = _SCALAR_STRUCTS[vtype]
@@ -295,7 +317,7 @@ class GGUFReader:
             value = bool(value)
         return value, pos + st.size
 
-    def _array(self, pos: int, key: str, depth: int) -> tuple[GGUFArray, int]:
+    def _array(self, pos: int, key: str, depth: int) -> tuple["_Lazy", int]:
         start = pos
         type_id = self._i32(pos, f"array element type of key {key!r}")
         etype = _VALUE_TYPE_IDS.get(type_id)
@@ -314,8 +336,8 @@ class GGUFReader:
             raise self._error(start + 4, f"array of key {key!r} claims {n} {etype.name} elements but only "
                                          f"{left} bytes are left in the file")
         if etype == GGUFValueType.STRING:
-            values, pos = self._string_array(pos, n, key)
-            return GGUFArray(etype, values), pos
+            end = self._skip_strings(pos, n, key)
+            return _Lazy(GGUFValueType.ARRAY, pos, n, etype), end
         if etype == GGUFValueType.ARRAY:
             if depth >= 64:
                 raise self._error(start, f"arrays of key {key!r} are nested more than 64 deep")
@@ -324,21 +346,15 @@ class GGUFReader:
                 # each element is itself an array header (element type + count) followed by its elements
                 item, pos = self._array(pos, key, depth + 1)
                 items.append(item)
-            return GGUFArray(etype, items), pos
-        size = min_size * n
-        if etype == GGUFValueType.BOOL:
-            values = np.frombuffer(self._buf, dtype=np.bool_, count=n, offset=pos).copy()
-        else:
-            values = np.frombuffer(self._buf, dtype=VALUE_DTYPES[etype], count=n, offset=pos).copy()
-        return GGUFArray(etype, values), pos + size
+            return _Lazy(GGUFValueType.ARRAY, start + 12, n, etype, items), pos
+        return _Lazy(GGUFValueType.ARRAY, pos, n, etype), pos + min_size * n
 
-    def _string_array(self, pos: int, n: int, key: str) -> tuple[list[str], int]:
-        # The hot path of big vocabularies (262,144 tokens): a tight loop over the length prefixes, one
-        # bytes slice + decode per string, no per-element numpy objects.
+    def _skip_strings(self, pos: int, n: int, key: str) -> int:
+        # The hot path of big vocabularies (262,144 tokens): a tight loop over the length prefixes only.
         buf = self._buf
         end = self.file_size
         unpack = _U64.unpack_from
-        out: list[str] = [""] * n
+        i = 0
         try:
             for i in range(n):
                 ln = unpack(buf, pos)[0]
@@ -346,16 +362,38 @@ class GGUFReader:
                 if ln > end - pos:
                     raise self._error(pos - 8, f"string {i} of array {key!r} has length {ln} but only "
                                                f"{end - pos} bytes are left in the file")
-                out[i] = buf[pos:pos + ln].decode("utf-8", "surrogateescape")
                 pos += ln
         except struct.error:
             raise self._error(pos, f"string {i} of array {key!r}: length needs 8 bytes but only "
                                    f"{end - pos} are left in the file (truncated?)") from None
-        return out, pos
+        return pos
+
+    def _resolve(self, value: Any) -> Any:
+        """Turn a deferred string / array (validated by the first pass) into its final value."""
+        if not isinstance(value, _Lazy):
+            return value
+        buf = self._buf
+        if value.vtype == GGUFValueType.STRING:
+            return _decode(buf[value.pos:value.pos + value.n])
+        et = value.etype
+        if et == GGUFValueType.ARRAY:
+            return GGUFArray(et, [self._resolve(v) for v in value.items])
+        if et == GGUFValueType.STRING:
+            unpack = _U64.unpack_from
+            out: list[str] = [""] * value.n
+            pos = value.pos
+            for i in range(value.n):
+                ln = unpack(buf, pos)[0]
+                pos += 8
+                out[i] = buf[pos:pos + ln].decode("utf-8", "surrogateescape")
+                pos += ln
+            return GGUFArray(et, out)
+        dtype = np.bool_ if et == GGUFValueType.BOOL else VALUE_DTYPES[et]
+        return GGUFArray(et, np.frombuffer(buf, dtype=dtype, count=value.n, offset=value.pos).copy())
 
     def _tensor_info(self, pos: int, i: int, names: set[str]) -> tuple[TensorInfo, int]:
         start = pos
-        name, pos = self._string(pos, f"name of tensor {i}")
+        name, pos = self._string(pos, f"name of tensor {i}", MAX_NAME_LENGTH)
         if name in names:
             raise self._error(start, f"duplicate tensor name {name!r} (tensor {i})")
         names.add(name)
