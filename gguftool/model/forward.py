@@ -1,0 +1,509 @@
+"""A float32 numpy forward pass of llama-family decoders, the same computation llama.cpp's CPU graph does.
+
+Used by ``gguftool imatrix``: every matrix multiplication reports its input to a hook before it runs, so the
+importance matrix can accumulate the per-column sums of squares llama-imatrix collects.
+
+Architectures: ``llama`` (and ``mistral``), ``qwen2`` (Q/K/V biases), ``qwen3`` (per-head Q/K RMSNorm) and
+``gemma3`` (scaled embeddings, pre/post norms, GELU gate, alternating sliding-window / global layers).
+
+Numerics follow ggml's CPU kernels where it matters for agreement with llama-imatrix:
+- RMSNorm sums squares in double and scales by ``1/sqrtf(mean + eps)`` in float (ggml_compute_forward_rms_norm_f32);
+- RoPE angles are built in float by repeated multiplication with ``powf(base, -2/n_dims)``
+  (ggml_rope_cache_init), "normal" mode rotates adjacent pairs (llama), NEOX mode the two halves (qwen, gemma);
+- the KV cache holds K and V as float16 (llama.cpp's default cache type), so K (after RoPE) and V are rounded to
+  float16 before attention (``kv_f16``); Q stays float32 as in ggml's tiled flash-attention kernel;
+- gemma's GELU goes through ggml's float16 lookup table (input and output rounded to float16).
+Matrix products are float32 BLAS (numpy), threads set with ``set_num_threads``.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import ImatrixError
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+# hook(weight_names, x): x is the (n_tokens, n_in) float32 input of a matmul by each of the named weights
+Hook = Callable[[Sequence[str], np.ndarray], None]
+
+
+# --- BLAS threads
+def set_num_threads(n: int) -> bool:
+    """Set the thread count of the BLAS library numpy uses (OpenBLAS or MKL). True when it could be set."""
+    names = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads_64_",
+             "scipy_openblas_set_num_threads", "openblas_set_num_threads64_", "openblas_set_num_threads",
+             "MKL_Set_Num_Threads")
+    libs = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if "/" in line else ""
+                if path.endswith(".so") or ".so." in path:
+                    low = path.lower()
+                    if "blas" in low or "mkl" in low:
+                        libs.add(path)
+    except OSError:
+        return False
+    done = False
+    for path in sorted(libs):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in names:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(int(n))
+                done = True
+                break
+    return done
+
+
+# --- configuration
+@dataclass
+class ModelConfig:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int             # per-head width of Q and K
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    rms_eps: float
+    rope_dims: int
+    rope_neox: bool
+    rope_base: float
+    rope_freq_scale: float = 1.0
+    rope_base_swa: float = 10000.0
+    attn_scale: float = 0.0   # 0: 1/sqrt(head_dim)
+    n_swa: int = 0            # sliding window (gemma3), 0: none
+    swa_layers: list = field(default_factory=list)
+    final_softcap: float = 0.0
+
+    @classmethod
+    def from_metadata(cls, meta, n_vocab: int | None = None) -> "ModelConfig":
+        """From GGUF metadata (``meta.get(key, default)``, a TensorSource works)."""
+        arch = meta.get("general.architecture")
+        if arch is None:
+            raise ImatrixError("the model has no general.architecture key")
+        if arch not in SUPPORTED_ARCHS:
+            raise ImatrixError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+        def key(name, default=None, required=False):
+            v = meta.get(f"{arch}.{name}", default)
+            if v is None and required:
+                raise ImatrixError(f"the model is missing the metadata key {arch}.{name}")
+            if hasattr(v, "values") and not isinstance(v, (int, float, str)):
+                v = v.values
+                if len(v) and all(int(x) == int(v[0]) for x in v):
+                    v = v[0]
+                else:
+                    raise ImatrixError(f"per-layer values of {arch}.{name} are not supported")
+            return v
+
+        n_layer = int(key("block_count", required=True))
+        n_embd = int(key("embedding_length", required=True))
+        n_head = int(key("attention.head_count", required=True))
+        n_head_kv = int(key("attention.head_count_kv", n_head))
+        head_dim = int(key("attention.key_length", n_embd // n_head))
+        head_dim_v = int(key("attention.value_length", head_dim))
+        n_ff = int(key("feed_forward_length", required=True))
+        eps = float(key("attention.layer_norm_rms_epsilon", required=True))
+        rope_dims = int(key("rope.dimension_count", head_dim))
+        base = float(key("rope.freq_base", 10000.0))
+        scaling = meta.get(f"{arch}.rope.scaling.type", None)
+        factor = key("rope.scaling.factor", None)
+        freq_scale = 1.0
+        if scaling in (None, "none"):
+            if scaling is None and key("rope.scale_linear", None):
+                freq_scale = 1.0 / float(key("rope.scale_linear"))
+        elif scaling == "linear":
+            if factor:
+                freq_scale = 1.0 / float(factor)
+        else:
+            raise ImatrixError(f"unsupported RoPE scaling {scaling!r} ({arch}.rope.scaling.type)")
+        neox = arch in ("qwen2", "qwen3", "gemma3")
+        cfg = cls(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+                  head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=int(n_vocab or key("vocab_size", 0) or 0),
+                  rms_eps=eps, rope_dims=rope_dims, rope_neox=neox, rope_base=base, rope_freq_scale=freq_scale)
+        if arch == "gemma3":
+            n_swa = int(key("attention.sliding_window", 0) or 0)
+            if n_swa > 0:
+                cfg.n_swa = n_swa
+                cfg.swa_layers = [il % 6 < 5 for il in range(n_layer)]
+                cfg.rope_base_swa = float(key("rope.freq_base_swa", 10000.0))
+            cfg.final_softcap = float(key("final_logit_softcapping", 0.0) or 0.0)
+            if n_layer == 62:   # gemma3 27B scales by the model width per head
+                cfg.attn_scale = 1.0 / math.sqrt(float(n_embd // n_head))
+            else:
+                cfg.attn_scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
+        if n_head % n_head_kv:
+            raise ImatrixError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+        return cfg
+
+
+# --- numerics
+def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
+    """ggml_rms_norm (double sum of squares, float scale) followed by the weight multiply."""
+    x64 = x.astype(np.float64)
+    mean = (np.einsum("...i,...i->...", x64, x64) / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+    y = x * scale[..., None]
+    if w is not None:
+        y *= w
+    return y
+
+
+def rope_cache(n_pos: int, n_dims: int, base: float, freq_scale: float,
+               freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (n_pos, n_dims/2) built as ggml_rope_cache_init does (float32 angle recurrence)."""
+    theta_scale = np.float32(math.pow(np.float32(base), -2.0 / n_dims))
+    half = n_dims // 2
+    theta = np.empty((n_pos, half), dtype=np.float32)
+    theta[:, 0] = np.arange(n_pos, dtype=np.float32)
+    for i in range(1, half):
+        theta[:, i] = theta[:, i - 1] * theta_scale
+    if freq_factors is not None:
+        theta = theta / freq_factors[:half].astype(np.float32)
+    theta = theta * np.float32(freq_scale)
+    t64 = theta.astype(np.float64)
+    return np.cos(t64).astype(np.float32), np.sin(t64).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, c: np.ndarray, s: np.ndarray, n_dims: int, neox: bool) -> np.ndarray:
+    """x: (..., H, D); c/s: cos/sin broadcastable to (..., H, n_dims/2). Rotates the first n_dims of each head."""
+    out = x.copy()
+    if neox:
+        half = n_dims // 2
+        x0 = x[..., :half]
+        x1 = x[..., half:n_dims]
+        out[..., :half] = x0 * c - x1 * s
+        out[..., half:n_dims] = x0 * s + x1 * c
+    else:
+        x0 = x[..., 0:n_dims:2]
+        x1 = x[..., 1:n_dims:2]
+        out[..., 0:n_dims:2] = x0 * c - x1 * s
+        out[..., 1:n_dims:2] = x0 * s + x1 * c
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def gelu_f16_table(x: np.ndarray) -> np.ndarray:
+    """ggml's GELU (tanh form) through its float16 table: input and result rounded to float16 for |x| < 10."""
+    xh = x.astype(np.float16).astype(np.float32)
+    a = np.float32(0.7978845608028654)
+    b = np.float32(0.044715)
+    g = np.float32(0.5) * xh * (np.float32(1.0) + np.tanh(a * xh * (np.float32(1.0) + b * xh * xh)))
+    g = g.astype(np.float16).astype(np.float32)
+    g = np.where(x <= -10.0, np.float32(0.0), np.where(x >= 10.0, x, g))
+    return g.astype(np.float32)
+
+
+# --- model
+class Model:
+    """Weights (float32) and the forward pass. Build with ``Model.from_source(source)``."""
+
+    query_block = 128   # attention rows computed at once
+
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], kv_f16: bool = True,
+                 n_threads: int = 1):
+        self.cfg = config
+        self.n_threads = 1
+        self._pool = None
+        self.set_threads(n_threads)
+        self.w = weights
+        self.kv_f16 = kv_f16
+        self._rope: dict = {}
+        self._check()
+
+    # required tensors per layer, by architecture
+    def _layer_names(self, il: int) -> list[str]:
+        p = f"blk.{il}."
+        names = [p + "attn_norm.weight", p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight",
+                 p + "attn_output.weight", p + "ffn_norm.weight", p + "ffn_gate.weight", p + "ffn_up.weight",
+                 p + "ffn_down.weight"]
+        if self.cfg.arch in ("qwen3", "gemma3"):
+            names += [p + "attn_q_norm.weight", p + "attn_k_norm.weight"]
+        if self.cfg.arch == "gemma3":
+            names += [p + "post_attention_norm.weight", p + "post_ffw_norm.weight"]
+        return names
+
+    def _check(self) -> None:
+        cfg = self.cfg
+        need = ["token_embd.weight", "output_norm.weight"]
+        for il in range(cfg.n_layer):
+            need += self._layer_names(il)
+        missing = [n for n in need if n not in self.w]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ImatrixError(f"the model is missing tensor {missing[0]}{more}")
+        emb = self.w["token_embd.weight"]
+        if emb.ndim != 2 or emb.shape[1] != cfg.n_embd:
+            raise ImatrixError(f"tensor token_embd.weight has shape {emb.shape[::-1]}, expected ({cfg.n_embd}, n_vocab)")
+        if not cfg.n_vocab:
+            cfg.n_vocab = emb.shape[0]
+        expect = {
+            "attn_q.weight": (cfg.n_head * cfg.head_dim, cfg.n_embd),
+            "attn_k.weight": (cfg.n_head_kv * cfg.head_dim, cfg.n_embd),
+            "attn_v.weight": (cfg.n_head_kv * cfg.head_dim_v, cfg.n_embd),
+            "attn_output.weight": (cfg.n_embd, cfg.n_head * cfg.head_dim_v),
+            "ffn_gate.weight": (cfg.n_ff, cfg.n_embd),
+            "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
+            "ffn_down.weight": (cfg.n_embd, cfg.n_ff),
+        }
+        for il in range(cfg.n_layer):
+            for suffix, shape in expect.items():
+                name = f"blk.{il}.{suffix}"
+                if self.w[name].shape != shape:
+                    raise ImatrixError(f"tensor {name} has shape {self.w[name].shape[::-1]}, "
+                                       f"expected {shape[::-1]}")
+
+    @classmethod
+    def from_source(cls, source, kv_f16: bool = True, n_threads: int = 1) -> "Model":
+        """Dequantize every tensor of a TensorSource to float32 (held once: memory ~ the model's F32 size)."""
+        cfg = ModelConfig.from_metadata(source)
+        weights: dict[str, np.ndarray] = {}
+        for t in source.tensors:
+            a = t.read_f32()
+            if len(t.shape) == 1:
+                a = a.reshape(-1)
+            elif len(t.shape) > 2:
+                raise ImatrixError(f"tensor {t.name} has {len(t.shape)} dimensions; expert (MoE) models are not "
+                                   "supported")
+            weights[t.name] = np.ascontiguousarray(a, dtype=np.float32)
+        return cls(cfg, weights, kv_f16=kv_f16, n_threads=n_threads)
+
+    @property
+    def output_name(self) -> str:
+        """The weight the logits are computed with ('output.weight', or 'token_embd.weight' when tied)."""
+        return "output.weight" if "output.weight" in self.w else "token_embd.weight"
+
+    def weight_names(self) -> list[str]:
+        """Names of the matmul weights a forward pass reports to the hook, in order."""
+        names = []
+        for il in range(self.cfg.n_layer):
+            p = f"blk.{il}."
+            names += [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight", p + "attn_output.weight",
+                      p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
+        names.append(self.output_name)
+        return names
+
+    def _rope_tables(self, n_pos: int, il: int):
+        cfg = self.cfg
+        swa = bool(cfg.swa_layers) and cfg.swa_layers[il]
+        base = cfg.rope_base_swa if swa else cfg.rope_base
+        fs = 1.0 if swa else cfg.rope_freq_scale
+        ff = self.w.get("rope_freqs.weight")
+        key = (n_pos, base, fs, ff is not None)
+        tab = self._rope.get(key)
+        if tab is None:
+            tab = rope_cache(n_pos, cfg.rope_dims, base, fs, ff)
+            self._rope[key] = tab
+        return tab
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        y = x @ self.w[name].T
+        b = self.w.get(name[:-len("weight")] + "bias")
+        if b is not None:
+            y += b
+        return y
+
+    def _mask(self, T: int, il: int) -> np.ndarray:
+        """Additive (T, T) mask: -inf above the diagonal (and outside the sliding window on SWA layers)."""
+        cfg = self.cfg
+        swa = bool(cfg.n_swa and cfg.swa_layers and cfg.swa_layers[il])
+        key = ("mask", T, swa)
+        m = self._rope.get(key)
+        if m is None:
+            pos = np.arange(T)
+            masked = pos[None, :] > pos[:, None]
+            if swa:
+                masked |= (pos[:, None] - pos[None, :]) >= cfg.n_swa
+            m = np.where(masked, np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
+            self._rope[key] = m
+        return m
+
+    # --- threading: BLAS runs single-threaded, work is split over rows / heads on a thread pool
+    # (numpy releases the GIL in matmul and ufuncs; OpenBLAS's own threads fare badly on small products)
+    def set_threads(self, n: int) -> None:
+        n = max(1, int(n))
+        if n != self.n_threads:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = ThreadPoolExecutor(n) if n > 1 else None
+            self.n_threads = n
+        set_num_threads(1)
+
+    def map_jobs(self, fn, jobs) -> list:
+        """Run fn(job) for every job, on the pool when there is one; results in order."""
+        jobs = list(jobs)
+        if self._pool is None or len(jobs) < 2:
+            return [fn(j) for j in jobs]
+        return list(self._pool.map(fn, jobs))
+
+    def row_ranges(self, n: int, min_rows: int = 16) -> list[tuple[int, int]]:
+        parts = max(1, min(self.n_threads, n // min_rows))
+        step = -(-n // parts)
+        return [(r, min(n, r + step)) for r in range(0, n, step)]
+
+    def _attention(self, q, k, v, il: int, out: np.ndarray) -> None:
+        """q: (B,T,H,D) k: (B,T,Hkv,D) v: (B,T,Hkv,Dv) -> out (B,T,Hkv,G,Dv), causal (and sliding-window) softmax."""
+        cfg = self.cfg
+        B, T, H, D = q.shape
+        Hkv = cfg.n_head_kv
+        G = H // Hkv
+        Dv = v.shape[-1]
+        scale = np.float32(cfg.attn_scale) if cfg.attn_scale else np.float32(1.0) / np.sqrt(np.float32(D))
+        if cfg.arch == "gemma3":
+            q = q * scale      # gemma scales Q before attention, then attends with scale 1
+            scale = np.float32(1.0)
+        # heads h = kv*G + g share kv head kv (ggml broadcasts K/V over the query heads the same way);
+        # per (sequence, kv head) the G query heads of a position are adjacent rows of one 2-D product
+        qh = np.ascontiguousarray(q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4))   # (B, Hkv, T, G, D)
+        kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))                               # (B, Hkv, T, D)
+        vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))                               # (B, Hkv, T, Dv)
+        mask = self._mask(T, il)
+        qb = min(T, self.query_block)
+        # keys after a block's last query are masked anyway, so they are never computed
+        jobs = [(b, kv, q0, min(T, q0 + qb)) for b in range(B) for kv in range(Hkv) for q0 in range(0, T, qb)]
+
+        def run(job):
+            b, kv, q0, q1 = job
+            s = qh[b, kv, q0:q1].reshape(-1, D) @ kh[b, kv, :q1].T     # ((q1-q0)*G, q1)
+            if scale != 1.0:
+                s *= scale
+            s = s.reshape(q1 - q0, G, q1)
+            s += mask[q0:q1, None, :q1]
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True, dtype=np.float32)
+            out[b, q0:q1, kv] = (s.reshape(-1, q1) @ vh[b, kv, :q1]).reshape(q1 - q0, G, Dv)
+
+        self.map_jobs(run, jobs)
+
+    def forward(self, tokens: np.ndarray, hook: Hook | None = None, logits_from: int = 0,
+                logits_to: int | None = None, process_output: bool = False) -> np.ndarray:
+        """Evaluate ``tokens`` (B, T): B independent sequences at positions 0..T-1.
+
+        Returns logits (B, logits_to - logits_from, n_vocab) for those positions (float32). ``hook`` receives every
+        matmul input of a ``blk.*`` weight, and of the output weight when ``process_output``.
+        """
+        cfg = self.cfg
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None, :]
+        B, T = tokens.shape
+        N = B * T
+        if logits_to is None:
+            logits_to = T
+        emb = self.w["token_embd.weight"]
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= emb.shape[0]):
+            raise ImatrixError(f"token id out of range 0..{emb.shape[0] - 1}")
+        x = emb[tokens.reshape(-1)].astype(np.float32)       # (N, n_embd)
+        if cfg.arch == "gemma3":
+            x *= np.float32(math.sqrt(cfg.n_embd))
+        H, Hkv, D, Dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
+        G = H // Hkv
+        gemma = cfg.arch == "gemma3"
+        pos = np.tile(np.arange(T), B)
+        w = self.w
+        ranges = self.row_ranges(N)
+        h = np.empty((N, cfg.n_embd), dtype=np.float32)
+        q = np.empty((N, H, D), dtype=np.float32)
+        k = np.empty((N, Hkv, D), dtype=np.float32)
+        v = np.empty((N, Hkv, Dv), dtype=np.float32)
+        o = np.empty((B, T, Hkv, G, Dv), dtype=np.float32)
+        m = np.empty((N, cfg.n_ff), dtype=np.float32)
+        for il in range(cfg.n_layer):
+            p = f"blk.{il}."
+            cos, sin = self._rope_tables(T, il)
+            qn = w.get(p + "attn_q_norm.weight")
+            kn = w.get(p + "attn_k_norm.weight")
+
+            def stage_a(r):
+                r0, r1 = r
+                hh = rms_norm(x[r0:r1], w[p + "attn_norm.weight"], cfg.rms_eps)
+                h[r0:r1] = hh
+                qq = self._linear(hh, p + "attn_q.weight").reshape(-1, H, D)
+                kk = self._linear(hh, p + "attn_k.weight").reshape(-1, Hkv, D)
+                vv = self._linear(hh, p + "attn_v.weight").reshape(-1, Hkv, Dv)
+                if qn is not None:
+                    qq = rms_norm(qq, qn, cfg.rms_eps)
+                    kk = rms_norm(kk, kn, cfg.rms_eps)
+                c = cos[pos[r0:r1]][:, None, :]
+                s_ = sin[pos[r0:r1]][:, None, :]
+                q[r0:r1] = apply_rope(qq, c, s_, cfg.rope_dims, cfg.rope_neox)
+                kk = apply_rope(kk, c, s_, cfg.rope_dims, cfg.rope_neox)
+                if self.kv_f16:   # llama.cpp's KV cache is float16
+                    kk = kk.astype(np.float16).astype(np.float32)
+                    vv = vv.astype(np.float16).astype(np.float32)
+                k[r0:r1] = kk
+                v[r0:r1] = vv
+
+            self.map_jobs(stage_a, ranges)
+            if hook is not None:
+                hook((p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"), h)
+            self._attention(q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, Dv), il, o)
+            a_in = o.reshape(N, H * Dv)
+            if hook is not None:
+                hook((p + "attn_output.weight",), a_in)
+
+            def stage_c(r):
+                r0, r1 = r
+                aa = self._linear(a_in[r0:r1], p + "attn_output.weight")
+                if gemma:
+                    aa = rms_norm(aa, w[p + "post_attention_norm.weight"], cfg.rms_eps)
+                xx = x[r0:r1] + aa
+                x[r0:r1] = xx
+                hh = rms_norm(xx, w[p + "ffn_norm.weight"], cfg.rms_eps)
+                h[r0:r1] = hh
+                g = self._linear(hh, p + "ffn_gate.weight")
+                u = self._linear(hh, p + "ffn_up.weight")
+                m[r0:r1] = (gelu_f16_table(g) if gemma else silu(g)) * u
+
+            self.map_jobs(stage_c, ranges)
+            if hook is not None:
+                hook((p + "ffn_gate.weight", p + "ffn_up.weight"), h)
+                hook((p + "ffn_down.weight",), m)
+
+            def stage_d(r):
+                r0, r1 = r
+                f = self._linear(m[r0:r1], p + "ffn_down.weight")
+                if gemma:
+                    f = rms_norm(f, w[p + "post_ffw_norm.weight"], cfg.rms_eps)
+                x[r0:r1] += f
+
+            self.map_jobs(stage_d, ranges)
+
+        def final_norm(r):
+            r0, r1 = r
+            x[r0:r1] = rms_norm(x[r0:r1], w["output_norm.weight"], cfg.rms_eps)
+
+        self.map_jobs(final_norm, ranges)
+        if hook is not None and process_output:
+            hook((self.output_name,), x)
+        sel = np.ascontiguousarray(x.reshape(B, T, cfg.n_embd)[:, logits_from:logits_to].reshape(-1, cfg.n_embd))
+        n_sel = sel.shape[0]
+        logits = np.empty((n_sel, w[self.output_name].shape[0]), dtype=np.float32)
+
+        def out_rows(r):
+            r0, r1 = r
+            lg = sel[r0:r1] @ w[self.output_name].T
+            if cfg.final_softcap:
+                c = np.float32(cfg.final_softcap)
+                lg = np.tanh(lg / c) * c
+            logits[r0:r1] = lg
+
+        self.map_jobs(out_rows, self.row_ranges(n_sel, 1))
+        return logits.reshape(B, logits_to - logits_from, -1)
