@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.common import fp16_bits_to_fp32, fp32_to_fp16_bits
-from gguftool.quants.search_symmetric import GROUP_MAX_EPS, make_qx_quants, nearest_int_c
+from gguftool.quants.search_symmetric import NT, GROUP_MAX_EPS, make_qx_quants_w, nearest_int_c
 
 GGML_TYPE = GGMLType.Q6_K
 USES_IMATRIX = True
@@ -36,17 +36,23 @@ _OFF_D = 208
 
 # --- one block
 @njit(cache=True, error_model="numpy")
-def _quantize_block(x, qw, out, L, scales):
-    """quantize_row_q6_K_ref / _impl for one 256-block (qw empty: ref). L int8[256], scales float32[16] scratch."""
+def _quantize_block(x, qw, out, L, scales, w, work):
+    """quantize_row_q6_K_ref / _impl for one 256-block (qw empty: ref).
+
+    Scratch: L int8[256], scales float32[16], w float32[16], work float32[3*NT].
+    """
     max_scale = np.float32(0.0)
     max_abs_scale = np.float32(0.0)
     has_w = qw.size > 0
     for ib in range(16):
         if has_w:
-            scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1,
-                                   qw[16 * ib:16 * ib + 16])
+            for i in range(16):
+                w[i] = qw[16 * ib + i]
         else:
-            scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, qw)
+            for i in range(16):
+                xi = x[16 * ib + i]
+                w[i] = np.float32(xi * xi)
+        scale = make_qx_quants_w(16, 32, x, 16 * ib, L, 16 * ib, w, work)
         scales[ib] = scale
         abs_scale = abs(scale)
         if abs_scale > max_abs_scale:
@@ -96,15 +102,20 @@ def _quantize_block(x, qw, out, L, scales):
 
 
 @njit(cache=True, error_model="numpy")
+def _scratch16():
+    return np.empty(16, np.float32), np.empty(3 * NT, np.float32)
+
+
+@njit(cache=True, error_model="numpy")
 def quantize_ref(x, out, L, scales):
     """quantize_row_q6_K_ref for one block: x float32[256] -> out uint8[210]."""
-    _quantize_block(x, np.empty(0, np.float32), out, L, scales)
+    _quantize_block(x, np.empty(0, np.float32), out, L, scales, *_scratch16())
 
 
 @njit(cache=True, error_model="numpy")
 def quantize_impl(x, qw, out, L, scales):
     """quantize_row_q6_K_impl for one block with the block's 256 importance weights qw."""
-    _quantize_block(x, qw, out, L, scales)
+    _quantize_block(x, qw, out, L, scales, *_scratch16())
 
 
 @njit(cache=True, error_model="numpy")
@@ -137,13 +148,15 @@ def quantize_rows(x, imatrix, out):
     for r in prange(nrows):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
+        w = np.empty(16, np.float32)
+        work = np.empty(3 * NT, np.float32)
         for b in range(nb):
             xb = x[r, b * QK_K:(b + 1) * QK_K]
             ob = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
             if use_w:
-                _quantize_block(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales)
+                _quantize_block(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, w, work)
             else:
-                _quantize_block(xb, imatrix[0:0], ob, L, scales)
+                _quantize_block(xb, imatrix[0:0], ob, L, scales, w, work)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
