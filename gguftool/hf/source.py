@@ -67,6 +67,20 @@ class HFTensor(SourceTensor):
         ne0 = self.shape[0]
         return np.ascontiguousarray(a, dtype=np.float32).reshape(-1, ne0)
 
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32 (rows = ggml rows = the HF first dimension of a 2-D tensor).
+
+        Only those rows are read from the memory map, unless the transform moves rows between each other
+        (the Q/K permutation, on small tensors), in which case the whole tensor is transformed first.
+        """
+        if len(self.hf_shape) != 2 or self.transform is not None:
+            return self.read_f32()[start:stop]
+        a = self.st.array()[start:stop]
+        if self.st.dtype == "BF16":
+            from .checkpoint import bf16_to_f32
+            return bf16_to_f32(a)
+        return np.ascontiguousarray(a, dtype=np.float32)
+
     def read_raw(self) -> np.ndarray:
         if self.type == GGMLType.F32:
             return self.read_f32().reshape(-1).view(np.uint8)
@@ -265,7 +279,7 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
         else:
             t = out_type
             if t == GGMLType.BF16 and st.dtype != "BF16":
-                t = GGMLType.BF16  # values are rounded from float32 by the pipeline when it writes BF16
+                raise ConvertError(f"outtype bf16 needs a BF16 checkpoint; tensor {hf_name!r} is {st.dtype}")
         tensors.append(HFTensor(gname, st, t, transform, rows))
 
     missing = [n for n in _required(arch, n_layers) if n not in seen]
