@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.common import fp16_bits_to_fp32, fp32_to_fp16_bits
-from gguftool.quants.search_symmetric import make_q3_quants, make_qx_quants, nearest_int_c
+from gguftool.quants.search_symmetric import NT, make_q3_quants, make_qx_quants, make_qx_quants_w, nearest_int_c
 
 GGML_TYPE = GGMLType.Q3_K
 USES_IMATRIX = True
@@ -116,12 +116,14 @@ def quantize_ref(x, out, L, scales):
 
 
 @njit(cache=True, error_model="numpy")
-def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls):
+def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls, work):
+    """Scratch: L int8[256], scales/weight/sw float32[16], Ls int8[16], work float32[3*NT]."""
     sumx2 = np.float32(0.0)
     for j in range(QK_K):
         sumx2 = np.float32(sumx2 + np.float32(x[j] * x[j]))
     sigma2 = np.float32(np.float32(np.float32(2.0) * sumx2) / np.float32(256.0))
 
+    finite = True
     for j in range(16):
         for l in range(16):
             xv = x[16 * j + l]
@@ -130,11 +132,17 @@ def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls):
         for l in range(16):
             sumw = np.float32(sumw + weight[l])
         sw[j] = sumw
-        scales[j] = make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, weight)
+        s = make_qx_quants_w(16, 4, x, 16 * j, L, 16 * j, weight, work)
+        scales[j] = s
+        if not math.isfinite(s):
+            finite = False
 
     for k in range(12):
         out[_OFF_SC + k] = 0
-    d_block = make_qx_quants(16, 32, scales, Ls, 1, sw)
+    if finite:
+        d_block = make_qx_quants_w(16, 32, scales, 0, Ls, 0, sw, work)
+    else:   # NaN/Inf sub-block scales (float32 overflow of the weighted sums): the reference's C rounding
+        d_block = make_qx_quants(16, 32, scales, Ls, 1, sw)
     for j in range(16):
         _pack_scale(out, j, np.int64(Ls[j]))
     dh = fp32_to_fp16_bits(d_block)
@@ -147,7 +155,7 @@ def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls):
 def quantize_impl(x, qw, out, L, scales):
     """quantize_row_q3_K_impl for one block with the block's 256 importance weights qw."""
     _quantize_impl(x, qw, out, L, scales, np.empty(16, np.float32), np.empty(16, np.float32),
-                   np.empty(16, np.int8))
+                   np.empty(16, np.int8), np.empty(3 * NT, np.float32))
 
 
 @njit(cache=True, error_model="numpy")
@@ -185,11 +193,12 @@ def quantize_rows(x, imatrix, out):
         weight = np.empty(16, np.float32)
         sw = np.empty(16, np.float32)
         Ls = np.empty(16, np.int8)
+        work = np.empty(3 * NT, np.float32)
         for b in range(nb):
             xb = x[r, b * QK_K:(b + 1) * QK_K]
             ob = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
             if use_w:
-                _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, weight, sw, Ls)
+                _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, weight, sw, Ls, work)
             else:
                 quantize_ref(xb, ob, L, scales)
 
