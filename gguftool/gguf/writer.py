@@ -37,7 +37,7 @@ from .constants import (
 from .reader import GGML_MAX_DIMS, TensorInfo
 from .values import KV, GGUFArray
 
-__all__ = ["GGUFWriter", "encode_kv", "encode_value"]
+__all__ = ["GGUFWriter", "build_header", "encode_kv", "encode_value"]
 
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
@@ -142,6 +142,23 @@ def _encode_tensor_info(t: TensorInfo) -> bytes:
 
 def _pad(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
+
+
+def build_header(kvs: Sequence[KV], tensors: Sequence[TensorInfo], *, version: int = 3,
+                 alignment: int = GGUF_DEFAULT_ALIGNMENT) -> tuple[bytes, list[TensorInfo]]:
+    """The complete header (magic .. tensor infos, zero-padded to the alignment) for the given KVs and tensor
+    infos (their offsets as given), and the tensor infos with ``info_offset`` filled in."""
+    parts = [GGUF_MAGIC, _U32.pack(version), _U64.pack(len(tensors)), _U64.pack(len(kvs))]
+    parts.extend(encode_kv(kv) for kv in kvs)
+    pos = sum(len(p) for p in parts)
+    final = []
+    for t in tensors:
+        rec = _encode_tensor_info(t)
+        final.append(TensorInfo(t.name, tuple(t.shape), GGMLType(t.type), t.offset, t.nbytes, t.n_elements, pos))
+        parts.append(rec)
+        pos += len(rec)
+    header = b"".join(parts)
+    return header + bytes(_pad(len(header), alignment) - len(header)), final
 
 
 # --- the writer
@@ -290,18 +307,7 @@ class GGUFWriter:
         for (_, end0, name0), (start1, _, name1) in zip(spans, spans[1:]):
             if start1 < end0:
                 raise GGUFError(f"tensor {name1!r} (offset {start1}) overlaps tensor {name0!r} (ends at {end0})")
-        parts = [GGUF_MAGIC, _U32.pack(self.version), _U64.pack(len(infos)), _U64.pack(len(self._kvs))]
-        parts.extend(encode_kv(kv) for kv in self._kvs)
-        # info_offset: where each record starts in the file
-        pos = sum(len(p) for p in parts)
-        final = []
-        for t in infos:
-            rec = _encode_tensor_info(t)
-            final.append(TensorInfo(t.name, t.shape, t.type, t.offset, t.nbytes, t.n_elements, pos))
-            parts.append(rec)
-            pos += len(rec)
-        header = b"".join(parts)
-        header += bytes(_pad(len(header), align) - len(header))
+        header, final = build_header(self._kvs, infos, version=self.version, alignment=align)
         self.tensor_infos = final
         self._open_temp()
         self._write(header)
