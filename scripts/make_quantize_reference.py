@@ -7,7 +7,7 @@ What it does:
 - ``synthetic OUT``: the small synthetic llama model of scripts/make_synthetic_llama.py.
 - ``reference IN.gguf NAME``: quantize IN with llama.cpp (llama-cpp-python's ``llama_model_quantize``; with
   ``--imatrix`` the ``llama-quantize`` tool given by ``--llama-quantize``) for every TYPE, and store per tensor
-  ``[name, type, sha256 of the bytes]`` plus the KV keys in fixtures/quantize_reference/NAME.json.
+  the output order, per tensor ``[type, first 16 hex digits of the sha256 of its bytes]`` and the KV keys in fixtures/quantize_reference/NAME.json.
 
 The live oracle functions (:func:`llama_quantize_lib`, :func:`llama_quantize_tool`, :func:`tensor_digest`) are
 also imported by the tests.
@@ -142,24 +142,42 @@ def read_imatrix_weights(path: str) -> dict:
 # --- reference files
 
 
+def model_info(path: str) -> dict:
+    """What the policy needs to re-plan without the file: hparams and every tensor's name, shape, type."""
+    sys.path.insert(0, ROOT)
+    from gguftool.gguf.reader import GGUFReader
+    from gguftool.policy import ModelParams
+
+    with GGUFReader(path) as r:
+        m = ModelParams.from_metadata(r.get)
+        return {"arch": m.arch, "n_layer": m.n_layer, "n_head": m.n_head, "n_head_kv": m.n_head_kv,
+                "n_expert": m.n_expert,
+                "tensors": [[t.name, list(t.shape), t.type.name] for t in r.tensors]}
+
+
 def make_reference(inp: str, name: str, imatrix: str | None, exe: str | None, types=TYPES,
-                   extra_args: tuple[str, ...] = ()) -> str:
+                   extra_args: tuple[str, ...] = (), use_tool: bool = False) -> str:
     result = {"input": os.path.basename(inp), "imatrix": os.path.basename(imatrix) if imatrix else None,
-              "args": list(extra_args), "types": {}}
+              "args": list(extra_args), "model": model_info(inp), "types": {}}
     with tempfile.TemporaryDirectory() as td:
         for ft in types:
             out = os.path.join(td, f"{ft}.gguf")
-            if imatrix or extra_args:
+            if imatrix or extra_args or use_tool:
                 llama_quantize_tool(exe, inp, out, ft, tuple(extra_args) + (("--imatrix", imatrix) if imatrix else ()))
             else:
                 llama_quantize_lib(inp, out, ft)
-            result["types"][ft] = tensor_digest(out)
+            d = tensor_digest(out)
+            order = [n for n, _, _ in d["tensors"]]
+            if result.setdefault("order", order) != order:
+                raise RuntimeError(f"{ft}: tensor order differs between types")
+            # 16 hex digits of sha256 are plenty to tell bytes apart and keep the fixture small
+            result["types"][ft] = {"kv": d["kv"], "tensors": [[t, h[:16]] for _, t, h in d["tensors"]]}
             os.remove(out)
             print(ft, file=sys.stderr)
     os.makedirs(FIXTURES, exist_ok=True)
     path = os.path.join(FIXTURES, f"{name}.json")
     with open(path, "w") as f:
-        json.dump(result, f, indent=0, separators=(",", ":"))
+        json.dump(result, f, separators=(",", ":"))
         f.write("\n")
     return path
 
@@ -179,6 +197,7 @@ def main(argv=None) -> int:
     a3.add_argument("--llama-quantize", default="/work/ref/build/bin/llama-quantize")
     a3.add_argument("--types", default=",".join(TYPES))
     a3.add_argument("--extra", default="", help="extra llama-quantize arguments, space separated")
+    a3.add_argument("--tool", action="store_true", help="use the llama-quantize tool even without --imatrix")
     a = ap.parse_args(argv)
     if a.cmd == "smollm2-f32":
         write_f32_copy(smollm2_path(), a.out)
@@ -190,7 +209,7 @@ def main(argv=None) -> int:
         msl.write_model(a.out, shape)
     else:
         print(make_reference(a.inp, a.name, a.imatrix, a.llama_quantize, a.types.split(","),
-                             tuple(a.extra.split())))
+                             tuple(a.extra.split()), a.tool))
     return 0
 
 

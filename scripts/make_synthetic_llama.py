@@ -162,6 +162,39 @@ def write_model(path: str, shape: Shape = SMALL, seed: int = 0, progress=None) -
     return os.path.getsize(path)
 
 
+def synthetic_imatrix(tensors, n_tokens: int = 5120, chunk_count: int = 10, chunk_size: int = 512):
+    """A deterministic imatrix for the given (name, ggml shape) list: one entry per matrix except token_embd,
+    in_sum2 = 0.5 + 3000 u^2 with u a hashed uniform, counts = n_tokens (per expert matrix for 3-D tensors)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gguftool.imatrix_file import Imatrix, ImatrixEntry
+
+    entries = {}
+    for k, (name, shape) in enumerate(tensors):
+        if len(shape) < 2 or "token_embd" in name:
+            continue
+        ne0, n_mat = shape[0], (shape[2] if len(shape) > 2 else 1)
+        with np.errstate(over="ignore"):
+            h = _splitmix64(np.arange(ne0 * n_mat, dtype=np.uint64) + np.uint64(k * 100003))
+        u = (h >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+        sums = u * u * np.float32(3000.0) + np.float32(0.5)
+        entries[name] = ImatrixEntry(sums.reshape(n_mat, ne0), np.full(n_mat, n_tokens, dtype=np.int64))
+    return Imatrix(entries, ["synthetic.txt"], chunk_count, chunk_size)
+
+
+def write_synthetic_imatrix(model_path: str, out_path: str, legacy: bool = False) -> None:
+    """synthetic_imatrix for the tensors of a GGUF model, written as GGUF (or legacy .dat)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gguftool.gguf.reader import GGUFReader
+    from gguftool.imatrix_file import write_imatrix_gguf, write_imatrix_legacy
+
+    with GGUFReader(model_path) as r:
+        im = synthetic_imatrix([(t.name, t.shape) for t in r.tensors])
+    if legacy:
+        write_imatrix_legacy(out_path, im)
+    else:
+        write_imatrix_gguf(out_path, im)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="output .gguf path")
@@ -169,7 +202,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tied", action="store_true", help="no output.weight (tied embeddings)")
     ap.add_argument("--layers", type=int, help="override the layer count")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--imatrix", metavar="MODEL", help="instead: write a synthetic imatrix for MODEL to OUT "
+                                                       "(legacy .dat format if OUT ends in .dat)")
     a = ap.parse_args(argv)
+    if a.imatrix:
+        write_synthetic_imatrix(a.imatrix, a.out, legacy=a.out.endswith(".dat"))
+        return 0
     shape = LARGE if a.large else SMALL
     if a.tied or a.layers:
         shape = Shape(**{**shape.__dict__, "tied": a.tied or shape.tied, "n_layer": a.layers or shape.n_layer})
