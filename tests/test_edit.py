@@ -190,3 +190,12 @@ def test_library_helpers():
     assert kvs == [KV("b", VT.UINT8, 3)] and res.set == ["b"] and res.removed == ["a"] and res.changed
     with pytest.raises(GGUFError):
         value_from_text("k", "1", KV("k", VT.ARRAY, GGUFArray(VT.UINT8, [1])))
+
+
+def test_template_file_missing_or_directory(src, tmp_path):
+    missing = tmp_path / "nope.jinja"
+    r = invoke("edit", src, tmp_path / "o.gguf", "--chat-template-file", missing)
+    assert (r.exit_code, r.stderr) == (1, f"Error: No such file or directory: {str(missing)!r}\n")
+    r = invoke("edit", src, tmp_path / "o.gguf", "--chat-template-file", tmp_path)
+    assert (r.exit_code, r.stderr) == (1, f"Error: {tmp_path}: chat template file is a directory\n")
+    assert not (tmp_path / "o.gguf").exists()

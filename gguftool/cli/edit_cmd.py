@@ -14,7 +14,7 @@ from .common import report_errors
                    "a new key needs KEY=TYPE:VALUE with TYPE one of int (64-bit), uint32, int32, float "
                    "(float32), bool, str. Arrays cannot be set.")
 @click.option("--remove", multiple=True, metavar="KEY", help="Remove a metadata key (repeatable).")
-@click.option("--chat-template-file", type=click.Path(exists=True, dir_okay=False, path_type=str),
+@click.option("--chat-template-file", type=click.Path(path_type=str),
               metavar="FILE", help="Set tokenizer.chat_template to the contents of FILE (UTF-8 text).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never the input file itself).")
 @report_errors
