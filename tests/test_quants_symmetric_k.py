@@ -17,7 +17,8 @@ import pytest
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants import q3_k, q6_k
-from gguftool.quants.search_symmetric import make_q3_quants, make_qx_quants, nearest_int_c
+from gguftool.quants.search_symmetric import (NT, make_q3_quants, make_q3_quants_rmse, make_qx_quants,
+                                              make_qx_quants_w, nearest_int_c)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
 MODULES = {"Q6_K": q6_k, "Q3_K": q3_k}
@@ -222,6 +223,41 @@ def test_searches_compiled_equal_interpreted():
             s2 = make_q3_quants.py_func(n, 4, x, L2, do_rmse)
             assert np.float32(s1).view(np.uint32) == np.float32(s2).view(np.uint32)
             assert np.array_equal(L1, L2) and L1.min() >= 0 and L1.max() < 8
+
+
+def test_fast_searches_equal_generic():
+    """make_qx_quants_w / make_q3_quants_rmse (the kernels' fast paths) against the literal translations."""
+    rng = np.random.default_rng(2024)
+    work = np.empty(3 * NT, np.float32)
+    for trial in range(300):
+        n = (16, 32)[trial % 2]
+        x = rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n if trial % 3 == 0 else 1) * \
+            10.0 ** rng.uniform(-25, 25)
+        if trial % 7 == 0:
+            x[rng.uniform(size=n) < 0.5] = 0
+        if trial % 11 == 0:
+            x = np.round(x / np.abs(x).max() * 6)
+        x = x.astype(np.float32)
+        off = 16 * (trial % 3)
+        xbig = np.zeros(off + n + 16, np.float32)
+        xbig[off:off + n] = x
+        qw = (rng.uniform(0, 3, n) * 10.0 ** rng.uniform(-20, 20)).astype(np.float32)
+        for nmax in (4, 8, 16, 32):
+            with np.errstate(over="ignore"):       # x*x may overflow to inf, as in the reference
+                xx = (x * x).astype(np.float32)
+            for w in (qw, xx):
+                L1 = np.zeros(n, np.int8)
+                L2 = np.full(off + n + 16, 99, np.int8)
+                s1 = make_qx_quants(n, nmax, x, L1, 1, w)
+                s2 = make_qx_quants_w(n, nmax, xbig, off, L2, off, w, work)
+                assert np.float32(s1).view(np.uint32) == np.float32(s2).view(np.uint32), (trial, nmax)
+                assert np.array_equal(L1, L2[off:off + n]) and (L2[:off] == 99).all() and (L2[off + n:] == 99).all()
+        L1 = np.zeros(n, np.int8)
+        L2 = np.zeros(off + n, np.int8)
+        s1 = make_q3_quants(n, 4, x, L1, True)
+        s2 = make_q3_quants_rmse(n, 4, xbig, off, L2, off, work)
+        assert np.float32(s1).view(np.uint32) == np.float32(s2).view(np.uint32), trial
+        assert np.array_equal(L1, L2[off:])
 
 
 def test_make_qx_quants_all_zero_and_plain_rounding():

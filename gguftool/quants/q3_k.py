@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.common import fp16_bits_to_fp32, fp32_to_fp16_bits
-from gguftool.quants.search_symmetric import NT, make_q3_quants, make_qx_quants, make_qx_quants_w, nearest_int_c
+from gguftool.quants.search_symmetric import NT, make_q3_quants_rmse, make_qx_quants, make_qx_quants_w, nearest_int_c
 
 GGML_TYPE = GGMLType.Q3_K
 USES_IMATRIX = True
@@ -49,8 +49,8 @@ def _pack_scale(out, j, l):
 
 
 @njit(cache=True, error_model="numpy")
-def _finish_block(x, out, L, dh):
-    """Requantize every sub-block against d*sc (the stored fp16 d), then write hmask and qs."""
+def _finish_block(x, out, L, dh, tmp):
+    """Requantize every sub-block against d*sc (the stored fp16 d), then write hmask and qs. tmp: float32[16]."""
     dd = fp16_bits_to_fp32(dh)
     for j in range(16):
         if j < 8:
@@ -61,34 +61,47 @@ def _finish_block(x, out, L, dh):
         d = np.float32(dd * np.float32(sc))
         if d == 0:
             continue            # L keeps what the scale search left there
+        n_out = 0               # quotients outside nearest_int's exact range (or NaN): rare, take the slow path
         for ii in range(16):
-            l = nearest_int_c(np.float32(x[16 * j + ii] / d))
-            if l > 3:
-                l = 3
-            elif l < -4:
-                l = -4
-            L[16 * j + ii] = l + 4
+            q = np.float32(x[16 * j + ii] / d)
+            tmp[ii] = q
+            n_out += not (abs(q) <= np.float32(4194303.0))
+        if n_out == 0:
+            for ii in range(16):
+                l = np.int32(np.rint(tmp[ii]))
+                L[16 * j + ii] = max(min(l, np.int32(3)), np.int32(-4)) + 4
+        else:
+            for ii in range(16):
+                l = nearest_int_c(tmp[ii])
+                L[16 * j + ii] = max(min(l, 3), -4) + 4
 
+    # L is in 0..7 here: bit 2 goes to hmask (bit j//32 of byte j%32), bits 0-1 to qs
     for m in range(32):
-        out[m] = 0
-    for j in range(QK_K):
-        if L[j] > 3:
-            out[j % 32] |= 1 << (j // 32)
-            L[j] -= 4
+        hm = 0
+        for k in range(8):
+            hm |= ((np.int32(L[m + 32 * k]) >> 2) & 1) << k
+        out[m] = hm
     for h in range(2):
         j = 128 * h
         for l in range(32):
-            out[_OFF_QS + 32 * h + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+            out[_OFF_QS + 32 * h + l] = (L[j + l] & 3) | ((L[j + l + 32] & 3) << 2) | \
+                ((L[j + l + 64] & 3) << 4) | ((L[j + l + 96] & 3) << 6)
 
 
 # --- one block
 @njit(cache=True, error_model="numpy")
 def quantize_ref(x, out, L, scales):
     """quantize_row_q3_K_ref for one block: x float32[256] -> out uint8[110]. L int8[256], scales float32[16]."""
+    _quantize_ref(x, out, L, scales, np.empty(3 * NT, np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_ref(x, out, L, scales, tmp):
+    """Scratch: L int8[256], scales float32[16], tmp float32[>= 32]."""
     max_scale = np.float32(0.0)
     amax = np.float32(0.0)
     for j in range(16):
-        s = make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], True)
+        s = make_q3_quants_rmse(16, 4, x, 16 * j, L, 16 * j, tmp)
         scales[j] = s
         a = abs(s)
         if a > amax:
@@ -112,7 +125,7 @@ def quantize_ref(x, out, L, scales):
         dh = np.uint16(0)
     out[_OFF_D] = dh & 0xFF
     out[_OFF_D + 1] = dh >> 8
-    _finish_block(x, out, L, dh)
+    _finish_block(x, out, L, dh, tmp)
 
 
 @njit(cache=True, error_model="numpy")
@@ -148,7 +161,7 @@ def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls, work):
     dh = fp32_to_fp16_bits(d_block)
     out[_OFF_D] = dh & 0xFF
     out[_OFF_D + 1] = dh >> 8
-    _finish_block(x, out, L, dh)
+    _finish_block(x, out, L, dh, work)
 
 
 @njit(cache=True, error_model="numpy")
@@ -200,7 +213,7 @@ def quantize_rows(x, imatrix, out):
             if use_w:
                 _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, weight, sw, Ls, work)
             else:
-                quantize_ref(xb, ob, L, scales)
+                _quantize_ref(xb, ob, L, scales, work)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

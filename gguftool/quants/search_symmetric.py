@@ -275,3 +275,70 @@ def make_qx_quants_w(n, nmax, x, xo, L, lo, w, work):
         l = np.int32(np.rint(np.float32(iscale * x[np.uint64(xo + i)])))
         L[np.uint64(lo + i)] = max(min(l, lmax), lmin) + nmax
     return scale
+
+
+# --- fast make_q3_quants(do_rmse=True) for finite x
+@njit(cache=True, inline="always", error_model="numpy")
+def make_q3_quants_rmse(n, nmax, x, xo, L, lo, work):
+    """make_q3_quants(n, nmax, x + xo, L + lo, True) for FINITE x, bit-identical with the generic version.
+
+    work: float32[2*n] scratch (w = x*x and w*x, which the reference recomputes in every pass as the same
+    float32 products). The first rounding cannot leave nearest_int's exact range (|iscale*x| <= nmax), so it
+    is a plain vectorizable rint; the descent keeps the reference's full nearest_int, since x*sl2/slx can be
+    arbitrarily large when slx is tiny.
+    """
+    fmax = np.float32(0.0)
+    amax = np.float32(0.0)
+    for i in range(n):
+        ax = abs(x[np.uint64(xo + i)])
+        if ax > amax:
+            amax = ax
+            fmax = x[np.uint64(xo + i)]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[np.uint64(lo + i)] = 0
+        return np.float32(0.0)
+    w = work[0:n]
+    wx = work[n:2 * n]
+    iscale = np.float32(-np.float32(nmax) / fmax)
+    lmax = np.int32(nmax - 1)
+    lmin = np.int32(-nmax)
+    for i in range(n):
+        xi = x[np.uint64(xo + i)]
+        wi = np.float32(xi * xi)
+        w[i] = wi
+        wx[i] = np.float32(wi * xi)
+        l = np.int32(np.rint(np.float32(iscale * xi)))
+        L[np.uint64(lo + i)] = max(min(l, lmax), lmin)
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        fl = np.float32(L[np.uint64(lo + i)])
+        sumlx = np.float32(sumlx + np.float32(wx[i] * fl))
+        suml2 = np.float32(suml2 + np.float32(np.float32(w[i] * fl) * fl))
+    for itry in range(5):
+        n_changed = 0
+        for i in range(n):
+            li = np.int32(L[np.uint64(lo + i)])
+            fLi = np.float32(li)
+            slx = np.float32(sumlx - np.float32(wx[i] * fLi))
+            if slx > 0:
+                wi = w[i]
+                sl2 = np.float32(suml2 - np.float32(np.float32(wi * fLi) * fLi))
+                new_l = nearest_int_c(np.float32(np.float32(x[np.uint64(xo + i)] * sl2) / slx))
+                new_l = max(min(new_l, nmax - 1), -nmax)
+                if new_l != li:
+                    fnl = np.float32(new_l)
+                    slx = np.float32(slx + np.float32(wx[i] * fnl))
+                    sl2 = np.float32(sl2 + np.float32(np.float32(wi * fnl) * fnl))
+                    if sl2 > 0 and np.float32(np.float32(slx * slx) * suml2) > \
+                            np.float32(np.float32(sumlx * sumlx) * sl2):
+                        L[np.uint64(lo + i)] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[np.uint64(lo + i)] += nmax
+    return np.float32(sumlx / suml2) if suml2 > 0 else np.float32(0.0)
