@@ -17,7 +17,8 @@ from numba import njit, prange
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.common import fp32_to_fp16_bits
 from gguftool.quants.k_scales import get_fp16, put_fp16
-from gguftool.quants.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants, nearest_int_c
+from gguftool.quants.search_affine import (SCRATCH_PER_ELEM, _qkx_search, make_qp_quants,
+                                           nearest_int_c)
 
 GGML_TYPE = GGMLType.Q2_K
 USES_IMATRIX = True
@@ -31,9 +32,10 @@ _OFF_DMIN = 82
 
 @njit(cache=True, error_model="numpy")
 def make_scratch():
-    """L[256], Laux[16], Ls[16], Lm[16] (uint8); weights[16], sw[16], mins[16], scales[16] (float32)."""
+    """L[256], Laux[16], Ls[16], Lm[16] (uint8); weights[16], sw[16], mins[16], scales[16], fs[5*16] (float32)."""
     return (np.zeros(QK_K, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8),
-            np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32))
+            np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
+            np.zeros(SCRATCH_PER_ELEM * 16, np.float32))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -62,16 +64,15 @@ def _pack_q2(y, L):
 
 @njit(cache=True, error_model="numpy")
 def quantize_block_ref(x, y, s):
-    L, Laux, Ls, Lm, weights, sw, mins, scales = s
+    L, Laux, Ls, Lm, weights, sw, mins, scales, fs = s
     q4scale = np.float32(15.0)
     max_scale = np.float32(0.0)
     max_min = np.float32(0.0)
     for j in range(16):
-        xs = x[16 * j:16 * j + 16]
         for l in range(16):
-            weights[l] = abs(xs[l])
-        sc, mn = make_qkx2_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
-                                  np.float32(-0.5), np.float32(0.1), 15, True)
+            weights[l] = abs(x[16 * j + l])
+        sc, mn = _qkx_search(16, 3, x, 16 * j, weights, 0, L, 16 * j, Laux,
+                             np.float32(-0.5), np.float32(0.1), 15, True, False, fs)
         scales[j] = sc
         mins[j] = mn
         if sc > max_scale:
@@ -101,21 +102,20 @@ def quantize_block_ref(x, y, s):
 
 @njit(cache=True, error_model="numpy")
 def quantize_block_impl(x, qw, y, s):
-    L, Laux, Ls, Lm, weight, sw, mins, scales = s
+    L, Laux, Ls, Lm, weight, sw, mins, scales, fs = s
     sumx2 = np.float32(0.0)
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
     sigma2 = sumx2 / np.float32(256.0)
     for j in range(16):
-        xs = x[16 * j:16 * j + 16]
         for l in range(16):
-            weight[l] = qw[16 * j + l] * np.float32(np.sqrt(sigma2 + xs[l] * xs[l]))
+            weight[l] = qw[16 * j + l] * np.float32(np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
         acc = np.float32(0.0)
         for l in range(16):
             acc += weight[l]
         sw[j] = acc
-        sc, mn = make_qkx3_quants(16, 3, xs, weight, L[16 * j:16 * j + 16], Laux,
-                                  np.float32(-0.9), np.float32(0.05), 36, False)
+        sc, mn = _qkx_search(16, 3, x, 16 * j, weight, 0, L, 16 * j, Laux,
+                             np.float32(-0.9), np.float32(0.05), 36, False, True, fs)
         scales[j] = sc
         mins[j] = mn
     dm = make_qp_quants(16, 15, scales, Ls, sw)

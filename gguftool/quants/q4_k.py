@@ -20,7 +20,8 @@ from numba import njit, prange
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.common import fp32_to_fp16_bits
 from gguftool.quants.k_scales import get_fp16, get_scale_min_k4, pack_scale_min_k4, put_fp16
-from gguftool.quants.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants, nearest_int_c
+from gguftool.quants.search_affine import (SCRATCH_PER_ELEM, _qkx_search, make_qp_quants,
+                                           nearest_int_c)
 
 GGML_TYPE = GGMLType.Q4_K
 USES_IMATRIX = True
@@ -31,9 +32,11 @@ BLOCK_BYTES = 144
 
 @njit(cache=True, error_model="numpy")
 def make_scratch():
-    """Per-thread scratch: L[256], Laux[32], Ls[8], Lm[8] (uint8); weights[32], sw[8], mins[8], scales[8]."""
+    """Per-thread scratch: L[256], Laux[32], Ls[8], Lm[8] (uint8); weights[32], sw[8], mins[8], scales[8],
+    fs[5*32] (the searches' float32 scratch)."""
     return (np.zeros(QK_K, np.uint8), np.zeros(32, np.uint8), np.zeros(8, np.uint8), np.zeros(8, np.uint8),
-            np.zeros(32, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32))
+            np.zeros(32, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32),
+            np.zeros(SCRATCH_PER_ELEM * 32, np.float32))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -55,21 +58,21 @@ def _requantize(x, y, L, nmax):
             L[32 * j + ii] = l
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
     """quantize_row_q{4,5}_K_ref up to the level packing: writes d, dmin, scales[12] into y[0:16], levels in L."""
-    L, Laux, Ls, Lm, weights, sw, mins, scales = s
+    L, Laux, Ls, Lm, weights, sw, mins, scales, fs = s
     max_scale = np.float32(0.0)
     max_min = np.float32(0.0)
     for j in range(8):
-        xs = x[32 * j:32 * j + 32]
         sum_x2 = np.float32(0.0)
         for l in range(32):
-            sum_x2 += xs[l] * xs[l]
+            sum_x2 += x[32 * j + l] * x[32 * j + l]
         av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
         for l in range(32):
-            weights[l] = av_x + abs(xs[l])
-        sc, mn = make_qkx2_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
+            weights[l] = av_x + abs(x[32 * j + l])
+        sc, mn = _qkx_search(32, nmax, x, 32 * j, weights, 0, L, 32 * j, Laux, rmin, rdelta, nstep,
+                             False, False, fs)
         scales[j] = sc
         mins[j] = mn
         if sc > max_scale:
@@ -90,24 +93,23 @@ def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
     _requantize(x, y, L, nmax)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def affine_k_scales_impl(x, qw, y, s, nmax, clamp63):
     """quantize_row_q{4,5}_K_impl (with quant_weights) up to the level packing. clamp63: Q5_K's MIN(63, .)."""
-    L, Laux, Ls, Lm, weights, sw, mins, scales = s
+    L, Laux, Ls, Lm, weights, sw, mins, scales, fs = s
     sum_x2 = np.float32(0.0)
     for l in range(QK_K):
         sum_x2 += x[l] * x[l]
     sigma2 = np.float32(2.0) * sum_x2 / np.float32(256.0)
     for j in range(8):
-        xs = x[32 * j:32 * j + 32]
         for l in range(32):
-            weights[l] = qw[32 * j + l] * np.float32(np.sqrt(sigma2 + xs[l] * xs[l]))
+            weights[l] = qw[32 * j + l] * np.float32(np.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l]))
         sumw = np.float32(0.0)
         for l in range(32):
             sumw += weights[l]
         sw[j] = sumw
-        sc, mn = make_qkx3_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
-                                  np.float32(-0.9), np.float32(0.05), 36, False)
+        sc, mn = _qkx_search(32, nmax, x, 32 * j, weights, 0, L, 32 * j, Laux,
+                             np.float32(-0.9), np.float32(0.05), 36, False, True, fs)
         scales[j] = sc
         mins[j] = mn
     d_block = make_qp_quants(8, 63, scales, Ls, sw)

@@ -3,120 +3,131 @@
 These mirror llama.cpp's ``make_qkx2_quants``, ``make_qkx3_quants`` and ``make_qp_quants`` operation for
 operation: the same float32 expressions evaluated in the same order, sequential float32 sums, the same
 branches (including the C ``MIN``/``MAX`` ternaries, which matter when NaN/Inf appear) and the same uint8
-truncation where the reference stores an ``int`` into a ``uint8_t``.
+truncation where the reference stores an ``int`` into a ``uint8_t``. For speed the per-element products of a
+search step are computed in one (vectorisable) loop into scratch and summed in a second, strictly sequential
+loop: every float32 value and every sum is the same as in the reference, only the loop structure differs.
 
 API (all ``@njit(cache=True, error_model="numpy")``: float division by zero gives inf/NaN as in C instead of
 raising; call them from other numba code, or from Python with float32 arrays):
 
 ``nearest_int_c(f) -> int``
-    ggml's ``nearest_int`` including its behaviour outside |f| <= 4194303 (the assert is compiled out in
-    llama.cpp release builds): the low 23 mantissa bits of ``f + 12582912.f`` minus 0x400000. NaN gives 0,
-    +-Inf gives -4194304. Inside the range it is round-half-even, i.e. ``rint``.
+    ggml's ``nearest_int`` bit for bit, also outside |f| <= 4194303 (the assert is compiled out in llama.cpp
+    release builds): the low 23 mantissa bits of ``f + 12582912.f`` minus 0x400000. NaN gives 0, +-Inf gives
+    -4194304. Inside the range it is round-half-even (``rint``). Branch-free (a float32 -> int32 bitcast).
 
-``make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad) -> (scale, the_min)``
+``make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None) -> (scale, the_min)``
     x, weights: float32[n] (weights required); L: uint8[>=n] output levels in [0, nmax]; Laux: uint8[>=n]
-    scratch. rmin, rdelta: the float32 search parameters (cast to float32 inside); nstep: int; use_mad: bool.
-    Returns float32 ``scale`` (the C return value) and float32 ``the_min`` (what C writes to ``*the_min``,
-    i.e. minus the fitted offset, >= 0). Reconstruction: x ~= scale * L - the_min.
+    scratch. rmin, rdelta: the float32 search parameters (cast to float32 inside, so -0.9 means -0.9f);
+    nstep: int; use_mad: bool. fs: optional float32 scratch of at least ``SCRATCH_PER_ELEM * n`` elements
+    (allocated when omitted; pass one from a hot loop). Returns float32 ``scale`` (the C return value) and
+    float32 ``the_min`` (what C writes to ``*the_min``: minus the fitted offset, >= 0).
+    Reconstruction: x ~= scale * L - the_min.
 
-``make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad) -> (scale, the_min)``
+``make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None) -> (scale, the_min)``
     Same contract. ``weights.size == 0`` stands for the C ``weights == NULL`` (weights x[i]*x[i]).
 
 ``make_qp_quants(n, nmax, x, L, quant_weights) -> scale``
     x, quant_weights: float32[n]; L: uint8[>=n] output. Returns the float32 scale (``sumlx / suml2`` or 0).
-
-Callers pass 1-D views (slices) of their own scratch; nothing here allocates.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 F32 = np.float32
 GROUP_MAX_EPS = np.float32(1e-15)
+SCRATCH_PER_ELEM = 5
+
+
+@intrinsic
+def _f32_bits(typingctx, f):
+    """The int32 bit pattern of a float32 (a register bitcast)."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
 
 
 @njit(cache=True, inline="always", error_model="numpy")
 def nearest_int_c(f):
-    """ggml nearest_int, bit-exact also outside its asserted range (see module docstring)."""
-    f = np.float32(f)
-    if abs(f) <= np.float32(4194303.0):
-        return int(np.rint(f))
-    return _nearest_int_slow(f)
+    """ggml nearest_int, bit-exact for every float32 input (see module docstring)."""
+    b = _f32_bits(np.float32(np.float32(f) + np.float32(12582912.0)))
+    return (int(b) & 0x7FFFFF) - 0x400000
 
 
-@njit(cache=True, error_model="numpy")
-def _nearest_int_slow(f):
-    val = np.float32(f + np.float32(12582912.0))
-    if val != val:              # NaN: quiet-NaN mantissa 0x400000
-        return 0
-    a = abs(float(val))
-    if a == math.inf:           # mantissa field 0
-        return -0x400000
-    if a == 0.0:
-        return -0x400000
-    m, e = math.frexp(a)        # a = m * 2^e, m in [0.5, 1); val is a normal float32 here
-    mant = int((m * 2.0 - 1.0) * 8388608.0)
-    return (mant & 0x7FFFFF) - 0x400000
+@njit(cache=True, inline="always", error_model="numpy")
+def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, use_mad, le_check, fs):
+    """Shared body of make_qkx2_quants (le_check False: ``max == min``) and make_qkx3_quants (``max <= min``).
 
-
-@njit(cache=True, error_model="numpy")
-def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+    Works on x[xo:xo+n], weights[wo:wo+n], L[lo:lo+n] through offsets (no array views, so no reference
+    counting in the hot loop); fs: float32 scratch of 4*n. Inlined so that n, nmax, nstep are constants."""
     rmin = np.float32(rmin)
     rdelta = np.float32(rdelta)
     fnmax = np.float32(nmax)
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
+    oa = 0
+    ob = n
+    oc = 2 * n
+    om = 3 * n
+    mn = x[xo]
+    mx = x[xo]
+    sum_w = weights[wo]
+    sum_x = sum_w * x[xo]
     for i in range(1, n):
-        xi = x[i]
+        xi = x[xo + i]
         if xi < mn:
             mn = xi
         if xi > mx:
             mx = xi
-        w = weights[i]
+        w = weights[wo + i]
         sum_w += w
         sum_x += w * xi
     if mn > np.float32(0.0):
         mn = np.float32(0.0)
-    if mx == mn:
+    if (mx <= mn) if le_check else (mx == mn):
         for i in range(n):
-            L[i] = 0
+            L[lo + i] = 0
         return np.float32(0.0), -mn
+    for i in range(n):
+        fs[om + i] = x[xo + i] - mn
     iscale = fnmax / (mx - mn)
     scale = np.float32(1.0) / iscale
-    best_error = np.float32(0.0)
     for i in range(n):
-        l = nearest_int_c(iscale * (x[i] - mn))
+        l = nearest_int_c(iscale * fs[om + i])
         l = nmax if nmax < l else l
         l = 0 if 0 > l else l
-        L[i] = l
-        diff = scale * np.float32(l) + mn - x[i]
-        if use_mad:
-            diff = abs(diff)
-        else:
-            diff = diff * diff
-        best_error += weights[i] * diff
+        L[lo + i] = l
+        diff = scale * np.float32(l) + mn - x[xo + i]
+        diff = abs(diff) if use_mad else diff * diff
+        fs[oa + i] = weights[wo + i] * diff
+    best_error = np.float32(0.0)
+    for i in range(n):
+        best_error += fs[oa + i]
     if nstep < 1:
         return scale, -mn
     for istep in range(nstep + 1):
         iscale = (rmin + rdelta * np.float32(istep) + fnmax) / (mx - mn)
+        for i in range(n):
+            l = nearest_int_c(iscale * fs[om + i])
+            l = nmax if nmax < l else l
+            l = 0 if 0 > l else l
+            Laux[i] = l
+            fl = np.float32(l)
+            wl = weights[wo + i] * fl
+            fs[oa + i] = wl
+            fs[ob + i] = wl * fl
+            fs[oc + i] = wl * x[xo + i]
         sum_l = np.float32(0.0)
         sum_l2 = np.float32(0.0)
         sum_xl = np.float32(0.0)
         for i in range(n):
-            l = nearest_int_c(iscale * (x[i] - mn))
-            l = nmax if nmax < l else l
-            l = 0 if 0 > l else l
-            Laux[i] = l
-            w = weights[i]
-            fl = np.float32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
+            sum_l += fs[oa + i]
+            sum_l2 += fs[ob + i]
+            sum_xl += fs[oc + i]
         D = sum_w * sum_l2 - sum_l * sum_l
         if D > np.float32(0.0):
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -124,106 +135,44 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
             if this_min > np.float32(0.0):
                 this_min = np.float32(0.0)
                 this_scale = sum_xl / sum_l2
+            for i in range(n):
+                diff = this_scale * np.float32(Laux[i]) + this_min - x[xo + i]
+                diff = abs(diff) if use_mad else diff * diff
+                fs[oa + i] = weights[wo + i] * diff
             cur_error = np.float32(0.0)
             for i in range(n):
-                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
-                if use_mad:
-                    diff = abs(diff)
-                else:
-                    diff = diff * diff
-                cur_error += weights[i] * diff
+                cur_error += fs[oa + i]
             if cur_error < best_error:
                 for i in range(n):
-                    L[i] = Laux[i]
+                    L[lo + i] = Laux[i]
                 best_error = cur_error
                 scale = this_scale
                 mn = this_min
+                for i in range(n):          # the reference recomputes x[i] - min with the new min
+                    fs[om + i] = x[xo + i] - mn
     return scale, -mn
 
 
 @njit(cache=True, error_model="numpy")
-def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
-    rmin = np.float32(rmin)
-    rdelta = np.float32(rdelta)
-    fnmax = np.float32(nmax)
-    has_w = weights.size > 0
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0] if has_w else x[0] * x[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        xi = x[i]
-        if xi < mn:
-            mn = xi
-        if xi > mx:
-            mx = xi
-        w = weights[i] if has_w else xi * xi
-        sum_w += w
-        sum_x += w * xi
-    if mn > np.float32(0.0):
-        mn = np.float32(0.0)
-    if mx <= mn:
-        for i in range(n):
-            L[i] = 0
-        return np.float32(0.0), -mn
-    iscale = fnmax / (mx - mn)
-    scale = np.float32(1.0) / iscale
-    best_mad = np.float32(0.0)
-    for i in range(n):
-        xi = x[i]
-        l = nearest_int_c(iscale * (xi - mn))
-        l = nmax if nmax < l else l
-        l = 0 if 0 > l else l
-        L[i] = l
-        diff = scale * np.float32(l) + mn - xi
-        if use_mad:
-            diff = abs(diff)
-        else:
-            diff = diff * diff
-        w = weights[i] if has_w else xi * xi
-        best_mad += w * diff
-    if nstep < 1:
-        return scale, -mn
-    for istep in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(istep) + fnmax) / (mx - mn)
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            xi = x[i]
-            l = nearest_int_c(iscale * (xi - mn))
-            l = nmax if nmax < l else l
-            l = 0 if 0 > l else l
-            Laux[i] = l
-            w = weights[i] if has_w else xi * xi
-            fl = np.float32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * xi
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > np.float32(0.0):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > np.float32(0.0):
-                this_min = np.float32(0.0)
-                this_scale = sum_xl / sum_l2
-            mad = np.float32(0.0)
-            for i in range(n):
-                xi = x[i]
-                diff = this_scale * np.float32(Laux[i]) + this_min - xi
-                if use_mad:
-                    diff = abs(diff)
-                else:
-                    diff = diff * diff
-                w = weights[i] if has_w else xi * xi
-                mad += w * diff
-            if mad < best_mad:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_mad = mad
-                scale = this_scale
-                mn = this_min
-    return scale, -mn
+def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None):
+    if fs is None:
+        scratch = np.empty(SCRATCH_PER_ELEM * n, np.float32)
+    else:
+        scratch = fs
+    return _qkx_search(n, nmax, x, 0, weights, 0, L, 0, Laux, rmin, rdelta, nstep, use_mad, False, scratch)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None):
+    if fs is None:
+        scratch = np.empty(SCRATCH_PER_ELEM * n, np.float32)
+    else:
+        scratch = fs
+    if weights.size > 0:
+        return _qkx_search(n, nmax, x, 0, weights, 0, L, 0, Laux, rmin, rdelta, nstep, use_mad, True, scratch)
+    for i in range(n):                     # C: weights == NULL -> x[i]*x[i], kept in scratch[4n:5n]
+        scratch[4 * n + i] = x[i] * x[i]
+    return _qkx_search(n, nmax, x, 0, scratch, 4 * n, L, 0, Laux, rmin, rdelta, nstep, use_mad, True, scratch)
 
 
 @njit(cache=True, error_model="numpy")
@@ -253,7 +202,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
         mse = np.float32(0.0)
         for i in range(n):
             l = nearest_int_c(iscale_is * x[i])
-            l = l if l < nmax else nmax             # C MIN(nmax, l)
+            l = nmax if nmax < l else l             # C MIN(nmax, l)
             diff = x[i] - scale_is * np.float32(l)
             w = quant_weights[i]
             mse += w * diff * diff
@@ -264,7 +213,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
     suml2 = np.float32(0.0)
     for i in range(n):
         l = nearest_int_c(iscale * x[i])
-        l = l if l < nmax else nmax
+        l = nmax if nmax < l else l
         L[i] = l & 0xFF
         w = quant_weights[i]
         fl = np.float32(l)
@@ -279,7 +228,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
             sl2 = suml2 - w * fL * fL
             if slx > np.float32(0.0) and sl2 > np.float32(0.0):
                 new_l = nearest_int_c(x[i] * sl2 / slx)
-                new_l = new_l if new_l < nmax else nmax
+                new_l = nmax if nmax < new_l else new_l
                 if new_l != int(L[i]):
                     fn = np.float32(new_l)
                     slx += w * x[i] * fn
