@@ -131,7 +131,9 @@ def report_json(reader: GGUFReader, *, full: bool = False, tensors: bool = True,
 
 
 # --- human output
-def _short_str(s: str, limit: int = HUMAN_STR_LIMIT) -> str:
+def _short_str(s: str, limit: "int | None" = HUMAN_STR_LIMIT) -> str:
+    if limit is None:
+        limit = len(s)
     shown = json.dumps(s[:limit], ensure_ascii=False)
     try:
         shown.encode("utf-8")
@@ -142,16 +144,19 @@ def _short_str(s: str, limit: int = HUMAN_STR_LIMIT) -> str:
     return shown
 
 
-def _fmt_array(arr: GGUFArray, head: int = HUMAN_ARRAY_HEAD) -> str:
+def _fmt_array(arr: GGUFArray, full: bool = False) -> str:
+    """'262144 items: ["<pad>", "<eos>", …]' (every element, strings whole, when full)."""
     et = GGUFValueType(arr.element_type)
     n = len(arr.values)
+    head = n if full else HUMAN_ARRAY_HEAD
     vals = arr.values[:head]
     if et == GGUFValueType.STRING:
-        items = [_short_str(s, 24) for s in vals]
+        items = [_short_str(s, None if full else 24) for s in vals]
     elif et == GGUFValueType.ARRAY:
-        items = [f"[{GGUFValueType(v.element_type).name.lower()} × {len(v.values)}]" for v in vals]
+        items = [_fmt_array(v, full) if full else f"[{GGUFValueType(v.element_type).name.lower()} × {len(v)}]"
+                 for v in vals]
     elif et == GGUFValueType.FLOAT32:
-        items = [repr(float(np.float32(x))) if not np.isfinite(x) else _f32(x) for x in vals]
+        items = [_f32(x) for x in vals]
     else:
         items = [str(x) for x in np.asarray(vals).tolist()]
     more = ", …" if n > head else ""
@@ -160,15 +165,17 @@ def _fmt_array(arr: GGUFArray, head: int = HUMAN_ARRAY_HEAD) -> str:
 
 def _f32(x) -> str:
     # shortest text that reads back as the same float32 (1e-06, not 9.999999974752427e-07)
+    if not np.isfinite(x):
+        return str(float(x))
     return np.format_float_positional(np.float32(x), unique=True, trim="-") if 1e-4 <= abs(x) < 1e16 or x == 0 \
         else np.format_float_scientific(np.float32(x), unique=True, trim="-")
 
 
-def _fmt_value(vtype: GGUFValueType, value: Any) -> str:
+def _fmt_value(vtype: GGUFValueType, value: Any, full: bool = False) -> str:
     if isinstance(value, GGUFArray):
-        return _fmt_array(value)
+        return _fmt_array(value, full)
     if vtype == GGUFValueType.STRING:
-        return _short_str(value)
+        return _short_str(value, None if full else HUMAN_STR_LIMIT)
     if vtype == GGUFValueType.FLOAT32:
         return _f32(value)
     if vtype == GGUFValueType.BOOL:
@@ -217,7 +224,9 @@ def _tokenizer_lines(reader: GGUFReader) -> list[str]:
     return lines
 
 
-def render_human(reader: GGUFReader, *, tensors: bool = True, pattern: "str | None" = None) -> str:
+def render_human(reader: GGUFReader, *, tensors: bool = True, pattern: "str | None" = None,
+                 full: bool = False) -> str:
+    """The text report; ``full`` shows every array element and whole strings."""
     selected = select_tensors(reader.tensors, pattern)
     out = [
         f"File:       {reader.path}",
@@ -233,7 +242,7 @@ def render_human(reader: GGUFReader, *, tensors: bool = True, pattern: "str | No
         tw = max(len(type_name(kv.type, kv.value)) for kv in reader.kvs)
         for kv in reader.kvs:
             out.append(f"  {kv.key:<{kw}}  {type_name(kv.type, kv.value).lower():<{tw}}  "
-                       f"{_fmt_value(kv.type, kv.value)}")
+                       f"{_fmt_value(kv.type, kv.value, full)}")
     else:
         out.append("  (none)")
     tok = _tokenizer_lines(reader)

@@ -268,3 +268,21 @@ def test_truncated_at_every_header_boundary(model, tmp_path):
         assert line.startswith(f"Error: {p}: "), line
         if n:
             assert "at byte" in line
+
+
+def test_human_full(model):
+    out = invoke("inspect", "--full", model).output
+    assert '"t94"]' in out and "…" not in out.split("Tokenizer:")[0]
+    assert '"{{ bos_token }}' + "x" * 100 + '"' in out
+    assert "2 items: [2 items: [1, -2], 1 item: [\"z\"]]" in out
+
+
+def test_inspect_cpu_time_gemma(gemma3_gguf):
+    # the budget: a tenth of gguf-dump --no-tensors (about 12 s on 2 cores) -> 1.2 s, start-up included
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", "from gguftool.cli import main; main()", "inspect", "--no-tensors",
+                    str(gemma3_gguf)], check=True, stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    assert cpu < 1.2, f"inspect used {cpu:.2f} s of CPU"

@@ -15,8 +15,8 @@ from .common import report_errors
               help="Print one JSON document {version, alignment, file_size, data_offset, metadata, "
                    "metadata_types, tensors, summary} instead of text. Arrays longer than 64 are summarised as "
                    "{array_of, length, head} unless --full.")
-@click.option("--full", is_flag=True, help="With --json: print every element of long arrays (the whole "
-                                            "vocabulary, all scores and merges).")
+@click.option("--full", is_flag=True, help="Print every element of long arrays (the whole vocabulary, all "
+                                            "scores and merges) and long strings uncut.")
 @click.option("--no-tensors", is_flag=True, help="Leave out the tensor table (the totals are still shown).")
 @click.option("--filter", "pattern", metavar="GLOB",
               help="Only tensors whose name matches this shell-style pattern, e.g. 'blk.0.*' or '*attn_q*'; "
@@ -33,7 +33,7 @@ def command(file, as_json, full, no_tensors, pattern):
         if as_json:
             text = inspect_report.report_json(reader, full=full, tensors=not no_tensors, pattern=pattern)
         else:
-            text = inspect_report.render_human(reader, tensors=not no_tensors, pattern=pattern)
+            text = inspect_report.render_human(reader, tensors=not no_tensors, pattern=pattern, full=full)
     out = sys.stdout
     try:
         out.write(text)
