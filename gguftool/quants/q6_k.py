@@ -81,13 +81,19 @@ def _quantize_block(x, qw, out, L, scales, w, work):
         d = np.float32(dd * np.float32(sci))
         if d == 0:
             continue
+        n_out = 0           # quotients outside nearest_int's exact range (or NaN): rare, take the slow path
         for ii in range(16):
-            l = nearest_int_c(np.float32(x[16 * j + ii] / d))
-            if l > 31:
-                l = 31
-            elif l < -32:
-                l = -32
-            L[16 * j + ii] = l + 32
+            q = np.float32(x[16 * j + ii] / d)
+            w[ii] = q
+            n_out += not (abs(q) <= np.float32(4194303.0))
+        if n_out == 0:
+            for ii in range(16):
+                l = np.int32(np.rint(w[ii]))
+                L[16 * j + ii] = max(min(l, np.int32(31)), np.int32(-32)) + 32
+        else:
+            for ii in range(16):
+                l = nearest_int_c(w[ii])
+                L[16 * j + ii] = max(min(l, 31), -32) + 32
 
     for h in range(2):
         j = 128 * h

@@ -206,7 +206,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
 
 
 # --- fast make_qx_quants(rmse_type=1, weights given) for finite x
-NT = 32     # trial lanes: lane 0 is the first rounding (iscale = -nmax/max), lanes 1..18 are is = -9..-1, 1..9
+NT = 24     # trial lanes: lane 0 is the first rounding (iscale = -nmax/max), lanes 1..18 are is = -9..-1, 1..9
 
 
 @njit(cache=True, inline="always", error_model="numpy")
