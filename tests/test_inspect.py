@@ -286,3 +286,12 @@ def test_inspect_cpu_time_gemma(gemma3_gguf):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     assert cpu < 1.2, f"inspect used {cpu:.2f} s of CPU"
+
+
+def test_shipped_fixture_is_reproducible(tmp_path):
+    from gguf_samples import TINY_FIXTURE, make_tiny_gguf
+    assert TINY_FIXTURE.exists(), "fixtures/tiny.gguf is missing: python tests/gguf_samples.py"
+    made = make_tiny_gguf(tmp_path / "tiny.gguf")
+    assert made.read_bytes() == TINY_FIXTURE.read_bytes()
+    doc = json.loads(invoke("inspect", "--json", TINY_FIXTURE).output)
+    assert doc["metadata"]["general.architecture"] == "llama" and doc["summary"]["n_tensors"] == 11
