@@ -1,0 +1,173 @@
+"""The numpy forward pass against llama.cpp: small random-weight models of each supported architecture are
+written as F32 GGUF files and evaluated by both; the logits must agree to float32 rounding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gguftool.errors import ImatrixError
+from gguftool.model.forward import Model, ModelConfig, rms_norm, rope_cache
+
+# --- building small GGUF models
+
+N_VOCAB = 259          # <unk> <s> </s> + 256 byte tokens
+
+
+def _spm_vocab(w):
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([2, 3, 3] + [6] * 256)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_ff=96,
+                tied=False, qkv_bias=False, swa=0):
+    gguf = pytest.importorskip("gguf", reason="gguf-py writes the test models")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(n_layer)
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0 if arch != "qwen2" else 1000000.0)
+    w.add_rope_dimension_count(head_dim)
+    if arch == "gemma3" and swa:
+        w.add_sliding_window(swa)
+    w.add_file_type(0)
+    _spm_vocab(w)
+
+    def t(name, *shape, scale=0.3, offset=0.0):
+        a = (rng.standard_normal(shape[::-1]) * scale + offset).astype(np.float32)
+        w.add_tensor(name, a)
+
+    t("token_embd.weight", n_embd, N_VOCAB, scale=1.0)
+    t("output_norm.weight", n_embd, scale=0.1, offset=1.0)
+    if not tied:
+        t("output.weight", n_embd, N_VOCAB, scale=0.2)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        t(p + "attn_norm.weight", n_embd, scale=0.1, offset=1.0)
+        t(p + "attn_q.weight", n_embd, n_head * head_dim, scale=0.2)
+        t(p + "attn_k.weight", n_embd, n_head_kv * head_dim, scale=0.2)
+        t(p + "attn_v.weight", n_embd, n_head_kv * head_dim, scale=0.2)
+        t(p + "attn_output.weight", n_head * head_dim, n_embd, scale=0.2)
+        if qkv_bias:
+            t(p + "attn_q.bias", n_head * head_dim, scale=0.1)
+            t(p + "attn_k.bias", n_head_kv * head_dim, scale=0.1)
+            t(p + "attn_v.bias", n_head_kv * head_dim, scale=0.1)
+        if arch in ("qwen3", "gemma3"):
+            t(p + "attn_q_norm.weight", head_dim, scale=0.1, offset=1.0)
+            t(p + "attn_k_norm.weight", head_dim, scale=0.1, offset=1.0)
+        if arch == "gemma3":
+            t(p + "post_attention_norm.weight", n_embd, scale=0.1, offset=1.0)
+            t(p + "post_ffw_norm.weight", n_embd, scale=0.1, offset=1.0)
+        t(p + "ffn_norm.weight", n_embd, scale=0.1, offset=1.0)
+        t(p + "ffn_gate.weight", n_embd, n_ff, scale=0.2)
+        t(p + "ffn_up.weight", n_embd, n_ff, scale=0.2)
+        t(p + "ffn_down.weight", n_ff, n_embd, scale=0.2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _open(path, n_threads=1):
+    from gguftool.gguf_source import open_gguf_source
+    src = open_gguf_source(str(path))
+    return src, Model.from_source(src, n_threads=n_threads)
+
+
+def _llama_logits(path, tokens):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the forward-pass oracle")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True,
+                          flash_attn=True, verbose=False, n_threads=1)
+    llm.eval(list(tokens))
+    return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+
+
+CASES = [
+    ("llama", {}),
+    ("llama", {"tied": True, "n_head_kv": 4}),
+    ("qwen2", {"qkv_bias": True}),
+    ("qwen3", {}),
+    ("gemma3", {"swa": 32}),
+]
+
+
+@pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
+def test_logits_match_llama_cpp(tmp_path, arch, kw):
+    rng = np.random.default_rng(1234)
+    path = write_model(tmp_path / f"{arch}.gguf", arch, rng, **kw)
+    tokens = rng.integers(3, N_VOCAB, size=96)
+    tokens[0] = 1
+    ref = _llama_logits(path, tokens)
+    src, model = _open(path, n_threads=2)
+    try:
+        ours = model.forward(tokens[None, :])[0]
+    finally:
+        del model
+        src.close()
+    rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    assert rel < 2e-3, rel
+    assert (ours.argmax(1) == ref.argmax(1)).mean() > 0.97
+
+
+def test_hooks_report_every_matmul_input(tmp_path):
+    rng = np.random.default_rng(7)
+    path = write_model(tmp_path / "m.gguf", "llama", rng)
+    src, model = _open(path)
+    seen = {}
+
+    def hook(names, x):
+        for n in names:
+            seen[n] = x.shape
+
+    tokens = rng.integers(3, N_VOCAB, size=(2, 20))
+    logits = model.forward(tokens, hook=hook, logits_from=10, logits_to=19, process_output=True)
+    assert logits.shape == (2, 9, N_VOCAB)
+    assert set(seen) == set(model.weight_names())
+    assert seen["blk.0.attn_q.weight"] == (40, 64)
+    assert seen["blk.1.attn_output.weight"] == (40, 64)
+    assert seen["blk.1.ffn_down.weight"] == (40, 96)
+    assert seen["output.weight"] == (40, 64)
+    # batching: two sequences at once give the same logits as one at a time
+    one = model.forward(tokens[1:], logits_from=10, logits_to=19)
+    np.testing.assert_allclose(one[0], logits[1], rtol=1e-5, atol=1e-5)
+    # threads do not change the result
+    model.set_threads(3)
+    again = model.forward(tokens, logits_from=10, logits_to=19)
+    np.testing.assert_allclose(again, logits, rtol=1e-4, atol=1e-4)
+    del model
+    src.close()
+
+
+def test_missing_tensor_and_unsupported_arch(tmp_path):
+    rng = np.random.default_rng(3)
+    path = write_model(tmp_path / "m.gguf", "llama", rng)
+    from gguftool.gguf_source import open_gguf_source
+    src = open_gguf_source(str(path))
+    src.tensors = [t for t in src.tensors if t.name != "blk.1.ffn_up.weight"]
+    with pytest.raises(ImatrixError, match="missing tensor blk.1.ffn_up.weight"):
+        Model.from_source(src)
+    src.close()
+    meta = {"general.architecture": "falcon"}
+    with pytest.raises(ImatrixError, match="unsupported architecture 'falcon'"):
+        ModelConfig.from_metadata(meta)
+
+
+def test_numeric_helpers():
+    x = np.array([[3.0, 4.0]], dtype=np.float32)
+    y = rms_norm(x, np.ones(2, np.float32), 0.0)
+    np.testing.assert_allclose(y, x / np.sqrt(12.5), rtol=1e-6)
+    cos, sin = rope_cache(4, 8, 10000.0, 1.0)
+    assert cos.shape == (4, 4)
+    np.testing.assert_allclose(cos[:, 0], np.cos(np.arange(4)), rtol=1e-6)
+    np.testing.assert_allclose(sin[2, 1], np.sin(2 * 10000.0 ** (-2 / 8)), rtol=1e-5)
