@@ -221,3 +221,15 @@ def test_explicit_offsets_with_gap(tmp_path):
     with GGUFReader(p) as r:
         assert [t.offset for t in r.tensors] == [64, 128]
         assert r.tensor_array("b")[0] == 2
+
+
+def test_invalid_utf8_strings_survive_round_trip(tmp_path):
+    # invalid UTF-8 is read with surrogateescape and written back unchanged
+    raw_str = b"ok\xff\xfe"
+    s = raw_str.decode("utf-8", "surrogateescape")
+    p = write_file(tmp_path / "x.gguf", [KV("s", VT.STRING, s), KV("a", VT.ARRAY, GGUFArray(VT.STRING, [s, "é"]))])
+    assert raw_str in p.read_bytes()
+    with GGUFReader(p) as r:
+        assert r.get("s") == s and r.get("a") == [s, "é"]
+        q = write_file(tmp_path / "y.gguf", r.kvs)
+    assert q.read_bytes() == p.read_bytes()
