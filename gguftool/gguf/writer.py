@@ -379,8 +379,7 @@ class GGUFWriter:
                 raise GGUFError(f"{self.path}: only {self._next} of {len(self.tensor_infos)} tensors were "
                                 f"written (next: {missing!r})")
             f, self._file = self._file, None
-            f.flush()
-            os.fsync(f.fileno())
+            # no fsync: like llama.cpp; the rename alone guarantees nobody sees a partial file
             f.close()
             os.replace(self._tmp, self.path)
             self._tmp = None
