@@ -188,3 +188,37 @@ if __name__ == "__main__":  # more cases than CI runs: python tests/test_fuzz_he
             print(f"{name}: {args.cases} cases, {c['error']} FormatError, {c['ok']} still valid, "
                   f"{time.perf_counter() - t0:.1f} s")
     sys.exit(0)
+
+
+def test_cli_on_damaged_files_prints_one_error_line(tmp_path):
+    # the same kind of damage through `gguftool inspect` and `gguftool edit`: exit 0, or exit 1 with exactly one
+    # "Error: ..." line on stderr and nothing on stdout (never a traceback)
+    from click.testing import CliRunner
+
+    from gguftool.cli import main
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    header, total = synthetic_seed()
+    rng = random.Random(99)
+    path, out = tmp_path / "case.gguf", tmp_path / "out.gguf"
+    failures = 0
+    for i in range(60):
+        data, delta, _ = mutate(header, rng)
+        with open(path, "wb") as f:
+            f.write(data)
+            if delta == 0:
+                f.truncate(total - len(header) + len(data))
+        for args in (["inspect", str(path)], ["inspect", "--json", str(path)],
+                     ["edit", "--force", str(path), str(out)]):
+            r = runner.invoke(main, args, catch_exceptions=False)
+            if r.exit_code == 0:
+                continue
+            failures += 1
+            assert r.exit_code == 1, (i, args, r.exit_code)
+            assert r.stdout == ""
+            lines = r.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: "), (i, args, r.stderr)
+    assert failures > 60
+    assert sorted(os.listdir(tmp_path)) in (["case.gguf"], ["case.gguf", "out.gguf"])
