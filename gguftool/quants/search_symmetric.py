@@ -24,7 +24,21 @@ API (all arrays 1-D, at least n long; slices of bigger arrays are fine, they are
 
     nearest_int_c(fval) -> int
         ggml's nearest_int including its behaviour outside |fval| <= 2^22 (low mantissa bits of
-        fval + 12582912.f), which make_q3_quants can reach when its running sums are tiny or overflowed.
+        fval + 12582912.f; NaN -> 0), which the searches reach when sums are tiny, overflowed or NaN.
+
+Fast variants used by the Q6_K / Q3_K kernels (bit-identical to the above for FINITE x; offsets instead of
+views so the compiled loops vectorize; inline="always"):
+
+    make_qx_quants_w(n, nmax, x, xo, L, lo, w, work) -> float32
+        = make_qx_quants(n, nmax, x[xo:], L[lo:], 1, w) with w float32[n] the weights (pass x*x for the
+        reference's NULL-weights rmse_type=1 call); work: float32[3*NT] scratch. The 19 trial scales are
+        evaluated side by side as SIMD lanes, each lane summing in the reference's element order.
+    make_q3_quants_rmse(n, nmax, x, xo, L, lo, work) -> float32
+        = make_q3_quants(n, nmax, x[xo:], L[lo:], True); work: float32[>= 2*n] scratch.
+
+All functions use error_model="numpy" (IEEE division: x/0 -> inf/NaN like C, not ZeroDivisionError).
+Numba's on-disk cache keys a function on its own source file only: after editing this module, delete the
+cached kernels of the modules that call it (gguftool/quants/__pycache__/*.nbi|nbc) or they keep the old code.
 """
 from __future__ import annotations
 
