@@ -83,12 +83,13 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
     if not text.strip():
         fail(f"{calib}: calibration text is empty")
 
-    from ..model.forward import Model
+    from ..model.forward import Model, ModelConfig
     from ..model.tokenizer import Tokenizer
 
     n_threads = threads if threads > 0 else (os.cpu_count() or 1)
     source = imx.load_model(model_path)
     try:
+        ModelConfig.from_metadata(source)          # architecture first: the cheapest check
         tokenizer = Tokenizer.from_metadata(source)
         model = Model.from_source(source, n_threads=n_threads)
         bar = None
