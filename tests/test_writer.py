@@ -233,3 +233,70 @@ def test_invalid_utf8_strings_survive_round_trip(tmp_path):
         assert r.get("s") == s and r.get("a") == [s, "é"]
         q = write_file(tmp_path / "y.gguf", r.kvs)
     assert q.read_bytes() == p.read_bytes()
+
+
+_RANGES = {VT.UINT8: (0, 2**8), VT.INT8: (-2**7, 2**7), VT.UINT16: (0, 2**16), VT.INT16: (-2**15, 2**15),
+           VT.UINT32: (0, 2**32), VT.INT32: (-2**31, 2**31), VT.UINT64: (0, 2**64), VT.INT64: (-2**63, 2**63)}
+
+
+def _random_scalar(rng, t):
+    if t in _RANGES:
+        lo, hi = _RANGES[t]
+        return lo + int(rng.integers(0, 2**62)) * (hi - lo) // 2**62
+    if t == VT.FLOAT32:
+        return float(np.float32(rng.standard_normal()))
+    if t == VT.FLOAT64:
+        return float(rng.standard_normal())
+    if t == VT.BOOL:
+        return bool(rng.integers(0, 2))
+    return "".join(chr(int(c)) for c in rng.integers(32, 0x3000, int(rng.integers(0, 20))))
+
+
+def _random_array(rng, depth):
+    et = VT(int(rng.integers(0, 13)))
+    if et == VT.ARRAY and depth >= 2:
+        et = VT.STRING
+    n = int(rng.integers(0, 6))
+    if et == VT.ARRAY:
+        return GGUFArray(et, [_random_array(rng, depth + 1) for _ in range(n)])
+    return GGUFArray(et, [_random_scalar(rng, et) for _ in range(n)])
+
+
+def _random_value(rng):
+    t = VT(int(rng.integers(0, 13)))
+    return t, (_random_array(rng, 0) if t == VT.ARRAY else _random_scalar(rng, t))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_metadata_round_trip(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    kvs = []
+    for i in range(int(rng.integers(1, 25))):
+        t, v = _random_value(rng)
+        kvs.append(KV(f"k{i}.{t.name.lower()}", t, v))
+    types = [GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q6_K, GGMLType.IQ4_XS, GGMLType.TQ2_0]
+    tensors = []
+    for j in range(int(rng.integers(0, 6))):
+        t = types[int(rng.integers(0, len(types)))]
+        shape = (t.block_size * int(rng.integers(1, 3)),) + tuple(int(d) for d in rng.integers(1, 4, rng.integers(0, 4)))
+        n = int(np.prod(shape))
+        tensors.append((f"t{j}", shape, t, rng.integers(0, 256, t.nbytes(n), dtype=np.uint8)))
+    align = int(2 ** rng.integers(0, 8))
+    p = write_file(tmp_path / "x.gguf", [KV("general.alignment", VT.UINT32, align)] + kvs, tensors,
+                   version=int(rng.choice([2, 3])))
+    with GGUFReader(p) as r:
+        assert r.alignment == align
+        for mine, theirs in zip(kvs, r.kvs[1:]):
+            assert mine.key == theirs.key and mine.type == theirs.type
+            _same(mine.value, theirs.value)
+        for (name, shape, t, data), info in zip(tensors, r.tensors):
+            assert (info.name, info.shape, info.type) == (name, shape, t)
+            assert r.tensor_bytes(info).tobytes() == data.tobytes()
+        q = tmp_path / "y.gguf"
+        with GGUFWriter(q, version=r.version) as w:
+            w.add_kvs(r.kvs)
+            for info in r.tensors:
+                w.add_tensor_info(info.name, info.shape, info.type)
+            for info in r.tensors:
+                w.write_tensor_data(info.name, r.tensor_bytes(info))
+    assert q.read_bytes() == p.read_bytes()
