@@ -15,6 +15,8 @@ Block layout (110 bytes):
 
 API: quantize_ref(x, out, L, scales), quantize_impl(x, qw, out, L, scales), dequantize_block(blk, y) for one
 block; quantize_rows(x, imatrix, out) / dequantize_rows(data, out) row drivers (registry contract).
+x must be finite (the API layer rejects NaN/Inf): the fast searches round with plain rint where the
+reference's nearest_int is exact for finite input. Overflowing intermediates (|x| > ~1e19) are handled as in C.
 """
 from __future__ import annotations
 
