@@ -403,7 +403,9 @@ def llama3_rope_freqs(hp: dict) -> np.ndarray | None:
     f32 = np.float32
     # torch evaluates `scalar / t` as t.reciprocal() * scalar, and mixes Python floats in as float32
     expo = np.arange(0, dim, 2, dtype=np.float32) / f32(dim)
-    freqs = (f32(1) / np.power(f32(base), expo, dtype=np.float32)) * f32(1.0)
+    # torch's float32 pow (SLEEF, 1-ulp) agrees with the correctly rounded double result but for rare ulps
+    powers = np.power(np.float64(f32(base)), expo.astype(np.float64)).astype(np.float32)
+    freqs = (f32(1) / powers) * f32(1.0)
     factor = rope.get("factor", 8.0)
     low = rope.get("low_freq_factor", 1.0)
     high = rope.get("high_freq_factor", 4.0)

