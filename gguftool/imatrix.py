@@ -140,6 +140,7 @@ def chunk_nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
 
 
 def read_calibration_text(path: str) -> str:
+    """The file as UTF-8 text, without one trailing newline (llama.cpp's ``-f`` drops it too)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -148,10 +149,11 @@ def read_calibration_text(path: str) -> str:
     except IsADirectoryError:
         raise ImatrixError(f"{path}: is a directory, not a calibration text file") from None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ImatrixError(f"{path}: calibration text is not valid UTF-8 (byte {e.start}: "
                            f"0x{raw[e.start]:02x})") from None
+    return text[:-1] if text.endswith("\n") else text
 
 
 def load_model(path: str):

@@ -255,3 +255,28 @@ def test_written_files_roundtrip(tmp_path):
     raw = (tmp_path / "a.dat").read_bytes()
     assert struct.unpack_from("<i", raw, 0)[0] == 1
     assert raw.endswith(struct.pack("<i", 1) + struct.pack("<i", 9) + b"calib.txt")
+
+
+def test_hf_checkpoint_input_equals_converted_gguf(tmp_path):
+    """A Hugging Face checkpoint read directly gives the same imatrix as its F32 GGUF conversion."""
+    from pathlib import Path
+    pytest.importorskip("gguftool.hf.source", reason="the Hugging Face reader is part of the convert feature")
+    ckpt = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama"
+    if not (ckpt / "model.safetensors").exists():
+        pytest.skip("fixtures/tiny-llama is not present")
+    calib = Path(__file__).resolve().parent.parent / "fixtures" / "calibration" / "essays.txt"
+    conv = tmp_path / "tiny-f32.gguf"
+    code, text = _run("convert", str(ckpt), "-t", "F32", "-o", str(conv))
+    assert code == 0, text
+    outs = []
+    for model in (ckpt, conv):
+        out = tmp_path / f"im{len(outs)}.gguf"
+        code, text = _run("imatrix", str(model), "--calib", str(calib), "-o", str(out), "--ctx", "128",
+                          "--chunks", "3", "-q")
+        assert code == 0, text
+        outs.append(read_imatrix(out))
+    a, b = outs
+    assert sorted(a.entries) == sorted(b.entries) and len(a.entries) == 14
+    for n in a.entries:
+        np.testing.assert_array_equal(a.entries[n].in_sum2, b.entries[n].in_sum2)
+        assert a.entries[n].counts.tolist() == b.entries[n].counts.tolist() == [384]
