@@ -174,8 +174,11 @@ def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
     return s[0], s[1], s[2]
 
 
-def make_plan(source: TensorSource, cfg: QuantizeConfig) -> Plan:
-    """Decide every tensor's type and check the request against the source; raises GGUFError subclasses."""
+def make_plan(source: TensorSource, cfg: QuantizeConfig, dry_run: bool = False) -> Plan:
+    """Decide every tensor's type and check the request against the source; raises GGUFError subclasses.
+
+    dry_run: a missing imatrix that the mix needs is a warning instead of an error (as llama-quantize
+    --dry-run reports it)."""
     warnings: list[str] = []
     by_name: dict[str, SourceTensor] = {}
     for t in source.tensors:
@@ -216,6 +219,11 @@ def make_plan(source: TensorSource, cfg: QuantizeConfig) -> Plan:
     requantized: dict[str, int] = {}
     missing: list[str] = []
     for tp in plans:
+        if dry_run and tp.requires_imatrix and weights is None:
+            if not any("will require an imatrix" in w for w in warnings):
+                warnings.append(f"actually quantizing to {cfg.ftype.name} will require an imatrix "
+                                f"(tensor {tp.name} -> {tp.new_type.name})")
+            continue
         _check_tensor(tp, cfg, weights, warnings, requantized, missing)
     if missing:
         warnings.append(f"no imatrix weights for {len(missing)} tensors ({', '.join(missing[:3])}"

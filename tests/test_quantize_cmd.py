@@ -414,3 +414,10 @@ def test_disk_full_leaves_nothing(models, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert_one_error_line(p.returncode, p.stderr, "File too large|No space left")
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_dry_run_reports_a_needed_imatrix_instead_of_failing(models):
+    code, stdout, err = run(models["small.gguf"], "-t", "Q2_K_S", "--dry-run")
+    assert code == 0
+    assert "will require an imatrix" in err
+    assert "Q2_K_S: 75 tensors" in stdout

@@ -93,7 +93,7 @@ def command(inp, out, type_, imatrix, include_weights, exclude_weights, leave_ou
         cfg.imatrix_path = imatrix
 
     with open_gguf_source(inp) as src:
-        plan = PL.make_plan(src, cfg)
+        plan = PL.make_plan(src, cfg, dry_run=dry_run)
         for w in plan.warnings:
             _warn(w)
         if dry_run:
