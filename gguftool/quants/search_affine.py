@@ -3,9 +3,9 @@
 These mirror llama.cpp's ``make_qkx2_quants``, ``make_qkx3_quants`` and ``make_qp_quants`` operation for
 operation: the same float32 expressions evaluated in the same order, sequential float32 sums, the same
 branches (including the C ``MIN``/``MAX`` ternaries, which matter when NaN/Inf appear) and the same uint8
-truncation where the reference stores an ``int`` into a ``uint8_t``. For speed the per-element products of a
-search step are computed in one (vectorisable) loop into scratch and summed in a second, strictly sequential
-loop: every float32 value and every sum is the same as in the reference, only the loop structure differs.
+truncation where the reference stores an ``int`` into a ``uint8_t``. Two exact shortcuts make them faster than
+the C loops (see ``_qkx_search``): search steps whose levels repeat the previous step's are skipped, and for
+32-element groups the per-step products go through scratch so the sequential sums do not wait on them.
 
 API (all ``@njit(cache=True, error_model="numpy")``: float division by zero gives inf/NaN as in C instead of
 raising; call them from other numba code, or from Python with float32 arrays):
@@ -65,7 +65,11 @@ def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, u
     """Shared body of make_qkx2_quants (le_check False: ``max == min``) and make_qkx3_quants (``max <= min``).
 
     Works on x[xo:xo+n], weights[wo:wo+n], L[lo:lo+n] through offsets (no array views, so no reference
-    counting in the hot loop); fs: float32 scratch of 4*n. Inlined so that n, nmax, nstep are constants."""
+    counting in the hot loop); Laux: uint8[n]; fs: float32 scratch of 4*n. Inline, so that n, nmax, nstep
+    are constants in the kernels. Two exact shortcuts: a step whose levels equal the previous step's is
+    skipped (its sums, fit and error only depend on the levels, and an equal error never beats best_error
+    under the strict <); for n > 16 the per-element products go through scratch so the sums do not wait
+    on them (same values, same summation order)."""
     rmin = np.float32(rmin)
     rdelta = np.float32(rdelta)
     fnmax = np.float32(nmax)
@@ -96,6 +100,7 @@ def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, u
         fs[om + i] = x[xo + i] - mn
     iscale = fnmax / (mx - mn)
     scale = np.float32(1.0) / iscale
+    best_error = np.float32(0.0)
     for i in range(n):
         l = nearest_int_c(iscale * fs[om + i])
         l = nmax if nmax < l else l
@@ -103,31 +108,46 @@ def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, u
         L[lo + i] = l
         diff = scale * np.float32(l) + mn - x[xo + i]
         diff = abs(diff) if use_mad else diff * diff
-        fs[oa + i] = weights[wo + i] * diff
-    best_error = np.float32(0.0)
-    for i in range(n):
-        best_error += fs[oa + i]
+        best_error += weights[wo + i] * diff
     if nstep < 1:
         return scale, -mn
     for istep in range(nstep + 1):
         iscale = (rmin + rdelta * np.float32(istep) + fnmax) / (mx - mn)
+        nchanged = 0
         for i in range(n):
             l = nearest_int_c(iscale * fs[om + i])
             l = nmax if nmax < l else l
             l = 0 if 0 > l else l
+            nchanged += int(Laux[i]) != l
             Laux[i] = l
-            fl = np.float32(l)
-            wl = weights[wo + i] * fl
-            fs[oa + i] = wl
-            fs[ob + i] = wl * fl
-            fs[oc + i] = wl * x[xo + i]
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            sum_l += fs[oa + i]
-            sum_l2 += fs[ob + i]
-            sum_xl += fs[oc + i]
+        # The evaluation of a step depends only on its levels (not on min): the same levels as the step
+        # before give the same error, which cannot beat best_error (strict <) -- skip it.
+        if istep > 0 and nchanged == 0:
+            continue
+        if n > 16:                      # products in a vectorisable loop, then the sequential sums
+            for i in range(n):
+                fl = np.float32(Laux[i])
+                wl = weights[wo + i] * fl
+                fs[oa + i] = wl
+                fs[ob + i] = wl * fl
+                fs[oc + i] = wl * x[xo + i]
+            sum_l = np.float32(0.0)
+            sum_l2 = np.float32(0.0)
+            sum_xl = np.float32(0.0)
+            for i in range(n):
+                sum_l += fs[oa + i]
+                sum_l2 += fs[ob + i]
+                sum_xl += fs[oc + i]
+        else:
+            sum_l = np.float32(0.0)
+            sum_l2 = np.float32(0.0)
+            sum_xl = np.float32(0.0)
+            for i in range(n):
+                fl = np.float32(Laux[i])
+                wl = weights[wo + i] * fl
+                sum_l += wl
+                sum_l2 += wl * fl
+                sum_xl += wl * x[xo + i]
         D = sum_w * sum_l2 - sum_l * sum_l
         if D > np.float32(0.0):
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -135,20 +155,26 @@ def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, u
             if this_min > np.float32(0.0):
                 this_min = np.float32(0.0)
                 this_scale = sum_xl / sum_l2
-            for i in range(n):
-                diff = this_scale * np.float32(Laux[i]) + this_min - x[xo + i]
-                diff = abs(diff) if use_mad else diff * diff
-                fs[oa + i] = weights[wo + i] * diff
             cur_error = np.float32(0.0)
-            for i in range(n):
-                cur_error += fs[oa + i]
+            if n > 16:
+                for i in range(n):
+                    diff = this_scale * np.float32(Laux[i]) + this_min - x[xo + i]
+                    diff = abs(diff) if use_mad else diff * diff
+                    fs[oa + i] = weights[wo + i] * diff
+                for i in range(n):
+                    cur_error += fs[oa + i]
+            else:
+                for i in range(n):
+                    diff = this_scale * np.float32(Laux[i]) + this_min - x[xo + i]
+                    diff = abs(diff) if use_mad else diff * diff
+                    cur_error += weights[wo + i] * diff
             if cur_error < best_error:
                 for i in range(n):
                     L[lo + i] = Laux[i]
                 best_error = cur_error
                 scale = this_scale
                 mn = this_min
-                for i in range(n):          # the reference recomputes x[i] - min with the new min
+                for i in range(n):      # the reference recomputes x[i] - min with the new min
                     fs[om + i] = x[xo + i] - mn
     return scale, -mn
 
