@@ -194,3 +194,46 @@ def test_live_llama_cpp(qtype):
         want = ggml.quantize(qtype, x, im)
         got = _quantize(qtype, x, im)
         _assert_same(qtype, got, want, f"live llama.cpp, imatrix={name}, seed={seed}")
+
+
+def _gemma_rows(gemma3_gguf, request):
+    """8 random rows of up to 4 small 2-D tensors of gemma-3-270m, dequantized with gguf-py. gguf-py's reader
+    needs ~40 s for this file (262k-token vocabulary), so the rows are cached under pytest's cache dir."""
+    gguf = pytest.importorskip("gguf", reason="gguf-py reads and dequantizes the real model")
+    import os
+
+    cache = Path(request.config.cache.mkdir("gguftool-models")) / "gemma3-rows-affine-k.npz"
+    tag = str(gemma3_gguf.stat().st_size)
+    if cache.exists():
+        d = np.load(cache)
+        if str(d["tag"]) == tag:
+            return [(str(k), d[k]) for k in d.files if k != "tag"]
+    reader = gguf.GGUFReader(str(gemma3_gguf))
+    rng = np.random.default_rng(5)
+    picked = [t for t in reader.tensors
+              if len(t.shape) == 2 and int(t.shape[0]) % 256 == 0 and int(t.n_elements) <= 4_000_000][:4]
+    assert picked, "no 2-D tensor with rows of a multiple of 256 in the Gemma-3 file"
+    out = {}
+    for t in picked:
+        n = int(t.shape[0])
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, n)
+        out[f"{t.name} ({t.tensor_type.name})"] = np.ascontiguousarray(
+            w[rng.choice(w.shape[0], 8, replace=False)], dtype=np.float32)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, tag=np.array(tag), **out)
+    os.replace(tmp, cache)
+    return list(out.items())
+
+
+def test_live_llama_cpp_real_model_rows(gemma3_gguf, request):
+    """Rows of a real model (gemma-3-270m, dequantized with gguf-py) against the live llama.cpp."""
+    ggml = oracle_or_skip()
+    rng = np.random.default_rng(6)
+    rows_by_tensor = _gemma_rows(gemma3_gguf, request)
+    assert rows_by_tensor
+    for name, rows in rows_by_tensor:
+        im = rng.exponential(1.0, rows.shape[1]).astype(np.float32)
+        for qtype in TYPES:
+            for imx in (None, im):
+                _assert_same(qtype, _quantize(qtype, rows, imx), ggml.quantize(qtype, rows, imx),
+                             f"gemma-3 {name} imatrix={imx is not None}")
