@@ -64,13 +64,24 @@ def can_dequantize(qtype) -> bool:
 # --- validation kernels
 @njit(cache=True)
 def _first_nonfinite(x):
-    """(row, kind) of the first non-finite value in row-major order: kind 1 = NaN, 2 = Inf; (-1, 0) if none."""
+    """(row, kind) of the first non-finite value in row-major order: kind 1 = NaN, 2 = Inf; (-1, 0) if none.
+
+    Each row is screened with an integer max over the exponent fields (vectorises; all ones means NaN or
+    Inf); only a row that fails is scanned element by element.
+    """
     rows, n = x.shape
+    exp_mask = np.uint32(0x7F800000)
     for r in range(rows):
+        xu = x[r].view(np.uint32)
+        m = np.uint32(0)
         for j in range(n):
-            v = x[r, j]
-            if v - v != 0:  # false for every finite value, true (or unordered) for NaN and +-Inf
-                return r, (1 if v != v else 2)
+            e = xu[j] & exp_mask
+            m = e if e > m else m
+        if m == exp_mask:
+            for j in range(n):
+                v = x[r, j]
+                if v - v != 0:  # NaN - NaN and Inf - Inf are NaN
+                    return r, (1 if v != v else 2)
     return -1, 0
 
 

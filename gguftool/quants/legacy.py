@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .common import fp16_bits_to_fp32, fp32_to_fp16_bits
+from .float_types import fp16_to_fp32_fast, fp32_to_fp16_fast, u32_as_f32
 
 F32 = np.float32
-QK = 32  # elements per block of every legacy type
+U32 = np.uint32
+U64 = np.uint64  # unsigned indices: numba then drops its negative-index wraparound, and the loops vectorise
+QK = 32          # elements per block of every legacy type
+ROWS_PER_TASK = 4  # rows per parallel task of the row drivers (each task allocates its scratch once)
 
 
 # --- C float -> integer conversions as the x86-64 build performs them
@@ -51,7 +54,7 @@ def roundf(f):
 @njit(cache=True, inline="always")
 def put_fp16(out, off, f):
     """Store GGML_FP32_TO_FP16(f) little-endian at out[off:off+2]."""
-    h = fp32_to_fp16_bits(f)
+    h = fp32_to_fp16_fast(f)
     out[off] = h & 0xFF
     out[off + 1] = (h >> 8) & 0xFF
 
@@ -59,7 +62,7 @@ def put_fp16(out, off, f):
 @njit(cache=True, inline="always")
 def get_fp16(data, off):
     """GGML_FP16_TO_FP32 of the little-endian half at data[off:off+2] (exact)."""
-    return fp16_bits_to_fp32(np.uint16(data[off]) | (np.uint16(data[off + 1]) << np.uint16(8)))
+    return fp16_to_fp32_fast(np.uint32(data[off]) | (np.uint32(data[off + 1]) << np.uint32(8)))
 
 
 @njit(cache=True, inline="always")
@@ -77,6 +80,59 @@ def get_u32(data, off):
             | (np.uint32(data[off + 2]) << np.uint32(16)) | (np.uint32(data[off + 3]) << np.uint32(24)))
 
 
+# --- block scans of the reference paths, in forms that vectorise
+@njit(cache=True, inline="always")
+def first_absmax(xr, xu, base):
+    """The (amax, max) scan of quantize_row_q4_0_ref / q5_0_ref for the block at base: the first element of
+    largest magnitude (+0.0 if all are zero). xu is xr viewed as uint32.
+
+    For non-negative floats the bit patterns order like the values, so an integer max over |x| bits finds the
+    magnitude and a second pass its first occurrence. Returns (max, ok); ok is False for NaN/Inf in the block
+    (the caller then uses the scalar path, which follows C's comparisons exactly)."""
+    m = U32(0)
+    for j in range(QK):
+        a = xu[U64(base + j)] & U32(0x7FFFFFFF)
+        m = a if a > m else m
+    if m >= U32(0x7F800000):
+        return F32(0.0), False
+    mx = F32(0.0)
+    if m != U32(0):
+        for j in range(QK):
+            if (xu[U64(base + j)] & U32(0x7FFFFFFF)) == m:
+                mx = xr[U64(base + j)]
+                break
+    return mx, True
+
+
+@njit(cache=True, inline="always")
+def _order_key(u):
+    """A signed integer that orders like the float32 with bit pattern u (-0.0 -> -1 sorts before +0.0 -> 0)."""
+    s = np.int64(np.int32(u))
+    return s ^ ((s >> 31) & 0x7FFFFFFF)
+
+
+@njit(cache=True, inline="always")
+def _key_to_f32(k):
+    s = k ^ ((k >> 31) & 0x7FFFFFFF)
+    return u32_as_f32(U32(s & 0xFFFFFFFF))
+
+
+@njit(cache=True, inline="always")
+def block_minmax(xu, base):
+    """The (min, max) scan of quantize_row_q4_1_ref / q5_1_ref for the block at base, with integer order keys
+    (vectorises). Returns (min, max, ok). ok is False when the minimum or maximum is a zero: C keeps the
+    first of -0.0 / +0.0 met, which the keys cannot tell, and the sign reaches the stored fp16 fields; the
+    caller then uses the scalar path. (NaN/Inf surface as a non-finite scale, also sent to the scalar path.)"""
+    kmin = np.int64(0x7FFFFFFF)
+    kmax = np.int64(-0x80000000)
+    for j in range(QK):
+        k = _order_key(xu[U64(base + j)])
+        kmin = k if k < kmin else kmin
+        kmax = k if k > kmax else kmax
+    ok = not (kmin == 0 or kmin == -1 or kmax == 0 or kmax == -1)
+    return _key_to_f32(kmin), _key_to_f32(kmax), ok
+
+
 # --- importance weights of the quantize_row_q*_impl functions
 @njit(cache=True)
 def row_sigma2(x):
@@ -91,5 +147,5 @@ def row_sigma2(x):
 def block_weights(x, qw, off, sigma2, weight):
     """weight[j] = qw[j] * sqrtf(sigma2 + xb[j]*xb[j]) for the block starting at off."""
     for j in range(QK):
-        v = x[off + j]
-        weight[j] = qw[off + j] * np.sqrt(sigma2 + v * v)
+        v = x[U64(off + j)]
+        weight[j] = qw[U64(off + j)] * np.sqrt(sigma2 + v * v)

@@ -13,18 +13,19 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import F32, QK, block_weights, c_int8, get_fp16, put_fp16, row_sigma2
-from .search_symmetric import make_qx_quants
+from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_weights, c_int8, first_absmax, get_fp16, put_fp16,
+                     row_sigma2)
+from .search_symmetric import NT, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q4_0
 USES_IMATRIX = True
 BLOCK_BYTES = 18
 
 
-# --- per block
+# --- reference path
 @njit(cache=True, error_model="numpy")
 def quantize_block_ref(x, off, out, o):
-    """quantize_row_q4_0_ref for one block."""
+    """quantize_row_q4_0_ref for one block, every C conversion emulated (any input, including NaN/Inf)."""
     amax = F32(0.0)
     mx = F32(0.0)
     for j in range(QK):
@@ -36,51 +37,90 @@ def quantize_block_ref(x, off, out, o):
     idd = F32(1.0) / d if d != 0 else F32(0.0)
     put_fp16(out, o, d)
     for j in range(QK // 2):
-        x0 = x[off + j] * idd
-        x1 = x[off + QK // 2 + j] * idd
-        xi0 = c_int8(x0 + F32(8.5))
-        xi1 = c_int8(x1 + F32(8.5))
+        xi0 = c_int8(x[off + j] * idd + F32(8.5))
+        xi1 = c_int8(x[off + QK // 2 + j] * idd + F32(8.5))
         xi0 = 15 if 15 < xi0 else xi0  # MIN(15, (int8_t)...)
         xi1 = 15 if 15 < xi1 else xi1
         out[o + 2 + j] = ((xi0 & 0xFF) | ((xi1 & 0xFF) << 4)) & 0xFF
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, out, o):
+def quantize_row_ref(xr, orow, sc, q):
+    """quantize_row_q4_0_ref over a whole row in passes that vectorise: block scales, then every element
+    x*id + 8.5 truncated, then nibble packing. sc (float32) and q (int32) are row-length scratch.
+
+    Valid while 1/d is finite: then |x*id| <= 8 up to rounding, x*id + 8.5 lies in (0, 17) and the C cast is
+    a plain truncation. Returns False (row untouched beyond headers) when a block needs the scalar path."""
+    n = xr.size
+    nb = n // QK
+    xu = xr.view(np.uint32)
+    for b in range(nb):
+        base = b * QK
+        mx, ok = first_absmax(xr, xu, base)
+        if not ok:
+            return False
+        d = mx / F32(-8.0)
+        idd = F32(1.0) / d if d != 0 else F32(0.0)
+        if not abs(idd) < np.inf:
+            return False
+        put_fp16(orow, b * BLOCK_BYTES, d)
+        for j in range(QK):
+            sc[U64(base + j)] = idd
+    for i in range(n):
+        v = np.int32(xr[U64(i)] * sc[U64(i)] + F32(8.5))
+        q[U64(i)] = v if v < 15 else 15
+    for b in range(nb):
+        for j in range(QK // 2):
+            orow[U64(b * BLOCK_BYTES + 2 + j)] = np.uint8((q[U64(b * QK + j)] | (q[U64(b * QK + 16 + j)] << 4))
+                                                          & 0xFF)
+    return True
+
+
+# --- importance path
+@njit(cache=True, inline="always", error_model="numpy")
+def quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
     """One block of quantize_row_q4_0_impl: weights qw*sqrt(sigma2 + x^2), make_qx_quants(32, 8, rmse 1)."""
     block_weights(x, qw, off, sigma2, weight)
-    d = make_qx_quants(QK, 8, x[off:off + QK], L, 1, weight)
+    d = make_qx_quants_w(QK, 8, x, off, L, 0, weight, work)
     put_fp16(out, o, d)
     for j in range(QK // 2):
-        out[o + 2 + j] = (np.int32(L[j]) | (np.int32(L[j + 16]) << 4)) & 0xFF
+        out[U64(o + 2 + j)] = (np.int32(L[j]) | (np.int32(L[j + 16]) << 4)) & 0xFF
 
 
-@njit(cache=True, error_model="numpy")
+# --- dequantization
+@njit(cache=True, inline="always", error_model="numpy")
 def dequantize_block(data, o, y, off):
     d = get_fp16(data, o)
     for j in range(QK // 2):
-        q = np.int32(data[o + 2 + j])
-        y[off + j] = F32((q & 0x0F) - 8) * d
-        y[off + j + QK // 2] = F32((q >> 4) - 8) * d
+        q = np.int32(data[U64(o + 2 + j)])
+        y[U64(off + j)] = F32((q & 0x0F) - 8) * d
+        y[U64(off + j + QK // 2)] = F32((q >> 4) - 8) * d
 
 
 # --- row drivers
 @njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
-    nb = x.shape[1] // QK
+    """x must be finite on the importance path (the API checks); the reference path takes anything."""
+    rows, n = x.shape
+    nb = n // QK
     use_w = imatrix.size > 0
-    for r in prange(x.shape[0]):
-        xr = x[r]
-        orow = out[r]
-        if use_w:
-            weight = np.empty(QK, np.float32)
-            L = np.empty(QK, np.int8)
-            sigma2 = row_sigma2(xr)
-            for b in range(nb):
-                quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, orow, b * BLOCK_BYTES)
-        else:
-            for b in range(nb):
-                quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        sc = np.empty(n, np.float32)
+        q = np.empty(n, np.int32)
+        weight = np.empty(QK, np.float32)
+        L = np.empty(QK, np.int8)
+        work = np.empty(3 * NT, np.float32)
+        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
+            xr = x[r]
+            orow = out[r]
+            if use_w:
+                sigma2 = row_sigma2(xr)
+                for b in range(nb):
+                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
+            elif not quantize_row_ref(xr, orow, sc, q):
+                for b in range(nb):
+                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

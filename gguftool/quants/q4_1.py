@@ -14,8 +14,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import F32, QK, block_weights, c_int8, get_fp16, put_fp16, row_sigma2
-from .search_affine import make_qkx3_quants
+from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_minmax, block_weights, c_int8, get_fp16, put_fp16,
+                     row_sigma2)
+from .search_affine import SCRATCH_PER_ELEM, make_qkx3_quants
 
 GGML_TYPE = GGMLType.Q4_1
 USES_IMATRIX = True
@@ -23,10 +24,10 @@ BLOCK_BYTES = 20
 FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-# --- per block
+# --- reference path
 @njit(cache=True, error_model="numpy")
 def quantize_block_ref(x, off, out, o):
-    """quantize_row_q4_1_ref for one block."""
+    """quantize_row_q4_1_ref for one block, every C conversion emulated (any input, including NaN/Inf)."""
     mn = FLT_MAX
     mx = -FLT_MAX
     for j in range(QK):
@@ -40,54 +41,98 @@ def quantize_block_ref(x, off, out, o):
     put_fp16(out, o, d)
     put_fp16(out, o + 2, mn)
     for j in range(QK // 2):
-        x0 = (x[off + j] - mn) * idd
-        x1 = (x[off + QK // 2 + j] - mn) * idd
-        xi0 = c_int8(x0 + F32(0.5))
-        xi1 = c_int8(x1 + F32(0.5))
+        xi0 = c_int8((x[off + j] - mn) * idd + F32(0.5))
+        xi1 = c_int8((x[off + QK // 2 + j] - mn) * idd + F32(0.5))
         xi0 = 15 if 15 < xi0 else xi0  # MIN(15, (int8_t)...)
         xi1 = 15 if 15 < xi1 else xi1
         out[o + 4 + j] = ((xi0 & 0xFF) | ((xi1 & 0xFF) << 4)) & 0xFF
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, out, o):
+def quantize_row_ref(xr, orow, smin, sc, q):
+    """quantize_row_q4_1_ref over a whole row in vectorisable passes: block min/max and scales, then every
+    element (x - min)*id + 0.5 truncated, then nibble packing. smin, sc (float32) and q (int32): row scratch.
+
+    Valid while d and 1/d are finite (then (x - min)*id lies in [0, 15] up to rounding and the C cast is a
+    truncation) and no block has a zero as its min or max (signed zeros: see legacy.block_minmax).
+    Returns False when a block needs the scalar path."""
+    n = xr.size
+    nb = n // QK
+    xu = xr.view(np.uint32)
+    for b in range(nb):
+        base = b * QK
+        mn, mx, ok = block_minmax(xu, base)
+        if not ok:
+            return False
+        d = (mx - mn) / F32(15.0)
+        idd = F32(1.0) / d if d != 0 else F32(0.0)
+        if not (abs(d) < np.inf and abs(idd) < np.inf):
+            return False
+        put_fp16(orow, b * BLOCK_BYTES, d)
+        put_fp16(orow, b * BLOCK_BYTES + 2, mn)
+        for j in range(QK):
+            smin[U64(base + j)] = mn
+            sc[U64(base + j)] = idd
+    for i in range(n):
+        v = np.int32((xr[U64(i)] - smin[U64(i)]) * sc[U64(i)] + F32(0.5))
+        q[U64(i)] = v if v < 15 else 15
+    for b in range(nb):
+        for j in range(QK // 2):
+            orow[U64(b * BLOCK_BYTES + 4 + j)] = np.uint8((q[U64(b * QK + j)] | (q[U64(b * QK + 16 + j)] << 4))
+                                                          & 0xFF)
+    return True
+
+
+# --- importance path
+@njit(cache=True, inline="always", error_model="numpy")
+def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
     """One block of quantize_row_q4_1_impl: make_qkx3_quants(32, 15, -0.9, 0.05, 36 steps, squared error)."""
     block_weights(x, qw, off, sigma2, weight)
-    d, the_min = make_qkx3_quants(QK, 15, x[off:off + QK], weight, L, Laux, -0.9, 0.05, 36, False)
+    d, the_min = make_qkx3_quants(QK, 15, x[off:off + QK], weight, L, Laux, -0.9, 0.05, 36, False, fs)
     put_fp16(out, o, d)
     put_fp16(out, o + 2, -the_min)
     for j in range(QK // 2):
-        out[o + 4 + j] = (np.int32(L[j]) | (np.int32(L[j + 16]) << 4)) & 0xFF
+        out[U64(o + 4 + j)] = (np.int32(L[j]) | (np.int32(L[j + 16]) << 4)) & 0xFF
 
 
-@njit(cache=True, error_model="numpy")
+# --- dequantization
+@njit(cache=True, inline="always", error_model="numpy")
 def dequantize_block(data, o, y, off):
     d = get_fp16(data, o)
     m = get_fp16(data, o + 2)
     for j in range(QK // 2):
-        q = np.int32(data[o + 4 + j])
-        y[off + j] = F32(q & 0x0F) * d + m
-        y[off + j + QK // 2] = F32(q >> 4) * d + m
+        q = np.int32(data[U64(o + 4 + j)])
+        y[U64(off + j)] = F32(q & 0x0F) * d + m
+        y[U64(off + j + QK // 2)] = F32(q >> 4) * d + m
 
 
 # --- row drivers
 @njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
-    nb = x.shape[1] // QK
+    """x must be finite on the importance path (the API checks); the reference path takes anything."""
+    rows, n = x.shape
+    nb = n // QK
     use_w = imatrix.size > 0
-    for r in prange(x.shape[0]):
-        xr = x[r]
-        orow = out[r]
-        if use_w:
-            weight = np.empty(QK, np.float32)
-            L = np.empty(QK, np.uint8)
-            Laux = np.empty(QK, np.uint8)
-            sigma2 = row_sigma2(xr)
-            for b in range(nb):
-                quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, orow, b * BLOCK_BYTES)
-        else:
-            for b in range(nb):
-                quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        smin = np.empty(n, np.float32)
+        sc = np.empty(n, np.float32)
+        q = np.empty(n, np.int32)
+        weight = np.empty(QK, np.float32)
+        L = np.empty(QK, np.uint8)
+        Laux = np.empty(QK, np.uint8)
+        fs = np.empty(SCRATCH_PER_ELEM * QK, np.float32)
+        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
+            xr = x[r]
+            orow = out[r]
+            if use_w:
+                sigma2 = row_sigma2(xr)
+                for b in range(nb):
+                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
+                                        b * BLOCK_BYTES)
+            elif not quantize_row_ref(xr, orow, smin, sc, q):
+                for b in range(nb):
+                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

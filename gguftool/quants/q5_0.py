@@ -14,18 +14,34 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import F32, QK, block_weights, c_int8, get_fp16, get_u32, put_fp16, put_u32, row_sigma2
-from .search_symmetric import make_qx_quants
+from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_weights, c_int8, first_absmax, get_fp16, get_u32,
+                     put_fp16, put_u32, row_sigma2)
+from .search_symmetric import NT, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q5_0
 USES_IMATRIX = True
 BLOCK_BYTES = 22
 
 
-# --- per block
+# --- packing shared by both paths
+@njit(cache=True, inline="always")
+def pack_block(q, qo, out, o):
+    """Levels q[qo:qo+32] (0..31, or C's wrapped values) into qs nibbles and the qh bit field."""
+    qh = 0
+    for j in range(QK // 2):
+        xi0 = np.int64(q[U64(qo + j)]) & 0xFF
+        xi1 = np.int64(q[U64(qo + j + 16)]) & 0xFF
+        out[U64(o + 6 + j)] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
+        qh |= ((xi0 & 0x10) >> 4) << j
+        qh |= ((xi1 & 0x10) >> 4) << (j + QK // 2)
+    put_u32(out, o + 2, qh)
+
+
+# --- reference path
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, off, out, o):
-    """quantize_row_q5_0_ref for one block."""
+def quantize_block_ref(x, off, out, o, qb):
+    """quantize_row_q5_0_ref for one block, every C conversion emulated (any input, including NaN/Inf).
+    qb: int32[32] scratch."""
     amax = F32(0.0)
     mx = F32(0.0)
     for j in range(QK):
@@ -36,65 +52,86 @@ def quantize_block_ref(x, off, out, o):
     d = mx / F32(-16.0)
     idd = F32(1.0) / d if d != 0 else F32(0.0)
     put_fp16(out, o, d)
-    qh = 0
-    for j in range(QK // 2):
-        x0 = x[off + j] * idd
-        x1 = x[off + QK // 2 + j] * idd
-        xi0 = c_int8(x0 + F32(16.5))
-        xi1 = c_int8(x1 + F32(16.5))
-        xi0 = (31 if 31 < xi0 else xi0) & 0xFF  # (uint8_t) MIN(31, (int8_t)...)
-        xi1 = (31 if 31 < xi1 else xi1) & 0xFF
-        out[o + 6 + j] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
-        qh |= ((xi0 & 0x10) >> 4) << j
-        qh |= ((xi1 & 0x10) >> 4) << (j + QK // 2)
-    put_u32(out, o + 2, qh)
+    for j in range(QK):
+        xi = c_int8(x[off + j] * idd + F32(16.5))
+        qb[j] = 31 if 31 < xi else xi  # (uint8_t) MIN(31, (int8_t)...): the low byte is taken when packing
+    pack_block(qb, 0, out, o)
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, out, o):
+def quantize_row_ref(xr, orow, sc, q):
+    """quantize_row_q5_0_ref over a whole row in vectorisable passes (see q4_0.quantize_row_ref): valid while
+    1/d is finite, so that x*id + 16.5 lies in (0, 33) and the C cast truncates. False: use the scalar path."""
+    n = xr.size
+    nb = n // QK
+    xu = xr.view(np.uint32)
+    for b in range(nb):
+        base = b * QK
+        mx, ok = first_absmax(xr, xu, base)
+        if not ok:
+            return False
+        d = mx / F32(-16.0)
+        idd = F32(1.0) / d if d != 0 else F32(0.0)
+        if not abs(idd) < np.inf:
+            return False
+        put_fp16(orow, b * BLOCK_BYTES, d)
+        for j in range(QK):
+            sc[U64(base + j)] = idd
+    for i in range(n):
+        v = np.int32(xr[U64(i)] * sc[U64(i)] + F32(16.5))
+        q[U64(i)] = v if v < 31 else 31
+    for b in range(nb):
+        pack_block(q, b * QK, orow, b * BLOCK_BYTES)
+    return True
+
+
+# --- importance path
+@njit(cache=True, inline="always", error_model="numpy")
+def quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
     """One block of quantize_row_q5_0_impl: weights qw*sqrt(sigma2 + x^2), make_qx_quants(32, 16, rmse 1)."""
     block_weights(x, qw, off, sigma2, weight)
-    d = make_qx_quants(QK, 16, x[off:off + QK], L, 1, weight)
+    d = make_qx_quants_w(QK, 16, x, off, L, 0, weight, work)
     put_fp16(out, o, d)
-    qh = 0
-    for j in range(QK // 2):
-        xi0 = np.int32(L[j]) & 0xFF
-        xi1 = np.int32(L[j + 16]) & 0xFF
-        out[o + 6 + j] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
-        qh |= ((xi0 & 0x10) >> 4) << j
-        qh |= ((xi1 & 0x10) >> 4) << (j + QK // 2)
-    put_u32(out, o + 2, qh)
+    pack_block(L, 0, out, o)
 
 
-@njit(cache=True, error_model="numpy")
+# --- dequantization
+@njit(cache=True, inline="always", error_model="numpy")
 def dequantize_block(data, o, y, off):
     d = get_fp16(data, o)
     qh = np.int64(get_u32(data, o + 2))
     for j in range(QK // 2):
-        q = np.int32(data[o + 6 + j])
+        q = np.int32(data[U64(o + 6 + j)])
         xh0 = ((qh >> j) << 4) & 0x10
         xh1 = (qh >> (j + 12)) & 0x10
-        y[off + j] = F32(((q & 0x0F) | xh0) - 16) * d
-        y[off + j + QK // 2] = F32(((q >> 4) | xh1) - 16) * d
+        y[U64(off + j)] = F32(((q & 0x0F) | xh0) - 16) * d
+        y[U64(off + j + QK // 2)] = F32(((q >> 4) | xh1) - 16) * d
 
 
 # --- row drivers
 @njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
-    nb = x.shape[1] // QK
+    """x must be finite on the importance path (the API checks); the reference path takes anything."""
+    rows, n = x.shape
+    nb = n // QK
     use_w = imatrix.size > 0
-    for r in prange(x.shape[0]):
-        xr = x[r]
-        orow = out[r]
-        if use_w:
-            weight = np.empty(QK, np.float32)
-            L = np.empty(QK, np.int8)
-            sigma2 = row_sigma2(xr)
-            for b in range(nb):
-                quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, orow, b * BLOCK_BYTES)
-        else:
-            for b in range(nb):
-                quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        sc = np.empty(n, np.float32)
+        q = np.empty(n, np.int32)
+        weight = np.empty(QK, np.float32)
+        L = np.empty(QK, np.int8)
+        work = np.empty(3 * NT, np.float32)
+        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
+            xr = x[r]
+            orow = out[r]
+            if use_w:
+                sigma2 = row_sigma2(xr)
+                for b in range(nb):
+                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
+            elif not quantize_row_ref(xr, orow, sc, q):
+                for b in range(nb):
+                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -15,8 +15,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import F32, QK, block_weights, c_uint8, get_fp16, get_u32, put_fp16, put_u32, row_sigma2
-from .search_affine import make_qkx3_quants
+from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_minmax, block_weights, c_uint8, get_fp16, get_u32,
+                     put_fp16, put_u32, row_sigma2)
+from .search_affine import SCRATCH_PER_ELEM, make_qkx3_quants
 
 GGML_TYPE = GGMLType.Q5_1
 USES_IMATRIX = True
@@ -24,10 +25,25 @@ BLOCK_BYTES = 24
 FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-# --- per block
+# --- packing shared by both paths
+@njit(cache=True, inline="always")
+def pack_block(q, qo, out, o):
+    """Levels q[qo:qo+32] (0..31, or C's wrapped values) into qs nibbles and the qh bit field."""
+    qh = 0
+    for j in range(QK // 2):
+        xi0 = np.int64(q[U64(qo + j)]) & 0xFF
+        xi1 = np.int64(q[U64(qo + j + 16)]) & 0xFF
+        out[U64(o + 8 + j)] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
+        qh |= ((xi0 & 0x10) >> 4) << j
+        qh |= ((xi1 & 0x10) >> 4) << (j + QK // 2)
+    put_u32(out, o + 4, qh)
+
+
+# --- reference path
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, off, out, o):
-    """quantize_row_q5_1_ref for one block (note: no MIN(31, ...) clamp in the reference)."""
+def quantize_block_ref(x, off, out, o, qb):
+    """quantize_row_q5_1_ref for one block, every C conversion emulated (any input, including NaN/Inf).
+    Note: the reference has no MIN(31, ...) clamp here. qb: int32[32] scratch."""
     mn = FLT_MAX
     mx = -FLT_MAX
     for j in range(QK):
@@ -40,66 +56,92 @@ def quantize_block_ref(x, off, out, o):
     idd = F32(1.0) / d if d != 0 else F32(0.0)
     put_fp16(out, o, d)
     put_fp16(out, o + 2, mn)
-    qh = 0
-    for j in range(QK // 2):
-        x0 = (x[off + j] - mn) * idd
-        x1 = (x[off + QK // 2 + j] - mn) * idd
-        xi0 = c_uint8(x0 + F32(0.5))
-        xi1 = c_uint8(x1 + F32(0.5))
-        out[o + 8 + j] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
-        qh |= ((xi0 & 0x10) >> 4) << j
-        qh |= ((xi1 & 0x10) >> 4) << (j + QK // 2)
-    put_u32(out, o + 4, qh)
+    for j in range(QK):
+        qb[j] = c_uint8((x[off + j] - mn) * idd + F32(0.5))
+    pack_block(qb, 0, out, o)
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, out, o):
+def quantize_row_ref(xr, orow, smin, sc, q):
+    """quantize_row_q5_1_ref over a whole row in vectorisable passes (see q4_1.quantize_row_ref): valid
+    while d and 1/d are finite, so (x - min)*id + 0.5 lies in [0, 32) and the C cast truncates, and no
+    block has a zero as its min or max. False: use the scalar path."""
+    n = xr.size
+    nb = n // QK
+    xu = xr.view(np.uint32)
+    for b in range(nb):
+        base = b * QK
+        mn, mx, ok = block_minmax(xu, base)
+        if not ok:
+            return False
+        d = (mx - mn) / F32(31.0)
+        idd = F32(1.0) / d if d != 0 else F32(0.0)
+        if not (abs(d) < np.inf and abs(idd) < np.inf):
+            return False
+        put_fp16(orow, b * BLOCK_BYTES, d)
+        put_fp16(orow, b * BLOCK_BYTES + 2, mn)
+        for j in range(QK):
+            smin[U64(base + j)] = mn
+            sc[U64(base + j)] = idd
+    for i in range(n):
+        q[U64(i)] = np.int32((xr[U64(i)] - smin[U64(i)]) * sc[U64(i)] + F32(0.5))
+    for b in range(nb):
+        pack_block(q, b * QK, orow, b * BLOCK_BYTES)
+    return True
+
+
+# --- importance path
+@njit(cache=True, inline="always", error_model="numpy")
+def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
     """One block of quantize_row_q5_1_impl: make_qkx3_quants(32, 31, -0.9, 0.05, 36 steps, squared error)."""
     block_weights(x, qw, off, sigma2, weight)
-    d, the_min = make_qkx3_quants(QK, 31, x[off:off + QK], weight, L, Laux, -0.9, 0.05, 36, False)
+    d, the_min = make_qkx3_quants(QK, 31, x[off:off + QK], weight, L, Laux, -0.9, 0.05, 36, False, fs)
     put_fp16(out, o, d)
     put_fp16(out, o + 2, -the_min)
-    qh = 0
-    for j in range(QK // 2):
-        xi0 = np.int32(L[j])
-        xi1 = np.int32(L[j + 16])
-        out[o + 8 + j] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
-        qh |= ((xi0 & 0x10) >> 4) << j
-        qh |= ((xi1 & 0x10) >> 4) << (j + QK // 2)
-    put_u32(out, o + 4, qh)
+    pack_block(L, 0, out, o)
 
 
-@njit(cache=True, error_model="numpy")
+# --- dequantization
+@njit(cache=True, inline="always", error_model="numpy")
 def dequantize_block(data, o, y, off):
     d = get_fp16(data, o)
     m = get_fp16(data, o + 2)
     qh = np.int64(get_u32(data, o + 4))
     for j in range(QK // 2):
-        q = np.int32(data[o + 8 + j])
+        q = np.int32(data[U64(o + 8 + j)])
         xh0 = ((qh >> j) << 4) & 0x10
         xh1 = (qh >> (j + 12)) & 0x10
-        y[off + j] = F32((q & 0x0F) | xh0) * d + m
-        y[off + j + QK // 2] = F32((q >> 4) | xh1) * d + m
+        y[U64(off + j)] = F32((q & 0x0F) | xh0) * d + m
+        y[U64(off + j + QK // 2)] = F32((q >> 4) | xh1) * d + m
 
 
 # --- row drivers
 @njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
-    nb = x.shape[1] // QK
+    """x must be finite on the importance path (the API checks); the reference path takes anything."""
+    rows, n = x.shape
+    nb = n // QK
     use_w = imatrix.size > 0
-    for r in prange(x.shape[0]):
-        xr = x[r]
-        orow = out[r]
-        if use_w:
-            weight = np.empty(QK, np.float32)
-            L = np.empty(QK, np.uint8)
-            Laux = np.empty(QK, np.uint8)
-            sigma2 = row_sigma2(xr)
-            for b in range(nb):
-                quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, orow, b * BLOCK_BYTES)
-        else:
-            for b in range(nb):
-                quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        smin = np.empty(n, np.float32)
+        sc = np.empty(n, np.float32)
+        q = np.empty(n, np.int32)
+        weight = np.empty(QK, np.float32)
+        L = np.empty(QK, np.uint8)
+        Laux = np.empty(QK, np.uint8)
+        fs = np.empty(SCRATCH_PER_ELEM * QK, np.float32)
+        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
+            xr = x[r]
+            orow = out[r]
+            if use_w:
+                sigma2 = row_sigma2(xr)
+                for b in range(nb):
+                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
+                                        b * BLOCK_BYTES)
+            elif not quantize_row_ref(xr, orow, smin, sc, q):
+                for b in range(nb):
+                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
