@@ -148,7 +148,10 @@ def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool =
 _BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
 VARIANTS = {
-    # name: (config additions, weight options, dtype, tokenizer: "spm" (tiny fixture's) or "bpe" (SmolLM2's))
+    # name: (config additions, weight options, dtype, tokenizer: "spm" (tiny fixture's) or "bpe" (SmolLM2's)).
+    # Qwen2/3 use the SentencePiece tokenizer too (their set_vocab tries tokenizer.model first): with
+    # transformers 5, llama.cpp tokenizes a Qwen checkpoint's tokenizer.json through the Qwen2Tokenizer class,
+    # whose built-in pre-tokenizer only matches a real Qwen vocabulary's hash. The BPE path is covered by SmolLM2.
     "llama3-rope": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
                      "rope_theta": 500000.0, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
                      "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
@@ -157,13 +160,13 @@ VARIANTS = {
     "mistral": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 512,
                  "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
                  "sliding_window": None, "head_dim": 64}, {}, "F16", "spm"),
-    "qwen2": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 49152,
+    "qwen2": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 512,
                "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
                "use_sliding_window": False, "sliding_window": 32768, "tie_word_embeddings": True,
-               "bos_token_id": 1, "eos_token_id": 2}, {"biases": True}, "BF16", "bpe"),
-    "qwen3": ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 49152,
+               "bos_token_id": 1, "eos_token_id": 2}, {"biases": True}, "BF16", "spm"),
+    "qwen3": ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512,
                "head_dim": 64, "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
-               "tie_word_embeddings": True, "rope_scaling": None}, {"qk_norm": True}, "F32", "bpe"),
+               "tie_word_embeddings": True, "rope_scaling": None}, {"qk_norm": True}, "F32", "spm"),
     "gemma3": ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 520,
                 "head_dim": 64, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
                 "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 64,

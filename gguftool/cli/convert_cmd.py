@@ -22,11 +22,13 @@ def _default_outfile(src, type_name: str) -> str:
 
 
 def _print_model(src) -> None:
+    from ..hf import archs as A
+
     hp, arch, v = src.hparams, src.arch, src.vocab
     click.echo(f"architecture: {hp.get('architectures', ['?'])[0]} -> {arch.gguf_arch}")
     click.echo(f"hyperparameters: layers {hp['num_hidden_layers']}, hidden {hp['hidden_size']}, ffn "
                f"{hp.get('intermediate_size')}, heads {hp['num_attention_heads']} (kv {hp['num_key_value_heads']}),"
-               f" head_dim {hp['head_dim']}, context {hp.get('max_position_embeddings')}, vocab {hp['vocab_size']}")
+               f" head_dim {A.head_dim(hp)}, context {hp.get('max_position_embeddings')}, vocab {hp['vocab_size']}")
     rope = hp["rope_parameters"]
     click.echo(f"rope: {rope}")
     special = ", ".join(f"{k} {i}" for k, i in v.special.items()) or "none"

@@ -67,6 +67,11 @@ class KVList:
 
 
 # --- hyperparameters as llama.cpp sees them
+def head_dim(hp: dict) -> int:
+    """The attention head size: config's head_dim, else hidden_size / num_attention_heads."""
+    return hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+
+
 def _find(hp: dict, keys, default=None):
     for k in keys:
         if k in hp:
@@ -91,7 +96,12 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
             raise ConvertError(f"config.json: {k} must be a positive integer, got {hp.get(k)!r}")
     if hp.get("head_dim") is None:
         d = arch.defaults.get("head_dim")
-        hp["head_dim"] = d if d is not None else hp["hidden_size"] // hp["num_attention_heads"]
+        if d is not None:
+            hp["head_dim"] = d
+        elif arch.derive_head_dim:  # transformers' __post_init__: hidden_size // num_attention_heads
+            hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
+        else:  # the config class has no head_dim (Qwen2): llama.cpp writes no key/value length
+            hp.pop("head_dim", None)
     if hp.get("num_key_value_heads") is None:
         d = arch.defaults.get("num_key_value_heads")
         hp["num_key_value_heads"] = d if d is not None else hp["num_attention_heads"]
@@ -204,7 +214,7 @@ def _llama_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     # LlamaModel.set_gguf_parameters (conversion/llama.py)
     _text_model_params(arch, hp, kv)
     kv.u32(f"{arch.gguf_arch}.vocab_size", hp["vocab_size"])
-    kv.u32(f"{arch.gguf_arch}.rope.dimension_count", hp["head_dim"])
+    kv.u32(f"{arch.gguf_arch}.rope.dimension_count", head_dim(hp))
 
 
 def _qwen_params(arch: "Arch", hp: dict, kv: KVList) -> None:
@@ -280,6 +290,7 @@ class Arch:
     norm_shift: float = 0.0                # Gemma: RMSNorm weight stored as w - 1
     trim_vocab_rows: bool = False          # Gemma3: token_embd cut to the tokenizer's size
     skip_lm_head: bool = False
+    derive_head_dim: bool = True           # config class computes head_dim when config.json lacks it
     extra: dict = field(default_factory=dict)
 
     def map_name(self, hf_name: str) -> str | None:
@@ -335,7 +346,7 @@ QWEN2 = _register(Arch(
     name="qwen2", hf_names=("Qwen2ForCausalLM",), gguf_arch="qwen2",
     defaults=dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, num_key_value_heads=32,
                   use_sliding_window=False, sliding_window=4096, max_window_layers=28),
-    tensors=QWEN2_TENSORS, params=_qwen_params, post_config=_qwen_post, vocab="qwen2"))
+    tensors=QWEN2_TENSORS, params=_qwen_params, post_config=_qwen_post, vocab="qwen2", derive_head_dim=False))
 
 QWEN3 = _register(Arch(
     name="qwen3", hf_names=("Qwen3ForCausalLM",), gguf_arch="qwen3",
@@ -399,7 +410,7 @@ def llama3_rope_freqs(hp: dict) -> np.ndarray | None:
     if not rope or str(rope.get("rope_type", "")).lower() != "llama3":
         return None
     base = float(rope.get("rope_theta", 10000.0))
-    dim = hp["head_dim"]
+    dim = head_dim(hp)
     f32 = np.float32
     # torch evaluates `scalar / t` as t.reciprocal() * scalar, and mixes Python floats in as float32
     expo = np.arange(0, dim, 2, dtype=np.float32) / f32(dim)

@@ -179,7 +179,7 @@ def size_label(n: int) -> str:
 
 
 def _expected_shapes(arch: A.Arch, hp: dict, vocab_rows: int | None) -> list[tuple[re.Pattern, tuple]]:
-    h, hd = hp["hidden_size"], hp["head_dim"]
+    h, hd = hp["hidden_size"], A.head_dim(hp)
     nh, nkv = hp["num_attention_heads"], hp["num_key_value_heads"]
     ff = hp.get("intermediate_size")
     vocab = vocab_rows if vocab_rows is not None else hp["vocab_size"]
