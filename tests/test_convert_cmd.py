@@ -195,7 +195,7 @@ def test_tiny_loads_in_llama_cpp(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
     out = tmp_path / "t.gguf"
     assert _run("convert", TINY, "--type", "Q4_K_M", "-o", out).exit_code == 0
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=1, n_ubatch=1, verbose=False)
     toks = llm.tokenize(b"Beautiful is better than ugly.")
     assert toks[0] == 1 and len(toks) > 5  # add_bos_token, SentencePiece pieces
     llm.eval(toks)
@@ -314,3 +314,33 @@ def test_smollm2_memory_bounded(smollm2, tmp_path):
     assert code == 0
     print(f"peak RssAnon {peak / 2**20:.0f} MiB (bound {(2 * largest + 300e6) / 2**20:.0f} MiB)")
     assert peak <= 2 * largest + 300_000_000
+
+
+def test_sharded_checkpoint_same_output(tmp_path, tiny_ref):
+    """The tiny fixture split into two shards + index converts to the same quantized file."""
+    from gguftool.hf.checkpoint import SafetensorsFile
+    d = tmp_path / "sharded"
+    d.mkdir()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(TINY / name, d / name)
+    st = SafetensorsFile(TINY / "model.safetensors")
+    names = sorted(st.tensors)
+    shards = {"model-00001-of-00002.safetensors": names[1::2], "model-00002-of-00002.safetensors": names[::2]}
+    weight_map = {}
+    for fname, part in shards.items():
+        header, blobs, off = {}, [], 0
+        for n in part:
+            t = st.tensors[n]
+            b = bytes(st.buffer()[t.offset:t.offset + t.nbytes])
+            header[n] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+            blobs.append(b)
+            off += len(b)
+            weight_map[n] = fname
+        h = json.dumps(header).encode()
+        (d / fname).write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+    st.close()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "s.gguf"
+    r = _run("convert", d / "model-00001-of-00002.safetensors", "--type", "Q8_0", "-o", out)
+    assert r.exit_code == 0, r.output
+    _assert_same_as_reference(out, tiny_ref["quantized"]["Q8_0"])

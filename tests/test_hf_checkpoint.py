@@ -132,3 +132,13 @@ def test_reading_maps_instead_of_loading(tmp_path):
     assert not v.flags.owndata and not v.flags.writeable
     del v
     f.close()
+
+
+def test_index_and_shards_must_agree(tmp_path):
+    a = np.zeros((2, 4), np.float32)
+    write_st(tmp_path / "model-00001-of-00001.safetensors", {"x.weight": ("F32", a)})
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "x.weight": "model-00001-of-00001.safetensors", "y.weight": "model-00001-of-00001.safetensors"}}))
+    with pytest.raises(ConvertError, match="weight_map and shard files disagree: missing tensor\\(s\\) y.weight"):
+        Checkpoint.open(tmp_path)

@@ -195,3 +195,52 @@ def test_missing_layer_tensors(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConvertError, match="checkpoint is missing tensor\\(s\\) blk.2.attn_norm.weight"):
         open_hf_source(d)
+
+
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def test_bpe_tokenizer_json_unknown_pre_tokenizer(tmp_path):
+    """A GPT-2 style tokenizer.json whose check hash llama.cpp does not know: warning naming it, 'default'."""
+    chars = _byte_level_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges = [["Ġ", "t"], ["h", "e"], ["Ġt", "he"]]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": vocab["<|endoftext|>"], "content": "<|endoftext|>", "single_word": False,
+                            "lstrip": False, "rstrip": False, "normalized": False, "special": True}],
+          "normalizer": None,
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+          "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                    "merges": merges}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                                "add_prefix_space": False}))
+    kvs, info = vocab_kvs("llama", tmp_path, {"vocab_size": len(vocab) + 2})
+    kv = {k.key: k for k in kvs}
+    assert info.pre == "default" and kv["tokenizer.ggml.pre"].value == "default"
+    assert any("BPE pre-tokenizer not recognized (check hash " in w for w in info.warnings)
+    assert kv["tokenizer.ggml.model"].value == "gpt2"
+    assert list(kv["tokenizer.ggml.merges"].value.values) == ["Ġ t", "h e", "Ġt he"]
+    toks = kv["tokenizer.ggml.tokens"].value.values
+    types = kv["tokenizer.ggml.token_type"].value.values
+    assert toks[-2:] == ["[PAD260]", "[PAD261]"] and list(types[-3:]) == [3, 5, 5]
+    assert kv["tokenizer.ggml.eos_token_id"].value == 259
+    # ByteLevel post-processor: add_bos/add_eos false; add_prefix_space from tokenizer_config comes first
+    assert kv["tokenizer.ggml.add_bos_token"].value is False
+    assert [k.key for k in kvs][0] == "tokenizer.ggml.add_space_prefix"

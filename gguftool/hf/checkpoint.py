@@ -192,6 +192,15 @@ class Checkpoint:
         for f in files:
             for name in sorted(f.tensors):
                 ck.tensors[name] = f.tensors[name]
+        index = directory / INDEX_NAME
+        if index.is_file():
+            listed = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+            missing, extra = sorted(listed - set(ck.tensors)), sorted(set(ck.tensors) - listed)
+            if missing or extra:
+                raise ConvertError(f"{index}: weight_map and shard files disagree: "
+                                   + (f"missing tensor(s) {', '.join(missing[:3])}" if missing else "")
+                                   + ("; " if missing and extra else "")
+                                   + (f"unlisted tensor(s) {', '.join(extra[:3])}" if extra else ""))
         return ck
 
     def close(self) -> None:
