@@ -286,6 +286,20 @@ def _fixture_cases():
 _CACHE: dict = {}
 
 
+def _options(args):
+    """llama-quantize arguments of a reference -> QuantOptions keywords."""
+    kw = {"pure": "--pure" in args, "leave_output_tensor": "--leave-output-tensor" in args, "tensor_types": []}
+    for flag, value in zip(args, args[1:] + [""]):
+        if flag == "--output-tensor-type":
+            kw["output_tensor_type"] = P.parse_target_type(value)
+        elif flag == "--token-embedding-type":
+            kw["token_embedding_type"] = P.parse_target_type(value)
+        elif flag == "--tensor-type":
+            pattern, _, t = value.partition("=")
+            kw["tensor_types"].append((pattern, P.parse_target_type(t)))
+    return kw
+
+
 def _load(fn):
     if fn not in _CACHE:
         with open(os.path.join(FIXTURES, fn)) as f:
@@ -301,9 +315,7 @@ def test_plan_matches_llama_cpp_reference(fn, ftype):
     tensors = [(n, tuple(s), T[t]) for n, s, t in inp["tensors"]]
     by = {t[0]: t for t in tensors}
     order = P.llama_tensor_order(by)
-    args = ref.get("args", [])
-    opts = P.QuantOptions(P.parse_ftype(ftype), has_imatrix=bool(ref.get("imatrix")), pure="--pure" in args,
-                          leave_output_tensor="--leave-output-tensor" in args)
+    opts = P.QuantOptions(P.parse_ftype(ftype), has_imatrix=bool(ref.get("imatrix")), **_options(ref["args"]))
     plans = P.plan([by[n] for n in order], model, opts)
     got = [[p.name, p.new_type.name] for p in plans]
     want = [[n, t] for n, (t, _) in zip(ref["order"], ref["types"][ftype]["tensors"])]

@@ -25,6 +25,9 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import make_synthetic_llama as msl  # noqa: E402
 
+# the model llama-imatrix ran on to make fixtures/quantize_reference/llama_imatrix/
+TINY = msl.Shape(n_embd=256, n_ff=256, n_layer=2, n_head=4, n_head_kv=2, n_vocab=512)
+
 
 # --- helpers
 
@@ -38,7 +41,12 @@ def models(tmp_path_factory):
     im, dat = str(d / "im_small.gguf"), str(d / "im_small.dat")
     msl.write_synthetic_imatrix(small, im)
     msl.write_synthetic_imatrix(small, dat, legacy=True)
-    return {"small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat}
+    tiny = str(d / "tiny.gguf")
+    msl.write_model(tiny, TINY)
+    llama_im = os.path.join(FIXTURES, "llama_imatrix")
+    return {"small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat,
+            "tiny.gguf": tiny, "tiny.imatrix.gguf": os.path.join(llama_im, "tiny.imatrix.gguf"),
+            "tiny.imatrix.dat": os.path.join(llama_im, "tiny.imatrix.dat")}
 
 
 def run(*args):
@@ -192,7 +200,7 @@ def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
     out = tmp_path / "o.gguf"
     code, stdout, _ = run(models["small.gguf"], out, "-t", "q4_k_m", "--dry-run")
     assert code == 0 and not out.exists()
-    rows = {line.split()[1]: line.split() for line in stdout.splitlines() if line[:1].strip().isdigit()}
+    rows = {line.split()[1]: line.split() for line in stdout.splitlines() if line.split()[0].isdigit()}
     assert len(rows) == 75
     assert rows["blk.0.attn_v.weight"][3:5] == ["F32", "Q6_K"]
     assert rows["blk.1.attn_v.weight"][3:5] == ["F32", "Q4_K"]
@@ -272,7 +280,7 @@ def test_progress_callback_covers_every_byte(models, tmp_path):
 def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
     from gguftool import pipeline as PL
 
-    monkeypatch.setattr(PL, "SLAB_BYTES", 256 * 4 * 7)  # 7 rows per slab: slabs end mid-tensor
+    monkeypatch.setattr(PL, "SLAB_BYTES", 256 * 4 * 100)  # 100 rows per slab: slabs end mid-tensor
     out = tmp_path / "o.gguf"
     code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_M", "--imatrix", models["im_small.gguf"])
     assert code == 0, err
