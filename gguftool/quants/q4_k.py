@@ -6,7 +6,7 @@ Block layout (144 bytes): d (fp16), dmin (fp16), scales[12] (6-bit packed), qs[1
 Module contract (registry): ``quantize_rows(x, imatrix, out)`` (imatrix.size == 0 -> reference path, as
 llama.cpp's quantize_q4_K does with a NULL imatrix), ``dequantize_rows(data, out)``, ``GGML_TYPE``,
 ``USES_IMATRIX``. Per-block kernels: ``quantize_block_ref(x, y, s)``, ``quantize_block_impl(x, qw, y, s)``
-(x: float32[256], qw: float32[256] importance of these columns, y: uint8[144] output, s: a ``Scratch`` from
+(x: float32[256], qw: float32[256] importance of these columns, y: uint8[144] output, s: the scratch tuple of
 ``make_scratch()``), ``dequantize_block(y, out)``.
 
 The shared part of Q4_K and Q5_K (the sub-block searches and the 6-bit scale/min quantization, which only
