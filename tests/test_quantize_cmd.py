@@ -429,3 +429,28 @@ def test_dry_run_reports_a_needed_imatrix_instead_of_failing(models):
     assert code == 0
     assert "will require an imatrix" in err
     assert "Q2_K_S: 75 tensors" in stdout
+
+
+def test_imatrix_keys_written_like_llama_quantize(models, tmp_path):
+    from gguftool.gguf.reader import GGUFReader
+
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_S", "--imatrix", models["im_small.gguf"],
+                       "--exclude-weights", "ffn_up")
+    assert code == 0, err
+    with GGUFReader(out) as r:
+        assert [kv.key for kv in r.kvs][-6:] == [
+            "general.quantization_version", "general.file_type", "quantize.imatrix.file",
+            "quantize.imatrix.dataset", "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"]
+        assert r.get("quantize.imatrix.file") == models["im_small.gguf"][:127]  # as given, at most 127 bytes
+        assert r.get("quantize.imatrix.dataset") == "synthetic.txt"
+        assert r.get("quantize.imatrix.entries_count") == 57 - 8  # 8 ffn_up entries excluded
+        assert r.get("quantize.imatrix.chunks_count") == 10
+
+
+def test_garbage_imatrix_file(models, tmp_path):
+    bad = tmp_path / "im.dat"
+    bad.write_bytes(b"\x01\x00\x00\x00" + b"\xff\xff\xff\x7f" + b"x" * 40)
+    code, _, err = run(models["small.gguf"], tmp_path / "o.gguf", "-t", "Q4_K_M", "--imatrix", bad)
+    assert_one_error_line(code, err, "bad name length")
+    assert not (tmp_path / "o.gguf").exists()
