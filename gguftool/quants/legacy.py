@@ -82,26 +82,17 @@ def get_u32(data, off):
 
 # --- block scans of the reference paths, in forms that vectorise
 @njit(cache=True, inline="always")
-def first_absmax(xr, xu, base):
+def first_absmax(xr, base):
     """The (amax, max) scan of quantize_row_q4_0_ref / q5_0_ref for the block at base: the first element of
-    largest magnitude (+0.0 if all are zero). xu is xr viewed as uint32.
-
-    For non-negative floats the bit patterns order like the values, so an integer max over |x| bits finds the
-    magnitude and a second pass its first occurrence. Returns (max, ok); ok is False for NaN/Inf in the block
-    (the caller then uses the scalar path, which follows C's comparisons exactly)."""
-    m = U32(0)
-    for j in range(QK):
-        a = xu[U64(base + j)] & U32(0x7FFFFFFF)
-        m = a if a > m else m
-    if m >= U32(0x7F800000):
-        return F32(0.0), False
+    largest magnitude (+0.0 if all are zero), with C's comparisons. Returns (max, amax)."""
+    amax = F32(0.0)
     mx = F32(0.0)
-    if m != U32(0):
-        for j in range(QK):
-            if (xu[U64(base + j)] & U32(0x7FFFFFFF)) == m:
-                mx = xr[U64(base + j)]
-                break
-    return mx, True
+    for j in range(QK):
+        v = xr[U64(base + j)]
+        if amax < abs(v):
+            amax = abs(v)
+            mx = v
+    return mx, amax
 
 
 @njit(cache=True, inline="always")

@@ -69,20 +69,20 @@ def quantize_row_ref(xr, orow, smin, sc, q):
     n = xr.size
     nb = n // QK
     xu = xr.view(np.uint32)
+    ok = True  # accumulated, not an early exit: an exit in this loop stops LLVM from unrolling it
     for b in range(nb):
         base = b * QK
-        mn, mx, ok = block_minmax(xu, base)
-        if not ok:
-            return False
+        mn, mx, okb = block_minmax(xu, base)
         d = (mx - mn) / F32(31.0)
         idd = F32(1.0) / d if d != 0 else F32(0.0)
-        if not (abs(d) < np.inf and abs(idd) < np.inf):
-            return False
+        ok &= okb & (abs(d) < np.inf) & (abs(idd) < np.inf)
         put_fp16(orow, b * BLOCK_BYTES, d)
         put_fp16(orow, b * BLOCK_BYTES + 2, mn)
         for j in range(QK):
             smin[U64(base + j)] = mn
             sc[U64(base + j)] = idd
+    if not ok:
+        return False
     for i in range(n):
         q[U64(i)] = np.int32((xr[U64(i)] - smin[U64(i)]) * sc[U64(i)] + F32(0.5))
     for b in range(nb):
@@ -118,7 +118,7 @@ def dequantize_block(data, o, y, off):
 # --- row drivers
 @njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows(x, imatrix, out):
-    """x must be finite on the importance path (the API checks); the reference path takes anything."""
+    """x must be finite (the API checks); subnormal, huge and overflowing values are handled exactly."""
     rows, n = x.shape
     nb = n // QK
     use_w = imatrix.size > 0
