@@ -69,16 +69,16 @@ def ggml_quantize(lib, qtype, x, imatrix):
 
 
 # --- timing
-def best_time(fn, repeat: int) -> "tuple[float, np.ndarray]":
+def best_time(fn, repeat: int, clock=time.perf_counter) -> "tuple[float, np.ndarray]":
     best, out = float("inf"), None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best, out
 
 
-def run_throughput(types, rows, repeat, threads_all):
+def run_throughput(types, rows, repeat, threads_all, cpu_clock):
     from gguftool.quants import quantize, registry
 
     x, imatrix = make_data(rows)
@@ -86,7 +86,10 @@ def run_throughput(types, rows, repeat, threads_all):
     lib, why = load_ggml()
     print(f"data: {rows} x {N_PER_ROW} float32 = {mb:.1f} MB; all threads = {threads_all}; "
           f"llama.cpp: {'libggml-base.so (1 thread)' if lib else why}")
-    head = f"{'type':6} {'imatrix':8} {'ours 1T':>9} {'ours {}T'.format(threads_all):>9} {'llama 1T':>9} " \
+    print(f"1-thread columns timed with {'process CPU time' if cpu_clock else 'wall time'}, "
+          f"all-thread column with wall time; best of {repeat}")
+    clock1 = time.process_time if cpu_clock else time.perf_counter
+    head = f"{'type':6} {'imatrix':12} {'ours 1T':>9} {'ours {}T'.format(threads_all):>9} {'llama 1T':>9} " \
            f"{'1T ratio':>8}  bytes"
     print(head)
     print("-" * len(head))
@@ -97,18 +100,18 @@ def run_throughput(types, rows, repeat, threads_all):
         quantize(x[:2], t, imatrix)
         for use_w in (False, True):
             w = imatrix if use_w else None
-            t1, ours = best_time(lambda: quantize(x, t, w, threads=1), repeat)
+            t1, ours = best_time(lambda: quantize(x, t, w, threads=1), repeat, clock1)
             tn, ours_n = best_time(lambda: quantize(x, t, w, threads=threads_all), repeat)
             assert np.array_equal(ours, ours_n), f"{t.name}: threads changed the bytes"
             note = "" if mod is None or mod.USES_IMATRIX or not use_w else "(ignored)"
             if lib is not None:
-                tl, ref = best_time(lambda: ggml_quantize(lib, t, x, w), repeat)
+                tl, ref = best_time(lambda: ggml_quantize(lib, t, x, w), repeat, clock1)
                 same = "identical" if np.array_equal(ours, ref) else "DIFFER"
                 llama = f"{mb / tl:9.1f}"
                 ratio = f"{tl / t1:8.2f}"
             else:
                 tl, same, llama, ratio = None, "-", f"{'-':>9}", f"{'-':>8}"
-            print(f"{t.name:6} {('yes' if use_w else 'no') + note:8} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
+            print(f"{t.name:6} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
                   f"{ratio}  {same}", flush=True)
             results.append(dict(type=t.name, imatrix=use_w, ours_1t=mb / t1, ours_all=mb / tn,
                                 llama_1t=None if tl is None else mb / tl, bytes=same))
@@ -166,10 +169,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096, help="matrix rows (default 4096; 11008 columns)")
     ap.add_argument("--types", default="", help="comma-separated types (default: every supported type)")
-    ap.add_argument("--repeat", type=int, default=1, help="timed runs per measurement, best kept")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per measurement, best kept")
     ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS, help="'all threads' value")
     ap.add_argument("--no-warmup", action="store_true", help="skip the JIT warm-up measurement")
     ap.add_argument("--warmup-only", action="store_true", help="only measure the JIT warm-up")
+    ap.add_argument("--wall", action="store_true",
+                    help="time the 1-thread runs with wall time (default: process CPU time, which a busy "
+                         "machine disturbs less)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
         types = [t for t in SUPPORTED_TYPES if t != GGMLType.F32]
     res = {}
     if not args.warmup_only:
-        res["throughput"] = run_throughput(types, args.rows, args.repeat, args.threads)
+        res["throughput"] = run_throughput(types, args.rows, args.repeat, args.threads, not args.wall)
     if not args.no_warmup:
         res["warmup"] = run_warmup(types)
     if args.json:
