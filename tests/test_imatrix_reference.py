@@ -55,3 +55,26 @@ def test_smollm2_matches_llama_imatrix(smollm2_gguf):
         assert rel < 1e-3, (name, rel)
     assert abs(run.ppl / meta["ppl"] - 1) < 0.005, (run.ppl, meta["ppl"])
     print(f"max relative L2 {worst:.2e}, PPL ours {run.ppl:.4f} vs llama-imatrix {meta['ppl']:.4f}")
+
+
+def test_tiny_llama_process_output_matches_llama_imatrix(tmp_path):
+    """SentencePiece vocabulary with BOS per chunk and an untied output.weight (--process-output), read straight
+    from the Hugging Face checkpoint, against llama-imatrix's file for its F32 conversion."""
+    pytest.importorskip("gguftool.hf.source", reason="the Hugging Face reader is part of the convert feature")
+    from click.testing import CliRunner
+    from gguftool.cli import main
+    from gguftool.imatrix_file import read_imatrix
+
+    ref_path = ROOT / "fixtures" / "imatrix_reference" / "tiny_llama_ctx128_process_output.gguf"
+    out = tmp_path / "ours.gguf"
+    r = CliRunner().invoke(main, ["imatrix", str(ROOT / "fixtures" / "tiny-llama"), "-f", str(CALIB), "-o", str(out),
+                                  "-c", "128", "--chunks", "4", "-t", "1", "--process-output", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "Final estimate: PPL = 1713.8360" in r.output
+    ours, ref = read_imatrix(out), read_imatrix(ref_path)
+    assert sorted(ours.entries) == sorted(ref.entries) and "output.weight" in ref.entries
+    assert ours.chunk_count == ref.chunk_count == 4 and ours.chunk_size == ref.chunk_size == 128
+    for name, e in ref.entries.items():
+        assert ours.entries[name].counts.tolist() == e.counts.tolist() == [512], name
+        rel = np.linalg.norm(ours.entries[name].in_sum2 - e.in_sum2) / np.linalg.norm(e.in_sum2)
+        assert rel < 1e-3, (name, rel)
