@@ -173,6 +173,27 @@ def _imatrices(n, rng):
             "zeros": np.zeros(n, np.float32), "huge": np.full(n, 1e20, np.float32)}
 
 
+def _signed_zero_rows(n, rng):
+    """Blocks whose min or max is a zero of either sign, met in either order (C keeps the first one met,
+    and the sign reaches the stored fp16 fields)."""
+    g = rng.standard_normal(n).astype(np.float32)
+    rows = [np.full(n, -0.0, np.float32)]
+    r = np.abs(g)
+    r[::32] = -0.0                                                 # min is -0.0, first in each block
+    rows.append(r)
+    r = np.abs(g)
+    r[1::32] = -0.0
+    r[::32] = 0.0                                                  # +0.0 met before -0.0
+    rows.append(r)
+    r = -np.abs(g)
+    r[5::32] = -0.0
+    r[9::32] = 0.0                                                 # max is a zero, -0.0 first
+    rows.append(r)
+    r = np.where(rng.random(n) < 0.5, np.float32(-0.0), np.float32(0.0)).astype(np.float32)
+    rows.append(r)                                                 # only zeros, random signs
+    return np.stack(rows)
+
+
 @pytest.mark.parametrize("n_per_row", [96, 256, 576])
 @pytest.mark.parametrize("name", LEGACY)
 def test_against_live_llama_cpp(name, n_per_row):
@@ -185,6 +206,7 @@ def test_against_live_llama_cpp(name, n_per_row):
         rng.standard_normal((24, n_per_row)).astype(np.float32),
         (rng.standard_t(2.0, (8, n_per_row)) * rng.choice([1e-6, 1e-3, 1.0, 1e3], (8, 1))).astype(np.float32),
         (rng.standard_normal((4, n_per_row)) * 1e-39).astype(np.float32),  # subnormal inputs: 1/d overflows
+        _signed_zero_rows(n_per_row, rng),
     ])
     bb = GGMLType[name].type_size
     for label, w in _imatrices(n_per_row, rng).items():
