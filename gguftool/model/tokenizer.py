@@ -38,6 +38,9 @@ _FORCED_CONTROL = frozenset([
     "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>",
     "<|middle|>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", "<|fim_repo|>", "<|repo_name|>",
     "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
+    # end-of-generation texts
+    "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "</s>", "[EOS]", "<eos>", "<turn|>", "<|tool_response>",
+    "[e~[",
 ])
 
 # --- BPE pre-tokenizer regexes (llm_tokenizer_bpe's constructor), by tokenizer.ggml.pre
