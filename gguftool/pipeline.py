@@ -243,14 +243,14 @@ def _check_tensor(tp: P.TensorPlan, cfg: QuantizeConfig, weights, warnings: list
     from .quants import SUPPORTED_TYPES, can_dequantize
 
     name = tp.name
-    if tp.requires_imatrix and (weights is None or name not in weights):
-        if weights is None:
-            raise PolicyError(f"this quantization requires an imatrix (tensor {name} -> {tp.new_type.name} in a "
-                              f"{cfg.ftype.name} file); give one with --imatrix")
-        raise ImatrixError(f"missing importance matrix for tensor {name} in a very low-bit quantization "
-                           f"({tp.new_type.name})")
+    if tp.requires_imatrix and tp.allows_quantization and weights is None:
+        raise PolicyError(f"this quantization requires an imatrix (tensor {name} -> {tp.new_type.name} in a "
+                          f"{cfg.ftype.name} file); give one with --imatrix")
     if not tp.converts:
         return
+    if tp.requires_imatrix and name not in weights:
+        raise ImatrixError(f"missing importance matrix for tensor {name} in a very low-bit quantization "
+                           f"({tp.new_type.name})")
     if tp.new_type not in SUPPORTED_TYPES:
         raise PolicyError(f"tensor {name}: gguftool cannot quantize to {tp.new_type.name}")
     if P.is_quantized(tp.src_type):

@@ -454,3 +454,11 @@ def test_garbage_imatrix_file(models, tmp_path):
     code, _, err = run(models["small.gguf"], tmp_path / "o.gguf", "-t", "Q4_K_M", "--imatrix", bad)
     assert_one_error_line(code, err, "bad name length")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_q2_k_s_with_imatrix_missing_an_entry(models, tmp_path):
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, "-t", "Q2_K_S", "--imatrix", models["im_small.gguf"],
+                       "--exclude-weights", "blk.3.attn_q")
+    assert_one_error_line(code, err, "missing importance matrix for tensor blk.3.attn_q.weight")
+    assert not out.exists()
