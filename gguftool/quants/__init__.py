@@ -12,6 +12,7 @@ types that have one and is ignored by F16, BF16 and Q8_0.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -37,6 +38,7 @@ _PLAIN_DTYPES = {
 }
 
 _EMPTY_IMATRIX = np.empty(0, dtype=np.float32)
+_CHUNK_BYTES = 1 << 20  # float32 input per check-then-quantize step (stays in the L2 cache)
 _thread_lock = threading.Lock()  # numba's thread count is per process: serialise changes to it
 
 
@@ -85,10 +87,10 @@ def _first_nonfinite(x):
     return -1, 0
 
 
-def _check_finite(x: np.ndarray) -> None:
+def _check_finite(x: np.ndarray, first_row: int) -> None:
     row, kind = _first_nonfinite(x)
     if row >= 0:
-        raise QuantError(f"row {row} contains {'NaN' if kind == 1 else 'Inf'}")
+        raise QuantError(f"row {first_row + row} contains {'NaN' if kind == 1 else 'Inf'}")
 
 
 def _check_row_length(t: GGMLType, n_per_row: int) -> None:
@@ -126,8 +128,9 @@ def _as_imatrix(imatrix, n_per_row: int) -> np.ndarray:
     return w
 
 
-def _run(fn, threads, *args) -> None:
-    """Call a parallel numba driver with `threads` threads (None: all), restoring the previous setting."""
+@contextlib.contextmanager
+def _threads(threads):
+    """Run the numba parallel drivers inside with `threads` threads (None: all), then restore the setting."""
     import numba
 
     n = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
@@ -138,7 +141,7 @@ def _run(fn, threads, *args) -> None:
         previous = numba.get_num_threads()
         numba.set_num_threads(n)
         try:
-            fn(*args)
+            yield
         finally:
             numba.set_num_threads(previous)
 
@@ -162,8 +165,8 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
     rows, n_per_row = a.shape
     _check_row_length(t, n_per_row)
     w = None if imatrix is None else _as_imatrix(imatrix, n_per_row)
-    _check_finite(a)
     if t == GGMLType.F32:
+        _check_finite(a, 0)
         return a.view(np.uint8).copy()
     out = np.empty((rows, t.row_bytes(n_per_row)), dtype=np.uint8)
     if rows == 0:
@@ -171,7 +174,14 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
     mod = registry.kernels(t)
     if w is None or not mod.USES_IMATRIX:
         w = _EMPTY_IMATRIX
-    _run(mod.quantize_rows, threads, a, w, out)
+    # Check and quantize in chunks of about _CHUNK_BYTES of input: the kernel then reads rows the NaN screen
+    # has just brought into cache, instead of making a second trip to memory for the whole tensor.
+    chunk = max(1, _CHUNK_BYTES // (4 * n_per_row))
+    with _threads(threads):
+        for r0 in range(0, rows, chunk):
+            r1 = min(rows, r0 + chunk)
+            _check_finite(a[r0:r1], r0)
+            mod.quantize_rows(a[r0:r1], w, out[r0:r1])
     return out
 
 
@@ -205,5 +215,6 @@ def dequantize(data, qtype, n_per_row: int, threads=None) -> np.ndarray:
         blocks = blocks.copy()
     out = np.empty((rows, n_per_row), dtype=np.float32)
     if rows:
-        _run(registry.kernels(t).dequantize_rows, threads, blocks, out)
+        with _threads(threads):
+            registry.kernels(t).dequantize_rows(blocks, out)
     return out
