@@ -116,6 +116,11 @@ class ModelConfig:
         head_dim = int(key("attention.key_length", n_embd // n_head))
         head_dim_v = int(key("attention.value_length", head_dim))
         n_ff = int(key("feed_forward_length", required=True))
+        for what, v in (("block_count", n_layer), ("embedding_length", n_embd), ("attention.head_count", n_head),
+                        ("attention.head_count_kv", n_head_kv), ("attention.key_length", head_dim),
+                        ("attention.value_length", head_dim_v), ("feed_forward_length", n_ff)):
+            if v <= 0:
+                raise ImatrixError(f"bad metadata: {arch}.{what} = {v}")
         eps = float(key("attention.layer_norm_rms_epsilon", required=True))
         rope_dims = int(key("rope.dimension_count", head_dim))
         base = float(key("rope.freq_base", 10000.0))
