@@ -123,7 +123,7 @@ def test_f32_is_a_copy(data):
 
 
 # --- validation errors
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16", "BF16", "Q6_K", "F32"])
 def test_nan_row_named(qtype):
     x = np.ones((20, 256), np.float32)
     x[17, 200] = np.nan
@@ -141,11 +141,18 @@ def test_inf_row_named():
         quantize(np.full(32, np.inf, np.float32), "Q4_0")
 
 
-def test_nan_in_last_row_of_large_matrix():
+@pytest.mark.parametrize("qtype", ["Q8_0", "BF16", "F16"])
+def test_nonfinite_in_last_row_of_large_matrix(qtype):
+    # larger than one check-then-quantize chunk: the row number must count from the start of the tensor
     x = np.zeros((2048, 2048), np.float32)
     x[-1, -1] = np.nan
     with pytest.raises(QuantError, match=r"^row 2047 contains NaN$"):
-        quantize(x, "Q8_0")
+        quantize(x, qtype)
+    x[-1, -1] = 0
+    x[1500, 3] = -np.inf
+    x[1700, 3] = np.nan
+    with pytest.raises(QuantError, match=r"^row 1500 contains Inf$"):
+        quantize(x, qtype)
 
 
 def test_bad_row_length():

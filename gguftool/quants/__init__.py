@@ -177,7 +177,15 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
     # Check and quantize in chunks of about _CHUNK_BYTES of input: the kernel then reads rows the NaN screen
     # has just brought into cache, instead of making a second trip to memory for the whole tensor.
     chunk = max(1, _CHUNK_BYTES // (4 * n_per_row))
+    screened = getattr(mod, "quantize_rows_screened", None)
     with _threads(threads):
+        if screened is not None:  # F16/BF16: the screen is fused into the conversion (one pass)
+            bad = np.zeros(rows, dtype=np.bool_)
+            screened(a, out, bad)
+            if bad.any():
+                r = int(np.argmax(bad))
+                _check_finite(a[r:r + 1], r)
+            return out
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
             _check_finite(a[r0:r1], r0)

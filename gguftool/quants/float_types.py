@@ -182,8 +182,45 @@ def bf16_dequantize_rows(data, out):
             ou[j] = U32(hu[j]) << U32(16)
 
 
-# --- the two "type modules"
+# --- conversions fused with the NaN/Inf screen
+# For these memory-bound conversions a separate screening pass costs as much as the conversion itself, so
+# the API calls these variants instead: bad[r] = 1 when row r holds a NaN or an Inf (its bytes are then
+# meaningless; the API raises before returning them).
+@njit(cache=True, parallel=True)
+def f16_quantize_rows_screened(x, out, bad):
+    n = x.shape[1]
+    for r in prange(x.shape[0]):
+        xr = x[r]
+        xu = xr.view(np.uint32)
+        ou = out[r].view(np.uint16)
+        m = U32(0)
+        for j in range(n):
+            u = xu[j]
+            e = u & U32(0x7F800000)
+            m = e if e > m else m
+            ou[j] = np.uint16(f32_to_f16_bits_fast(xr[j], u))
+        bad[r] = m == U32(0x7F800000)
+
+
+@njit(cache=True, parallel=True)
+def bf16_quantize_rows_screened(x, out, bad):
+    n = x.shape[1]
+    for r in prange(x.shape[0]):
+        xu = x[r].view(np.uint32)
+        ou = out[r].view(np.uint16)
+        m = U32(0)
+        for j in range(n):
+            u = xu[j]
+            e = u & U32(0x7F800000)
+            m = e if e > m else m
+            ou[j] = np.uint16(f32_bits_to_bf16_bits(u))
+        bad[r] = m == U32(0x7F800000)
+
+
+# --- the two "type modules" (quantize_rows_screened: optional fused variant the API prefers)
 F16 = SimpleNamespace(GGML_TYPE=GGMLType.F16, USES_IMATRIX=False,
-                      quantize_rows=f16_quantize_rows, dequantize_rows=f16_dequantize_rows)
+                      quantize_rows=f16_quantize_rows, dequantize_rows=f16_dequantize_rows,
+                      quantize_rows_screened=f16_quantize_rows_screened)
 BF16 = SimpleNamespace(GGML_TYPE=GGMLType.BF16, USES_IMATRIX=False,
-                       quantize_rows=bf16_quantize_rows, dequantize_rows=bf16_dequantize_rows)
+                       quantize_rows=bf16_quantize_rows, dequantize_rows=bf16_dequantize_rows,
+                       quantize_rows_screened=bf16_quantize_rows_screened)
