@@ -38,7 +38,6 @@ _PLAIN_DTYPES = {
 }
 
 _EMPTY_IMATRIX = np.empty(0, dtype=np.float32)
-_CHUNK_BYTES = 1 << 20  # float32 input per check-then-quantize step (stays in the L2 cache)
 _thread_lock = threading.Lock()  # numba's thread count is per process: serialise changes to it
 
 
@@ -174,9 +173,8 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
     mod = registry.kernels(t)
     if w is None or not mod.USES_IMATRIX:
         w = _EMPTY_IMATRIX
-    # Check and quantize in chunks of about _CHUNK_BYTES of input: the kernel then reads rows the NaN screen
-    # has just brought into cache, instead of making a second trip to memory for the whole tensor.
-    chunk = max(1, _CHUNK_BYTES // (4 * n_per_row))
+    # One screen over the whole tensor, then one parallel call. (Screening and quantizing in cache-sized
+    # chunks saves a trip to memory but costs a thread barrier per chunk, which a busy machine punishes.)
     screened = getattr(mod, "quantize_rows_screened", None)
     with _threads(threads):
         if screened is not None:  # F16/BF16: the screen is fused into the conversion (one pass)
@@ -186,10 +184,8 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
                 r = int(np.argmax(bad))
                 _check_finite(a[r:r + 1], r)
             return out
-        for r0 in range(0, rows, chunk):
-            r1 = min(rows, r0 + chunk)
-            _check_finite(a[r0:r1], r0)
-            mod.quantize_rows(a[r0:r1], w, out[r0:r1])
+        _check_finite(a, 0)
+        mod.quantize_rows(a, w, out)
     return out
 
 
