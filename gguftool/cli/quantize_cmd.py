@@ -152,7 +152,7 @@ def _run(src, plan, out, threads, stats, force, inp):
     bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                file=sys.stderr, dynamic_ncols=True, disable=None, mininterval=0.5,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
-                          "{rate_fmt}] {postfix}")
+                          "{rate_fmt}{postfix}]")
     last = [None]
 
     def progress(n, tp):
@@ -196,7 +196,7 @@ def _print_plan(plan, ftype) -> None:
     counts: dict[str, int] = {}
     for t in plan.tensors:
         counts[t.new_type.name] = counts.get(t.new_type.name, 0) + 1
-    click.echo(f"types: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    click.echo("types: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     click.echo(f"{ftype.name}: {len(plan.tensors)} tensors, {plan.n_elements:,} weights: "
                f"{_mib(plan.src_bytes)} ({plan.src_bpw:.2f} bpw) -> {_mib(plan.out_bytes)} "
                f"({plan.out_bpw:.2f} bpw)" + (f"; {plan.n_fallback} row-length fallbacks" if plan.n_fallback
