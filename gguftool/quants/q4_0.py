@@ -45,9 +45,9 @@ def quantize_block_ref(x, off, out, o):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, sc, q):
-    """quantize_row_q4_0_ref over a whole row in passes that vectorise: block scales, then every element
-    x*id + 8.5 truncated, then nibble packing. sc (float32) and q (int32) are row-length scratch.
+def quantize_row_ref(xr, orow, q):
+    """quantize_row_q4_0_ref over a whole row in loops that vectorise: per block the scale, then the 32 levels
+    x*id + 8.5 truncated into q (int32 row scratch); nibble packing last.
 
     Valid while 1/d is finite: then |x*id| <= 8 up to rounding, x*id + 8.5 lies in (0, 17) and the C cast is
     a plain truncation. Returns False (row untouched beyond headers) when a block needs the scalar path."""
@@ -61,13 +61,11 @@ def quantize_row_ref(xr, orow, sc, q):
         idd = F32(1.0) / d if d != 0 else F32(0.0)
         ok &= (abs(idd) < np.inf) & (amax < np.inf)
         put_fp16(orow, b * BLOCK_BYTES, d)
-        for j in range(QK):
-            sc[U64(base + j)] = idd
+        for j in range(QK):  # garbage when not ok: the row is then redone by the scalar path
+            v = np.int32(xr[U64(base + j)] * idd + F32(8.5))
+            q[U64(base + j)] = v if v < 15 else 15
     if not ok:
         return False
-    for i in range(n):
-        v = np.int32(xr[U64(i)] * sc[U64(i)] + F32(8.5))
-        q[U64(i)] = v if v < 15 else 15
     for b in range(nb):
         for j in range(QK // 2):
             orow[U64(b * BLOCK_BYTES + 2 + j)] = np.uint8((q[U64(b * QK + j)] | (q[U64(b * QK + 16 + j)] << 4))
@@ -105,7 +103,6 @@ def quantize_rows(x, imatrix, out):
     use_w = imatrix.size > 0
     ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for t in prange(ntask):
-        sc = np.empty(n, np.float32)
         q = np.empty(n, np.int32)
         weight = np.empty(QK, np.float32)
         L = np.empty(QK, np.int8)
@@ -117,7 +114,7 @@ def quantize_rows(x, imatrix, out):
                 sigma2 = row_sigma2(xr)
                 for b in range(nb):
                     quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, sc, q):
+            elif not quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 

@@ -49,9 +49,9 @@ def quantize_block_ref(x, off, out, o):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, smin, sc, q):
-    """quantize_row_q4_1_ref over a whole row in vectorisable passes: block min/max and scales, then every
-    element (x - min)*id + 0.5 truncated, then nibble packing. smin, sc (float32) and q (int32): row scratch.
+def quantize_row_ref(xr, orow, q):
+    """quantize_row_q4_1_ref over a whole row in loops that vectorise: per block min/max and scale, then the
+    32 levels (x - min)*id + 0.5 truncated into q (int32 row scratch); nibble packing last.
 
     Valid while d and 1/d are finite (then (x - min)*id lies in [0, 15] up to rounding and the C cast is a
     truncation) and no block has a zero as its min or max (signed zeros: see legacy.block_minmax).
@@ -68,14 +68,11 @@ def quantize_row_ref(xr, orow, smin, sc, q):
         ok &= okb & (abs(d) < np.inf) & (abs(idd) < np.inf)
         put_fp16(orow, b * BLOCK_BYTES, d)
         put_fp16(orow, b * BLOCK_BYTES + 2, mn)
-        for j in range(QK):
-            smin[U64(base + j)] = mn
-            sc[U64(base + j)] = idd
+        for j in range(QK):  # garbage when not ok: the row is then redone by the scalar path
+            v = np.int32((xr[U64(base + j)] - mn) * idd + F32(0.5))
+            q[U64(base + j)] = v if v < 15 else 15
     if not ok:
         return False
-    for i in range(n):
-        v = np.int32((xr[U64(i)] - smin[U64(i)]) * sc[U64(i)] + F32(0.5))
-        q[U64(i)] = v if v < 15 else 15
     for b in range(nb):
         for j in range(QK // 2):
             orow[U64(b * BLOCK_BYTES + 4 + j)] = np.uint8((q[U64(b * QK + j)] | (q[U64(b * QK + 16 + j)] << 4))
@@ -115,8 +112,6 @@ def quantize_rows(x, imatrix, out):
     use_w = imatrix.size > 0
     ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for t in prange(ntask):
-        smin = np.empty(n, np.float32)
-        sc = np.empty(n, np.float32)
         q = np.empty(n, np.int32)
         weight = np.empty(QK, np.float32)
         L = np.empty(QK, np.uint8)
@@ -130,7 +125,7 @@ def quantize_rows(x, imatrix, out):
                 for b in range(nb):
                     quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
                                         b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, smin, sc, q):
+            elif not quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 

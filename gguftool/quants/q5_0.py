@@ -59,7 +59,7 @@ def quantize_block_ref(x, off, out, o, qb):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, sc, q):
+def quantize_row_ref(xr, orow, q):
     """quantize_row_q5_0_ref over a whole row in vectorisable passes (see q4_0.quantize_row_ref): valid while
     1/d is finite, so that x*id + 16.5 lies in (0, 33) and the C cast truncates. False: use the scalar path."""
     n = xr.size
@@ -72,13 +72,11 @@ def quantize_row_ref(xr, orow, sc, q):
         idd = F32(1.0) / d if d != 0 else F32(0.0)
         ok &= (abs(idd) < np.inf) & (amax < np.inf)
         put_fp16(orow, b * BLOCK_BYTES, d)
-        for j in range(QK):
-            sc[U64(base + j)] = idd
+        for j in range(QK):  # garbage when not ok: the row is then redone by the scalar path
+            v = np.int32(xr[U64(base + j)] * idd + F32(16.5))
+            q[U64(base + j)] = v if v < 31 else 31
     if not ok:
         return False
-    for i in range(n):
-        v = np.int32(xr[U64(i)] * sc[U64(i)] + F32(16.5))
-        q[U64(i)] = v if v < 31 else 31
     for b in range(nb):
         pack_block(q, b * QK, orow, b * BLOCK_BYTES)
     return True
@@ -116,7 +114,6 @@ def quantize_rows(x, imatrix, out):
     use_w = imatrix.size > 0
     ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for t in prange(ntask):
-        sc = np.empty(n, np.float32)
         q = np.empty(n, np.int32)
         weight = np.empty(QK, np.float32)
         L = np.empty(QK, np.int8)
@@ -128,7 +125,7 @@ def quantize_rows(x, imatrix, out):
                 sigma2 = row_sigma2(xr)
                 for b in range(nb):
                     quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, sc, q):
+            elif not quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 

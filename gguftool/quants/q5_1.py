@@ -62,7 +62,7 @@ def quantize_block_ref(x, off, out, o, qb):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, smin, sc, q):
+def quantize_row_ref(xr, orow, q):
     """quantize_row_q5_1_ref over a whole row in vectorisable passes (see q4_1.quantize_row_ref): valid
     while d and 1/d are finite, so (x - min)*id + 0.5 lies in [0, 32) and the C cast truncates, and no
     block has a zero as its min or max. False: use the scalar path."""
@@ -78,13 +78,10 @@ def quantize_row_ref(xr, orow, smin, sc, q):
         ok &= okb & (abs(d) < np.inf) & (abs(idd) < np.inf)
         put_fp16(orow, b * BLOCK_BYTES, d)
         put_fp16(orow, b * BLOCK_BYTES + 2, mn)
-        for j in range(QK):
-            smin[U64(base + j)] = mn
-            sc[U64(base + j)] = idd
+        for j in range(QK):  # garbage when not ok: the row is then redone by the scalar path
+            q[U64(base + j)] = np.int32((xr[U64(base + j)] - mn) * idd + F32(0.5))
     if not ok:
         return False
-    for i in range(n):
-        q[U64(i)] = np.int32((xr[U64(i)] - smin[U64(i)]) * sc[U64(i)] + F32(0.5))
     for b in range(nb):
         pack_block(q, b * QK, orow, b * BLOCK_BYTES)
     return True
@@ -124,8 +121,6 @@ def quantize_rows(x, imatrix, out):
     use_w = imatrix.size > 0
     ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for t in prange(ntask):
-        smin = np.empty(n, np.float32)
-        sc = np.empty(n, np.float32)
         q = np.empty(n, np.int32)
         weight = np.empty(QK, np.float32)
         L = np.empty(QK, np.uint8)
@@ -139,7 +134,7 @@ def quantize_rows(x, imatrix, out):
                 for b in range(nb):
                     quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
                                         b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, smin, sc, q):
+            elif not quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
