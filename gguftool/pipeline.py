@@ -331,6 +331,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
+    scratch = _Scratch()
     with GGUFWriter(out_path, overwrite=overwrite, protect=list(protect)) as w:
         w.add_kvs(plan.kvs)
         for tp in plan.tensors:
@@ -341,7 +342,8 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
             src = plan.sources[tp.name]
             acc = _StatAcc() if stats and tp.converts else None
             try:
-                w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress))
+                w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress,
+                                                            scratch))
             except QuantError as e:
                 if tp.name in str(e):
                     raise
@@ -361,14 +363,31 @@ def _ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[:P.n_dims(shape)])
 
 
-def _read_rows(src: SourceTensor, start: int, stop: int) -> np.ndarray:
+class _Scratch:
+    """One float32 buffer reused for every slab of every tensor (no fresh pages to fault in per slab)."""
+
+    def __init__(self):
+        self.buf = None
+
+    def get(self, n: int) -> np.ndarray:
+        if self.buf is None or self.buf.size < n:
+            self.buf = np.empty(max(n, SLAB_BYTES // 4), dtype=np.float32)
+        return self.buf
+
+
+def _read_rows(src: SourceTensor, start: int, stop: int, scratch: "_Scratch | None" = None) -> np.ndarray:
+    into = getattr(src, "read_rows_into", None)
+    if into is not None and scratch is not None:
+        x = into(start, stop, scratch.get((stop - start) * src.shape[0]))
+        if x is not None:
+            return x
     rr = getattr(src, "read_rows", None)
     if rr is not None:
         return rr(start, stop)
     return src.read_f32()[start:stop]
 
 
-def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, progress):
+def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, progress, scratch=None):
     """The bytes of one output tensor, slab by slab."""
     from .quants import dequantize, quantize
 
@@ -398,7 +417,7 @@ def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, p
         # a slab never crosses an expert boundary: each expert has its own imatrix slice
         expert = row // rows_per_expert
         stop = min(n_rows, row + slab, (expert + 1) * rows_per_expert)
-        x = _read_rows(src, row, stop)
+        x = _read_rows(src, row, stop, scratch)
         w = None if w_all is None else w_all[expert * ne0:(expert + 1) * ne0]
         q = quantize(x, tp.new_type, imatrix=w, threads=threads)
         if acc is not None:
