@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import FormatError, ImatrixError
+from .errors import ImatrixError
 
 __all__ = ["ImatrixEntry", "Imatrix", "read_imatrix", "write_imatrix_gguf", "write_imatrix_legacy",
            "KEY_DATASETS", "KEY_CHUNK_COUNT", "KEY_CHUNK_SIZE"]

@@ -6,48 +6,21 @@ the work gguftool.pipeline.
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
 from .common import fail, report_errors
-
-_TYPES_HELP = ("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, "
-               "Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (aliases Q3_K, Q4_K, Q5_K = the _M mixes); any case")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.2f} MiB"
-
-
-def _warn(msg: str) -> None:
-    click.echo(f"Warning: {msg}", err=True)
+from .quantize_options import (TYPES_HELP, build_config, check_output, policy_options, print_plan,
+                               print_summary, run_with_progress, warn)
 
 
 @click.command("quantize")
 @click.argument("inp", metavar="IN.gguf", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("out", metavar="OUT.gguf", type=click.Path(dir_okay=False, path_type=str), required=False)
-@click.option("--type", "-t", "type_", metavar="TYPE", required=True, help=f"The mix to produce: {_TYPES_HELP}.")
-@click.option("--imatrix", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
-              help="Importance matrix (GGUF imatrix or legacy .dat) for the quantization search; per-column "
-                   "weights are in_sum2 / counts, as llama.cpp computes them.")
-@click.option("--include-weights", multiple=True, metavar="NAME",
-              help="Use the imatrix only for tensors whose name contains NAME (repeatable).")
-@click.option("--exclude-weights", multiple=True, metavar="NAME",
-              help="Do not use the imatrix for tensors whose name contains NAME (repeatable).")
-@click.option("--leave-output-tensor", is_flag=True, help="Leave output.weight un(re)quantized.")
-@click.option("--output-tensor-type", metavar="T", help="ggml type for output.weight (e.g. q8_0).")
-@click.option("--token-embedding-type", metavar="T", help="ggml type for token_embd.weight.")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Quantize tensors whose name matches REGEX to TYPE (repeatable; the first match wins), "
-                   "e.g. --tensor-type attn_v=q8_0.")
-@click.option("--tensor-type-file", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
-              help="REGEX=TYPE entries separated by spaces or newlines (after the --tensor-type ones).")
-@click.option("--pure", is_flag=True, help="No mixes: every quantized tensor gets the TYPE's base type.")
+@click.option("--type", "-t", "type_", metavar="TYPE", required=True, help=f"The mix to produce: {TYPES_HELP}.")
+@policy_options
 @click.option("--allow-requantize", is_flag=True,
               help="Accept already-quantized input tensors (dequantized first; lower quality).")
-@click.option("--override-kv", multiple=True, metavar="KEY=TYPE:VALUE",
-              help="Set a metadata value in the output; TYPE is int, float, bool or str (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor plan, sizes and bits per weight; write "
                                               "nothing (OUT may be omitted).")
 @click.option("--stats", is_flag=True, help="Print each converted tensor's RMS error against the source (and, "
@@ -55,9 +28,7 @@ def _warn(msg: str) -> None:
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="Threads (default: all cores).")
 @click.option("--force", "-f", is_flag=True, help="Overwrite OUT if it exists.")
 @report_errors
-def command(inp, out, type_, imatrix, include_weights, exclude_weights, leave_output_tensor,
-            output_tensor_type, token_embedding_type, tensor_types, tensor_type_file, pure, allow_requantize,
-            override_kv, dry_run, stats, threads, force):
+def command(inp, out, type_, allow_requantize, dry_run, stats, threads, force, **policy):
     """Quantize the GGUF file IN.gguf to OUT.gguf with llama.cpp's per-tensor type mix for TYPE.
 
     The tensors written are byte-identical to llama-quantize's for the same input and options. The output is
@@ -68,163 +39,20 @@ def command(inp, out, type_, imatrix, include_weights, exclude_weights, leave_ou
     from ..gguf_source import open_gguf_source
 
     ftype = P.parse_ftype(type_)
-    if include_weights and exclude_weights:
-        fail("--include-weights and --exclude-weights cannot be used together")
     if out is None and not dry_run:
         fail("missing OUT.gguf (only --dry-run works without an output file)")
     if not os.path.exists(inp):
         fail(f"{inp}: no such file")
     if out is not None and not dry_run:
-        _check_output(inp, out, force)
-
-    cfg = PL.QuantizeConfig(
-        ftype=ftype, pure=pure, leave_output_tensor=leave_output_tensor,
-        output_tensor_type=P.parse_target_type(output_tensor_type, "--output-tensor-type")
-        if output_tensor_type else None,
-        token_embedding_type=P.parse_target_type(token_embedding_type, "--token-embedding-type")
-        if token_embedding_type else None,
-        tensor_types=_tensor_types(list(tensor_types), tensor_type_file),
-        include_weights=list(include_weights), exclude_weights=list(exclude_weights),
-        allow_requantize=allow_requantize, kv_overrides=[PL.parse_kv_override(s) for s in override_kv])
-    if imatrix:
-        from ..imatrix_file import read_imatrix
-
-        cfg.imatrix = read_imatrix(imatrix)
-        cfg.imatrix_path = imatrix
+        check_output(out, [inp], force)
+    cfg = build_config(ftype, allow_requantize=allow_requantize, **policy)
 
     with open_gguf_source(inp) as src:
         plan = PL.make_plan(src, cfg, dry_run=dry_run)
         for w in plan.warnings:
-            _warn(w)
+            warn(w)
         if dry_run:
-            _print_plan(plan, ftype)
+            print_plan(plan, ftype)
             return
-        summary = _run(src, plan, out, threads, stats, force, inp)
-    _print_summary(summary, plan, stats, inp)
-
-
-# --- argument helpers
-
-
-def _check_output(inp: str, out: str, force: bool) -> None:
-    if os.path.abspath(inp) == os.path.abspath(out) or (os.path.exists(out) and os.path.samefile(inp, out)):
-        fail(f"{out}: output file is the input file")
-    if os.path.isdir(out):
-        fail(f"{out}: output path is a directory")
-    if os.path.lexists(out) and not force:
-        fail(f"{out}: output file already exists (use --force to overwrite it)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        fail(f"{out}: output directory {parent} does not exist")
-
-
-def _tensor_types(items: list[str], path: str | None):
-    from .. import policy as P
-    from ..errors import PolicyError
-
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                items = items + f.read().split()
-        except OSError as e:
-            raise PolicyError(f"--tensor-type-file {path}: {e.strerror}") from None
-    out = []
-    for item in items:
-        name, sep, t = item.partition("=")
-        if not sep:
-            raise PolicyError(f"malformed --tensor-type {item!r}: expected REGEX=TYPE")
-        if not name:
-            raise PolicyError(f"--tensor-type {item!r}: missing tensor name pattern")
-        if not t:
-            raise PolicyError(f"--tensor-type {item!r}: missing quantization type")
-        out.append((name, P.parse_target_type(t, f"--tensor-type {item}")))
-    return out
-
-
-# --- running
-
-
-def _run(src, plan, out, threads, stats, force, inp):
-    from tqdm import tqdm
-
-    from .. import pipeline as PL
-
-    bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
-               file=sys.stderr, dynamic_ncols=True, disable=None, mininterval=0.5,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
-                          "{rate_fmt}{postfix}]")
-    last = [None]
-
-    def progress(n, tp):
-        if tp.name != last[0]:
-            last[0] = tp.name
-            bar.set_postfix_str(tp.name, refresh=False)
-        bar.update(n)
-
-    try:
-        return PL.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=[inp],
-                          progress=progress)
-    finally:
-        bar.close()
-
-
-# --- printing
-
-
-def _shape(shape) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def _print_plan(plan, ftype) -> None:
-    rows = []
-    for i, t in enumerate(plan.tensors, 1):
-        note = []
-        if t.fallback:
-            note.append("fallback")
-        if t.how in ("manual", "output-type", "token-embd-type"):
-            note.append(t.how)
-        if not t.converts:
-            note.append("copied")
-        rows.append((str(i), t.name, _shape(t.shape), t.src_type.name, t.new_type.name,
-                     f"{t.src_nbytes / 1048576:.3f}", f"{t.new_nbytes / 1048576:.3f}", ",".join(note)))
-    head = ("#", "tensor", "shape", "from", "to", "MiB in", "MiB out", "note")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    right = {0, 5, 6}
-    for r in [head] + rows:
-        click.echo("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in
-                             enumerate(zip(r, widths))).rstrip())
-    counts: dict[str, int] = {}
-    for t in plan.tensors:
-        counts[t.new_type.name] = counts.get(t.new_type.name, 0) + 1
-    click.echo("types: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-    click.echo(f"{ftype.name}: {len(plan.tensors)} tensors, {plan.n_elements:,} weights: "
-               f"{_mib(plan.src_bytes)} ({plan.src_bpw:.2f} bpw) -> {_mib(plan.out_bytes)} "
-               f"({plan.out_bpw:.2f} bpw)" + (f"; {plan.n_fallback} row-length fallbacks" if plan.n_fallback
-                                              else ""))
-
-
-def _print_summary(s, plan, stats: bool, inp: str) -> None:
-    if stats:
-        rows = [(r.name, r.new_type.name, f"{r.rmse:.6g}" if r.rmse is not None else "-",
-                 f"{r.weighted_rmse:.6g}" if r.weighted_rmse is not None else "-")
-                for r in s.results if r.rmse is not None]
-        head = ("tensor", "type", "rmse", "imatrix-weighted rmse")
-        if rows:
-            widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-            for r in [head] + rows:
-                click.echo("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                                     for i, (c, w) in enumerate(zip(r, widths))))
-        overall = s.overall_rmse()
-        wr = [(r.weighted_rmse, r) for r in s.results if r.weighted_rmse is not None]
-        line = f"stats: {len(rows)} converted tensors, overall rmse {overall:.6g}" if overall is not None \
-            else "stats: no tensor was converted"
-        if wr:
-            worst = max(wr, key=lambda x: x[0])
-            line += f", worst imatrix-weighted rmse {worst[0]:.6g} ({worst[1].name})"
-        click.echo(line)
-    n_conv = sum(1 for r in s.results if r.src_type != r.new_type)
-    rate = s.src_bytes / 1e6 / s.seconds if s.seconds > 0 else 0.0
-    click.echo(f"wrote {s.path}: {len(s.results)} tensors ({n_conv} converted, {len(s.results) - n_conv} copied), "
-               f"{_mib(s.src_bytes)} ({s.src_bpw:.2f} bpw) -> {_mib(s.out_bytes)} ({s.out_bpw:.2f} bpw), "
-               f"file {_mib(s.file_size)}, {s.seconds:.1f} s ({rate:.0f} MB/s)"
-               + (f"; {s.n_fallback} row-length fallbacks" if s.n_fallback else ""), err=True)
+        summary = run_with_progress(src, plan, out, threads, stats, force, inp)
+    print_summary(summary, plan, stats, inp)

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConvertError
-from ..gguf.constants import GGMLType, GGUFValueType
+from ..gguf.constants import GGMLType
 from ..gguf.values import KV
 from ..source import SourceTensor, TensorSource
 from . import archs as A

@@ -8,7 +8,6 @@ the way quantize_row_q4_K/q5_K do (j = 0..7, in increasing order; C uint8_t trun
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 from gguftool.quants.common import fp16_bits_to_fp32

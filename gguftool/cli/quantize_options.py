@@ -1,0 +1,204 @@
+"""What ``gguftool quantize`` and ``gguftool convert`` share: the llama-quantize policy options, turning them
+into a pipeline configuration, the progress bar, and the printed plan and summary."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+TYPES_HELP = ("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, "
+              "Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (aliases Q3_K, Q4_K, Q5_K = the _M mixes); any case")
+
+
+def mib(n: int) -> str:
+    return f"{n / 1048576:.2f} MiB"
+
+
+def warn(msg: str) -> None:
+    click.echo(f"Warning: {msg}", err=True)
+
+
+# --- the policy options both commands take, with llama-quantize's names
+
+_POLICY_OPTIONS = [
+    click.option("--imatrix", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+                 help="Importance matrix (GGUF imatrix or legacy .dat) for the quantization search; per-column "
+                      "weights are in_sum2 / counts, as llama.cpp computes them."),
+    click.option("--include-weights", multiple=True, metavar="NAME",
+                 help="Use the imatrix only for tensors whose name contains NAME (repeatable)."),
+    click.option("--exclude-weights", multiple=True, metavar="NAME",
+                 help="Do not use the imatrix for tensors whose name contains NAME (repeatable)."),
+    click.option("--leave-output-tensor", is_flag=True, help="Leave output.weight un(re)quantized."),
+    click.option("--output-tensor-type", metavar="T", help="ggml type for output.weight (e.g. q8_0)."),
+    click.option("--token-embedding-type", metavar="T", help="ggml type for token_embd.weight."),
+    click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                 help="Quantize tensors whose name matches REGEX to TYPE (repeatable; the first match wins), "
+                      "e.g. --tensor-type attn_v=q8_0."),
+    click.option("--tensor-type-file", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+                 help="REGEX=TYPE entries separated by spaces or newlines (after the --tensor-type ones)."),
+    click.option("--pure", is_flag=True, help="No mixes: every quantized tensor gets the TYPE's base type."),
+    click.option("--override-kv", multiple=True, metavar="KEY=TYPE:VALUE",
+                 help="Set a metadata value in the output; TYPE is int, float, bool or str (repeatable)."),
+]
+
+
+def policy_options(func):
+    """Add the shared policy options; the command receives them as keyword arguments (see build_config)."""
+    for option in reversed(_POLICY_OPTIONS):
+        func = option(func)
+    return func
+
+
+def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_output_tensor, output_tensor_type,
+                 token_embedding_type, tensor_types, tensor_type_file, pure, override_kv, allow_requantize=False):
+    """The pipeline configuration for the policy options (imatrix file read here, so errors come first)."""
+    from .. import pipeline as PL
+    from .. import policy as P
+    from .common import fail
+
+    if include_weights and exclude_weights:
+        fail("--include-weights and --exclude-weights cannot be used together")
+    cfg = PL.QuantizeConfig(
+        ftype=ftype, pure=pure, leave_output_tensor=leave_output_tensor,
+        output_tensor_type=P.parse_target_type(output_tensor_type, "--output-tensor-type")
+        if output_tensor_type else None,
+        token_embedding_type=P.parse_target_type(token_embedding_type, "--token-embedding-type")
+        if token_embedding_type else None,
+        tensor_types=parse_tensor_types(list(tensor_types), tensor_type_file),
+        include_weights=list(include_weights), exclude_weights=list(exclude_weights),
+        allow_requantize=allow_requantize, kv_overrides=[PL.parse_kv_override(s) for s in override_kv])
+    if imatrix:
+        from ..imatrix_file import read_imatrix
+
+        cfg.imatrix = read_imatrix(imatrix)
+        cfg.imatrix_path = imatrix
+    return cfg
+
+def parse_tensor_types(items: list[str], path: str | None):
+    from .. import policy as P
+    from ..errors import PolicyError
+
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                items = items + f.read().split()
+        except OSError as e:
+            raise PolicyError(f"--tensor-type-file {path}: {e.strerror}") from None
+    out = []
+    for item in items:
+        name, sep, t = item.partition("=")
+        if not sep:
+            raise PolicyError(f"malformed --tensor-type {item!r}: expected REGEX=TYPE")
+        if not name:
+            raise PolicyError(f"--tensor-type {item!r}: missing tensor name pattern")
+        if not t:
+            raise PolicyError(f"--tensor-type {item!r}: missing quantization type")
+        out.append((name, P.parse_target_type(t, f"--tensor-type {item}")))
+    return out
+
+
+# --- running
+
+
+def run_with_progress(src, plan, out, threads, stats, force, inp):
+    from tqdm import tqdm
+
+    from .. import pipeline as PL
+
+    bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
+               file=sys.stderr, dynamic_ncols=True, disable=None, mininterval=0.5,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+                          "{rate_fmt}{postfix}]")
+    last = [None]
+
+    def progress(n, tp):
+        if tp.name != last[0]:
+            last[0] = tp.name
+            bar.set_postfix_str(tp.name, refresh=False)
+        bar.update(n)
+
+    try:
+        return PL.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=[inp],
+                          progress=progress)
+    finally:
+        bar.close()
+
+
+# --- printing
+
+
+def shape_str(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def print_plan(plan, ftype) -> None:
+    rows = []
+    for i, t in enumerate(plan.tensors, 1):
+        note = []
+        if t.fallback:
+            note.append("fallback")
+        if t.how in ("manual", "output-type", "token-embd-type"):
+            note.append(t.how)
+        if not t.converts:
+            note.append("copied")
+        rows.append((str(i), t.name, shape_str(t.shape), t.src_type.name, t.new_type.name,
+                     f"{t.src_nbytes / 1048576:.3f}", f"{t.new_nbytes / 1048576:.3f}", ",".join(note)))
+    head = ("#", "tensor", "shape", "from", "to", "MiB in", "MiB out", "note")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    right = {0, 5, 6}
+    for r in [head] + rows:
+        click.echo("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in
+                             enumerate(zip(r, widths))).rstrip())
+    counts: dict[str, int] = {}
+    for t in plan.tensors:
+        counts[t.new_type.name] = counts.get(t.new_type.name, 0) + 1
+    click.echo("types: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    click.echo(f"{ftype.name}: {len(plan.tensors)} tensors, {plan.n_elements:,} weights: "
+               f"{mib(plan.src_bytes)} ({plan.src_bpw:.2f} bpw) -> {mib(plan.out_bytes)} "
+               f"({plan.out_bpw:.2f} bpw)" + (f"; {plan.n_fallback} row-length fallbacks" if plan.n_fallback
+                                              else ""))
+
+
+def print_summary(s, plan, stats: bool, inp: str) -> None:
+    if stats:
+        rows = [(r.name, r.new_type.name, f"{r.rmse:.6g}" if r.rmse is not None else "-",
+                 f"{r.weighted_rmse:.6g}" if r.weighted_rmse is not None else "-")
+                for r in s.results if r.rmse is not None]
+        head = ("tensor", "type", "rmse", "imatrix-weighted rmse")
+        if rows:
+            widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+            for r in [head] + rows:
+                click.echo("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                     for i, (c, w) in enumerate(zip(r, widths))))
+        overall = s.overall_rmse()
+        wr = [(r.weighted_rmse, r) for r in s.results if r.weighted_rmse is not None]
+        line = f"stats: {len(rows)} converted tensors, overall rmse {overall:.6g}" if overall is not None \
+            else "stats: no tensor was converted"
+        if wr:
+            worst = max(wr, key=lambda x: x[0])
+            line += f", worst imatrix-weighted rmse {worst[0]:.6g} ({worst[1].name})"
+        click.echo(line)
+    n_conv = sum(1 for r in s.results if r.src_type != r.new_type)
+    rate = s.src_bytes / 1e6 / s.seconds if s.seconds > 0 else 0.0
+    click.echo(f"wrote {s.path}: {len(s.results)} tensors ({n_conv} converted, {len(s.results) - n_conv} copied), "
+               f"{mib(s.src_bytes)} ({s.src_bpw:.2f} bpw) -> {mib(s.out_bytes)} ({s.out_bpw:.2f} bpw), "
+               f"file {mib(s.file_size)}, {s.seconds:.1f} s ({rate:.0f} MB/s)"
+               + (f"; {s.n_fallback} row-length fallbacks" if s.n_fallback else ""), err=True)
+
+
+def check_output(out: str, inputs: list[str], force: bool) -> None:
+    """Refuse an output that is one of the inputs, a directory, in a missing folder, or exists without --force."""
+    import os
+
+    from .common import fail
+
+    for inp in inputs:
+        if os.path.abspath(inp) == os.path.abspath(out) or (os.path.exists(out) and os.path.samefile(inp, out)):
+            fail(f"{out}: output file is the input file")
+    if os.path.isdir(out):
+        fail(f"{out}: output path is a directory")
+    if os.path.lexists(out) and not force:
+        fail(f"{out}: output file already exists (use --force to overwrite it)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        fail(f"{out}: output directory {parent} does not exist")
