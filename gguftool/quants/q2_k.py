@@ -30,12 +30,162 @@ _OFF_D = 80
 _OFF_DMIN = 82
 
 
+# Lane workspace (float32, see _qkx_lanes): 5 planes of 16x16 (element-major, lane = sub-block) + 16 rows of 16.
+_NW = 5 * QK_K + 16 * 16
+
+
 @njit(cache=True, error_model="numpy")
 def make_scratch():
-    """L[256], Laux[16], Ls[16], Lm[16] (uint8); weights[16], sw[16], mins[16], scales[16], fs[5*16] (float32)."""
+    """L[256], Laux[16], Ls[16], Lm[16] (uint8); weights[16], sw[16], mins[16], scales[16], fs[5*16],
+    lane workspace[_NW] (float32)."""
     return (np.zeros(QK_K, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8),
             np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
-            np.zeros(SCRATCH_PER_ELEM * 16, np.float32))
+            np.zeros(SCRATCH_PER_ELEM * 16, np.float32), np.zeros(_NW, np.float32))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
+    """The 16 make_qkx2/3_quants(16, 3, ...) searches of one super-block, side by side as SIMD lanes.
+
+    Bit-identical with ``search_affine._qkx_search`` run on each sub-block: the sub-blocks' searches are
+    independent, so lane j carries sub-block j through exactly the reference's float32 operations, every sum
+    accumulated element after element in the reference's order; branches become per-lane selects. Steps whose
+    levels repeat are evaluated too (their error equals one already compared, so under the strict < they
+    never win, as in the reference). A flat sub-block (max == min, or max <= min for le_check) gets the
+    reference's early result (levels 0, scale 0, min -min) at the end.
+
+    ws: float32[_NW]: on entry plane 1 (ws[256:512], [i*16 + j]) holds the weight of element i of sub-block j;
+    plane 0 gets x transposed the same way. Writes L[256] (uint8, sub-block-major as x), scales[16], mins[16]."""
+    X = ws[0:256]
+    W = ws[256:512]
+    LA = ws[512:768]
+    LB = ws[768:1024]
+    T = ws[1024:1280]
+    V = ws[1280:1536]
+    mn = V[0:16]
+    mx = V[16:32]
+    sw = V[32:48]
+    sx = V[48:64]
+    scale = V[64:80]
+    best = V[80:96]
+    isc = V[96:112]
+    sl = V[112:128]
+    sl2 = V[128:144]
+    sxl = V[144:160]
+    ce = V[160:176]
+    tsc = V[176:192]
+    tmn = V[192:208]
+    nl = scales.size   # 16, a run-time trip count: the lane loops stay loops and get vectorised
+    rmin = np.float32(rmin)
+    rdelta = np.float32(rdelta)
+    fnmax = np.float32(3.0)
+    for i in range(16):
+        for j in range(nl):
+            X[16 * i + j] = x[16 * j + i]
+    for j in range(nl):
+        v = X[j]
+        mn[j] = v
+        mx[j] = v
+        w = W[j]
+        sw[j] = w
+        sx[j] = w * v
+    for i in range(1, 16):
+        for j in range(nl):
+            xi = X[16 * i + j]
+            a = mn[j]
+            mn[j] = xi if xi < a else a
+            b = mx[j]
+            mx[j] = xi if xi > b else b
+            w = W[16 * i + j]
+            sw[j] = sw[j] + w
+            sx[j] = sx[j] + w * xi
+    for j in range(nl):
+        a = mn[j]
+        mn[j] = np.float32(0.0) if a > np.float32(0.0) else a
+        isc[j] = fnmax / (mx[j] - mn[j])
+        scale[j] = np.float32(1.0) / isc[j]
+        best[j] = np.float32(0.0)
+    for i in range(16):
+        for j in range(nl):
+            l = nearest_int_c(isc[j] * (X[16 * i + j] - mn[j]))
+            l = 3 if 3 < l else l
+            l = 0 if 0 > l else l
+            fl = np.float32(l)
+            LB[16 * i + j] = fl
+            diff = scale[j] * fl + mn[j] - X[16 * i + j]
+            diff = abs(diff) if use_mad else diff * diff
+            best[j] = best[j] + W[16 * i + j] * diff
+    for istep in range(nstep + 1):
+        num = rmin + rdelta * np.float32(istep) + fnmax
+        for j in range(nl):
+            isc[j] = num / (mx[j] - mn[j])
+            sl[j] = np.float32(0.0)
+            sl2[j] = np.float32(0.0)
+            sxl[j] = np.float32(0.0)
+            ce[j] = np.float32(0.0)
+        # (separate loops with few arrays each: LLVM vectorises them across the lanes)
+        for i in range(16):
+            for j in range(nl):
+                l = nearest_int_c(isc[j] * (X[16 * i + j] - mn[j]))
+                l = 3 if 3 < l else l
+                l = 0 if 0 > l else l
+                LA[16 * i + j] = np.float32(l)
+        for i in range(16):
+            for j in range(nl):
+                fl = LA[16 * i + j]
+                wl = W[16 * i + j] * fl
+                sl[j] = sl[j] + wl
+                sl2[j] = sl2[j] + wl * fl
+        for i in range(16):
+            for j in range(nl):
+                sxl[j] = sxl[j] + (W[16 * i + j] * LA[16 * i + j]) * X[16 * i + j]
+        for j in range(nl):
+            a = sl[j]
+            b = sl2[j]
+            c = sxl[j]
+            D = sw[j] * b - a * a
+            ts = (sw[j] * c - sx[j] * a) / D
+            tm = (b * sx[j] - a * c) / D
+            alt = c / b
+            pos = tm > np.float32(0.0)
+            tsc[j] = alt if pos else ts
+            tmn[j] = np.float32(0.0) if pos else tm
+        for i in range(16):
+            for j in range(nl):
+                diff = tsc[j] * LA[16 * i + j] + tmn[j] - X[16 * i + j]
+                diff = abs(diff) if use_mad else diff * diff
+                ce[j] = ce[j] + W[16 * i + j] * diff
+        for j in range(nl):
+            a = sl[j]
+            D = sw[j] * sl2[j] - a * a
+            upd = (D > np.float32(0.0)) and (ce[j] < best[j])
+            T[j] = np.float32(1.0) if upd else np.float32(0.0)
+            best[j] = ce[j] if upd else best[j]
+            scale[j] = tsc[j] if upd else scale[j]
+            mn[j] = tmn[j] if upd else mn[j]
+        for i in range(16):
+            for j in range(nl):
+                LB[16 * i + j] = LA[16 * i + j] if T[j] != np.float32(0.0) else LB[16 * i + j]
+    for j in range(nl):
+        # flatness is decided on the original min: min(x) clipped to <= 0
+        a = X[j]
+        b = X[j]
+        for i in range(1, 16):
+            xi = X[16 * i + j]
+            a = xi if xi < a else a
+            b = xi if xi > b else b
+        a = np.float32(0.0) if a > np.float32(0.0) else a
+        flat = (b <= a) if le_check else (b == a)
+        if flat:
+            scales[j] = np.float32(0.0)
+            mins[j] = -a
+            for i in range(16):
+                L[16 * j + i] = 0
+        else:
+            scales[j] = scale[j]
+            mins[j] = -mn[j]
+            for i in range(16):
+                L[16 * j + i] = int(LB[16 * i + j])
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -64,17 +214,17 @@ def _pack_q2(y, L):
 
 @njit(cache=True, error_model="numpy")
 def quantize_block_ref(x, y, s):
-    L, Laux, Ls, Lm, weights, sw, mins, scales, fs = s
+    L, Laux, Ls, Lm, weights, sw, mins, scales, fs, ws = s
     q4scale = np.float32(15.0)
+    for j in range(16):
+        for l in range(16):
+            ws[256 + 16 * l + j] = abs(x[16 * j + l])
+    _qkx_lanes(x, ws, L, scales, mins, np.float32(-0.5), np.float32(0.1), 15, True, False)
     max_scale = np.float32(0.0)
     max_min = np.float32(0.0)
     for j in range(16):
-        for l in range(16):
-            weights[l] = abs(x[16 * j + l])
-        sc, mn = _qkx_search(16, 3, x, 16 * j, weights, 0, L, 16 * j, Laux,
-                             np.float32(-0.5), np.float32(0.1), 15, True, False, fs)
-        scales[j] = sc
-        mins[j] = mn
+        sc = scales[j]
+        mn = mins[j]
         if sc > max_scale:
             max_scale = sc
         if mn > max_min:
@@ -102,22 +252,19 @@ def quantize_block_ref(x, y, s):
 
 @njit(cache=True, error_model="numpy")
 def quantize_block_impl(x, qw, y, s):
-    L, Laux, Ls, Lm, weight, sw, mins, scales, fs = s
+    L, Laux, Ls, Lm, weight, sw, mins, scales, fs, ws = s
     sumx2 = np.float32(0.0)
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
     sigma2 = sumx2 / np.float32(256.0)
     for j in range(16):
-        for l in range(16):
-            weight[l] = qw[16 * j + l] * np.float32(np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
         acc = np.float32(0.0)
         for l in range(16):
-            acc += weight[l]
+            w = qw[16 * j + l] * np.float32(np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
+            ws[256 + 16 * l + j] = w
+            acc += w
         sw[j] = acc
-        sc, mn = _qkx_search(16, 3, x, 16 * j, weight, 0, L, 16 * j, Laux,
-                             np.float32(-0.9), np.float32(0.05), 36, False, True, fs)
-        scales[j] = sc
-        mins[j] = mn
+    _qkx_lanes(x, ws, L, scales, mins, np.float32(-0.9), np.float32(0.05), 36, False, True)
     dm = make_qp_quants(16, 15, scales, Ls, sw)
     mm = make_qp_quants(16, 15, mins, Lm, sw)
     put_fp16(y, _OFF_D, fp32_to_fp16_bits(dm))
