@@ -254,8 +254,8 @@ def _top1(path: Path, text: str) -> tuple[list[int], np.ndarray]:
     """(tokens of text, llama.cpp's top-1 next-token prediction at every position).
 
     Run in a fresh process (llama.cpp's OpenMP threads and numba's do not mix well in one process), one token
-    per batch: this machine's llama-cpp-python build dies with SIGILL on multi-token batches of quantized
-    models (its AMX int8 path), whoever wrote the file -- llama-quantize's own Q8_0 output included.
+    per batch so the figures do not depend on which batched kernel path a build takes (a native build of
+    llama-cpp-python takes an AMX path on these CPUs that the VM traps; .ci/run builds it without AMX).
     """
     r = subprocess.run([sys.executable, "-c", _TOP1, str(path), text], capture_output=True, text=True, check=True)
     tokens, top = json.loads(r.stdout.strip().splitlines()[-1])
