@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .float_types import fp16_to_fp32_fast, fp32_to_fp16_fast, u32_as_f32
+from .float_types import fp16_to_fp32_fast, fp32_to_fp16_fast
 
 F32 = np.float32
 U32 = np.uint32
@@ -98,33 +98,26 @@ def first_absmax(xr, base):
     return mx, amax
 
 
-@njit(cache=True, inline="always")
-def _order_key(u):
-    """A signed integer that orders like the float32 with bit pattern u (-0.0 -> -1 sorts before +0.0 -> 0)."""
-    s = np.int64(np.int32(u))
-    return s ^ ((s >> 31) & 0x7FFFFFFF)
+FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-@njit(cache=True, inline="always")
-def _key_to_f32(k):
-    s = k ^ ((k >> 31) & 0x7FFFFFFF)
-    return u32_as_f32(U32(s & 0xFFFFFFFF))
-
-
-@njit(cache=True, inline="always")
-def block_minmax(xu, base):
-    """The (min, max) scan of quantize_row_q4_1_ref / q5_1_ref for the block at base, with integer order keys
-    (vectorises). Returns (min, max, ok). ok is False when the minimum or maximum is a zero: C keeps the
-    first of -0.0 / +0.0 met, which the keys cannot tell, and the sign reaches the stored fp16 fields; the
-    caller then uses the scalar path. (NaN/Inf surface as a non-finite scale, also sent to the scalar path.)"""
-    kmin = np.int64(0x7FFFFFFF)
-    kmax = np.int64(-0x80000000)
+# Not inline="always": numba-level inlining would compile the body with the caller's (strict) flags. As a
+# separate function LLVM inlines it and keeps the per-instruction nnan/nsz flags, which let the two
+# reductions become vector min/max.
+@njit(cache=True, fastmath={"nnan", "nsz"})
+def block_minmax(xr, base):
+    """The (min, max) scan of quantize_row_q4_1_ref / q5_1_ref for the block at base, vectorised. Exact for
+    finite values except the sign of a zero result: C keeps the first of -0.0 / +0.0 met, so a caller must
+    take the scalar path when the min or max compares equal to zero (the sign reaches the stored fp16
+    fields). With a NaN in the block the result is meaningless: callers detect NaN otherwise (a NaN level
+    converts to INT32_MIN)."""
+    mn = FLT_MAX
+    mx = -FLT_MAX
     for j in range(QK):
-        k = _order_key(xu[U64(base + j)])
-        kmin = k if k < kmin else kmin
-        kmax = k if k > kmax else kmax
-    ok = not (kmin == 0 or kmin == -1 or kmax == 0 or kmax == -1)
-    return _key_to_f32(kmin), _key_to_f32(kmax), ok
+        v = xr[U64(base + j)]
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+    return mn, mx
 
 
 # --- importance weights of the quantize_row_q*_impl functions

@@ -50,34 +50,34 @@ def quantize_block_ref(x, off, out, o):
 
 @njit(cache=True, error_model="numpy")
 def quantize_row_ref(xr, orow, q):
-    """quantize_row_q4_1_ref over a whole row in loops that vectorise: per block min/max and scale, then the
-    32 levels (x - min)*id + 0.5 truncated into q (int32 row scratch); nibble packing last.
+    """quantize_row_q4_1_ref over a whole row in one pass that vectorises: per block min/max and scale, then
+    the 32 levels (x - min)*id + 0.5 truncated and packed straight into the nibbles (q: unused scratch, kept
+    for the drivers' signature).
 
     Valid while d and 1/d are finite (then (x - min)*id lies in [0, 15] up to rounding and the C cast is a
-    truncation) and no block has a zero as its min or max (signed zeros: see legacy.block_minmax).
-    Returns False when a block needs the scalar path."""
+    truncation), no block has a zero as its min or max (signed zeros: see legacy.block_minmax) and no level
+    is negative (a NaN converts to INT32_MIN). Returns False when a block needs the scalar path."""
     n = xr.size
     nb = n // QK
-    xu = xr.view(np.uint32)
     ok = True  # accumulated, not an early exit: an exit in this loop stops LLVM from unrolling it
+    neg = np.int32(0)  # OR of all levels: the sign bit flags a NaN
     for b in range(nb):
         base = b * QK
-        mn, mx, okb = block_minmax(xu, base)
+        o = b * BLOCK_BYTES
+        mn, mx = block_minmax(xr, base)
         d = (mx - mn) / F32(15.0)
         idd = F32(1.0) / d if d != 0 else F32(0.0)
-        ok &= okb & (abs(d) < np.inf) & (abs(idd) < np.inf)
-        put_fp16(orow, b * BLOCK_BYTES, d)
-        put_fp16(orow, b * BLOCK_BYTES + 2, mn)
-        for j in range(QK):  # garbage when not ok: the row is then redone by the scalar path
-            v = np.int32((xr[U64(base + j)] - mn) * idd + F32(0.5))
-            q[U64(base + j)] = v if v < 15 else 15
-    if not ok:
-        return False
-    for b in range(nb):
-        for j in range(QK // 2):
-            orow[U64(b * BLOCK_BYTES + 4 + j)] = np.uint8((q[U64(b * QK + j)] | (q[U64(b * QK + 16 + j)] << 4))
-                                                          & 0xFF)
-    return True
+        ok &= (mn != 0) & (mx != 0) & (abs(d) < np.inf) & (abs(idd) < np.inf)
+        put_fp16(orow, o, d)
+        put_fp16(orow, o + 2, mn)
+        for j in range(QK // 2):  # garbage when not ok: the row is then redone by the scalar path
+            v0 = np.int32((xr[U64(base + j)] - mn) * idd + F32(0.5))
+            v1 = np.int32((xr[U64(base + QK // 2 + j)] - mn) * idd + F32(0.5))
+            neg = np.int32(neg | v0 | v1)  # kept int32: an int64 accumulator blocks the vectoriser
+            v0 = v0 if v0 < 15 else np.int32(15)
+            v1 = v1 if v1 < 15 else np.int32(15)
+            orow[U64(o + 4 + j)] = np.uint8((v0 | (v1 << 4)) & 0xFF)
+    return ok & (neg >= 0)
 
 
 # --- importance path

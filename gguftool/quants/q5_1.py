@@ -63,28 +63,34 @@ def quantize_block_ref(x, off, out, o, qb):
 
 @njit(cache=True, error_model="numpy")
 def quantize_row_ref(xr, orow, q):
-    """quantize_row_q5_1_ref over a whole row in vectorisable passes (see q4_1.quantize_row_ref): valid
-    while d and 1/d are finite, so (x - min)*id + 0.5 lies in [0, 32) and the C cast truncates, and no
-    block has a zero as its min or max. False: use the scalar path."""
+    """quantize_row_q5_1_ref over a whole row in one pass that vectorises (see q4_1.quantize_row_ref): per
+    block min/max and scale, then the levels (x - min)*id + 0.5 truncated and packed straight into qs and qh
+    (q: unused scratch, kept for the drivers' signature). Valid while d and 1/d are finite, so the levels lie
+    in [0, 32) and the C cast truncates, no block has a zero as its min or max, and no level is negative
+    (NaN). False: use the scalar path."""
     n = xr.size
     nb = n // QK
-    xu = xr.view(np.uint32)
     ok = True  # accumulated, not an early exit: an exit in this loop stops LLVM from unrolling it
+    neg = np.int32(0)  # OR of all levels: the sign bit flags a NaN
     for b in range(nb):
         base = b * QK
-        mn, mx, okb = block_minmax(xu, base)
+        o = b * BLOCK_BYTES
+        mn, mx = block_minmax(xr, base)
         d = (mx - mn) / F32(31.0)
         idd = F32(1.0) / d if d != 0 else F32(0.0)
-        ok &= okb & (abs(d) < np.inf) & (abs(idd) < np.inf)
-        put_fp16(orow, b * BLOCK_BYTES, d)
-        put_fp16(orow, b * BLOCK_BYTES + 2, mn)
-        for j in range(QK):  # garbage when not ok: the row is then redone by the scalar path
-            q[U64(base + j)] = np.int32((xr[U64(base + j)] - mn) * idd + F32(0.5))
-    if not ok:
-        return False
-    for b in range(nb):
-        pack_block(q, b * QK, orow, b * BLOCK_BYTES)
-    return True
+        ok &= (mn != 0) & (mx != 0) & (abs(d) < np.inf) & (abs(idd) < np.inf)
+        put_fp16(orow, o, d)
+        put_fp16(orow, o + 2, mn)
+        qh = np.uint32(0)
+        for j in range(QK // 2):  # garbage when not ok: the row is then redone by the scalar path
+            v0 = np.int32((xr[U64(base + j)] - mn) * idd + F32(0.5))
+            v1 = np.int32((xr[U64(base + QK // 2 + j)] - mn) * idd + F32(0.5))
+            neg = np.int32(neg | v0 | v1)  # kept int32: an int64 accumulator blocks the vectoriser
+            orow[U64(o + 8 + j)] = np.uint8(((v0 & 0x0F) | ((v1 & 0x0F) << 4)) & 0xFF)
+            qh = np.uint32(qh | (np.uint32((v0 >> 4) & 1) << np.uint32(j))
+                           | (np.uint32((v1 >> 4) & 1) << np.uint32(j + QK // 2)))
+        put_u32(orow, o + 4, qh)
+    return ok & (neg >= 0)
 
 
 # --- importance path
