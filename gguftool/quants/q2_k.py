@@ -12,7 +12,8 @@ llama.cpp's quantize_q2_K does with a NULL imatrix), ``dequantize_rows(data, out
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.common import fp32_to_fp16_bits
@@ -43,6 +44,18 @@ def make_scratch():
             np.zeros(SCRATCH_PER_ELEM * 16, np.float32), np.zeros(_NW, np.float32))
 
 
+@intrinsic
+def _sel(typingctx, c, a, b):
+    """``a if c else b`` for float32 as one LLVM select (branch-free, so the lane loops vectorise)."""
+    if a != types.float32 or b != types.float32 or c != types.boolean:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(args[0], args[1], args[2])
+
+    return types.float32(types.boolean, types.float32, types.float32), codegen
+
+
 @njit(cache=True, inline="always", error_model="numpy")
 def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
     """The 16 make_qkx2/3_quants(16, 3, ...) searches of one super-block, side by side as SIMD lanes.
@@ -51,16 +64,18 @@ def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
     independent, so lane j carries sub-block j through exactly the reference's float32 operations, every sum
     accumulated element after element in the reference's order; branches become per-lane selects. Steps whose
     levels repeat are evaluated too (their error equals one already compared, so under the strict < they
-    never win, as in the reference). A flat sub-block (max == min, or max <= min for le_check) gets the
-    reference's early result (levels 0, scale 0, min -min) at the end.
+    never win, as in the reference). The winning levels are not copied at every improvement: the lane keeps
+    the winning step's iscale and the min it rounded with, and the levels are rounded again from them at the
+    end (the same float32 operations, so the same levels). A flat sub-block (max == min, or max <= min for
+    le_check) gets the reference's early result (levels 0, scale 0, min -min).
 
     ws: float32[_NW]: on entry plane 1 (ws[256:512], [i*16 + j]) holds the weight of element i of sub-block j;
-    plane 0 gets x transposed the same way. Writes L[256] (uint8, sub-block-major as x), scales[16], mins[16]."""
+    plane 0 gets x transposed the same way. Writes L[256] (uint8, sub-block-major as x), scales[16], mins[16].
+    Lane loops run to ``nl`` (16, but a run-time value) so that LLVM keeps them as loops and vectorises them."""
+    nl = scales.size
     X = ws[0:256]
     W = ws[256:512]
     LA = ws[512:768]
-    LB = ws[768:1024]
-    T = ws[1024:1280]
     V = ws[1280:1536]
     mn = V[0:16]
     mx = V[16:32]
@@ -75,117 +90,129 @@ def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
     ce = V[160:176]
     tsc = V[176:192]
     tmn = V[192:208]
-    nl = scales.size   # 16, a run-time trip count: the lane loops stay loops and get vectorised
+    wisc = V[208:224]
+    wmn = V[224:240]
+    mn0 = V[240:256]
     rmin = np.float32(rmin)
     rdelta = np.float32(rdelta)
     fnmax = np.float32(3.0)
+    zero = np.float32(0.0)
     for i in range(16):
         for j in range(nl):
-            X[16 * i + j] = x[16 * j + i]
+            X[np.uint64(16 * i + j)] = x[np.uint64(16 * j + i)]
     for j in range(nl):
-        v = X[j]
-        mn[j] = v
-        mx[j] = v
-        w = W[j]
-        sw[j] = w
-        sx[j] = w * v
+        v = X[np.uint64(j)]
+        mn[np.uint64(j)] = v
+        mx[np.uint64(j)] = v
+        w = W[np.uint64(j)]
+        sw[np.uint64(j)] = w
+        sx[np.uint64(j)] = w * v
     for i in range(1, 16):
         for j in range(nl):
-            xi = X[16 * i + j]
-            a = mn[j]
-            mn[j] = xi if xi < a else a
-            b = mx[j]
-            mx[j] = xi if xi > b else b
-            w = W[16 * i + j]
-            sw[j] = sw[j] + w
-            sx[j] = sx[j] + w * xi
+            xi = X[np.uint64(16 * i + j)]
+            a = mn[np.uint64(j)]
+            mn[np.uint64(j)] = _sel(xi < a, xi, a)
+            b = mx[np.uint64(j)]
+            mx[np.uint64(j)] = _sel(xi > b, xi, b)
+            w = W[np.uint64(16 * i + j)]
+            sw[np.uint64(j)] = sw[np.uint64(j)] + w
+            sx[np.uint64(j)] = sx[np.uint64(j)] + w * xi
     for j in range(nl):
-        a = mn[j]
-        mn[j] = np.float32(0.0) if a > np.float32(0.0) else a
-        isc[j] = fnmax / (mx[j] - mn[j])
-        scale[j] = np.float32(1.0) / isc[j]
-        best[j] = np.float32(0.0)
+        a = mn[np.uint64(j)]
+        a = _sel(a > zero, zero, a)
+        mn[np.uint64(j)] = a
+        mn0[np.uint64(j)] = a
+        c = fnmax / (mx[np.uint64(j)] - a)
+        isc[np.uint64(j)] = c
+        wisc[np.uint64(j)] = c
+        wmn[np.uint64(j)] = a
+        scale[np.uint64(j)] = np.float32(1.0) / c
+        best[np.uint64(j)] = zero
     for i in range(16):
         for j in range(nl):
-            l = nearest_int_c(isc[j] * (X[16 * i + j] - mn[j]))
+            l = nearest_int_c(isc[np.uint64(j)] * (X[np.uint64(16 * i + j)] - mn[np.uint64(j)]))
             l = 3 if 3 < l else l
             l = 0 if 0 > l else l
-            fl = np.float32(l)
-            LB[16 * i + j] = fl
-            diff = scale[j] * fl + mn[j] - X[16 * i + j]
+            LA[np.uint64(16 * i + j)] = np.float32(l)
+    for i in range(16):
+        for j in range(nl):
+            diff = scale[np.uint64(j)] * LA[np.uint64(16 * i + j)] + mn[np.uint64(j)] - X[np.uint64(16 * i + j)]
             diff = abs(diff) if use_mad else diff * diff
-            best[j] = best[j] + W[16 * i + j] * diff
+            best[np.uint64(j)] = best[np.uint64(j)] + W[np.uint64(16 * i + j)] * diff
     for istep in range(nstep + 1):
         num = rmin + rdelta * np.float32(istep) + fnmax
         for j in range(nl):
-            isc[j] = num / (mx[j] - mn[j])
-            sl[j] = np.float32(0.0)
-            sl2[j] = np.float32(0.0)
-            sxl[j] = np.float32(0.0)
-            ce[j] = np.float32(0.0)
+            isc[np.uint64(j)] = num / (mx[np.uint64(j)] - mn[np.uint64(j)])
+            sl[np.uint64(j)] = zero
+            sl2[np.uint64(j)] = zero
+            sxl[np.uint64(j)] = zero
+            ce[np.uint64(j)] = zero
         # (separate loops with few arrays each: LLVM vectorises them across the lanes)
         for i in range(16):
             for j in range(nl):
-                l = nearest_int_c(isc[j] * (X[16 * i + j] - mn[j]))
+                l = nearest_int_c(isc[np.uint64(j)] * (X[np.uint64(16 * i + j)] - mn[np.uint64(j)]))
                 l = 3 if 3 < l else l
                 l = 0 if 0 > l else l
-                LA[16 * i + j] = np.float32(l)
+                LA[np.uint64(16 * i + j)] = np.float32(l)
         for i in range(16):
             for j in range(nl):
-                fl = LA[16 * i + j]
-                wl = W[16 * i + j] * fl
-                sl[j] = sl[j] + wl
-                sl2[j] = sl2[j] + wl * fl
+                fl = LA[np.uint64(16 * i + j)]
+                wl = W[np.uint64(16 * i + j)] * fl
+                sl[np.uint64(j)] = sl[np.uint64(j)] + wl
+                sl2[np.uint64(j)] = sl2[np.uint64(j)] + wl * fl
         for i in range(16):
             for j in range(nl):
-                sxl[j] = sxl[j] + (W[16 * i + j] * LA[16 * i + j]) * X[16 * i + j]
+                k = np.uint64(16 * i + j)
+                sxl[np.uint64(j)] = sxl[np.uint64(j)] + (W[k] * LA[k]) * X[k]
         for j in range(nl):
-            a = sl[j]
-            b = sl2[j]
-            c = sxl[j]
-            D = sw[j] * b - a * a
-            ts = (sw[j] * c - sx[j] * a) / D
-            tm = (b * sx[j] - a * c) / D
+            a = sl[np.uint64(j)]
+            b = sl2[np.uint64(j)]
+            c = sxl[np.uint64(j)]
+            sw_ = sw[np.uint64(j)]
+            sx_ = sx[np.uint64(j)]
+            D = sw_ * b - a * a
+            ts = (sw_ * c - sx_ * a) / D
+            tm = (b * sx_ - a * c) / D
             alt = c / b
-            pos = tm > np.float32(0.0)
-            tsc[j] = alt if pos else ts
-            tmn[j] = np.float32(0.0) if pos else tm
+            pos = tm > zero
+            tsc[np.uint64(j)] = _sel(pos, alt, ts)
+            tmn[np.uint64(j)] = _sel(pos, zero, tm)
         for i in range(16):
             for j in range(nl):
-                diff = tsc[j] * LA[16 * i + j] + tmn[j] - X[16 * i + j]
+                k = np.uint64(16 * i + j)
+                diff = tsc[np.uint64(j)] * LA[k] + tmn[np.uint64(j)] - X[k]
                 diff = abs(diff) if use_mad else diff * diff
-                ce[j] = ce[j] + W[16 * i + j] * diff
+                ce[np.uint64(j)] = ce[np.uint64(j)] + W[k] * diff
         for j in range(nl):
-            a = sl[j]
-            D = sw[j] * sl2[j] - a * a
-            upd = (D > np.float32(0.0)) and (ce[j] < best[j])
-            T[j] = np.float32(1.0) if upd else np.float32(0.0)
-            best[j] = ce[j] if upd else best[j]
-            scale[j] = tsc[j] if upd else scale[j]
-            mn[j] = tmn[j] if upd else mn[j]
-        for i in range(16):
-            for j in range(nl):
-                LB[16 * i + j] = LA[16 * i + j] if T[j] != np.float32(0.0) else LB[16 * i + j]
-    for j in range(nl):
-        # flatness is decided on the original min: min(x) clipped to <= 0
-        a = X[j]
-        b = X[j]
-        for i in range(1, 16):
-            xi = X[16 * i + j]
-            a = xi if xi < a else a
-            b = xi if xi > b else b
-        a = np.float32(0.0) if a > np.float32(0.0) else a
+            a = sl[np.uint64(j)]
+            D = sw[np.uint64(j)] * sl2[np.uint64(j)] - a * a
+            c = ce[np.uint64(j)]
+            upd = (D > zero) & (c < best[np.uint64(j)])
+            m = mn[np.uint64(j)]
+            best[np.uint64(j)] = _sel(upd, c, best[np.uint64(j)])
+            scale[np.uint64(j)] = _sel(upd, tsc[np.uint64(j)], scale[np.uint64(j)])
+            wisc[np.uint64(j)] = _sel(upd, isc[np.uint64(j)], wisc[np.uint64(j)])
+            wmn[np.uint64(j)] = _sel(upd, m, wmn[np.uint64(j)])
+            mn[np.uint64(j)] = _sel(upd, tmn[np.uint64(j)], m)
+    for j in range(16):
+        a = mn0[j]
+        b = mx[j]
         flat = (b <= a) if le_check else (b == a)
         if flat:
-            scales[j] = np.float32(0.0)
+            scales[j] = zero
             mins[j] = -a
             for i in range(16):
                 L[16 * j + i] = 0
         else:
             scales[j] = scale[j]
             mins[j] = -mn[j]
+            c = wisc[j]
+            m = wmn[j]
             for i in range(16):
-                L[16 * j + i] = int(LB[16 * i + j])
+                l = nearest_int_c(c * (x[16 * j + i] - m))
+                l = 3 if 3 < l else l
+                l = 0 if 0 > l else l
+                L[16 * j + i] = l
 
 
 @njit(cache=True, inline="always", error_model="numpy")
