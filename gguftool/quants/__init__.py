@@ -175,9 +175,10 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
         w = _EMPTY_IMATRIX
     # One screen over the whole tensor, then one parallel call. (Screening and quantizing in cache-sized
     # chunks saves a trip to memory but costs a thread barrier per chunk, which a busy machine punishes.)
-    screened = getattr(mod, "quantize_rows_screened", None)
+    # quantize_rows_screened(x, out, bad): an optional variant (no imatrix) with the screen fused in
+    screened = getattr(mod, "quantize_rows_screened", None) if w.size == 0 else None
     with _threads(threads):
-        if screened is not None:  # F16/BF16: the screen is fused into the conversion (one pass)
+        if screened is not None:  # F16/BF16, Q4_1, Q5_1: the screen is fused into the conversion (one pass)
             bad = np.zeros(rows, dtype=np.bool_)
             screened(a, out, bad)
             if bad.any():

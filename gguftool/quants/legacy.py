@@ -120,6 +120,16 @@ def block_minmax(xr, base):
     return mn, mx
 
 
+@njit(cache=True)
+def has_nonfinite(xr):
+    """True if the row holds a NaN or an Inf (scalar scan: only run on rows the fast paths rejected)."""
+    for j in range(xr.size):
+        v = xr[j]
+        if v - v != 0:  # NaN - NaN and Inf - Inf are NaN
+            return True
+    return False
+
+
 # --- importance weights of the quantize_row_q*_impl functions
 @njit(cache=True)
 def row_sigma2(x):

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_minmax, block_weights, c_int8, get_fp16, put_fp16,
+from .legacy import (F32, QK, ROWS_PER_TASK, U64, has_nonfinite, block_minmax, block_weights, c_int8, get_fp16, put_fp16,
                      row_sigma2)
 from .search_affine import SCRATCH_PER_ELEM, make_qkx3_quants
 
@@ -128,6 +128,27 @@ def quantize_rows(x, imatrix, out):
             elif not quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def quantize_rows_screened(x, out, bad):
+    """quantize_rows without an imatrix, fused with the API's NaN/Inf screen: bad[r] = True when row r holds
+    a NaN or an Inf (its bytes are then meaningless). The screen costs nothing on rows the vectorised path
+    accepts (it rejects every row with a NaN or an Inf); only rejected rows are scanned."""
+    rows, n = x.shape
+    nb = n // QK
+    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        q = np.empty(n, np.int32)
+        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
+            xr = x[r]
+            orow = out[r]
+            if not quantize_row_ref(xr, orow, q):
+                if has_nonfinite(xr):
+                    bad[r] = True
+                else:
+                    for b in range(nb):
+                        quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
