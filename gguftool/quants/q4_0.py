@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_weights, c_int8, first_absmax, get_fp16, put_fp16,
+from .legacy import (F32, QK, ROWS_PER_TASK, U64, has_nonfinite, block_weights, c_int8, first_absmax, get_fp16, put_fp16,
                      row_sigma2)
 from .search_symmetric import NT, make_qx_quants_w
 
@@ -50,7 +50,8 @@ def quantize_row_ref(xr, orow, q):
     x*id + 8.5 truncated into q (int32 row scratch); nibble packing last.
 
     Valid while 1/d is finite: then |x*id| <= 8 up to rounding, x*id + 8.5 lies in (0, 17) and the C cast is
-    a plain truncation. Returns False (row untouched beyond headers) when a block needs the scalar path."""
+    a plain truncation. Returns False when a block needs the scalar path, and for every row holding a NaN or
+    an Inf (quantize_rows_screened relies on it; the scalar path handles both exactly)."""
     n = xr.size
     nb = n // QK
     ok = True  # accumulated, not an early exit: an exit in this loop stops LLVM from unrolling it
@@ -66,11 +67,14 @@ def quantize_row_ref(xr, orow, q):
             q[U64(base + j)] = v if v < 15 else 15
     if not ok:
         return False
+    neg = np.int32(0)  # OR of all levels: the sign bit flags a NaN (INT32_MIN; x*id + 8.5 > 0 otherwise)
     for b in range(nb):
         for j in range(QK // 2):
-            orow[U64(b * BLOCK_BYTES + 2 + j)] = np.uint8((q[U64(b * QK + j)] | (q[U64(b * QK + 16 + j)] << 4))
-                                                          & 0xFF)
-    return True
+            q0 = q[U64(b * QK + j)]
+            q1 = q[U64(b * QK + 16 + j)]
+            neg = np.int32(neg | q0 | q1)  # kept int32: an int64 accumulator blocks the vectoriser
+            orow[U64(b * BLOCK_BYTES + 2 + j)] = np.uint8((q0 | (q1 << 4)) & 0xFF)
+    return neg >= 0
 
 
 # --- importance path
@@ -117,6 +121,27 @@ def quantize_rows(x, imatrix, out):
             elif not quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def quantize_rows_screened(x, out, bad):
+    """quantize_rows without an imatrix, fused with the API's NaN/Inf screen: bad[r] = True when row r holds
+    a NaN or an Inf (its bytes are then meaningless). The screen costs nothing on rows the vectorised path
+    accepts (it rejects every row with a NaN or an Inf); only rejected rows are scanned."""
+    rows, n = x.shape
+    nb = n // QK
+    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        q = np.empty(n, np.int32)
+        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
+            xr = x[r]
+            orow = out[r]
+            if not quantize_row_ref(xr, orow, q):
+                if has_nonfinite(xr):
+                    bad[r] = True
+                else:
+                    for b in range(nb):
+                        quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
