@@ -331,8 +331,8 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
-    scratch = _Scratch()
-    with GGUFWriter(out_path, overwrite=overwrite, protect=list(protect)) as w:
+    scratch = _ReadAhead(plan)
+    with scratch, GGUFWriter(out_path, overwrite=overwrite, protect=list(protect)) as w:
         w.add_kvs(plan.kvs)
         for tp in plan.tensors:
             w.add_tensor_info(tp.name, _ggml_shape(tp.shape), tp.new_type)
@@ -387,6 +387,96 @@ def _read_rows(src: SourceTensor, start: int, stop: int, scratch: "_Scratch | No
     return src.read_f32()[start:stop]
 
 
+def _slabs(tp: P.TensorPlan):
+    """(start_row, stop_row, expert) of each slab of a converted tensor, in order."""
+    ne0, ne1, _ = _shape3(tp.shape)
+    n_rows = tp.n_elements // ne0
+    rows_per_expert = ne1 if len(tp.shape) >= 3 else n_rows
+    slab = max(1, SLAB_BYTES // (4 * ne0))
+    row = 0
+    while row < n_rows:
+        # a slab never crosses an expert boundary: each expert has its own imatrix slice
+        expert = row // rows_per_expert
+        stop = min(n_rows, row + slab, (expert + 1) * rows_per_expert)
+        yield row, stop, expert
+        row = stop
+
+
+class _ReadAhead:
+    """Reads the source slabs of the converted tensors one slab ahead, in a background thread, while the
+    current slab is quantized (the read is a kernel copy from the page cache that otherwise waits for the
+    kernels, and vice versa). Two float32 buffers, used in turn.
+
+    The numba kernels hold the GIL, so a read is only handed over once its thread is about to enter the
+    system call (which releases the GIL): ``_start`` waits for that. Slabs must be asked for in plan order
+    (``rows``); anything else (or a source without a reader thread's benefit) reads synchronously."""
+
+    def __init__(self, plan: Plan):
+        self._jobs = iter([(tp.name, a, b) for tp in plan.tensors if tp.converts for a, b, _ in _slabs(tp)])
+        self._sources = plan.sources
+        self._bufs = [_Scratch(), _Scratch()]
+        self._turn = 0
+        self._pool = None
+        self._pending = None          # (job, future)
+        self._sync = _Scratch()
+
+    def __enter__(self):
+        self._start_next()
+        return self
+
+    def __exit__(self, *exc):
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        return False
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            _, fut = self._pending
+            self._pending = None
+            try:
+                fut.result()
+            except BaseException:       # the error (if any) is raised where the slab is used
+                pass
+
+    def _start_next(self) -> None:
+        job = next(self._jobs, None)
+        if job is None:
+            return
+        src = self._sources[job[0]]
+        if getattr(src, "read_rows_into", None) is None:
+            self._pending = (job, None)
+            return
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguftool-read")
+        buf = self._bufs[self._turn]
+        self._turn ^= 1
+        started = threading.Event()
+
+        def read():
+            started.set()
+            return _read_rows(src, job[1], job[2], buf)
+
+        fut = self._pool.submit(read)
+        started.wait()
+        self._pending = (job, fut)
+
+    def rows(self, name: str, src: SourceTensor, start: int, stop: int) -> np.ndarray:
+        if self._pending is not None and self._pending[0] == (name, start, stop):
+            _, fut = self._pending
+            self._pending = None
+            if fut is None:
+                x = _read_rows(src, start, stop, self._sync)
+            else:
+                x = fut.result()
+            self._start_next()
+            return x
+        return _read_rows(src, start, stop, self._sync)
+
+
 def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, progress, scratch=None):
     """The bytes of one output tensor, slab by slab."""
     from .quants import dequantize, quantize
@@ -406,18 +496,15 @@ def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, p
 
     ne0, ne1, ne2 = _shape3(tp.shape)
     n_rows = tp.n_elements // ne0
-    rows_per_expert = ne1 if len(tp.shape) >= 3 else n_rows
     w_all = imatrix.get(tp.name) if imatrix is not None else None
     if w_all is not None and w_all.size != ne0 * ne2:
         w_all = None  # token_embd with a mismatched entry: ignored, as llama.cpp does
-    slab = max(1, SLAB_BYTES // (4 * ne0))
     src_row_bytes = total // n_rows if n_rows else 0
-    row = 0
-    while row < n_rows:
-        # a slab never crosses an expert boundary: each expert has its own imatrix slice
-        expert = row // rows_per_expert
-        stop = min(n_rows, row + slab, (expert + 1) * rows_per_expert)
-        x = _read_rows(src, row, stop, scratch)
+    for row, stop, expert in _slabs(tp):
+        if isinstance(scratch, _ReadAhead):
+            x = scratch.rows(tp.name, src, row, stop)
+        else:
+            x = _read_rows(src, row, stop, scratch)
         w = None if w_all is None else w_all[expert * ne0:(expert + 1) * ne0]
         q = quantize(x, tp.new_type, imatrix=w, threads=threads)
         if acc is not None:
@@ -426,7 +513,6 @@ def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, p
         yield q
         if progress:
             progress((stop - row) * src_row_bytes, tp)
-        row = stop
 
 
 class _StatAcc:
