@@ -124,21 +124,9 @@ def test_llama3_rope_freqs_match_torch_formula():
     assert f.dtype == np.float32 and f.shape == (32,)
     assert f[0] == 1.0 and f[-1] == 32.0
     assert np.all(np.diff(f) >= 0)
-    torch = pytest.importorskip("torch", reason="the reference formula runs in torch (not a gguftool dependency)")
-    import math
-    base, dim = 500000.0, 64
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    out = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < 8192 / 4.0:
-            out.append(1)
-        elif wavelen > 8192 / 1.0:
-            out.append(32.0)
-        else:
-            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
-            out.append(1 / ((1 - smooth) / 32.0 + smooth))
-    assert torch.tensor(out, dtype=torch.float32).numpy().tobytes() == f.tobytes()
+    # The exact bytes are proven against llama.cpp's converter (torch float32 formula) by the llama3-rope
+    # variant's reference hashes in test_hf_archs; here the shape of the ramp between the two wavelengths.
+    assert np.count_nonzero((f > 1.0) & (f < 32.0)) == 3
 
 
 def test_special_vocab_from_config_and_tokenizer_config(tmp_path):
