@@ -425,17 +425,26 @@ def _slabs(tp: P.TensorPlan):
 
 
 class _ReadAhead:
-    """Reads the source slabs of the converted tensors one slab ahead, in a background thread, while the
-    current slab is quantized (the read is a kernel copy from the page cache that otherwise waits for the
-    kernels, and vice versa). Two float32 buffers, used in turn.
+    """The source slabs of the converted tensors. F32 tensors of a GGUF file: views of a private map of the
+    file (see _map_location). Other sources with ``read_rows_into``: read one slab ahead, in a background
+    thread, while the current slab is quantized (the read is a kernel copy from the page cache that otherwise
+    waits for the kernels, and vice versa); two float32 buffers, used in turn.
 
     The numba kernels hold the GIL, so a read is only handed over once its thread is about to enter the
     system call (which releases the GIL): ``_start`` waits for that. Slabs must be asked for in plan order
     (``rows``); anything else (or a source without a reader thread's benefit) reads synchronously."""
 
     def __init__(self, plan: Plan):
-        self._jobs = iter([(tp.name, a, b) for tp in plan.tensors if tp.converts for a, b, _ in _slabs(tp)])
         self._sources = plan.sources
+        self._maps: dict[str, "mmap.mmap | None"] = {}
+        jobs = [(tp.name, a, b) for tp in plan.tensors if tp.converts for a, b, _ in _slabs(tp)]
+        self._mapped = {}
+        for tp in plan.tensors:
+            if tp.converts:
+                loc = self._map_location(self._sources[tp.name])
+                if loc is not None:
+                    self._mapped[tp.name] = loc
+        self._jobs = iter([j for j in jobs if j[0] not in self._mapped])
         self._bufs = [_Scratch(), _Scratch()]
         self._turn = 0
         self._pool = None
@@ -450,7 +459,50 @@ class _ReadAhead:
         self._drain()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        maps, self._maps = self._maps, {}
+        for m in maps.values():
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:     # a slab view still alive somewhere: the collector closes it
+                    pass
         return False
+
+    # F32 tensors of a GGUF file are quantized straight from a private (copy-on-write) map of the file: the
+    # kernels read the page cache, with no copy into a buffer (a private map, because numba types the
+    # read-only views of a shared read-only map apart, and quantize() copies those; nothing writes to it).
+    def _map_location(self, src) -> "tuple[str, int] | None":
+        reader = getattr(src, "_reader", None)
+        info = getattr(src, "info", None)
+        path = getattr(reader, "path", None)
+        base = getattr(reader, "data_offset", None)
+        if (src.type != GGMLType.F32 or info is None or not isinstance(path, str) or base is None
+                or getattr(src, "read_rows_into", None) is None or not os.path.isfile(path)):
+            return None
+        return path, base + info.offset
+
+    def _map(self, path: str):
+        if path not in self._maps:
+            import mmap
+
+            m = None
+            try:
+                with open(path, "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):
+                m = None
+            self._maps[path] = m
+        return self._maps[path]
+
+    def _mapped_rows(self, name: str, src, start: int, stop: int) -> "np.ndarray | None":
+        path, off = self._mapped[name]
+        m = self._map(path)
+        ne0 = src.shape[0]
+        pos = off + start * ne0 * 4
+        n = (stop - start) * ne0
+        if m is None or pos + 4 * n > len(m):
+            return None                 # (the pread path reports a truncated file properly)
+        return np.frombuffer(m, dtype=np.float32, count=n, offset=pos).reshape(stop - start, ne0)
 
     def _drain(self) -> None:
         if self._pending is not None:
@@ -487,6 +539,11 @@ class _ReadAhead:
         self._pending = (job, fut)
 
     def rows(self, name: str, src: SourceTensor, start: int, stop: int) -> np.ndarray:
+        if name in self._mapped:
+            x = self._mapped_rows(name, src, start, stop)
+            if x is not None:
+                return x
+            return _read_rows(src, start, stop, self._sync)
         if self._pending is not None and self._pending[0] == (name, start, stop):
             _, fut = self._pending
             self._pending = None
