@@ -538,6 +538,28 @@ class _ReadAhead:
         started.wait()
         self._pending = (job, fut)
 
+    def release(self, name: str, src, start: int, stop: int) -> None:
+        """Unmap a used slab's pages (they would stay in the process's resident set until the end)."""
+        if name not in self._mapped:
+            return
+        import mmap
+
+        m = self._maps.get(self._mapped[name][0])
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if m is None or advice is None:
+            return
+        ne0 = src.shape[0]
+        page = mmap.PAGESIZE
+        lo = self._mapped[name][1] + start * ne0 * 4
+        hi = min(self._mapped[name][1] + stop * ne0 * 4, len(m))
+        lo = -(-lo // page) * page          # whole pages inside the slab only
+        hi = hi // page * page
+        if hi > lo:
+            try:
+                m.madvise(advice, lo, hi - lo)
+            except (OSError, ValueError):
+                pass
+
     def rows(self, name: str, src: SourceTensor, start: int, stop: int) -> np.ndarray:
         if name in self._mapped:
             x = self._mapped_rows(name, src, start, stop)
@@ -589,6 +611,8 @@ def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, p
         if acc is not None:
             acc.add(x, dequantize(q, tp.new_type, ne0, threads=threads), w)
         del x
+        if isinstance(scratch, _ReadAhead):
+            scratch.release(tp.name, src, row, stop)
         yield q
         if progress:
             progress((stop - row) * src_row_bytes, tp)
