@@ -338,6 +338,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
         for tp in plan.tensors:
             w.add_tensor_info(tp.name, _ggml_shape(tp.shape), tp.new_type)
         w.write_header()
+        scratch.write_behind = _WriteBehind.install(w)
         for tp in plan.tensors:
             t1 = time.perf_counter()
             src = plan.sources[tp.name]
@@ -378,6 +379,105 @@ def _load_numba_without_scipy() -> None:
     finally:
         if "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
             del sys.modules["scipy.linalg"]
+
+
+class _WriteBehind:
+    """Stands in for a GGUFWriter's output file: writes are queued, and ``kick()`` (called just before each
+    kernel call) hands everything queued to a background thread that writes it with one ``os.writev`` system
+    call (which runs without the GIL the numba kernels hold), so the page-cache copy of the output overlaps
+    the next slab's quantization. Order is kept (one batch in flight at a time); ``close()`` writes what is
+    left and reports any write error. The queued buffers are the writer's own chunks (fresh kernel outputs,
+    views of the source map, header bytes), none of which is modified afterwards."""
+
+    _MAX_IOV = 512
+
+    def __init__(self, f):
+        import threading
+
+        self._f = f
+        self._fd = f.fileno()
+        self._queue: list = []
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._err: BaseException | None = None
+        self._closed = False
+
+    @classmethod
+    def install(cls, writer) -> "_WriteBehind | None":
+        f = getattr(writer, "_file", None)
+        if f is None or not hasattr(os, "writev"):
+            return None
+        try:
+            f.flush()
+            wb = cls(f)
+        except (OSError, ValueError, AttributeError):
+            return None
+        writer._file = wb
+        return wb
+
+    def write(self, data) -> int:
+        if self._err is not None:
+            raise self._err
+        mv = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        self._queue.append(mv)
+        return len(mv)
+
+    def flush(self) -> None:
+        self._wait()
+        self._write_all(self._take())
+
+    def _take(self) -> list:
+        q, self._queue = self._queue, []
+        return q
+
+    def _write_all(self, bufs: list) -> None:
+        i = 0
+        while i < len(bufs):
+            batch = bufs[i:i + self._MAX_IOV]
+            i += len(batch)
+            while batch:
+                k = os.writev(self._fd, batch)
+                while batch and k >= len(batch[0]):
+                    k -= len(batch[0])
+                    batch.pop(0)
+                if batch and k:
+                    batch[0] = memoryview(batch[0])[k:]
+
+    def _wait(self) -> None:
+        self._idle.wait()
+        if self._err is not None:
+            raise self._err
+
+    def kick(self) -> None:
+        if not self._queue or not self._idle.is_set() or self._err is not None:
+            return
+        import threading
+
+        bufs = self._take()
+        started = threading.Event()
+        self._idle.clear()
+
+        def run():
+            started.set()
+            try:
+                self._write_all(bufs)
+            except BaseException as e:  # reported by the next write/close
+                self._err = e
+            finally:
+                self._idle.set()
+
+        threading.Thread(target=run, name="gguftool-write", daemon=True).start()
+        started.wait()                  # the thread is about to enter writev (which releases the GIL)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            self._f.close()
 
 
 def _ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -450,6 +550,7 @@ class _ReadAhead:
         self._pool = None
         self._pending = None          # (job, future)
         self._sync = _Scratch()
+        self.write_behind: "_WriteBehind | None" = None   # set by execute once the header is written
 
     def __enter__(self):
         self._start_next()
@@ -607,6 +708,9 @@ def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, p
         else:
             x = _read_rows(src, row, stop, scratch)
         w = None if w_all is None else w_all[expert * ne0:(expert + 1) * ne0]
+        wb = getattr(scratch, "write_behind", None)
+        if wb is not None:
+            wb.kick()                   # the output so far is written while this slab is quantized
         q = quantize(x, tp.new_type, imatrix=w, threads=threads)
         if acc is not None:
             acc.add(x, dequantize(q, tp.new_type, ne0, threads=threads), w)
