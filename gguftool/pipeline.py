@@ -329,7 +329,6 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     from .gguf.writer import GGUFWriter
 
     t0 = time.perf_counter()
-    _load_numba_without_scipy()
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
     scratch = _ReadAhead(plan)
@@ -358,27 +357,6 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
         w.finish()
     return Summary(out_path, results, plan.src_bytes, plan.out_bytes, plan.n_elements,
                    os.path.getsize(out_path), time.perf_counter() - t0, plan.n_fallback)
-
-
-def _load_numba_without_scipy() -> None:
-    """Load numba's array-math registry (which the first kernel call loads anyway) with scipy hidden.
-
-    On import, numba.np.arraymath probes for BLAS by importing scipy.linalg (0.2-0.4 s of start-up, a good
-    part of a fast quantization's wall time); gguftool's kernels use no BLAS-backed numba function (np.dot,
-    np.linalg), so the probe is answered "no BLAS" instead. scipy.linalg stays importable afterwards. Skipped
-    when scipy.linalg or numba's registry is already loaded (then there is nothing to save)."""
-    import sys
-
-    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
-        return
-    sys.modules["scipy.linalg"] = None    # makes "import scipy.linalg..." fail at once
-    try:
-        import numba.np.arraymath  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        if "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
-            del sys.modules["scipy.linalg"]
 
 
 class _WriteBehind:
