@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time gguftool quantize against llama-quantize on the same F32 file at the same thread count.
 
-    python scripts/bench_quantize.py [--model M.gguf] [--types Q4_K_M,Q6_K,Q2_K,Q8_0] [--threads N]
+    python scripts/bench_quantize.py [--model M.gguf] [--types Q4_K_M,Q6_K,Q2_K,Q8_0] [--threads N] [--repeat K]
 
 Without --model the ~2.4 GB synthetic llama model (scripts/make_synthetic_llama.py --large) is made in
 --work-dir first. Each tool runs as a child process; its wall time is measured and its peak anonymous resident
@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-quantize", default="/work/ref/build/bin/llama-quantize")
     ap.add_argument("--gguftool", default=shutil.which("gguftool") or "gguftool")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each tool per type, alternating; the median wall time is reported")
     ap.add_argument("--keep", action="store_true", help="keep the output files")
     a = ap.parse_args(argv)
 
@@ -102,11 +105,24 @@ def main(argv=None) -> int:
         for p in (ref, out):
             if os.path.exists(p):
                 os.remove(p)
-        t_ref, m_ref = timed([a.llama_quantize, model, ref, t, str(a.threads)])
-        t_our, m_our = timed([a.gguftool, "quantize", model, out, "--type", t, "--threads", str(a.threads)])
+        walls_ref, walls_our, m_ref, m_our = [], [], 0, 0
+        for i in range(a.repeat):
+            for p in (ref, out):
+                if os.path.exists(p):
+                    os.remove(p)        # (replacing a big file costs the unlink; llama-quantize never does)
+            dt, m = timed([a.llama_quantize, model, ref, t, str(a.threads)])
+            walls_ref.append(dt)
+            m_ref = max(m_ref, m)
+            dt, m = timed([a.gguftool, "quantize", model, out, "--type", t, "--threads", str(a.threads)])
+            walls_our.append(dt)
+            m_our = max(m_our, m)
+        t_ref, t_our = statistics.median(walls_ref), statistics.median(walls_our)
+        if a.repeat > 1:
+            print(f"{t}: llama-quantize runs {' '.join(f'{w:.2f}' for w in walls_ref)} s; gguftool runs "
+                  f"{' '.join(f'{w:.2f}' for w in walls_our)} s", flush=True)
         same = file_hash(ref) == file_hash(out)
         rows.append((t, t_ref, t_our, t_our / t_ref, same, m_ref, m_our))
-        print(f"{t}: llama-quantize {t_ref:.1f} s, gguftool {t_our:.1f} s ({t_our / t_ref:.2f}x), "
+        print(f"{t}: llama-quantize {t_ref:.2f} s, gguftool {t_our:.2f} s ({t_our / t_ref:.2f}x), "
               f"identical={same}, RssAnon {m_ref / 2**20:.0f} / {m_our / 2**20:.0f} MiB", flush=True)
         if not a.keep:
             os.remove(ref)
@@ -116,7 +132,7 @@ def main(argv=None) -> int:
     print("| type | llama-quantize s | gguftool s | ratio | identical | peak RssAnon llama-quantize | peak RssAnon gguftool |")
     print("|---|---:|---:|---:|---|---:|---:|")
     for t, tr, to, r, same, mr, mo in rows:
-        print(f"| {t} | {tr:.1f} | {to:.1f} | {r:.2f} | {'yes' if same else 'NO'} | {mr / 2**20:.0f} MiB | "
+        print(f"| {t} | {tr:.2f} | {to:.2f} | {r:.2f} | {'yes' if same else 'NO'} | {mr / 2**20:.0f} MiB | "
               f"{mo / 2**20:.0f} MiB |")
     worst = max(r[6] for r in rows) if rows else 0
     print(f"\nRssAnon bound (2 x largest tensor f32 + 300 MB): {bound / 2**20:.0f} MiB; gguftool peak "

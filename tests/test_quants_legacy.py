@@ -194,6 +194,18 @@ def _signed_zero_rows(n, rng):
     return np.stack(rows)
 
 
+def _halfway_rows(n, rng):
+    """Blocks whose largest magnitude is 127 (Q8_0's scale is then exactly 1) holding levels at k + 0.5 and
+    one float32 step either side, of both signs: where roundf (halfway away from zero) differs from other
+    roundings, and where a rounding done as x + 0.5 would be off by one."""
+    k = rng.integers(0, 127, n).astype(np.float32)
+    half = (k + np.float32(0.5)) * rng.choice(np.array([-1, 1], np.float32), n)
+    rows = [half, np.nextafter(half, np.float32(0)), np.nextafter(half, np.float32(np.inf))]
+    for r in rows:
+        r[::32] = np.float32(127.0)
+    return np.stack(rows).astype(np.float32)
+
+
 @pytest.mark.parametrize("n_per_row", [96, 256, 576])
 @pytest.mark.parametrize("name", LEGACY)
 def test_against_live_llama_cpp(name, n_per_row):
@@ -207,6 +219,7 @@ def test_against_live_llama_cpp(name, n_per_row):
         (rng.standard_t(2.0, (8, n_per_row)) * rng.choice([1e-6, 1e-3, 1.0, 1e3], (8, 1))).astype(np.float32),
         (rng.standard_normal((4, n_per_row)) * 1e-39).astype(np.float32),  # subnormal inputs: 1/d overflows
         _signed_zero_rows(n_per_row, rng),
+        _halfway_rows(n_per_row, rng),
     ])
     bb = GGMLType[name].type_size
     for label, w in _imatrices(n_per_row, rng).items():

@@ -31,6 +31,27 @@ def report_errors(func):
     return wrapper
 
 
+def skip_numba_blas_probe() -> None:
+    """Start numba's array-math support without its BLAS probe, for a command process that runs kernels.
+
+    When numba first loads a compiled kernel it imports numba.np.arraymath, which probes for BLAS by importing
+    scipy.linalg: 0.3-0.4 s, a tenth of a fast quantization's wall time. No gguftool kernel uses a
+    BLAS-backed numba function (np.dot, np.linalg), so the probe is answered "no BLAS" by hiding scipy.linalg
+    for that one import. This changes numba for the rest of the process, which is why only the command line
+    (which owns its process) does it and the library never does. No-op when scipy.linalg or the registry is
+    already loaded, or scipy is not installed."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None    # makes "import scipy.linalg..." fail at once
+    try:
+        import numba.np.arraymath  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if sys.modules.get("scipy.linalg", 0) is None:
+            del sys.modules["scipy.linalg"]
+
+
 def fail(message: str) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(1)

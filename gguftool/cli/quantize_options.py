@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from .common import skip_numba_blas_probe
+
 TYPES_HELP = ("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, "
               "Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (aliases Q3_K, Q4_K, Q5_K = the _M mixes); any case")
 
@@ -105,6 +107,7 @@ def run_with_progress(src, plan, out, threads, stats, force, inp):
 
     from .. import pipeline as PL
 
+    skip_numba_blas_probe()
     bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                file=sys.stderr, dynamic_ncols=True, disable=None, mininterval=0.5,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
