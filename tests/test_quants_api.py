@@ -123,7 +123,10 @@ def test_f32_is_a_copy(data):
 
 
 # --- validation errors
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16", "BF16", "Q6_K", "F32"])
+SCREENED_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # NaN/Inf screen fused into the kernel
+
+
+@pytest.mark.parametrize("qtype", SCREENED_TYPES + ["Q6_K", "F32"])
 def test_nan_row_named(qtype):
     x = np.ones((20, 256), np.float32)
     x[17, 200] = np.nan
@@ -141,7 +144,21 @@ def test_inf_row_named():
         quantize(np.full(32, np.inf, np.float32), "Q4_0")
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "BF16", "F16"])
+@pytest.mark.parametrize("qtype", SCREENED_TYPES)
+def test_nonfinite_found_in_any_kind_of_row(qtype):
+    # the fused screens rely on each fast path rejecting rows with a NaN/Inf: try rows that take the fast path
+    # (ordinary values) and rows that take the scalar one (subnormal or huge blocks), the bad value anywhere
+    rng = np.random.default_rng(5)
+    for scale in (1.0, 1e-39, 1e30):
+        for kind, value in (("NaN", np.nan), ("Inf", np.inf), ("Inf", -np.inf)):
+            x = (rng.standard_normal((12, 96)) * scale).astype(np.float32)
+            r, c = int(rng.integers(12)), int(rng.integers(96))
+            x[r, c] = value
+            with pytest.raises(QuantError, match=rf"^row {r} contains {kind}$"):
+                quantize(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", SCREENED_TYPES)
 def test_nonfinite_in_last_row_of_large_matrix(qtype):
     # larger than one check-then-quantize chunk: the row number must count from the start of the tensor
     x = np.zeros((2048, 2048), np.float32)

@@ -178,7 +178,7 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
     # quantize_rows_screened(x, out, bad): an optional variant (no imatrix) with the screen fused in
     screened = getattr(mod, "quantize_rows_screened", None) if w.size == 0 else None
     with _threads(threads):
-        if screened is not None:  # F16/BF16, Q4_0, Q4_1, Q5_1: the screen is fused into the conversion (one pass)
+        if screened is not None:  # the legacy and float types: the screen is fused into the conversion
             bad = np.zeros(rows, dtype=np.bool_)
             screened(a, out, bad)
             if bad.any():

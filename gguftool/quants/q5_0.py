@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from ..gguf.constants import GGMLType
 from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_weights, c_int8, first_absmax, get_fp16, get_u32,
-                     put_fp16, put_u32, row_sigma2)
+                     has_nonfinite, put_fp16, put_u32, row_sigma2)
 from .search_symmetric import NT, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q5_0
@@ -61,10 +61,12 @@ def quantize_block_ref(x, off, out, o, qb):
 @njit(cache=True, error_model="numpy")
 def quantize_row_ref(xr, orow, q):
     """quantize_row_q5_0_ref over a whole row in vectorisable passes (see q4_0.quantize_row_ref): valid while
-    1/d is finite, so that x*id + 16.5 lies in (0, 33) and the C cast truncates. False: use the scalar path."""
+    1/d is finite, so that x*id + 16.5 lies in (0, 33) and the C cast truncates. False: use the scalar path;
+    also returned for every row holding a NaN or an Inf (quantize_rows_screened relies on it)."""
     n = xr.size
     nb = n // QK
     ok = True  # accumulated, not an early exit: an exit in this loop stops LLVM from unrolling it
+    neg = np.int32(0)  # OR of all levels: the sign bit flags a NaN (INT32_MIN; x*id + 16.5 > 0 otherwise)
     for b in range(nb):
         base = b * QK
         mx, amax = first_absmax(xr, base)
@@ -74,8 +76,9 @@ def quantize_row_ref(xr, orow, q):
         put_fp16(orow, b * BLOCK_BYTES, d)
         for j in range(QK):  # garbage when not ok: the row is then redone by the scalar path
             v = np.int32(xr[U64(base + j)] * idd + F32(16.5))
+            neg = np.int32(neg | v)  # kept int32: an int64 accumulator blocks the vectoriser
             q[U64(base + j)] = v if v < 31 else 31
-    if not ok:
+    if not ok or neg < 0:
         return False
     for b in range(nb):
         pack_block(q, b * QK, orow, b * BLOCK_BYTES)
@@ -128,6 +131,27 @@ def quantize_rows(x, imatrix, out):
             elif not quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def quantize_rows_screened(x, out, bad):
+    """quantize_rows without an imatrix, fused with the API's NaN/Inf screen: bad[r] = True when row r holds
+    a NaN or an Inf (its bytes are then meaningless). The vectorised path rejects every such row, so only
+    rejected rows are scanned."""
+    rows, n = x.shape
+    nb = n // QK
+    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        q = np.empty(n, np.int32)
+        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
+            xr = x[r]
+            orow = out[r]
+            if not quantize_row_ref(xr, orow, q):
+                if has_nonfinite(xr):
+                    bad[r] = True
+                else:
+                    for b in range(nb):
+                        quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
