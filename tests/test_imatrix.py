@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,3 +281,17 @@ def test_hf_checkpoint_input_equals_converted_gguf(tmp_path):
     for n in a.entries:
         np.testing.assert_array_equal(a.entries[n].in_sum2, b.entries[n].in_sum2)
         assert a.entries[n].counts.tolist() == b.entries[n].counts.tolist() == [384]
+
+
+def test_cli_weight_memory_limit_gives_the_same_file(tmp_path):
+    # a BF16 checkpoint whose float32 weights do not fit --max-weight-memory: re-read per batch, same numbers
+    root = Path(__file__).resolve().parent.parent
+    args = [str(root / "fixtures" / "tiny-llama"), "--calib", str(root / "fixtures" / "calibration" / "essays.txt"),
+            "--ctx", "128", "--chunks", "3", "-b", "256", "-q"]
+    code, text = _run("imatrix", *args, "-o", str(tmp_path / "a.gguf"))
+    assert code == 0, text
+    assert "note:" not in text
+    code, text = _run("imatrix", *args, "-o", str(tmp_path / "b.gguf"), "--max-weight-memory", "0.001")
+    assert code == 0, text
+    assert "exceed the weight memory (0.00 GiB, --max-weight-memory)" in text
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

@@ -35,11 +35,14 @@ from .common import fail, report_errors
 @click.option("--no-ppl", is_flag=True, help="Do not compute perplexity.")
 @click.option("-b", "--batch-size", "batch", default=2048, show_default=True, type=int,
               help="Tokens evaluated together (several chunks at once when larger than --ctx).")
+@click.option("--max-weight-memory", "weight_gib", type=click.FloatRange(min=0), metavar="GIB",
+              help="Memory for the model's float32 weights, in GiB (default: half the available memory). Weights "
+                   "that do not fit are read again from MODEL for every batch: slower, same results.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
 def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, process_output, in_files,
-            save_freq, no_ppl, batch, force, quiet):
+            save_freq, no_ppl, batch, weight_gib, force, quiet):
     """Compute an importance matrix for MODEL from the calibration text: the text is tokenized, cut into
     chunks of --ctx tokens (the first token of each replaced by BOS when the vocabulary adds one), each chunk is
     evaluated and, for every matrix multiplication by a `blk.*` weight, the sum of squares of each input column
@@ -85,13 +88,20 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
 
     from ..model.forward import Model, ModelConfig
     from ..model.tokenizer import Tokenizer
+    from ..model.weights import default_weight_budget, float32_nbytes
 
     n_threads = threads if threads > 0 else (os.cpu_count() or 1)
     source = imx.load_model(model_path)
     try:
         ModelConfig.from_metadata(source)          # architecture first: the cheapest check
         tokenizer = Tokenizer.from_metadata(source)
-        model = Model.from_source(source, n_threads=n_threads)
+        budget = default_weight_budget() if weight_gib is None else int(weight_gib * 2**30)
+        need = sum(float32_nbytes(t) for t in source.tensors)
+        if need > budget:
+            click.echo(f"note: the model's float32 weights ({need / 2**30:.2f} GiB) exceed the weight memory "
+                       f"({budget / 2**30:.2f} GiB, --max-weight-memory): weights that do not fit are read again "
+                       f"for every batch", err=True)
+        model = Model.from_source(source, n_threads=n_threads, weight_budget=budget)
         bar = None
         if not quiet:
             from tqdm import tqdm

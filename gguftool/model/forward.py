@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ImatrixError
+from .weights import WeightStore
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
@@ -285,7 +286,7 @@ def block_minima(raw: np.ndarray, block_bytes: int, n_rows: int) -> np.ndarray:
 
 # --- model
 class Model:
-    """Weights (float32) and the forward pass. Build with ``Model.from_source(source)``."""
+    """Weights (float32: a dict or a WeightStore) and the forward pass. Build with ``Model.from_source(source)``."""
 
     query_block = 128   # attention rows computed at once
 
@@ -323,11 +324,11 @@ class Model:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ImatrixError(f"the model is missing tensor {missing[0]}{more}")
-        emb = self.w["token_embd.weight"]
-        if emb.ndim != 2 or emb.shape[1] != cfg.n_embd:
-            raise ImatrixError(f"tensor token_embd.weight has shape {emb.shape[::-1]}, expected ({cfg.n_embd}, n_vocab)")
+        emb = self._shape("token_embd.weight")
+        if len(emb) != 2 or emb[1] != cfg.n_embd:
+            raise ImatrixError(f"tensor token_embd.weight has shape {emb[::-1]}, expected ({cfg.n_embd}, n_vocab)")
         if not cfg.n_vocab:
-            cfg.n_vocab = emb.shape[0]
+            cfg.n_vocab = emb[0]
         expect = {
             "attn_q.weight": (cfg.n_head * cfg.head_dim, cfg.n_embd),
             "attn_k.weight": (cfg.n_head_kv * cfg.head_dim, cfg.n_embd),
@@ -340,34 +341,38 @@ class Model:
         for il in range(cfg.n_layer):
             for suffix, shape in expect.items():
                 name = f"blk.{il}.{suffix}"
-                if self.w[name].shape != shape:
-                    raise ImatrixError(f"tensor {name} has shape {self.w[name].shape[::-1]}, "
+                if self._shape(name) != shape:
+                    raise ImatrixError(f"tensor {name} has shape {self._shape(name)[::-1]}, "
                                        f"expected {shape[::-1]}")
 
-    @classmethod
-    def from_source(cls, source, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True) -> "Model":
-        """Dequantize every tensor of a TensorSource to float32 (held once: memory ~ the model's F32 size).
+    def _shape(self, name: str) -> tuple[int, ...]:
+        """Shape of weight ``name`` (numpy order) without reading it from a WeightStore."""
+        shape = getattr(self.w, "shape", None)
+        return shape(name) if shape is not None else tuple(self.w[name].shape)
 
-        ``as_stored``: convert matmul activations for each weight's stored type as llama.cpp does (see
-        ``activations_as``); False evaluates the model as its F32 dequantization."""
+    @classmethod
+    def from_source(cls, source, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True,
+                    weight_budget: int | None = None) -> "Model":
+        """A model over the tensors of a TensorSource, read as float32 on first use (see model.weights).
+
+        ``weight_budget``: bytes of float32 weights to keep in memory (None: all; the model's F32 size at most);
+        the others are read again from the source at each forward pass. ``as_stored``: convert matmul
+        activations for each weight's stored type as llama.cpp does (see ``activations_as``); False evaluates the
+        model as its F32 dequantization."""
         cfg = ModelConfig.from_metadata(source)
-        weights: dict[str, np.ndarray] = {}
         kinds: dict[str, str] = {}
         minima: dict[str, np.ndarray] = {}
         for t in source.tensors:
+            if len(t.shape) > 2:
+                raise ImatrixError(f"tensor {t.name} has {len(t.shape)} dimensions; expert (MoE) models are not "
+                                   "supported")
             tname = getattr(getattr(t, "type", None), "name", "")
             kind = _VEC_DOT.get(tname) if as_stored else None
             if kind is not None and len(t.shape) == 2:
                 kinds[t.name] = kind
                 if tname in _BLOCK_MIN:
                     minima[t.name] = block_minima(t.read_raw(), _BLOCK_MIN[tname], t.shape[1])
-            a = t.read_f32()
-            if len(t.shape) == 1:
-                a = a.reshape(-1)
-            elif len(t.shape) > 2:
-                raise ImatrixError(f"tensor {t.name} has {len(t.shape)} dimensions; expert (MoE) models are not "
-                                   "supported")
-            weights[t.name] = np.ascontiguousarray(a, dtype=np.float32)
+        weights = WeightStore(source.tensors, weight_budget)
         model = cls(cfg, weights, kv_f16=kv_f16, n_threads=n_threads)
         model.act_kinds = kinds
         model.block_minima = minima
