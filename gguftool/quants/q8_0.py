@@ -88,24 +88,9 @@ def dequantize_block(data, o, y, off):
 
 # --- row drivers
 @njit(cache=True, parallel=True, error_model="numpy")
-def quantize_rows(x, imatrix, out):
-    """x must be finite (the API checks); subnormal, huge and overflowing values are handled exactly."""
-    rows, n = x.shape
-    nb = n // QK
-    ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for t in prange(ntask):
-        for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
-            xr = x[r]
-            orow = out[r]
-            if not quantize_row_fast(xr, orow):
-                for b in range(nb):
-                    quantize_block(xr, b * QK, orow, b * BLOCK_BYTES)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
 def quantize_rows_screened(x, out, bad):
-    """quantize_rows fused with the API's NaN/Inf screen: bad[r] = True when row r holds a NaN or an Inf (its
-    bytes are then meaningless). The fast path rejects every such row, so only rejected rows are scanned."""
+    """The rows quantized, fused with the API's NaN/Inf screen: bad[r] = True when row r holds a NaN or an Inf
+    (its bytes are then meaningless). The fast path rejects every such row, so only rejected rows are scanned."""
     rows, n = x.shape
     nb = n // QK
     ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -119,6 +104,12 @@ def quantize_rows_screened(x, out, bad):
                 else:
                     for b in range(nb):
                         quantize_block(xr, b * QK, orow, b * BLOCK_BYTES)
+
+
+def quantize_rows(x, imatrix, out):
+    """The registry's row driver (imatrix ignored: Q8_0 has no importance path). x must be finite (the API
+    checks); subnormal, huge and overflowing values are handled exactly."""
+    quantize_rows_screened(x, out, np.zeros(x.shape[0], np.bool_))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
