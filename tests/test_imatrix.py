@@ -293,5 +293,5 @@ def test_cli_weight_memory_limit_gives_the_same_file(tmp_path):
     assert "note:" not in text
     code, text = _run("imatrix", *args, "-o", str(tmp_path / "b.gguf"), "--max-weight-memory", "0.001")
     assert code == 0, text
-    assert "exceed the weight memory (0.00 GiB, --max-weight-memory)" in text
+    assert "did not fit the weight memory (0.00 GiB, --max-weight-memory)" in text
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

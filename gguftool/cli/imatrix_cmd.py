@@ -88,7 +88,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
 
     from ..model.forward import Model, ModelConfig
     from ..model.tokenizer import Tokenizer
-    from ..model.weights import default_weight_budget, float32_nbytes
+    from ..model.weights import default_weight_budget
 
     n_threads = threads if threads > 0 else (os.cpu_count() or 1)
     source = imx.load_model(model_path)
@@ -96,11 +96,6 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         ModelConfig.from_metadata(source)          # architecture first: the cheapest check
         tokenizer = Tokenizer.from_metadata(source)
         budget = default_weight_budget() if weight_gib is None else int(weight_gib * 2**30)
-        need = sum(float32_nbytes(t) for t in source.tensors)
-        if need > budget:
-            click.echo(f"note: the model's float32 weights ({need / 2**30:.2f} GiB) exceed the weight memory "
-                       f"({budget / 2**30:.2f} GiB, --max-weight-memory): weights that do not fit are read again "
-                       f"for every batch", err=True)
         model = Model.from_source(source, n_threads=n_threads, weight_budget=budget)
         bar = None
         if not quiet:
@@ -139,3 +134,8 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         click.echo(f"Final estimate: PPL = {run.ppl:.4f} +/- {run.ppl_err:.5f}", err=True)
     click.echo(f"{output}: {len(run.imatrix.entries)} entries, {run.n_chunks} chunks of {n_ctx} tokens "
                f"({run.n_tokens} tokens in the text), {run.seconds:.1f} s", err=True)
+    store = model.w
+    if store.streamed_names:
+        click.echo(f"note: {len(store.streamed_names)} weights ({store.streamed_bytes / 2**30:.2f} GiB as float32) "
+                   f"did not fit the weight memory ({budget / 2**30:.2f} GiB, --max-weight-memory) and were read "
+                   f"again for every batch", err=True)
