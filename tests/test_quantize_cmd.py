@@ -462,3 +462,23 @@ def test_q2_k_s_with_imatrix_missing_an_entry(models, tmp_path):
                        "--exclude-weights", "blk.3.attn_q")
     assert_one_error_line(code, err, "missing importance matrix for tensor blk.3.attn_q.weight")
     assert not out.exists()
+
+
+def test_blas_probe_skip_leaves_scipy_importable():
+    # the command line starts numba's array-math registry with scipy.linalg hidden; afterwards scipy.linalg
+    # (when installed) must import normally and numba's kernels still load
+    code = (
+        "import importlib.util, sys\n"
+        "from gguftool.cli.common import skip_numba_blas_probe\n"
+        "skip_numba_blas_probe()\n"
+        "assert 'numba.np.arraymath' in sys.modules\n"
+        "assert sys.modules.get('scipy.linalg', 0) is not None\n"
+        "if importlib.util.find_spec('scipy') is not None:\n"
+        "    import scipy.linalg\n"
+        "    assert scipy.linalg.norm([3.0, 4.0]) == 5.0\n"
+        "import numpy as np\n"
+        "from gguftool.quants import quantize\n"
+        "print(quantize(np.ones((1, 32), np.float32), 'Q8_0').tobytes().hex())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0820" + "7f" * 32   # d = 1/127 as fp16 (0x2008), levels 127
