@@ -7,7 +7,9 @@ dequantized with :func:`gguftool.quants.dequantize` (the pipeline only does that
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 
 import numpy as np
 
@@ -100,31 +102,39 @@ class GGUFTensor(SourceTensor):
 
 
 class GGUFSource(TensorSource):
-    """TensorSource over a GGUFReader; close() (or use as a context manager) to release the map."""
+    """TensorSource over one GGUF file, or over the files of a split model (the first file's metadata, every
+    file's tensors); close() (or use as a context manager) to release the maps."""
 
-    def __init__(self, reader: GGUFReader):
-        super().__init__(kvs=list(reader.kvs), tensors=[GGUFTensor(reader, t) for t in reader.tensors])
-        self.reader = reader
-        self.path = reader.path
-        self._file_fd: int | None = None
-        if hasattr(os, "preadv") and os.path.isfile(self.path):
+    def __init__(self, readers: "GGUFReader | list[GGUFReader]"):
+        readers = [readers] if isinstance(readers, GGUFReader) else list(readers)
+        tensors = [GGUFTensor(r, t) for r in readers for t in r.tensors]
+        super().__init__(kvs=list(readers[0].kvs), tensors=tensors)
+        self.readers = readers
+        self.reader = readers[0]
+        self.path = self.reader.path
+        self.paths = [r.path for r in readers]
+        self._fds: dict[str, int | None] = {}
+        if hasattr(os, "preadv"):
             for t in self.tensors:
-                t._get_fd = self._get_fd
+                if os.path.isfile(t._reader.path):
+                    t._get_fd = functools.partial(self._get_fd, t._reader.path)
 
-    def _get_fd(self) -> int | None:
-        if self._file_fd is None:
+    def _get_fd(self, path: str) -> int | None:
+        if path not in self._fds:
             try:
-                self._file_fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             except OSError:
-                return None
-        return self._file_fd
+                self._fds[path] = None
+        return self._fds[path]
 
     def close(self) -> None:
         self.tensors = []
-        if self._file_fd is not None:
-            os.close(self._file_fd)
-            self._file_fd = None
-        self.reader.close()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+        for r in self.readers:
+            r.close()
 
     def __enter__(self) -> "GGUFSource":
         return self
@@ -133,9 +143,71 @@ class GGUFSource(TensorSource):
         self.close()
 
 
+# --- split models (llama.cpp's gguf-split: NAME-00001-of-00003.gguf ...; llama_model_loader loads them together)
+KEY_SPLIT_NO = "split.no"
+KEY_SPLIT_COUNT = "split.count"
+KEY_SPLIT_TENSORS = "split.tensors.count"
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_path(prefix: str, index: int, count: int) -> str:
+    """llama_split_path: the file name of split ``index`` (0-based) of ``count``."""
+    return f"{prefix}-{index + 1:05d}-of-{count:05d}.gguf"
+
+
+def _split_readers(first: GGUFReader) -> list[GGUFReader]:
+    """The readers of every split of the model whose first split is ``first`` (checked as llama.cpp checks)."""
+    path = first.path
+    count = int(first.get(KEY_SPLIT_COUNT, 0) or 0)
+    if count <= 1:
+        return [first]
+    no = int(first.get(KEY_SPLIT_NO, 0) or 0)
+    if no != 0:
+        raise FormatError(f"{path}: this is split {no + 1} of {count} of a model: give its first split "
+                          f"(the file ending in -00001-of-{count:05d}.gguf)")
+    m = _SPLIT_NAME.match(path)
+    if m is None or int(m.group("no")) != 1 or int(m.group("count")) != count:
+        raise FormatError(f"{path}: the first of {count} splits, but its name does not end in "
+                          f"-00001-of-{count:05d}.gguf, so the other splits cannot be found")
+    readers = [first]
+    seen = {t.name for t in first.tensors}
+    try:
+        for i in range(1, count):
+            p = split_path(m.group("prefix"), i, count)
+            if not os.path.isfile(p):
+                raise FormatError(f"{p}: missing split {i + 1} of {count}")
+            r = GGUFReader(p)
+            readers.append(r)
+            if KEY_SPLIT_NO not in r:
+                raise FormatError(f"{p}: not a split of {path} (no {KEY_SPLIT_NO} key)")
+            if r.get(KEY_SPLIT_NO) != i:
+                raise FormatError(f"{p}: {KEY_SPLIT_NO} is {r.get(KEY_SPLIT_NO)}, expected {i}")
+            for t in r.tensors:
+                if t.name in seen:
+                    raise FormatError(f"{p}: tensor {t.name} is duplicated across the splits")
+                seen.add(t.name)
+        expected = first.get(KEY_SPLIT_TENSORS)
+        if expected is not None and int(expected) != len(seen):
+            raise FormatError(f"{path}: the splits hold {len(seen)} tensors, {int(expected)} expected "
+                              f"({KEY_SPLIT_TENSORS})")
+    except BaseException:
+        for r in readers[1:]:
+            r.close()
+        raise
+    return readers
+
+
 def open_gguf_source(path: "str | os.PathLike[str]") -> GGUFSource:
-    """Open a GGUF file as a source; a non-GGUF or damaged file raises FormatError naming the offset."""
+    """Open a GGUF file as a source; the first file of a split model opens all of its splits. A non-GGUF or
+    damaged file raises FormatError naming the offset; a split model with a missing or mismatched split names
+    it."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file")
-    return GGUFSource(GGUFReader(path))
+    first = GGUFReader(path)
+    try:
+        readers = _split_readers(first)
+    except BaseException:
+        first.close()
+        raise
+    return GGUFSource(readers)

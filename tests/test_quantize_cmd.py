@@ -482,3 +482,79 @@ def test_blas_probe_skip_leaves_scipy_importable():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0820" + "7f" * 32   # d = 1/127 as fp16 (0x2008), levels 127
+
+
+# --- split models (llama.cpp's gguf-split layout)
+
+
+def write_splits(src_path, prefix, n_split):
+    """Split a GGUF file as llama.cpp's gguf-split does: the first split keeps every KV, each split gets
+    split.no (u16), split.count (u16) and split.tensors.count (i32); tensors in order, spread over the splits."""
+    from gguftool.gguf.constants import GGUFValueType
+    from gguftool.gguf.reader import GGUFReader
+    from gguftool.gguf.values import KV
+    from gguftool.gguf.writer import GGUFWriter
+    from gguftool.gguf_source import split_path
+
+    paths = []
+    with GGUFReader(src_path) as r:
+        tensors = list(r.tensors)
+        per = -(-len(tensors) // n_split)
+        for i in range(n_split):
+            p = split_path(str(prefix), i, n_split)
+            paths.append(p)
+            kvs = (list(r.kvs) if i == 0 else []) + [
+                KV("split.no", GGUFValueType.UINT16, i), KV("split.count", GGUFValueType.UINT16, n_split),
+                KV("split.tensors.count", GGUFValueType.INT32, len(tensors))]
+            part = tensors[i * per:(i + 1) * per]
+            with GGUFWriter(p) as w:
+                w.add_kvs(kvs)
+                for t in part:
+                    w.add_tensor_info(t.name, t.shape, t.type)
+                w.write_header()
+                for t in part:
+                    w.write_tensor_data(t.name, r.tensor_bytes(t))
+                w.finish()
+    return paths
+
+
+def test_split_model_input_equals_the_whole_file(models, tmp_path):
+    parts = write_splits(models["small.gguf"], tmp_path / "small", 3)
+    whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
+    assert run(models["small.gguf"], whole, "-t", "Q4_K_M")[0] == 0
+    code, _, err = run(parts[0], split, "-t", "Q4_K_M")
+    assert code == 0, err
+    assert split.read_bytes() == whole.read_bytes()   # split.* keys dropped, tensors in llama's order
+
+
+def test_split_model_bad_input(models, tmp_path):
+    parts = write_splits(models["small.gguf"], tmp_path / "m", 3)
+    out = tmp_path / "out.gguf"
+    code, _, err = run(parts[1], out, "-t", "Q8_0")
+    assert_one_error_line(code, err, r"split 2 of 3 of a model: give its first split")
+    code, _, err = run(parts[0], parts[2], "-t", "Q8_0", "--force")
+    assert_one_error_line(code, err, r"output file is the input file")
+    renamed = tmp_path / "renamed.gguf"
+    os.link(parts[0], renamed)
+    code, _, err = run(renamed, out, "-t", "Q8_0")
+    assert_one_error_line(code, err, r"does not end in -00001-of-00003\.gguf")
+    os.rename(parts[2], tmp_path / "away.gguf")
+    code, _, err = run(parts[0], out, "-t", "Q8_0")
+    assert_one_error_line(code, err, r"m-00003-of-00003\.gguf: missing split 3 of 3")
+    os.rename(tmp_path / "away.gguf", parts[2])
+    os.replace(parts[1], parts[2])   # split 2's file where split 3 belongs (and none for split 2)
+    code, _, err = run(parts[0], out, "-t", "Q8_0")
+    assert_one_error_line(code, err, r"missing split 2 of 3")
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_live_split_model_input(llama_lib, models, tmp_path):
+    # llama.cpp reads the same split files and writes the same file
+    from make_quantize_reference import llama_quantize_lib
+
+    parts = write_splits(models["small.gguf"], tmp_path / "small", 2)
+    ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
+    llama_quantize_lib(parts[0], str(ref), "Q5_K_M")
+    code, _, err = run(parts[0], out, "-t", "Q5_K_M", "--threads", "2")
+    assert code == 0, err
+    assert out.read_bytes() == ref.read_bytes()

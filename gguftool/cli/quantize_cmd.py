@@ -43,11 +43,11 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, threads, force, *
         fail("missing OUT.gguf (only --dry-run works without an output file)")
     if not os.path.exists(inp):
         fail(f"{inp}: no such file")
-    if out is not None and not dry_run:
-        check_output(out, [inp], force)
     cfg = build_config(ftype, allow_requantize=allow_requantize, **policy)
 
     with open_gguf_source(inp) as src:
+        if out is not None and not dry_run:
+            check_output(out, src.paths, force)   # every split of a split model is an input
         plan = PL.make_plan(src, cfg, dry_run=dry_run)
         for w in plan.warnings:
             warn(w)

@@ -121,7 +121,7 @@ def run_with_progress(src, plan, out, threads, stats, force, inp):
         bar.update(n)
 
     try:
-        return PL.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=[inp],
+        return PL.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=getattr(src, "paths", [inp]),
                           progress=progress)
     finally:
         bar.close()
