@@ -24,9 +24,10 @@ __all__ = ["GGUFTensor", "GGUFSource", "open_gguf_source"]
 class GGUFTensor(SourceTensor):
     """One tensor of a GGUF file (lazy)."""
 
-    def __init__(self, reader: GGUFReader, info: TensorInfo):
+    def __init__(self, reader: GGUFReader, info: TensorInfo, split_index: int = 0):
         self._reader = reader
         self.info = info
+        self.split_index = split_index   # which file of a split model holds it
         self.name = info.name
         self.shape = tuple(info.shape) if info.shape else (1,)
         self.type = info.type
@@ -107,7 +108,7 @@ class GGUFSource(TensorSource):
 
     def __init__(self, readers: "GGUFReader | list[GGUFReader]"):
         readers = [readers] if isinstance(readers, GGUFReader) else list(readers)
-        tensors = [GGUFTensor(r, t) for r in readers for t in r.tensors]
+        tensors = [GGUFTensor(r, t, i) for i, r in enumerate(readers) for t in r.tensors]
         super().__init__(kvs=list(readers[0].kvs), tensors=tensors)
         self.readers = readers
         self.reader = readers[0]

@@ -28,7 +28,8 @@ import numpy as np
 
 from . import policy as P
 from .errors import ImatrixError, PolicyError, QuantError
-from .gguf.constants import GGML_QUANTIZATION_VERSION, KEY_FILE_TYPE, KEY_QUANTIZATION_VERSION, GGMLType
+from .gguf.constants import (GGML_QUANTIZATION_VERSION, KEY_FILE_TYPE, KEY_QUANTIZATION_VERSION, GGMLType,
+                             GGUFValueType)
 from .gguf.values import KV, kv_bool, kv_f32, kv_str, kv_u32
 from .imatrix_file import Imatrix
 from .source import SourceTensor, TensorSource
@@ -65,6 +66,7 @@ class QuantizeConfig:
     allow_requantize: bool = False
     kv_overrides: list[KV] = field(default_factory=list)
     order: str = "llama"                   # "llama": llama-quantize's tensor order; "source": as given
+    keep_split: bool = False               # --keep-split: one output file per input split, tensors in file order
     set_quant_kvs: bool = True             # write general.quantization_version / general.file_type
 
 
@@ -77,6 +79,7 @@ class Plan:
     imatrix: dict[str, np.ndarray] | None  # name -> per-column weights (after include/exclude)
     warnings: list[str] = field(default_factory=list)
     n_fallback: int = 0
+    split_of: list[int] | None = None      # --keep-split: the output file of each tensor (None: one file)
 
     @property
     def src_bytes(self) -> int:
@@ -185,7 +188,14 @@ def make_plan(source: TensorSource, cfg: QuantizeConfig, dry_run: bool = False) 
         if t.name in by_name:
             raise PolicyError(f"duplicate tensor name {t.name!r} in the source")
         by_name[t.name] = t
-    names = P.llama_tensor_order(by_name) if cfg.order == "llama" else list(by_name)
+    if cfg.keep_split:   # llama-quantize: sorted by (split, offset in the split's data section)
+        if not all(hasattr(t, "split_index") and hasattr(t, "info") for t in by_name.values()):
+            raise PolicyError("--keep-split needs a GGUF input (it keeps the input's split files)")
+        names = sorted(by_name, key=lambda n: (by_name[n].split_index, by_name[n].info.offset))
+    elif cfg.order == "llama":
+        names = P.llama_tensor_order(by_name)
+    else:
+        names = list(by_name)
 
     # imatrix: include/exclude, then the weights llama-quantize computes
     weights = None
@@ -235,7 +245,28 @@ def make_plan(source: TensorSource, cfg: QuantizeConfig, dry_run: bool = False) 
 
     kvs = output_kvs(source.kvs, cfg.ftype if cfg.set_quant_kvs else None,
                      list(cfg.kv_overrides) + extra_kvs)
-    return Plan(plans, by_name, kvs, model, weights, warnings, P.count_fallbacks(plans))
+    split_of = [by_name[tp.name].split_index for tp in plans] if cfg.keep_split else None
+    return Plan(plans, by_name, kvs, model, weights, warnings, P.count_fallbacks(plans), split_of)
+
+
+def output_files(plan: Plan, out_path: str) -> list[tuple[str, list[KV], list[P.TensorPlan]]]:
+    """(path, metadata, tensors) of each file the plan writes: one, or with --keep-split one per input split,
+    named as llama-quantize names them (OUT without .gguf, then -00001-of-0000N.gguf) and each given the split.*
+    keys when there is more than one (the first file also has all the metadata)."""
+    if plan.split_of is None:
+        return [(out_path, plan.kvs, plan.tensors)]
+    from .gguf_source import split_path
+
+    n = max(plan.split_of, default=0) + 1
+    prefix = out_path[:-len(".gguf")] if out_path.endswith(".gguf") else out_path
+    files = []
+    for i in range(n):
+        kvs = list(plan.kvs) if i == 0 else []
+        if n > 1:
+            kvs += [KV(_SPLIT_KEYS[0], GGUFValueType.UINT16, i), KV(_SPLIT_KEYS[1], GGUFValueType.UINT16, n),
+                    KV(_SPLIT_KEYS[2], GGUFValueType.INT32, len(plan.tensors))]
+        files.append((split_path(prefix, i, n), kvs, [tp for tp, s in zip(plan.tensors, plan.split_of) if s == i]))
+    return files
 
 
 def _check_tensor(tp: P.TensorPlan, cfg: QuantizeConfig, weights, warnings: list[str],
@@ -298,6 +329,7 @@ class Summary:
     file_size: int
     seconds: float
     n_fallback: int
+    paths: list[str] = field(default_factory=list)   # every file written (several with --keep-split)
 
     @property
     def src_bpw(self) -> float:
@@ -321,10 +353,11 @@ Progress = Callable[[int, P.TensorPlan], None]
 def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]", *, threads: int | None = None,
             stats: bool = False, overwrite: bool = False, protect: Sequence[str] = (),
             progress: Progress | None = None) -> Summary:
-    """Write the planned file. progress(n, tensor) is called with source bytes just processed.
+    """Write the planned file (or files, with --keep-split). progress(n, tensor) is called with source bytes
+    just processed.
 
-    The output goes to a temporary file renamed onto out_path at the end; on any error or interrupt the
-    temporary file is removed and out_path is left as it was.
+    Each output goes to a temporary file; all are renamed onto their targets once every one is complete. On
+    any error or interrupt the temporary files are removed and the targets are left as they were.
     """
     from .gguf.writer import GGUFWriter
 
@@ -332,31 +365,47 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
     scratch = _ReadAhead(plan)
-    with scratch, GGUFWriter(out_path, overwrite=overwrite, protect=list(protect)) as w:
-        w.add_kvs(plan.kvs)
-        for tp in plan.tensors:
-            w.add_tensor_info(tp.name, _ggml_shape(tp.shape), tp.new_type)
-        w.write_header()
-        scratch.write_behind = _WriteBehind.install(w)
-        for tp in plan.tensors:
-            t1 = time.perf_counter()
-            src = plan.sources[tp.name]
-            acc = _StatAcc() if stats and tp.converts else None
-            try:
-                w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress,
-                                                            scratch))
-            except QuantError as e:
-                if tp.name in str(e):
-                    raise
-                raise QuantError(f"tensor {tp.name} ({tp.src_type.name} -> {tp.new_type.name}): {e}") from None
-            r = TensorResult(tp.name, tp.shape, tp.src_type, tp.new_type, tp.src_nbytes, tp.new_nbytes,
-                             time.perf_counter() - t1)
-            if acc is not None:
-                r.rmse, r.weighted_rmse = acc.result()
-            results.append(r)
-        w.finish()
-    return Summary(out_path, results, plan.src_bytes, plan.out_bytes, plan.n_elements,
-                   os.path.getsize(out_path), time.perf_counter() - t0, plan.n_fallback)
+    files = output_files(plan, out_path)
+    writers: list[GGUFWriter] = []
+    with scratch:
+        try:
+            for path, kvs, tensors in files:
+                w = GGUFWriter(path, overwrite=overwrite, protect=list(protect))
+                writers.append(w)
+                w.add_kvs(kvs)
+                for tp in tensors:
+                    w.add_tensor_info(tp.name, _ggml_shape(tp.shape), tp.new_type)
+                w.write_header()
+                scratch.write_behind = _WriteBehind.install(w)
+                for tp in tensors:
+                    results.append(_write_tensor(w, tp, plan, threads, stats, progress, scratch))
+                w.finish(rename=False)
+            for w in writers:
+                w.commit()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+    paths = [f[0] for f in files]
+    return Summary(paths[0], results, plan.src_bytes, plan.out_bytes, plan.n_elements,
+                   sum(os.path.getsize(p) for p in paths), time.perf_counter() - t0, plan.n_fallback, paths)
+
+
+def _write_tensor(w, tp: P.TensorPlan, plan: Plan, threads, stats: bool, progress, scratch) -> TensorResult:
+    t1 = time.perf_counter()
+    src = plan.sources[tp.name]
+    acc = _StatAcc() if stats and tp.converts else None
+    try:
+        w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress, scratch))
+    except QuantError as e:
+        if tp.name in str(e):
+            raise
+        raise QuantError(f"tensor {tp.name} ({tp.src_type.name} -> {tp.new_type.name}): {e}") from None
+    r = TensorResult(tp.name, tp.shape, tp.src_type, tp.new_type, tp.src_nbytes, tp.new_nbytes,
+                     time.perf_counter() - t1)
+    if acc is not None:
+        r.rmse, r.weighted_rmse = acc.result()
+    return r
 
 
 class _WriteBehind:

@@ -57,7 +57,8 @@ def tensor_digest(path: str) -> dict:
 
 def llama_quantize_lib(inp: str, out: str, ftype: str, nthread: int = 2, imatrix: dict | None = None,
                        pure: bool = False, leave_output_tensor: bool = False, output_tensor_type: int | None = None,
-                       token_embedding_type: int | None = None, allow_requantize: bool = False) -> None:
+                       token_embedding_type: int | None = None, allow_requantize: bool = False,
+                       keep_split: bool = False) -> None:
     """llama-cpp-python's llama_model_quantize (the same code llama-quantize runs).
 
     imatrix: name -> float32 weights (already in_sum2 / counts), passed as llama_model_imatrix_data.
@@ -70,6 +71,7 @@ def llama_quantize_lib(inp: str, out: str, ftype: str, nthread: int = 2, imatrix
     p.pure = pure
     p.quantize_output_tensor = not leave_output_tensor
     p.allow_requantize = allow_requantize
+    p.keep_split = keep_split
     if output_tensor_type is not None:
         p.output_tensor_type = output_tensor_type
     if token_embedding_type is not None:

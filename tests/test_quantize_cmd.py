@@ -413,6 +413,28 @@ def test_interrupted_write_leaves_nothing(models, tmp_path, monkeypatch):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_keep_split_interrupted_in_the_last_split_leaves_nothing(models, tmp_path, monkeypatch):
+    import gguftool.quants as Q
+
+    parts = write_splits(models["small.gguf"], tmp_path / "in", 3)
+    real, calls = Q.quantize, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    stop_at = -1
+    monkeypatch.setattr(Q, "quantize", counted)
+    assert run(parts[0], tmp_path / "full.gguf", "-t", "Q4_0", "--keep-split")[0] == 0
+    stop_at = 2 * len(calls)   # the last quantize call of the next run: a tensor of the last split
+    code, _, err = run(parts[0], tmp_path / "ks.gguf", "-t", "Q4_0", "--keep-split")
+    assert_one_error_line(code, err, "^Error: interrupted$")
+    assert len(calls) == stop_at
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("ks")] and leftovers(tmp_path) == []
+
+
 def test_disk_full_leaves_nothing(models, tmp_path):
     # RLIMIT_FSIZE makes writes past 1 MB fail (EFBIG) as a full disk would (ENOSPC)
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
@@ -558,3 +580,48 @@ def test_live_split_model_input(llama_lib, models, tmp_path):
     code, _, err = run(parts[0], out, "-t", "Q5_K_M", "--threads", "2")
     assert code == 0, err
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_keep_split_writes_one_file_per_input_split(models, tmp_path):
+    from gguftool.gguf.reader import GGUFReader
+
+    parts = write_splits(models["small.gguf"], tmp_path / "in", 3)
+    whole = tmp_path / "whole.gguf"
+    assert run(models["small.gguf"], whole, "-t", "Q4_K_M")[0] == 0
+    code, _, err = run(parts[0], tmp_path / "out.gguf", "-t", "Q4_K_M", "--keep-split")
+    assert code == 0, err
+    outs = [tmp_path / f"out-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert "wrote 3 files" in err and all(p.exists() for p in outs) and not (tmp_path / "out.gguf").exists()
+    names = []
+    for i, p in enumerate(outs):
+        with GGUFReader(str(p)) as r, GGUFReader(parts[i]) as ri:
+            assert [t.name for t in r.tensors] == [t.name for t in ri.tensors]   # the input's split, in order
+            assert (r.get("split.no"), r.get("split.count"), r.get("split.tensors.count")) == (i, 3, 75)
+            assert (r.get("general.file_type") is not None) == (i == 0)          # metadata in the first only
+            names += [t.name for t in r.tensors]
+    assert sorted(names) == sorted(t[0] for t in digest(whole)[1])
+    whole_tensors = {t[0]: t for t in digest(whole)[1]}
+    for p in outs:   # the same type and bytes per tensor as the single file (8 layers: same counter order)
+        for t in digest(p)[1]:
+            assert t == whole_tensors[t[0]]
+    # an unsplit input gives one file named like a split, without split keys
+    code, _, err = run(models["small.gguf"], tmp_path / "one", "-t", "Q8_0", "--keep-split")
+    assert code == 0, err
+    with GGUFReader(str(tmp_path / "one-00001-of-00001.gguf")) as r:
+        assert "split.count" not in r
+    # any existing output refuses the whole run before anything is written
+    code, _, err = run(parts[0], tmp_path / "out.gguf", "-t", "Q8_0", "--keep-split")
+    assert_one_error_line(code, err, r"out-00001-of-00003\.gguf: output file already exists")
+    assert not leftovers(tmp_path)
+
+
+def test_live_keep_split(llama_lib, models, tmp_path):
+    from make_quantize_reference import llama_quantize_lib
+
+    parts = write_splits(models["small.gguf"], tmp_path / "in", 2)
+    llama_quantize_lib(parts[0], str(tmp_path / "ref"), "Q4_K_S", keep_split=True)
+    code, _, err = run(parts[0], tmp_path / "ours.gguf", "-t", "Q4_K_S", "--keep-split", "--threads", "2")
+    assert code == 0, err
+    for i in (1, 2):
+        ours = (tmp_path / f"ours-0000{i}-of-00002.gguf").read_bytes()
+        assert ours == (tmp_path / f"ref-0000{i}-of-00002.gguf").read_bytes(), f"split {i} differs"

@@ -25,10 +25,13 @@ from .quantize_options import (TYPES_HELP, build_config, check_output, policy_op
                                               "nothing (OUT may be omitted).")
 @click.option("--stats", is_flag=True, help="Print each converted tensor's RMS error against the source (and, "
                                             "with --imatrix, the importance-weighted RMS error).")
+@click.option("--keep-split", is_flag=True,
+              help="Write the output in the same splits as a split input (OUT-00001-of-0000N.gguf ...; OUT's .gguf "
+                   "is dropped), tensors in file order, as llama-quantize --keep-split.")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="Threads (default: all cores).")
 @click.option("--force", "-f", is_flag=True, help="Overwrite OUT if it exists.")
 @report_errors
-def command(inp, out, type_, allow_requantize, dry_run, stats, threads, force, **policy):
+def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, threads, force, **policy):
     """Quantize the GGUF file IN.gguf to OUT.gguf with llama.cpp's per-tensor type mix for TYPE.
 
     The tensors written are byte-identical to llama-quantize's for the same input and options. The output is
@@ -44,11 +47,13 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, threads, force, *
     if not os.path.exists(inp):
         fail(f"{inp}: no such file")
     cfg = build_config(ftype, allow_requantize=allow_requantize, **policy)
+    cfg.keep_split = keep_split
 
     with open_gguf_source(inp) as src:
-        if out is not None and not dry_run:
-            check_output(out, src.paths, force)   # every split of a split model is an input
         plan = PL.make_plan(src, cfg, dry_run=dry_run)
+        if out is not None and not dry_run:
+            for path, _, _ in PL.output_files(plan, out):
+                check_output(path, src.paths, force)   # every split of a split model is an input
         for w in plan.warnings:
             warn(w)
         if dry_run:

@@ -2,6 +2,7 @@
 into a pipeline configuration, the progress bar, and the printed plan and summary."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -183,7 +184,8 @@ def print_summary(s, plan, stats: bool, inp: str) -> None:
         click.echo(line)
     n_conv = sum(1 for r in s.results if r.src_type != r.new_type)
     rate = s.src_bytes / 1e6 / s.seconds if s.seconds > 0 else 0.0
-    click.echo(f"wrote {s.path}: {len(s.results)} tensors ({n_conv} converted, {len(s.results) - n_conv} copied), "
+    where = s.path if len(s.paths) <= 1 else f"{len(s.paths)} files {s.paths[0]} … {os.path.basename(s.paths[-1])}"
+    click.echo(f"wrote {where}: {len(s.results)} tensors ({n_conv} converted, {len(s.results) - n_conv} copied), "
                f"{mib(s.src_bytes)} ({s.src_bpw:.2f} bpw) -> {mib(s.out_bytes)} ({s.out_bpw:.2f} bpw), "
                f"file {mib(s.file_size)}, {s.seconds:.1f} s ({rate:.0f} MB/s)"
                + (f"; {s.n_fallback} row-length fallbacks" if s.n_fallback else ""), err=True)
@@ -191,8 +193,6 @@ def print_summary(s, plan, stats: bool, inp: str) -> None:
 
 def check_output(out: str, inputs: list[str], force: bool) -> None:
     """Refuse an output that is one of the inputs, a directory, in a missing folder, or exists without --force."""
-    import os
-
     from .common import fail
 
     for inp in inputs:

@@ -165,7 +165,8 @@ def build_header(kvs: Sequence[KV], tensors: Sequence[TensorInfo], *, version: i
 class _State(enum.Enum):
     METADATA = 0  # adding KVs and tensor infos
     DATA = 1      # header written, tensor data being written
-    DONE = 2      # renamed onto the target (or aborted)
+    WRITTEN = 2   # complete in its temporary file, not yet renamed (finish(rename=False))
+    DONE = 3      # renamed onto the target (or aborted)
 
 
 @dataclass
@@ -367,9 +368,14 @@ class GGUFWriter:
         self._next = len(self.tensor_infos)
 
     # --- completion
-    def finish(self) -> None:
-        """Check every tensor was written, flush, and rename the temporary file onto the target."""
-        if self._state == _State.DONE:
+    def finish(self, rename: bool = True) -> None:
+        """Check every tensor was written, flush, and rename the temporary file onto the target.
+
+        rename=False leaves the complete file in its temporary place until ``commit()`` (so that several files
+        can be made visible only once all of them are written); ``abort()`` still deletes it."""
+        if self._state in (_State.DONE, _State.WRITTEN):
+            if rename:
+                self.commit()
             return
         try:
             if self._state == _State.METADATA:
@@ -381,12 +387,26 @@ class GGUFWriter:
             f, self._file = self._file, None
             # no fsync: like llama.cpp; the rename alone guarantees nobody sees a partial file
             f.close()
-            os.replace(self._tmp, self.path)
-            self._tmp = None
-            self._state = _State.DONE
+            self._state = _State.WRITTEN
+            if rename:
+                self.commit()
         except BaseException:
             self.abort()
             raise
+
+    def commit(self) -> None:
+        """Rename a finished temporary file onto the target (after ``finish(rename=False)``)."""
+        if self._state == _State.DONE:
+            return
+        if self._state != _State.WRITTEN:
+            raise GGUFError(f"commit() not allowed now: writer is in state {self._state.name}")
+        try:
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._tmp = None
+        self._state = _State.DONE
 
     def abort(self) -> None:
         """Close and delete the temporary file; the target is left as it was."""
