@@ -234,9 +234,13 @@ def render_human(reader: GGUFReader, *, tensors: bool = True, pattern: "str | No
         f"Size:       {reader.file_size:,} bytes ({_human_size(reader.file_size)}), "
         f"data section at byte {reader.data_offset:,}",
         f"Contents:   {len(reader.kvs)} metadata keys, {len(reader.tensors)} tensors",
-        "",
-        "Metadata:",
     ]
+    n_split = reader.get("split.count")
+    if isinstance(n_split, int) and n_split > 1:
+        no, total = reader.get("split.no"), reader.get("split.tensors.count")
+        out.append(f"Split:      file {no + 1 if isinstance(no, int) else '?'} of {n_split} of a split model"
+                   + (f" ({total} tensors in all)" if isinstance(total, int) else ""))
+    out += ["", "Metadata:"]
     if reader.kvs:
         kw = max(len(kv.key) for kv in reader.kvs)
         tw = max(len(type_name(kv.type, kv.value)) for kv in reader.kvs)

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from gguftool.gguf.constants import GGMLType, GGUFValueType as VT
+from gguftool.gguf.reader import GGUFReader
 from gguftool.gguf.values import KV, GGUFArray
 from gguftool.gguf.writer import GGUFWriter
+from gguftool.gguf_source import split_path
 
 TINY_FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny.gguf"
 
@@ -28,6 +30,31 @@ def _q8_0(x: np.ndarray) -> np.ndarray:
     out[:, :2] = d.view(np.uint8).reshape(-1, 2)
     out[:, 2:] = q.view(np.uint8)
     return out
+
+
+def write_splits(src_path, prefix, n_split):
+    """Split a GGUF file as llama.cpp's gguf-split does: the first split keeps every KV, each split gets
+    split.no (u16), split.count (u16) and split.tensors.count (i32); tensors in order, spread over the splits."""
+    paths = []
+    with GGUFReader(src_path) as r:
+        tensors = list(r.tensors)
+        per = -(-len(tensors) // n_split)
+        for i in range(n_split):
+            p = split_path(str(prefix), i, n_split)
+            paths.append(p)
+            kvs = (list(r.kvs) if i == 0 else []) + [
+                KV("split.no", VT.UINT16, i), KV("split.count", VT.UINT16, n_split),
+                KV("split.tensors.count", VT.INT32, len(tensors))]
+            part = tensors[i * per:(i + 1) * per]
+            with GGUFWriter(p) as w:
+                w.add_kvs(kvs)
+                for t in part:
+                    w.add_tensor_info(t.name, t.shape, t.type)
+                w.write_header()
+                for t in part:
+                    w.write_tensor_data(t.name, r.tensor_bytes(t))
+                w.finish()
+    return paths
 
 
 def make_tiny_gguf(path, *, overwrite: bool = False) -> Path:

@@ -105,6 +105,16 @@ def test_chat_template_absent(tmp_path):
 
 
 # --- JSON
+def test_split_file_says_which_split(model, tmp_path):
+    from gguf_samples import write_splits
+
+    parts = write_splits(model, tmp_path / "m", 2)
+    r = invoke("inspect", parts[1], "--no-tensors")
+    assert r.exit_code == 0, r.output
+    assert "Split:      file 2 of 2 of a split model (3 tensors in all)" in r.output
+    assert "Split:" not in invoke("inspect", model, "--no-tensors").output
+
+
 def test_json_document(model):
     r = invoke("inspect", "--json", model)
     assert r.exit_code == 0

@@ -24,6 +24,7 @@ FIXTURES = os.path.join(ROOT, "fixtures", "quantize_reference")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import make_synthetic_llama as msl  # noqa: E402
+from gguf_samples import write_splits  # noqa: E402
 
 # the model llama-imatrix ran on to make fixtures/quantize_reference/llama_imatrix/
 TINY = msl.Shape(n_embd=256, n_ff=256, n_layer=2, n_head=4, n_head_kv=2, n_vocab=512)
@@ -507,37 +508,6 @@ def test_blas_probe_skip_leaves_scipy_importable():
 
 
 # --- split models (llama.cpp's gguf-split layout)
-
-
-def write_splits(src_path, prefix, n_split):
-    """Split a GGUF file as llama.cpp's gguf-split does: the first split keeps every KV, each split gets
-    split.no (u16), split.count (u16) and split.tensors.count (i32); tensors in order, spread over the splits."""
-    from gguftool.gguf.constants import GGUFValueType
-    from gguftool.gguf.reader import GGUFReader
-    from gguftool.gguf.values import KV
-    from gguftool.gguf.writer import GGUFWriter
-    from gguftool.gguf_source import split_path
-
-    paths = []
-    with GGUFReader(src_path) as r:
-        tensors = list(r.tensors)
-        per = -(-len(tensors) // n_split)
-        for i in range(n_split):
-            p = split_path(str(prefix), i, n_split)
-            paths.append(p)
-            kvs = (list(r.kvs) if i == 0 else []) + [
-                KV("split.no", GGUFValueType.UINT16, i), KV("split.count", GGUFValueType.UINT16, n_split),
-                KV("split.tensors.count", GGUFValueType.INT32, len(tensors))]
-            part = tensors[i * per:(i + 1) * per]
-            with GGUFWriter(p) as w:
-                w.add_kvs(kvs)
-                for t in part:
-                    w.add_tensor_info(t.name, t.shape, t.type)
-                w.write_header()
-                for t in part:
-                    w.write_tensor_data(t.name, r.tensor_bytes(t))
-                w.finish()
-    return paths
 
 
 def test_split_model_input_equals_the_whole_file(models, tmp_path):
