@@ -30,6 +30,7 @@ class Shape:
     n_head_kv: int = 1
     n_vocab: int = 1024
     tied: bool = False   # no output.weight: token_embd doubles as the output projection
+    n_expert: int = 0    # > 0: Mixtral-style MoE FFN (ffn_gate_inp + ffn_{gate,up,down}_exps), 2 experts used
 
 
 SMALL = Shape()
@@ -89,10 +90,20 @@ def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...], float]]:
             (p + "attn_v.weight", (s.n_embd, kv), w),
             (p + "attn_output.weight", (s.n_embd, s.n_embd), w),
             (p + "ffn_norm.weight", (s.n_embd,), 1.0),
-            (p + "ffn_gate.weight", (s.n_embd, s.n_ff), w),
-            (p + "ffn_up.weight", (s.n_embd, s.n_ff), w),
-            (p + "ffn_down.weight", (s.n_ff, s.n_embd), w),
         ]
+        if s.n_expert:
+            specs += [
+                (p + "ffn_gate_inp.weight", (s.n_embd, s.n_expert), w),
+                (p + "ffn_gate_exps.weight", (s.n_embd, s.n_ff, s.n_expert), w),
+                (p + "ffn_down_exps.weight", (s.n_ff, s.n_embd, s.n_expert), w),
+                (p + "ffn_up_exps.weight", (s.n_embd, s.n_ff, s.n_expert), w),
+            ]
+        else:
+            specs += [
+                (p + "ffn_gate.weight", (s.n_embd, s.n_ff), w),
+                (p + "ffn_up.weight", (s.n_embd, s.n_ff), w),
+                (p + "ffn_down.weight", (s.n_ff, s.n_embd), w),
+            ]
     specs.append(("output_norm.weight", (s.n_embd,), 1.0))
     if not s.tied:
         specs.append(("output.weight", (s.n_embd, s.n_vocab), w))
@@ -133,6 +144,8 @@ def write_model(path: str, shape: Shape = SMALL, seed: int = 0, progress=None) -
         kv_u32(f"{a}.attention.head_count", shape.n_head), kv_u32(f"{a}.attention.head_count_kv", shape.n_head_kv),
         kv_f32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5), kv_f32(f"{a}.rope.freq_base", 10000.0),
         kv_u32(f"{a}.vocab_size", shape.n_vocab),
+        *([kv_u32(f"{a}.expert_count", shape.n_expert), kv_u32(f"{a}.expert_used_count", 2)]
+          if shape.n_expert else []),
         kv_str("tokenizer.ggml.model", "llama"),
         kv_array("tokenizer.ggml.tokens", GGUFValueType.STRING, tokens),
         kv_array("tokenizer.ggml.scores", GGUFValueType.FLOAT32, np.array(scores, dtype=np.float32)),

@@ -595,3 +595,36 @@ def test_live_keep_split(llama_lib, models, tmp_path):
     for i in (1, 2):
         ours = (tmp_path / f"ours-0000{i}-of-00002.gguf").read_bytes()
         assert ours == (tmp_path / f"ref-0000{i}-of-00002.gguf").read_bytes(), f"split {i} differs"
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("moe")
+    out = {}
+    for n_expert in (8, 4):   # 8 experts: llama.cpp's "8-expert" rules; 4: the per-expert layer counters
+        p = str(d / f"moe{n_expert}.gguf")
+        msl.write_model(p, msl.Shape(n_layer=4, n_ff=512, n_head=4, n_head_kv=2, n_expert=n_expert))
+        im = str(d / f"moe{n_expert}.imatrix.gguf")
+        msl.write_synthetic_imatrix(p, im)
+        out[n_expert] = (p, im)
+    return out
+
+
+@pytest.mark.parametrize("n_expert", [8, 4])
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_0"])
+def test_live_moe_model(llama_lib, moe_models, tmp_path, n_expert, ftype):
+    # 3-D expert tensors (ffn_*_exps), per-expert imatrix slices and the MoE policy rules
+    from make_quantize_reference import llama_quantize_lib
+
+    from gguftool.imatrix_file import read_imatrix
+
+    model, im = moe_models[n_expert]
+    ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
+    llama_quantize_lib(model, str(ref), ftype)
+    code, _, err = run(model, out, "-t", ftype, "--threads", "2")
+    assert code == 0, err
+    assert out.read_bytes() == ref.read_bytes()
+    llama_quantize_lib(model, str(ref), ftype, imatrix=read_imatrix(im).weights())
+    code, _, err = run(model, out, "-t", ftype, "--imatrix", im, "--threads", "2", "--force")
+    assert code == 0, err
+    assert digest(out)[1] == digest(ref)[1]
