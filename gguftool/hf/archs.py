@@ -16,6 +16,7 @@ their first position and their last value (what gguf-py's ``GGUFWriter.add_key_v
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -88,6 +89,9 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
     hp = dict(config)
     if isinstance(hp.get("text_config"), dict):
         hp = {**hp, **hp["text_config"]}
+    for alias, key in arch.aliases.items():
+        if alias in hp:
+            hp[key] = hp.pop(alias)
     for k, v in arch.defaults.items():
         if hp.get(k) is None and k not in ("head_dim", "num_key_value_heads"):
             hp[k] = v
@@ -154,6 +158,10 @@ def _gemma3_post(hp: dict) -> None:
         pass  # to_dict() writes back the value given, so nothing changes for llama.cpp
 
 
+# gguf-py ExpertGatingFuncType
+_GATING_FUNCS = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
+
+
 # --- the KV list of TextModel.set_gguf_parameters (conversion/base.py), then each architecture's additions
 def _text_model_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     a = arch.gguf_arch
@@ -204,6 +212,22 @@ def _text_model_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     eps = _find(hp, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])
     if eps is not None:
         kv.f32(f"{a}.attention.layer_norm_epsilon", eps)
+    n_expert = _find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])
+    if n_expert is not None:
+        kv.u32(f"{a}.expert_count", n_expert)
+    n_used = _find(hp, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])
+    if n_used is not None:
+        kv.u32(f"{a}.expert_used_count", n_used)
+    if hp.get("n_group") is not None:
+        kv.u32(f"{a}.expert_group_count", hp["n_group"])
+    if hp.get("topk_group") is not None:
+        kv.u32(f"{a}.expert_group_used_count", hp["topk_group"])
+    score = _find(hp, ["score_function", "scoring_func", "score_func", "moe_router_activation",
+                       "moe_router_activation_func", "expert_selection_fn"])
+    if score is not None:
+        if score not in _GATING_FUNCS:
+            raise ConvertError(f"config.json: unsupported expert score function {score!r}")
+        kv.u32(f"{a}.expert_gating_func", _GATING_FUNCS[score])
     if hp.get("head_dim") is not None:
         kv.u32(f"{a}.attention.key_length", hp["head_dim"])
         kv.u32(f"{a}.attention.value_length", hp["head_dim"])
@@ -220,6 +244,15 @@ def _llama_params(arch: "Arch", hp: dict, kv: KVList) -> None:
 def _qwen_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     # Qwen2Model / Qwen3Model: the TextModel keys (pooling type only for sentence-transformers folders)
     _text_model_params(arch, hp, kv)
+
+
+def _qwen_moe_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # Qwen2MoeModel.set_gguf_parameters (conversion/qwen.py): the expert FFN sizes after the TextModel keys
+    _text_model_params(arch, hp, kv)
+    if hp.get("moe_intermediate_size") is not None:
+        kv.u32(f"{arch.gguf_arch}.expert_feed_forward_length", hp["moe_intermediate_size"])
+    if hp.get("shared_expert_intermediate_size") is not None:
+        kv.u32(f"{arch.gguf_arch}.expert_shared_feed_forward_length", hp["shared_expert_intermediate_size"])
 
 
 def _gemma3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
@@ -271,6 +304,35 @@ GEMMA3_TENSORS = {**_COMMON_TENSORS,
                   "model.layers.{bid}.self_attn.q_norm": "blk.{bid}.attn_q_norm",
                   "model.layers.{bid}.self_attn.k_norm": "blk.{bid}.attn_k_norm"}
 
+MIXTRAL_TENSORS = {**LLAMA_TENSORS, "model.layers.{bid}.block_sparse_moe.gate": "blk.{bid}.ffn_gate_inp"}
+QWEN3MOE_TENSORS = {**QWEN3_TENSORS, "model.layers.{bid}.mlp.gate": "blk.{bid}.ffn_gate_inp"}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a MoE checkpoint stores its experts: a 2-D tensor per expert and projection, which llama.cpp's converter
+    stacks into one 3-D tensor per projection (ggml shape (ne0, ne1, n_expert)) once it has seen every expert
+    tensor of a layer, and writes at that point, in ``order``."""
+    pattern: str          # full HF name, groups bid / xid / proj
+    gguf: dict            # proj -> GGUF name ({bid})
+    order: tuple          # projections in the order the merged tensors are written
+    ff_key: str           # config key of the expert FFN width
+
+    def match(self, hf_name: str):
+        return re.fullmatch(self.pattern, hf_name)
+
+
+QWEN_MOE_EXPERTS = ExpertLayout(
+    r"model\.layers\.(?P<bid>\d+)\.mlp\.experts\.(?P<xid>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight",
+    {"gate_proj": "blk.{bid}.ffn_gate_exps.weight", "up_proj": "blk.{bid}.ffn_up_exps.weight",
+     "down_proj": "blk.{bid}.ffn_down_exps.weight"},
+    ("down_proj", "gate_proj", "up_proj"), "moe_intermediate_size")
+MIXTRAL_EXPERTS = ExpertLayout(
+    r"model\.layers\.(?P<bid>\d+)\.block_sparse_moe\.experts\.(?P<xid>\d+)\.(?P<proj>w1|w2|w3)\.weight",
+    {"w1": "blk.{bid}.ffn_gate_exps.weight", "w2": "blk.{bid}.ffn_down_exps.weight",
+     "w3": "blk.{bid}.ffn_up_exps.weight"},
+    ("w1", "w2", "w3"), "intermediate_size")
+
 # names llama.cpp drops without mapping (prepare_tensors)
 SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
@@ -291,6 +353,8 @@ class Arch:
     trim_vocab_rows: bool = False          # Gemma3: token_embd cut to the tokenizer's size
     skip_lm_head: bool = False
     derive_head_dim: bool = True           # config class computes head_dim when config.json lacks it
+    experts: ExpertLayout | None = None    # MoE: how the checkpoint stores its experts
+    aliases: dict = field(default_factory=dict)  # config class attribute_map: config.json key -> to_dict key
     extra: dict = field(default_factory=dict)
 
     def map_name(self, hf_name: str) -> str | None:
@@ -360,6 +424,22 @@ GEMMA3 = _register(Arch(
                   head_dim=256, sliding_window=4096, final_logit_softcapping=None, attn_logit_softcapping=None),
     tensors=GEMMA3_TENSORS, params=_gemma3_params, rope_parameters=_rope_parameters_gemma3,
     post_config=_gemma3_post, vocab="gemma3", norm_shift=1.0, trim_vocab_rows=True))
+
+
+MIXTRAL = _register(Arch(
+    name="mixtral", hf_names=("MixtralForCausalLM",), gguf_arch="llama",
+    defaults=dict(vocab_size=32000, max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, head_dim=None,
+                  num_key_value_heads=8, sliding_window=None, num_local_experts=8, num_experts_per_tok=2),
+    tensors=MIXTRAL_TENSORS, params=_llama_params, vocab="llama", permute_qk=True, derive_head_dim=False,
+    experts=MIXTRAL_EXPERTS))
+
+QWEN3MOE = _register(Arch(
+    name="qwen3moe", hf_names=("Qwen3MoeForCausalLM",), gguf_arch="qwen3moe",
+    defaults=dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, num_key_value_heads=4,
+                  use_sliding_window=False, sliding_window=None, num_local_experts=128, num_experts_per_tok=8,
+                  moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[]),
+    tensors=QWEN3MOE_TENSORS, params=_qwen_moe_params, post_config=_qwen_post, vocab="gpt2",
+    derive_head_dim=False, experts=QWEN_MOE_EXPERTS, aliases={"num_experts": "num_local_experts"}))
 
 
 def supported_names() -> list[str]:

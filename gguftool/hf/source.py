@@ -98,6 +98,38 @@ class HFTensor(SourceTensor):
         raise ConvertError(f"{self.name}: no raw form for {self.type.name}")  # pragma: no cover
 
 
+class ExpertsTensor(SourceTensor):
+    """A MoE projection: the per-expert 2-D checkpoint tensors stacked into one (ne0, ne1, n_expert) tensor, as
+    llama.cpp's converter merges them (torch.stack along a new first dimension)."""
+
+    def __init__(self, name: str, parts: list[HFTensor]):
+        self.name = name
+        self.parts = parts
+        self.type = parts[0].type
+        ne0, ne1 = parts[0].shape
+        self.shape = (ne0, ne1, len(parts))
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the (n_expert * ne1, ne0) float32 view (expert e owns rows e*ne1 ...)."""
+        ne1 = self.shape[1]
+        out = []
+        r = start
+        while r < stop:
+            e, lo = divmod(r, ne1)
+            hi = min(ne1, stop - e * ne1)
+            out.append(self.parts[e].read_rows(lo, hi))
+            r = e * ne1 + hi
+        if not out:
+            return np.empty((0, self.shape[0]), np.float32)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def read_f32(self) -> np.ndarray:
+        return self.read_rows(0, self.shape[1] * self.shape[2])
+
+    def read_raw(self) -> np.ndarray:
+        return np.concatenate([p.read_raw() for p in self.parts])
+
+
 class GeneratedTensor(SourceTensor):
     """A tensor the converter computes (rope_freqs)."""
 
@@ -149,17 +181,34 @@ def _default_name(directory: Path) -> str:
     return directory.resolve().name
 
 
-def metadata_kvs(arch: A.Arch, name: str, n_params: int) -> list[KV]:
+def metadata_kvs(arch: A.Arch, name: str, tensors: list[SourceTensor]) -> list[KV]:
     """The descriptive general.* keys. llama.cpp derives more of them (basename, finetune, size label, license,
     organization ...) from the model card and folder name; gguftool writes the name and size label only."""
     kv = A.KVList()
     kv.string("general.architecture", arch.gguf_arch)
     kv.string("general.type", "model")
     kv.string("general.name", name)
-    label = size_label(n_params)
+    label = size_label_of(tensors)
     if label:
         kv.string("general.size_label", label)
     return kv.items()
+
+
+def size_label_of(tensors: list[SourceTensor]) -> str:
+    """gguf-py's size_label from GGUFWriter.get_total_parameter_count: the parameter count, or for a MoE model
+    "{experts}x{shared + one expert's parameters}"."""
+    shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        if "_exps." in t.name and len(t.shape) >= 3:
+            n = t.shape[2]
+            expert += t.n_elements // n
+            expert_sum += n
+            n_expert_tensors += 1
+        else:
+            shared += t.n_elements
+    if n_expert_tensors:
+        return f"{expert_sum // n_expert_tensors}x{size_label(shared + expert)}"
+    return size_label(shared)
 
 
 def size_label(n: int) -> str:
@@ -194,12 +243,42 @@ def _expected_shapes(arch: A.Arch, hp: dict, vocab_rows: int | None) -> list[tup
     ]
     if isinstance(ff, int):
         rules += [(r"blk\.\d+\.ffn_(gate|up)\.weight", (ff, h)), (r"blk\.\d+\.ffn_down\.weight", (h, ff))]
+    n_expert = A._find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])
+    if isinstance(n_expert, int):
+        rules.append((r"blk\.\d+\.ffn_gate_inp\.weight", (n_expert, h)))
     return [(re.compile(p + "$"), s) for p, s in rules]
 
 
+def _stored_type(gname: str, st: SafetensorsTensor, n_dims: int, out_type: GGMLType, hf_name: str) -> GGMLType:
+    """The type llama.cpp's converter stores a tensor as: F32 for 1-D tensors, norms, biases and the MoE router
+    (ffn_gate_inp), else the output type."""
+    if n_dims <= 1 or gname.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not gname.endswith(".weight"):
+        return GGMLType.F32
+    if out_type == GGMLType.BF16 and st.dtype != "BF16":
+        raise ConvertError(f"outtype bf16 needs a BF16 checkpoint; tensor {hf_name!r} is {st.dtype}")
+    return out_type
+
+
+def _check_expert(hf_name: str, st: SafetensorsTensor, bid: int, xid: int, proj: str, n_layers: int,
+                  n_expert: int | None, layout: A.ExpertLayout, hp: dict) -> None:
+    if not isinstance(n_expert, int) or n_expert <= 0:
+        raise ConvertError(f"tensor {hf_name!r} is an expert, but config.json gives no expert count")
+    if bid >= n_layers:
+        raise ConvertError(f"tensor {hf_name!r}: layer {bid} but config.json num_hidden_layers is {n_layers}")
+    if xid >= n_expert:
+        raise ConvertError(f"tensor {hf_name!r}: expert {xid} but config.json has {n_expert} experts")
+    h, ff = hp["hidden_size"], hp.get(layout.ff_key)
+    want = (h, ff) if layout.gguf[proj].endswith("ffn_down_exps.weight") else (ff, h)
+    if tuple(st.shape) != want:
+        raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies {list(want)}")
+
+
 def _required(arch: A.Arch, n_layers: int) -> list[str]:
-    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
-                 "ffn_norm"]
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"]
+    if arch.experts is not None:
+        per_layer += ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+    else:
+        per_layer += ["ffn_gate", "ffn_up", "ffn_down"]
     if arch.gguf_arch == "gemma3":
         per_layer += ["post_attention_norm", "post_ffw_norm"]
     names = ["token_embd.weight", "output_norm.weight"]
@@ -244,9 +323,27 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     if rope is not None:
         tensors.append(GeneratedTensor("rope_freqs.weight", rope))
     seen: dict[str, str] = {}
+    layout = arch.experts
+    n_expert = A._find(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) if layout else None
+    pending: dict[int, dict[tuple[str, int], SafetensorsTensor]] = {}   # MoE layer -> its expert tensors so far
     for hf_name, st in ck.tensors.items():
         fname = _filtered_name(hf_name)
         if fname is None or fname.endswith(A.SKIPPED_SUFFIXES):
+            continue
+        m = layout.match(fname) if layout else None
+        if m is not None:
+            bid, xid, proj = int(m["bid"]), int(m["xid"]), m["proj"]
+            _check_expert(hf_name, st, bid, xid, proj, n_layers, n_expert, layout, hp)
+            group = pending.setdefault(bid, {})
+            group[(proj, xid)] = st
+            if len(group) == 3 * n_expert:   # as llama.cpp: merged once the layer's last expert tensor is read
+                for p in layout.order:
+                    gname = layout.gguf[p].format(bid=bid)
+                    parts = [HFTensor(gname, group[(p, x)], _stored_type(gname, group[(p, x)], 2, out_type, hf_name))
+                             for x in range(n_expert)]
+                    tensors.append(ExpertsTensor(gname, parts))
+                    seen[gname] = hf_name
+                del pending[bid]
             continue
         gname = arch.map_name(fname)
         if gname is None:
@@ -273,14 +370,11 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
         rows = None
         if arch.trim_vocab_rows and "embed_tokens.weight" in fname and vocab_rows is not None:
             rows = min(vocab_rows, st.shape[0])
-        n_dims = len(st.shape)
-        if n_dims <= 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight"):
-            t = GGMLType.F32
-        else:
-            t = out_type
-            if t == GGMLType.BF16 and st.dtype != "BF16":
-                raise ConvertError(f"outtype bf16 needs a BF16 checkpoint; tensor {hf_name!r} is {st.dtype}")
-        tensors.append(HFTensor(gname, st, t, transform, rows))
+        tensors.append(HFTensor(gname, st, _stored_type(gname, st, len(st.shape), out_type, hf_name), transform,
+                                rows))
+    for bid, group in sorted(pending.items()):
+        raise ConvertError(f"layer {bid} has {len(group)} of its {3 * n_expert} expert tensors "
+                           f"({n_expert} experts x 3 projections)")
 
     missing = [n for n in _required(arch, n_layers) if n not in seen]
     if missing:
@@ -288,10 +382,9 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
         raise ConvertError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more} "
                            f"for {n_layers} layers of {arch.hf_names[0]}")
 
-    n_params = sum(t.n_elements for t in tensors)
     label = name or _default_name(ck.directory)
     kv = A.KVList()
-    kv.extend(metadata_kvs(arch, label, n_params))
+    kv.extend(metadata_kvs(arch, label, tensors))
     kv.extend(A.hyperparameters(arch, hp))
     kv.u32("general.file_type", FTYPE_OF[outtype])
     kv.u32("general.quantization_version", GGML_QUANT_VERSION)

@@ -521,8 +521,8 @@ def _llama_hf_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo) -> Non
 
 
 # --- per-architecture set_vocab
-def _missing(directory: Path) -> ConvertError:
-    return ConvertError(f"{directory}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
+def _missing(directory: Path, expected: str = "tokenizer.model or tokenizer.json") -> ConvertError:
+    return ConvertError(f"{directory}: no tokenizer found (expected {expected})")
 
 
 def vocab_kvs(vocab_style: str, directory: Path, hp: dict) -> tuple[list[KV], VocabInfo]:
@@ -561,6 +561,11 @@ def vocab_kvs(vocab_style: str, directory: Path, hp: dict) -> tuple[list[KV], Vo
             _bpe_kvs(directory, hp, kv, info)
         else:
             raise _missing(directory)
+    elif vocab_style == "gpt2":  # TextModel's default set_vocab: tokenizer.json (byte-level BPE) only
+        if tjson:
+            _bpe_kvs(directory, hp, kv, info)
+        else:
+            raise _missing(directory, "tokenizer.json")
     elif vocab_style == "gemma3":
         if spm:
             _spm_kvs(directory, hp, kv, info)
