@@ -6,7 +6,8 @@ Mirrors tools/imatrix/imatrix.cpp:
 - the first token of every chunk is replaced by BOS when the vocabulary adds BOS;
 - each chunk is evaluated causally from position 0; for every matrix multiplication by a weight named ``blk.*``
   (and ``output.weight`` when ``process_output``: a tied output is ``token_embd.weight`` and is never collected)
-  the squares of the input are summed per column and the number of input rows is counted;
+  the squares of the input are summed per column and the number of input rows is counted; a MoE expert matrix
+  (MUL_MAT_ID) gets one row of sums and one count per expert, over the tokens routed to that expert;
 - perplexity is computed over the second half of each chunk (positions ``n_ctx/2 .. n_ctx-2`` predicting the
   next token), log-softmax as llama-imatrix (float ``expf``, double sum);
 - ``--in-file`` imatrices are merged first (GGUF: raw sums and counts added; legacy .dat: values * chunk_size and
@@ -73,6 +74,26 @@ class ImatrixCollector:
                 c = c[:1].copy()
             c += x.shape[0]
             self.counts[n] = c
+
+    def experts(self, names: Sequence[str], expert: int, x: np.ndarray, n_expert: int) -> None:
+        """The inputs ``x`` (one row per token routed to ``expert``) of a MoE weight's expert matrix: per-expert
+        sums and counts, as llama-imatrix collects a MUL_MAT_ID (one count per token and selected expert)."""
+        names = [n for n in names if self.wants(n)]
+        if not names or x.shape[0] == 0:
+            return
+        x = np.asarray(x, dtype=np.float32)
+        s = np.einsum("ij,ij->j", x, x).astype(np.float64)
+        if not np.all(np.isfinite(s)):
+            raise ImatrixError(f"non-finite activations in the input of {names[0]}")
+        for n in names:
+            acc = self.sums.get(n)
+            if acc is None:
+                acc = self.sums[n] = np.zeros((n_expert, s.shape[0]), dtype=np.float64)
+                self.counts[n] = np.zeros(n_expert, dtype=np.int64)
+            elif acc.shape[1] != s.shape[0] or acc.shape[0] <= expert:
+                raise ImatrixError(f"inconsistent size for {n} ({acc.shape} vs expert {expert} x {s.shape[0]})")
+            acc[expert] += s
+            self.counts[n][expert] += x.shape[0]
 
     def merge(self, im: Imatrix) -> None:
         """Add a loaded imatrix (IMatrixCollector::load_imatrix)."""

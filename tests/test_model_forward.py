@@ -26,7 +26,7 @@ def _spm_vocab(w):
 
 
 def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_ff=96,
-                tied=False, qkv_bias=False, swa=0, wtype=None):
+                tied=False, qkv_bias=False, swa=0, wtype=None, n_expert=0, n_expert_used=2):
     gguf = pytest.importorskip("gguf", reason="gguf-py writes the test models")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layer)
@@ -42,12 +42,17 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
     w.add_rope_dimension_count(head_dim)
     if arch == "gemma3" and swa:
         w.add_sliding_window(swa)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(n_ff)
     w.add_file_type(0)
     _spm_vocab(w)
 
     def t(name, *shape, scale=0.3, offset=0.0):
         a = (rng.standard_normal(shape[::-1]) * scale + offset).astype(np.float32)
-        if wtype is not None and len(shape) == 2 and name.endswith(".weight"):
+        if wtype is not None and len(shape) >= 2 and name.endswith(".weight") and "gate_inp" not in name:
             qt = getattr(gguf.GGMLQuantizationType, wtype)
             w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
         else:
@@ -68,16 +73,22 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
             t(p + "attn_q.bias", n_head * head_dim, scale=0.1)
             t(p + "attn_k.bias", n_head_kv * head_dim, scale=0.1)
             t(p + "attn_v.bias", n_head_kv * head_dim, scale=0.1)
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "qwen3moe", "gemma3"):
             t(p + "attn_q_norm.weight", head_dim, scale=0.1, offset=1.0)
             t(p + "attn_k_norm.weight", head_dim, scale=0.1, offset=1.0)
         if arch == "gemma3":
             t(p + "post_attention_norm.weight", n_embd, scale=0.1, offset=1.0)
             t(p + "post_ffw_norm.weight", n_embd, scale=0.1, offset=1.0)
         t(p + "ffn_norm.weight", n_embd, scale=0.1, offset=1.0)
-        t(p + "ffn_gate.weight", n_embd, n_ff, scale=0.2)
-        t(p + "ffn_up.weight", n_embd, n_ff, scale=0.2)
-        t(p + "ffn_down.weight", n_ff, n_embd, scale=0.2)
+        if n_expert:
+            t(p + "ffn_gate_inp.weight", n_embd, n_expert, scale=0.5)
+            t(p + "ffn_gate_exps.weight", n_embd, n_ff, n_expert, scale=0.2)
+            t(p + "ffn_up_exps.weight", n_embd, n_ff, n_expert, scale=0.2)
+            t(p + "ffn_down_exps.weight", n_ff, n_embd, n_expert, scale=0.2)
+        else:
+            t(p + "ffn_gate.weight", n_embd, n_ff, scale=0.2)
+            t(p + "ffn_up.weight", n_embd, n_ff, scale=0.2)
+            t(p + "ffn_down.weight", n_ff, n_embd, scale=0.2)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -109,6 +120,10 @@ CASES = [
     ("llama", {"wtype": "Q8_0"}),
     ("llama", {"wtype": "Q4_1"}),
     ("llama", {"wtype": "Q5_0"}),
+    ("llama", {"n_expert": 4}),                        # Mixtral-style MoE
+    ("qwen3moe", {"n_expert": 6, "n_expert_used": 3}),
+    ("llama", {"n_expert": 4, "wtype": "Q8_0"}),
+    ("qwen3moe", {"n_expert": 4, "wtype": "Q4_1"}),
 ]
 
 

@@ -3,8 +3,10 @@
 Used by ``gguftool imatrix``: every matrix multiplication reports its input to a hook before it runs, so the
 importance matrix can accumulate the per-column sums of squares llama-imatrix collects.
 
-Architectures: ``llama`` (and ``mistral``), ``qwen2`` (Q/K/V biases), ``qwen3`` (per-head Q/K RMSNorm) and
-``gemma3`` (scaled embeddings, pre/post norms, GELU gate, alternating sliding-window / global layers).
+Architectures: ``llama`` (and ``mistral``), ``qwen2`` (Q/K/V biases), ``qwen3`` (per-head Q/K RMSNorm),
+``gemma3`` (scaled embeddings, pre/post norms, GELU gate, alternating sliding-window / global layers), and the
+mixture-of-experts FFN of ``llama`` (Mixtral) and ``qwen3moe``: softmax router, top-k experts, renormalized
+weights (build_moe_ffn); the experts' inputs go to ``hook.experts`` as llama-imatrix collects MUL_MAT_ID inputs.
 
 Numerics follow ggml's CPU kernels where it matters for agreement with llama-imatrix:
 - RMSNorm sums squares in double and scales by ``1/sqrtf(mean + eps)`` in float (ggml_compute_forward_rms_norm_f32);
@@ -28,7 +30,8 @@ import numpy as np
 from ..errors import ImatrixError
 from .weights import WeightStore
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma3")
+_QK_NORM_ARCHS = ("qwen3", "qwen3moe", "gemma3")
 
 # hook(weight_names, x): x is the (n_tokens, n_in) float32 input of a matmul by each of the named weights
 Hook = Callable[[Sequence[str], np.ndarray], None]
@@ -88,6 +91,10 @@ class ModelConfig:
     n_swa: int = 0            # sliding window (gemma3), 0: none
     swa_layers: list = field(default_factory=list)
     final_softcap: float = 0.0
+    n_expert: int = 0         # MoE FFN (llama with experts, qwen3moe): experts, experts used per token
+    n_expert_used: int = 0
+    n_ff_exp: int = 0         # expert FFN width
+    expert_weights_scale: float = 0.0   # 0: none
 
     @classmethod
     def from_metadata(cls, meta, n_vocab: int | None = None) -> "ModelConfig":
@@ -116,10 +123,11 @@ class ModelConfig:
         n_head_kv = int(key("attention.head_count_kv", n_head))
         head_dim = int(key("attention.key_length", n_embd // n_head))
         head_dim_v = int(key("attention.value_length", head_dim))
-        n_ff = int(key("feed_forward_length", required=True))
+        n_expert = int(key("expert_count", 0) or 0)
+        n_ff = int(key("feed_forward_length", 0 if n_expert else None, required=not n_expert) or 0)
         for what, v in (("block_count", n_layer), ("embedding_length", n_embd), ("attention.head_count", n_head),
                         ("attention.head_count_kv", n_head_kv), ("attention.key_length", head_dim),
-                        ("attention.value_length", head_dim_v), ("feed_forward_length", n_ff)):
+                        ("attention.value_length", head_dim_v), ("feed_forward_length", n_ff or 1)):
             if v <= 0:
                 raise ImatrixError(f"bad metadata: {arch}.{what} = {v}")
         eps = float(key("attention.layer_norm_rms_epsilon", required=True))
@@ -136,7 +144,7 @@ class ModelConfig:
                 freq_scale = 1.0 / float(factor)
         else:
             raise ImatrixError(f"unsupported RoPE scaling {scaling!r} ({arch}.rope.scaling.type)")
-        neox = arch in ("qwen2", "qwen3", "gemma3")
+        neox = arch in ("qwen2", "qwen3", "qwen3moe", "gemma3")
         cfg = cls(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
                   head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=int(n_vocab or key("vocab_size", 0) or 0),
                   rms_eps=eps, rope_dims=rope_dims, rope_neox=neox, rope_base=base, rope_freq_scale=freq_scale)
@@ -151,6 +159,26 @@ class ModelConfig:
                 cfg.attn_scale = 1.0 / math.sqrt(float(n_embd // n_head))
             else:
                 cfg.attn_scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
+        if n_expert:
+            cfg.n_expert = n_expert
+            cfg.n_expert_used = int(key("expert_used_count", 0) or 0)
+            if not 0 < cfg.n_expert_used <= n_expert:
+                raise ImatrixError(f"bad metadata: {arch}.expert_used_count = {cfg.n_expert_used} "
+                                   f"({n_expert} experts)")
+            cfg.n_ff_exp = int(key("expert_feed_forward_length", 0) or 0) or n_ff
+            if cfg.n_ff_exp <= 0:
+                raise ImatrixError(f"the model is missing the metadata key {arch}.expert_feed_forward_length")
+            gating = key("expert_gating_func", 1)
+            if int(gating) != 1:
+                raise ImatrixError(f"unsupported expert gating function {gating} ({arch}.expert_gating_func; "
+                                   f"only softmax)")
+            if int(key("expert_group_count", 0) or 0) > 1:
+                raise ImatrixError(f"grouped expert selection ({arch}.expert_group_count) is not supported")
+            if int(key("expert_shared_count", 0) or 0) or key("expert_shared_feed_forward_length", None):
+                raise ImatrixError("shared experts are not supported")
+            cfg.expert_weights_scale = float(key("expert_weights_scale", 0.0) or 0.0)
+        elif arch == "qwen3moe":
+            raise ImatrixError("the model is missing the metadata key qwen3moe.expert_count")
         if n_head % n_head_kv:
             raise ImatrixError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
         return cfg
@@ -307,9 +335,13 @@ class Model:
     def _layer_names(self, il: int) -> list[str]:
         p = f"blk.{il}."
         names = [p + "attn_norm.weight", p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight",
-                 p + "attn_output.weight", p + "ffn_norm.weight", p + "ffn_gate.weight", p + "ffn_up.weight",
-                 p + "ffn_down.weight"]
-        if self.cfg.arch in ("qwen3", "gemma3"):
+                 p + "attn_output.weight", p + "ffn_norm.weight"]
+        if self.cfg.n_expert:
+            names += [p + "ffn_gate_inp.weight", p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight",
+                      p + "ffn_down_exps.weight"]
+        else:
+            names += [p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
+        if self.cfg.arch in _QK_NORM_ARCHS:
             names += [p + "attn_q_norm.weight", p + "attn_k_norm.weight"]
         if self.cfg.arch == "gemma3":
             names += [p + "post_attention_norm.weight", p + "post_ffw_norm.weight"]
@@ -334,10 +366,14 @@ class Model:
             "attn_k.weight": (cfg.n_head_kv * cfg.head_dim, cfg.n_embd),
             "attn_v.weight": (cfg.n_head_kv * cfg.head_dim_v, cfg.n_embd),
             "attn_output.weight": (cfg.n_embd, cfg.n_head * cfg.head_dim_v),
-            "ffn_gate.weight": (cfg.n_ff, cfg.n_embd),
-            "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
-            "ffn_down.weight": (cfg.n_embd, cfg.n_ff),
         }
+        if cfg.n_expert:
+            E, ff = cfg.n_expert, cfg.n_ff_exp
+            expect.update({"ffn_gate_inp.weight": (E, cfg.n_embd), "ffn_gate_exps.weight": (E, ff, cfg.n_embd),
+                           "ffn_up_exps.weight": (E, ff, cfg.n_embd), "ffn_down_exps.weight": (E, cfg.n_embd, ff)})
+        else:
+            expect.update({"ffn_gate.weight": (cfg.n_ff, cfg.n_embd), "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
+                           "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
         for il in range(cfg.n_layer):
             for suffix, shape in expect.items():
                 name = f"blk.{il}.{suffix}"
@@ -363,15 +399,17 @@ class Model:
         kinds: dict[str, str] = {}
         minima: dict[str, np.ndarray] = {}
         for t in source.tensors:
-            if len(t.shape) > 2:
-                raise ImatrixError(f"tensor {t.name} has {len(t.shape)} dimensions; expert (MoE) models are not "
-                                   "supported")
+            if len(t.shape) > 3 or (len(t.shape) == 3 and not t.name.endswith("_exps.weight")):
+                raise ImatrixError(f"tensor {t.name} has {len(t.shape)} dimensions: not a weight gguftool can "
+                                   "evaluate")
             tname = getattr(getattr(t, "type", None), "name", "")
             kind = _VEC_DOT.get(tname) if as_stored else None
-            if kind is not None and len(t.shape) == 2:
+            if kind is not None and len(t.shape) >= 2:
                 kinds[t.name] = kind
                 if tname in _BLOCK_MIN:
-                    minima[t.name] = block_minima(t.read_raw(), _BLOCK_MIN[tname], t.shape[1])
+                    n_rows = t.n_elements // t.shape[0]
+                    m = block_minima(t.read_raw(), _BLOCK_MIN[tname], n_rows)
+                    minima[t.name] = m.reshape(t.shape[2], t.shape[1], -1) if len(t.shape) == 3 else m
         weights = WeightStore(source.tensors, weight_budget)
         model = cls(cfg, weights, kv_f16=kv_f16, n_threads=n_threads)
         model.act_kinds = kinds
@@ -388,8 +426,12 @@ class Model:
         names = []
         for il in range(self.cfg.n_layer):
             p = f"blk.{il}."
-            names += [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight", p + "attn_output.weight",
-                      p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
+            names += [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight", p + "attn_output.weight"]
+            if self.cfg.n_expert:
+                names += [p + "ffn_gate_inp.weight", p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight",
+                          p + "ffn_down_exps.weight"]
+            else:
+                names += [p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
         names.append(self.output_name)
         return names
 
@@ -413,6 +455,54 @@ class Model:
         if corr is not None and name in self.block_minima:
             y += corr @ self.block_minima[name].T
         return y
+
+    def _matmul_expert(self, x: np.ndarray, name: str, e: int) -> np.ndarray:
+        """x @ W[e].T for expert e of a 3-D weight (activations converted as for a 2-D one)."""
+        xq, corr = activations_as(x, self.act_kinds.get(name))
+        y = xq @ self.w[name][e].T
+        if corr is not None and name in self.block_minima:
+            y += corr @ self.block_minima[name][e].T
+        return y
+
+    def _moe_ffn(self, h: np.ndarray, p: str, hook) -> np.ndarray:
+        """llm_graph_context::build_moe_ffn with softmax gating, normalized weights, SiLU experts: the router picks
+        n_expert_used experts per token (top probabilities), each runs its gate/up/down FFN, and the outputs are
+        summed with the renormalized router probabilities. ``hook.experts(names, e, x, n_expert)`` (if the hook has it)
+        receives each expert's matmul inputs, as llama-imatrix collects MUL_MAT_ID inputs."""
+        cfg = self.cfg
+        logits = self._matmul(h, p + "ffn_gate_inp.weight")
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True, dtype=np.float32)
+        k = cfg.n_expert_used
+        sel = np.argsort(-probs, axis=1, kind="stable")[:, :k]                  # ggml_argsort_top_k
+        weights = np.take_along_axis(probs, sel, axis=1)
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), np.float32(6.103515625e-5))
+        if cfg.expert_weights_scale not in (0.0, 1.0):
+            weights *= np.float32(cfg.expert_weights_scale)
+        collect = getattr(hook, "experts", None) if hook is not None else None
+
+        def run(e):
+            rows, slots = np.nonzero(sel == e)
+            if rows.size == 0:
+                return None
+            xe = h[rows]
+            g = self._matmul_expert(xe, p + "ffn_gate_exps.weight", e)
+            u = self._matmul_expert(xe, p + "ffn_up_exps.weight", e)
+            a = silu(g) * u
+            y = self._matmul_expert(a, p + "ffn_down_exps.weight", e) * weights[rows, slots][:, None]
+            return e, rows, xe, a, y
+
+        out = np.zeros_like(h)
+        for res in self.map_jobs(run, range(cfg.n_expert)):
+            if res is None:
+                continue
+            e, rows, xe, a, y = res
+            out[rows] += y       # a token picks an expert at most once: no repeated rows
+            if collect is not None:
+                collect((p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"), e, xe, cfg.n_expert)
+                collect((p + "ffn_down_exps.weight",), e, a, cfg.n_expert)
+        return out
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
         y = self._matmul(x, name)
@@ -518,6 +608,7 @@ class Model:
         H, Hkv, D, Dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
         G = H // Hkv
         gemma = cfg.arch == "gemma3"
+        moe = cfg.n_expert > 0
         pos = np.tile(np.arange(T), B)
         w = self.w
         ranges = self.row_ranges(N)
@@ -526,7 +617,7 @@ class Model:
         k = np.empty((N, Hkv, D), dtype=np.float32)
         v = np.empty((N, Hkv, Dv), dtype=np.float32)
         o = np.empty((B, T, Hkv, G, Dv), dtype=np.float32)
-        m = np.empty((N, cfg.n_ff), dtype=np.float32)
+        m = np.empty((N, cfg.n_ff), dtype=np.float32) if not moe else None
         for il in range(cfg.n_layer):
             p = f"blk.{il}."
             cos, sin = self._rope_tables(T, il)
@@ -570,11 +661,18 @@ class Model:
                 x[r0:r1] = xx
                 hh = rms_norm(xx, w[p + "ffn_norm.weight"], cfg.rms_eps)
                 h[r0:r1] = hh
+                if moe:
+                    return
                 g = self._linear(hh, p + "ffn_gate.weight")
                 u = self._linear(hh, p + "ffn_up.weight")
                 m[r0:r1] = (gelu_f16_table(g) if gemma else silu(g)) * u
 
             self.map_jobs(stage_c, ranges)
+            if moe:
+                if hook is not None:
+                    hook((p + "ffn_gate_inp.weight",), h)
+                x += self._moe_ffn(h, p, hook)
+                continue
             if hook is not None:
                 hook((p + "ffn_gate.weight", p + "ffn_up.weight"), h)
                 hook((p + "ffn_down.weight",), m)
