@@ -50,14 +50,22 @@ class ImatrixCollector:
     def wants(self, name: str) -> bool:
         return name.startswith("blk.") or (self.process_output and name == "output.weight")
 
-    def __call__(self, names: Sequence[str], x: np.ndarray) -> None:
+    def _column_squares(self, names: Sequence[str], x: np.ndarray) -> tuple[list[str], np.ndarray | None]:
+        """The wanted names and the per-column sum of squares of x's rows (float64; None: nothing to collect)."""
         names = [n for n in names if self.wants(n)]
-        if not names:
-            return
         x = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        if not names or x.shape[0] == 0:
+            return names, None
         s = np.einsum("ij,ij->j", x, x).astype(np.float64)
         if not np.all(np.isfinite(s)):
             raise ImatrixError(f"non-finite activations in the input of {names[0]}")
+        return names, s
+
+    def __call__(self, names: Sequence[str], x: np.ndarray) -> None:
+        names, s = self._column_squares(names, x)
+        if s is None:
+            return
+        n_rows = x.shape[0] if x.ndim == 2 else int(np.prod(x.shape[:-1]))
         for n in names:
             acc = self.sums.get(n)
             if acc is None:
@@ -72,19 +80,15 @@ class ImatrixCollector:
             c = self.counts[n]
             if c.size > 1 and np.all(c == c[0]):
                 c = c[:1].copy()
-            c += x.shape[0]
+            c += n_rows
             self.counts[n] = c
 
     def experts(self, names: Sequence[str], expert: int, x: np.ndarray, n_expert: int) -> None:
         """The inputs ``x`` (one row per token routed to ``expert``) of a MoE weight's expert matrix: per-expert
         sums and counts, as llama-imatrix collects a MUL_MAT_ID (one count per token and selected expert)."""
-        names = [n for n in names if self.wants(n)]
-        if not names or x.shape[0] == 0:
+        names, s = self._column_squares(names, x)
+        if s is None:
             return
-        x = np.asarray(x, dtype=np.float32)
-        s = np.einsum("ij,ij->j", x, x).astype(np.float64)
-        if not np.all(np.isfinite(s)):
-            raise ImatrixError(f"non-finite activations in the input of {names[0]}")
         for n in names:
             acc = self.sums.get(n)
             if acc is None:
