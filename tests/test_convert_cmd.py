@@ -364,3 +364,10 @@ def test_sharded_checkpoint_same_output(tmp_path, tiny_ref):
     r = _run("convert", d / "model-00001-of-00002.safetensors", "--type", "Q8_0", "-o", out)
     assert r.exit_code == 0, r.output
     _assert_same_as_reference(out, tiny_ref["quantized"]["Q8_0"])
+
+
+def test_help_lists_every_supported_architecture():
+    from gguftool.hf import archs as A
+
+    text = _run("convert", "--help").output
+    assert all(name in text for name in A.supported_names() if name != "LLaMAForCausalLM"), text

@@ -61,6 +61,9 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, threads, fo
 
     The output equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
     llama-quantize TYPE: same metadata (but the descriptive general.* keys), byte-identical tensors.
+
+    Architectures: LlamaForCausalLM (Llama 1-3, with Llama 3 rope scaling), MistralForCausalLM,
+    MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma3ForCausalLM.
     """
     from .. import pipeline as PL
     from .. import policy as P
