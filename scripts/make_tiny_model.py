@@ -120,6 +120,7 @@ def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool =
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
+    fused = cfg.get("architectures") == ["Phi3ForCausalLM"]   # qkv_proj and gate_up_proj in one tensor each
     t = {"model.embed_tokens.weight": w(v, h, std=1.0), "model.norm.weight": norm(h)}
     if not cfg.get("tie_word_embeddings"):
         t["lm_head.weight"] = w(v, h, std=0.1)
@@ -127,9 +128,12 @@ def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool =
         p = f"model.layers.{b}."
         t[p + "input_layernorm.weight"] = norm(h)
         t[p + "post_attention_layernorm.weight"] = norm(h)
-        t[p + "self_attn.q_proj.weight"] = w(nh * hd, h)
-        t[p + "self_attn.k_proj.weight"] = w(nkv * hd, h)
-        t[p + "self_attn.v_proj.weight"] = w(nkv * hd, h)
+        if fused:
+            t[p + "self_attn.qkv_proj.weight"] = w((nh + 2 * nkv) * hd, h)
+        else:
+            t[p + "self_attn.q_proj.weight"] = w(nh * hd, h)
+            t[p + "self_attn.k_proj.weight"] = w(nkv * hd, h)
+            t[p + "self_attn.v_proj.weight"] = w(nkv * hd, h)
         t[p + "self_attn.o_proj.weight"] = w(h, nh * hd)
         if moe == "qwen":
             n_exp, eff = cfg["num_experts"], cfg["moe_intermediate_size"]
@@ -145,6 +149,9 @@ def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool =
                 t[p + f"block_sparse_moe.experts.{x}.w1.weight"] = w(ff, h)
                 t[p + f"block_sparse_moe.experts.{x}.w2.weight"] = w(h, ff)
                 t[p + f"block_sparse_moe.experts.{x}.w3.weight"] = w(ff, h)
+        elif fused:
+            t[p + "mlp.gate_up_proj.weight"] = w(2 * ff, h)
+            t[p + "mlp.down_proj.weight"] = w(h, ff)
         else:
             t[p + "mlp.gate_proj.weight"] = w(ff, h)
             t[p + "mlp.up_proj.weight"] = w(ff, h)
@@ -198,6 +205,20 @@ VARIANTS = {
                   "tie_word_embeddings": True, "rope_scaling": None, "num_experts": 12, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 256, "decoder_sparse_step": 1, "mlp_only_layers": [],
                   "norm_topk_prob": True}, {"qk_norm": True, "moe": "qwen"}, "BF16", "bpe"),
+    # Phi-3 family: fused qkv_proj / gate_up_proj; "phi3" as Phi-4 (no rope scaling, no sliding window),
+    # "phi3-longrope" as Phi-3.5-mini (LongRoPE factors -> rope_factors_long/short tensors, sliding window)
+    "phi3": ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 512,
+              "rope_theta": 250000.0, "max_position_embeddings": 16384, "original_max_position_embeddings": 16384,
+              "rms_norm_eps": 1e-5, "sliding_window": None, "rope_scaling": None, "tie_word_embeddings": False,
+              "bos_token_id": 1, "eos_token_id": 2}, {}, "BF16", "spm"),
+    "phi3-longrope": ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 512,
+                       "rope_theta": 10000.0, "max_position_embeddings": 131072,
+                       "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "sliding_window": 262144,
+                       "rope_scaling": {"type": "longrope",
+                                        "long_factor": [1.0 + 0.5 * i for i in range(32)],
+                                        "short_factor": [1.0 + 0.01 * i for i in range(32)]},
+                       "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
+                       "pad_token_id": 32000}, {}, "BF16", "spm"),
     "mixtral": ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
                  "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
                  "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},

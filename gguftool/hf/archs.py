@@ -255,6 +255,68 @@ def _qwen_moe_params(arch: "Arch", hp: dict, kv: KVList) -> None:
         kv.u32(f"{arch.gguf_arch}.expert_shared_feed_forward_length", hp["shared_expert_intermediate_size"])
 
 
+def _rope_parameters_phi3(hp: dict) -> dict:
+    """As for llama, plus what TextModel.__init__ mirrors into the rope parameters (original context length,
+    partial rotary factor), which Phi3MiniModel reads from there."""
+    orig, partial = hp.get("original_max_position_embeddings"), hp.get("partial_rotary_factor")
+    rp = _rope_parameters_single(hp)
+    if "original_max_position_embeddings" not in rp and orig is not None:
+        rp["original_max_position_embeddings"] = orig
+    if "partial_rotary_factor" not in rp and partial is not None:
+        rp["partial_rotary_factor"] = partial
+    return rp
+
+
+def phi3_rope_dims(hp: dict) -> int:
+    rp = hp["rope_parameters"]
+    return int(rp.get("partial_rotary_factor", 1.0) * hp["hidden_size"]) // hp["num_attention_heads"]
+
+
+def _phi3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # Phi3MiniModel.set_gguf_parameters (conversion/phi.py): its own list, not TextModel's
+    a, rp = arch.gguf_arch, hp["rope_parameters"]
+    if rp.get("original_max_position_embeddings") is None:
+        raise ConvertError("config.json: original_max_position_embeddings is missing (Phi-3 needs it)")
+    kv.u32(f"{a}.context_length", _find(hp, ["n_positions", "max_position_embeddings"]))
+    kv.u32(f"{a}.rope.scaling.original_context_length", rp["original_max_position_embeddings"])
+    kv.u32(f"{a}.embedding_length", hp["hidden_size"])
+    kv.u32(f"{a}.feed_forward_length", hp["intermediate_size"])
+    kv.u32(f"{a}.block_count", hp["num_hidden_layers"])
+    kv.u32(f"{a}.attention.head_count", hp["num_attention_heads"])
+    kv.u32(f"{a}.attention.head_count_kv", hp["num_key_value_heads"])
+    kv.f32(f"{a}.attention.layer_norm_rms_epsilon", hp["rms_norm_eps"])
+    kv.u32(f"{a}.rope.dimension_count", phi3_rope_dims(hp))
+    kv.f32(f"{a}.rope.freq_base", rp["rope_theta"])
+    kv.u32("general.file_type", 0)
+    kv.u32(f"{a}.attention.sliding_window", hp.get("sliding_window") or 0)
+
+
+def phi3_rope_factors(hp: dict) -> tuple[list[KV], list[tuple[str, np.ndarray]]]:
+    """Phi3MiniModel.generate_extra_tensors: for LongRoPE (or YaRN) scaling, the attention factor key and the
+    rope_factors_long / rope_factors_short tensors; nothing without long factors."""
+    rp = hp["rope_parameters"]
+    long_f, short_f = rp.get("long_factor"), rp.get("short_factor")
+    if not long_f:
+        return [], []
+    scale = _find(hp, ["n_positions", "max_position_embeddings"]) / rp["original_max_position_embeddings"]
+    kind = str(rp.get("rope_type", "")).lower()
+    orig = rp["original_max_position_embeddings"]
+    if kind in ("su", "longrope"):
+        attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise ConvertError(f"config.json: rope scaling type {kind!r} with long_factor is not supported")
+    n = phi3_rope_dims(hp) / 2
+    if short_f is None or len(long_f) != len(short_f) or len(long_f) != n:
+        raise ConvertError(f"config.json: rope long_factor and short_factor must both have {n:g} values "
+                           f"(got {len(long_f)} and {len(short_f) if short_f is not None else 'none'})")
+    kv = KVList()
+    kv.f32("phi3.rope.scaling.attn_factor", attn)
+    return kv.items(), [("rope_factors_long.weight", np.asarray(long_f, dtype=np.float32)),
+                        ("rope_factors_short.weight", np.asarray(short_f, dtype=np.float32))]
+
+
 def _gemma3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     # Gemma3Model.set_gguf_parameters (conversion/gemma.py): re-sets some keys (same position, new value)
     a = arch.gguf_arch
@@ -304,6 +366,17 @@ GEMMA3_TENSORS = {**_COMMON_TENSORS,
                   "model.layers.{bid}.self_attn.q_norm": "blk.{bid}.attn_q_norm",
                   "model.layers.{bid}.self_attn.k_norm": "blk.{bid}.attn_k_norm"}
 
+PHI3_TENSORS = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
+    "model.layers.{bid}.self_attn.qkv_proj": "blk.{bid}.attn_qkv",
+    "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output",
+    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm",
+    "model.layers.{bid}.mlp.gate_up_proj": "blk.{bid}.ffn_up",     # gate and up stacked: llama.cpp splits it
+    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
+}
 MIXTRAL_TENSORS = {**LLAMA_TENSORS, "model.layers.{bid}.block_sparse_moe.gate": "blk.{bid}.ffn_gate_inp"}
 QWEN3MOE_TENSORS = {**QWEN3_TENSORS, "model.layers.{bid}.mlp.gate": "blk.{bid}.ffn_gate_inp"}
 
@@ -354,6 +427,9 @@ class Arch:
     skip_lm_head: bool = False
     derive_head_dim: bool = True           # config class computes head_dim when config.json lacks it
     experts: ExpertLayout | None = None    # MoE: how the checkpoint stores its experts
+    generated: Callable[[dict], tuple[list[KV], list[tuple[str, np.ndarray]]]] | None = None
+    # ^ generate_extra_tensors: (KVs it adds, which land right after general.architecture; computed tensors)
+    fused_qkv_ffn: bool = False            # attn_qkv and ffn_up = gate|up stacked (Phi-3)
     aliases: dict = field(default_factory=dict)  # config class attribute_map: config.json key -> to_dict key
     extra: dict = field(default_factory=dict)
 
@@ -398,13 +474,14 @@ def _register(a: Arch) -> Arch:
 LLAMA = _register(Arch(
     name="llama", hf_names=("LlamaForCausalLM", "LLaMAForCausalLM"), gguf_arch="llama",
     defaults=_LLAMA_DEFAULTS, tensors=LLAMA_TENSORS, params=_llama_params,
-    vocab="llama", permute_qk=True))
+    vocab="llama", permute_qk=True, generated=lambda hp: _llama3_generated(hp)))
 
 MISTRAL = _register(Arch(
     name="mistral", hf_names=("MistralForCausalLM",), gguf_arch="llama",
     defaults=dict(vocab_size=32000, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, head_dim=None,
                   num_key_value_heads=8, sliding_window=4096),
-    tensors=LLAMA_TENSORS, params=_llama_params, vocab="llama", permute_qk=True))
+    tensors=LLAMA_TENSORS, params=_llama_params, vocab="llama", permute_qk=True,
+    generated=lambda hp: _llama3_generated(hp)))
 
 QWEN2 = _register(Arch(
     name="qwen2", hf_names=("Qwen2ForCausalLM",), gguf_arch="qwen2",
@@ -431,7 +508,7 @@ MIXTRAL = _register(Arch(
     defaults=dict(vocab_size=32000, max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, head_dim=None,
                   num_key_value_heads=8, sliding_window=None, num_local_experts=8, num_experts_per_tok=2),
     tensors=MIXTRAL_TENSORS, params=_llama_params, vocab="llama", permute_qk=True, derive_head_dim=False,
-    experts=MIXTRAL_EXPERTS))
+    experts=MIXTRAL_EXPERTS, generated=lambda hp: _llama3_generated(hp)))
 
 QWEN3MOE = _register(Arch(
     name="qwen3moe", hf_names=("Qwen3MoeForCausalLM",), gguf_arch="qwen3moe",
@@ -440,6 +517,14 @@ QWEN3MOE = _register(Arch(
                   moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[]),
     tensors=QWEN3MOE_TENSORS, params=_qwen_moe_params, post_config=_qwen_post, vocab="gpt2",
     derive_head_dim=False, experts=QWEN_MOE_EXPERTS, aliases={"num_experts": "num_local_experts"}))
+
+
+PHI3 = _register(Arch(
+    name="phi3", hf_names=("Phi3ForCausalLM",), gguf_arch="phi3",
+    defaults=dict(vocab_size=32064, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, sliding_window=None, head_dim=None, num_key_value_heads=None),
+    tensors=PHI3_TENSORS, params=_phi3_params, rope_parameters=_rope_parameters_phi3, vocab="phi3",
+    derive_head_dim=False, generated=phi3_rope_factors, fused_qkv_ffn=True))
 
 
 def supported_names() -> list[str]:
@@ -478,6 +563,11 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
     return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
             .swapaxes(1, 2)
             .reshape(w.shape))
+
+
+def _llama3_generated(hp: dict) -> tuple[list[KV], list[tuple[str, np.ndarray]]]:
+    f = llama3_rope_freqs(hp)
+    return [], ([] if f is None else [("rope_freqs.weight", f)])
 
 
 def llama3_rope_freqs(hp: dict) -> np.ndarray | None:

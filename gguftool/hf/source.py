@@ -181,11 +181,14 @@ def _default_name(directory: Path) -> str:
     return directory.resolve().name
 
 
-def metadata_kvs(arch: A.Arch, name: str, tensors: list[SourceTensor]) -> list[KV]:
-    """The descriptive general.* keys. llama.cpp derives more of them (basename, finetune, size label, license,
-    organization ...) from the model card and folder name; gguftool writes the name and size label only."""
+def metadata_kvs(arch: A.Arch, name: str, tensors: list[SourceTensor], early: list[KV] = ()) -> list[KV]:
+    """general.architecture, the keys generate_extra_tensors adds (``early``: llama.cpp's converter runs it
+    before writing any other metadata), then the descriptive general.* keys. llama.cpp derives more of those
+    (basename, finetune, license, organization ...) from the model card and folder name; gguftool writes the
+    name and size label only."""
     kv = A.KVList()
     kv.string("general.architecture", arch.gguf_arch)
+    kv.extend(early)
     kv.string("general.type", "model")
     kv.string("general.name", name)
     label = size_label_of(tensors)
@@ -241,8 +244,11 @@ def _expected_shapes(arch: A.Arch, hp: dict, vocab_rows: int | None) -> list[tup
         (r"blk\.\d+\.(attn_norm|ffn_norm|post_attention_norm|post_ffw_norm)\.weight", (h,)),
         (r"blk\.\d+\.attn_[qk]_norm\.weight", (hd,)),
     ]
+    if arch.fused_qkv_ffn:
+        rules.append((r"blk\.\d+\.attn_qkv\.weight", ((nh + 2 * nkv) * hd, h)))
     if isinstance(ff, int):
-        rules += [(r"blk\.\d+\.ffn_(gate|up)\.weight", (ff, h)), (r"blk\.\d+\.ffn_down\.weight", (h, ff))]
+        rules += [(r"blk\.\d+\.ffn_gate\.weight", (ff, h)), (r"blk\.\d+\.ffn_down\.weight", (h, ff)),
+                  (r"blk\.\d+\.ffn_up\.weight", (2 * ff if arch.fused_qkv_ffn else ff, h))]
     n_expert = A._find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])
     if isinstance(n_expert, int):
         rules.append((r"blk\.\d+\.ffn_gate_inp\.weight", (n_expert, h)))
@@ -274,11 +280,14 @@ def _check_expert(hf_name: str, st: SafetensorsTensor, bid: int, xid: int, proj:
 
 
 def _required(arch: A.Arch, n_layers: int) -> list[str]:
-    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"]
-    if arch.experts is not None:
-        per_layer += ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+    attn = ["attn_qkv"] if arch.fused_qkv_ffn else ["attn_q", "attn_k", "attn_v"]
+    if arch.fused_qkv_ffn:
+        ffn = ["ffn_up", "ffn_down"]
+    elif arch.experts is not None:
+        ffn = ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
     else:
-        per_layer += ["ffn_gate", "ffn_up", "ffn_down"]
+        ffn = ["ffn_gate", "ffn_up", "ffn_down"]
+    per_layer = ["attn_norm", *attn, "attn_output", *ffn, "ffn_norm"]
     if arch.gguf_arch == "gemma3":
         per_layer += ["post_attention_norm", "post_ffw_norm"]
     names = ["token_embd.weight", "output_norm.weight"]
@@ -319,9 +328,8 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     nh, nkv = hp["num_attention_heads"], hp["num_key_value_heads"]
 
     tensors: list[SourceTensor] = []
-    rope = A.llama3_rope_freqs(hp) if arch.gguf_arch == "llama" else None
-    if rope is not None:
-        tensors.append(GeneratedTensor("rope_freqs.weight", rope))
+    early_kvs, generated = arch.generated(hp) if arch.generated is not None else ([], [])
+    tensors.extend(GeneratedTensor(n, a) for n, a in generated)
     seen: dict[str, str] = {}
     layout = arch.experts
     n_expert = A._find(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) if layout else None
@@ -384,7 +392,7 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
 
     label = name or _default_name(ck.directory)
     kv = A.KVList()
-    kv.extend(metadata_kvs(arch, label, tensors))
+    kv.extend(metadata_kvs(arch, label, tensors, early_kvs))
     kv.extend(A.hyperparameters(arch, hp))
     kv.u32("general.file_type", FTYPE_OF[outtype])
     kv.u32("general.quantization_version", GGML_QUANT_VERSION)

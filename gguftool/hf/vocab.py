@@ -318,8 +318,9 @@ def add_chat_template(kv: KVList, value) -> None:
 
 
 # --- SentencePiece
-def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo):
-    """(tokens as str, scores, token types) as _create_vocab_sentencepiece builds them."""
+def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo, phi3: bool = False):
+    """(tokens as str, scores, token types) as _create_vocab_sentencepiece builds them (phi3: as
+    Phi3MiniModel.set_vocab builds them, which treats added tokens its own way)."""
     path = directory / "tokenizer.model"
     try:
         from sentencepiece import SentencePieceProcessor
@@ -358,6 +359,22 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
             tokens[tid] = key.encode("utf-8")
             scores[tid] = -1000.0
             types[tid] = USER_DEFINED
+    if phi3:   # Phi3MiniModel.set_vocab: every added token of tokenizer_config.json, then of tokenizer.json
+        sources = []
+        tc = directory / "tokenizer_config.json"
+        if tc.is_file():
+            sources += [(int(i), d) for i, d in (_load_json(tc).get("added_tokens_decoder") or {}).items()]
+        tj = directory / "tokenizer.json"
+        if tj.is_file():
+            sources += [(int(d["id"]), d) for d in _load_json(tj).get("added_tokens", [])]
+        for tid, data in sources:
+            if not 0 <= tid < n:
+                raise ConvertError(f"added token {data.get('content')!r} has id {tid}, outside the vocabulary "
+                                   f"(vocab_size {n})")
+            tokens[tid] = data["content"].encode("utf-8")
+            scores[tid] = -1000.0
+            types[tid] = CONTROL if data.get("special") else USER_DEFINED
+        return [t.decode("utf-8", errors="surrogateescape") for t in tokens], scores, types
     tc = directory / "tokenizer_config.json"
     if tc.is_file():
         for tid, data in (_load_json(tc).get("added_tokens_decoder") or {}).items():
@@ -376,8 +393,8 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
     return [t.decode("utf-8", errors="surrogateescape") for t in tokens], scores, types
 
 
-def _spm_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo) -> None:
-    tokens, scores, types = sentencepiece_vocab(directory, hp.get("vocab_size"), info)
+def _spm_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo, phi3: bool = False) -> None:
+    tokens, scores, types = sentencepiece_vocab(directory, hp.get("vocab_size"), info, phi3)
     kv.string("tokenizer.ggml.model", "llama")
     kv.string("tokenizer.ggml.pre", "default")
     kv.extend([_str_array("tokenizer.ggml.tokens", tokens),
@@ -566,6 +583,16 @@ def vocab_kvs(vocab_style: str, directory: Path, hp: dict) -> tuple[list[KV], Vo
             _bpe_kvs(directory, hp, kv, info)
         else:
             raise _missing(directory, "tokenizer.json")
+    elif vocab_style == "phi3":  # Phi3MiniModel.set_vocab: GPT2Tokenizer (Phi-4) -> tokenizer.json, else SPM
+        tc = directory / "tokenizer_config.json"
+        if tc.is_file() and _load_json(tc).get("tokenizer_class") == "GPT2Tokenizer":
+            if not tjson:
+                raise _missing(directory, "tokenizer.json")
+            _bpe_kvs(directory, hp, kv, info)
+        elif spm:
+            _spm_kvs(directory, hp, kv, info, phi3=True)
+        else:
+            raise _missing(directory, "tokenizer.model")
     elif vocab_style == "gemma3":
         if spm:
             _spm_kvs(directory, hp, kv, info)
