@@ -205,6 +205,12 @@ VARIANTS = {
                   "tie_word_embeddings": True, "rope_scaling": None, "num_experts": 12, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 256, "decoder_sparse_step": 1, "mlp_only_layers": [],
                   "norm_topk_prob": True}, {"qk_norm": True, "moe": "qwen"}, "BF16", "bpe"),
+    # Gemma2: sandwich norms, soft-capping; an lm_head llama.cpp's converter drops (Gemma2 ties the output)
+    "gemma2": ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 512,
+                "head_dim": 64, "rope_theta": 10000.0, "sliding_window": 512, "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 64, "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0, "tie_word_embeddings": False, "bos_token_id": 2, "eos_token_id": 1,
+                "pad_token_id": 0}, {"sandwich_norms": True}, "BF16", "spm"),
     # Phi-3 family: fused qkv_proj / gate_up_proj; "phi3" as Phi-4 (no rope scaling, no sliding window),
     # "phi3-longrope" as Phi-3.5-mini (LongRoPE factors -> rope_factors_long/short tensors, sliding window)
     "phi3": ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 512,

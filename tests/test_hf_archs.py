@@ -1,5 +1,5 @@
-"""The other architectures (Llama 3 rope, Mistral, Qwen2, Qwen3, Gemma3, Phi-3 with and without LongRoPE, and the
-MoE ones: Qwen3-MoE, Mixtral) against llama.cpp's converter.
+"""The other architectures (Llama 3 rope, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3 with and without LongRoPE,
+and the MoE ones: Qwen3-MoE, Mixtral) against llama.cpp's converter.
 
 Each small random checkpoint is rebuilt deterministically by scripts/make_tiny_model.py --variant and compared
 with fixtures/convert_reference/<variant>.json: the converted metadata and tensors (in memory), then the file
@@ -26,7 +26,7 @@ from make_tiny_model import VARIANTS, make_variant  # noqa: E402
 from test_hf_source import source_digest, strip_descriptive  # noqa: E402
 
 NAMES = [n for n in ("llama3-rope", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "mixtral", "phi3",
-                     "phi3-longrope") if (REF / f"{n}.json").is_file()]
+                     "phi3-longrope", "gemma2") if (REF / f"{n}.json").is_file()]
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -145,7 +145,7 @@ def test_moe_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     assert im.entries["blk.0.ffn_gate_inp.weight"].counts.tolist() == [3 * 64]
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope", "gemma2"])
 def test_runs_in_llama_cpp(tmp_path, name):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
     if VARIANTS[name][3] == "bpe":

@@ -63,8 +63,8 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, threads, fo
     llama-quantize TYPE: same metadata (but the descriptive general.* keys), byte-identical tensors.
 
     Architectures: LlamaForCausalLM (Llama 1-3, with Llama 3 rope scaling), MistralForCausalLM,
-    MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma3ForCausalLM,
-    Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
+    MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
+    Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
     """
     from .. import pipeline as PL
     from .. import policy as P

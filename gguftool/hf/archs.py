@@ -317,6 +317,27 @@ def phi3_rope_factors(hp: dict) -> tuple[list[KV], list[tuple[str, np.ndarray]]]
                         ("rope_factors_short.weight", np.asarray(short_f, dtype=np.float32))]
 
 
+def _gemma2_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # Gemma2Model.set_gguf_parameters (conversion/gemma.py): its own list, not TextModel's
+    a = arch.gguf_arch
+    kv.u32(f"{a}.context_length", hp["max_position_embeddings"])
+    kv.u32(f"{a}.embedding_length", hp["hidden_size"])
+    kv.u32(f"{a}.block_count", hp["num_hidden_layers"])
+    kv.u32(f"{a}.feed_forward_length", hp["intermediate_size"])
+    kv.u32(f"{a}.attention.head_count", hp["num_attention_heads"])
+    kv.u32(f"{a}.attention.head_count_kv", hp["num_key_value_heads"])
+    kv.f32(f"{a}.attention.layer_norm_rms_epsilon", hp["rms_norm_eps"])
+    kv.u32(f"{a}.attention.key_length", hp["head_dim"])
+    kv.u32(f"{a}.attention.value_length", hp["head_dim"])
+    kv.u32("general.file_type", 0)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window"):
+        if hp.get(key) is None:
+            raise ConvertError(f"config.json: {key} is null, but Gemma2 needs a value")
+    kv.f32(f"{a}.attn_logit_softcapping", hp["attn_logit_softcapping"])
+    kv.f32(f"{a}.final_logit_softcapping", hp["final_logit_softcapping"])
+    kv.u32(f"{a}.attention.sliding_window", hp["sliding_window"])
+
+
 def _gemma3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     # Gemma3Model.set_gguf_parameters (conversion/gemma.py): re-sets some keys (same position, new value)
     a = arch.gguf_arch
@@ -359,6 +380,10 @@ QWEN2_TENSORS = LLAMA_TENSORS
 QWEN3_TENSORS = {**LLAMA_TENSORS,
                  "model.layers.{bid}.self_attn.q_norm": "blk.{bid}.attn_q_norm",
                  "model.layers.{bid}.self_attn.k_norm": "blk.{bid}.attn_k_norm"}
+GEMMA2_TENSORS = {**_COMMON_TENSORS,
+                  "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.post_attention_norm",
+                  "model.layers.{bid}.pre_feedforward_layernorm": "blk.{bid}.ffn_norm",
+                  "model.layers.{bid}.post_feedforward_layernorm": "blk.{bid}.post_ffw_norm"}
 GEMMA3_TENSORS = {**_COMMON_TENSORS,
                   "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.post_attention_norm",
                   "model.layers.{bid}.pre_feedforward_layernorm": "blk.{bid}.ffn_norm",
@@ -502,6 +527,12 @@ GEMMA3 = _register(Arch(
     tensors=GEMMA3_TENSORS, params=_gemma3_params, rope_parameters=_rope_parameters_gemma3,
     post_config=_gemma3_post, vocab="gemma3", norm_shift=1.0, trim_vocab_rows=True))
 
+
+GEMMA2 = _register(Arch(
+    name="gemma2", hf_names=("Gemma2ForCausalLM",), gguf_arch="gemma2",
+    defaults=dict(vocab_size=256000, max_position_embeddings=8192, rms_norm_eps=1e-6, num_key_value_heads=4,
+                  head_dim=256, sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    tensors=GEMMA2_TENSORS, params=_gemma2_params, vocab="gemma2", norm_shift=1.0, skip_lm_head=True))
 
 MIXTRAL = _register(Arch(
     name="mixtral", hf_names=("MixtralForCausalLM",), gguf_arch="llama",

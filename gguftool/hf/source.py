@@ -288,7 +288,7 @@ def _required(arch: A.Arch, n_layers: int) -> list[str]:
     else:
         ffn = ["ffn_gate", "ffn_up", "ffn_down"]
     per_layer = ["attn_norm", *attn, "attn_output", *ffn, "ffn_norm"]
-    if arch.gguf_arch == "gemma3":
+    if arch.gguf_arch in ("gemma2", "gemma3"):
         per_layer += ["post_attention_norm", "post_ffw_norm"]
     names = ["token_embd.weight", "output_norm.weight"]
     for b in range(n_layers):
@@ -336,7 +336,7 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     pending: dict[int, dict[tuple[str, int], SafetensorsTensor]] = {}   # MoE layer -> its expert tensors so far
     for hf_name, st in ck.tensors.items():
         fname = _filtered_name(hf_name)
-        if fname is None or fname.endswith(A.SKIPPED_SUFFIXES):
+        if fname is None or fname.endswith(A.SKIPPED_SUFFIXES) or (arch.skip_lm_head and fname == "lm_head.weight"):
             continue
         m = layout.match(fname) if layout else None
         if m is not None:

@@ -593,6 +593,11 @@ def vocab_kvs(vocab_style: str, directory: Path, hp: dict) -> tuple[list[KV], Vo
             _spm_kvs(directory, hp, kv, info, phi3=True)
         else:
             raise _missing(directory, "tokenizer.model")
+    elif vocab_style == "gemma2":  # Gemma2Model.set_vocab: SentencePiece only, no space prefix
+        if not spm:
+            raise _missing(directory, "tokenizer.model")
+        _spm_kvs(directory, hp, kv, info)
+        kv.boolean("tokenizer.ggml.add_space_prefix", False)
     elif vocab_style == "gemma3":
         if spm:
             _spm_kvs(directory, hp, kv, info)
