@@ -40,8 +40,11 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0 if arch != "qwen2" else 1000000.0)
     w.add_rope_dimension_count(head_dim)
-    if arch == "gemma3" and swa:
+    if arch in ("gemma2", "gemma3") and swa:
         w.add_sliding_window(swa)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(8.0)     # small, so that the cap bends the scores of this test model
+        w.add_final_logit_softcapping(30.0)
     if n_expert:
         w.add_expert_count(n_expert)
         w.add_expert_used_count(n_expert_used)
@@ -65,9 +68,12 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
     for il in range(n_layer):
         p = f"blk.{il}."
         t(p + "attn_norm.weight", n_embd, scale=0.1, offset=1.0)
-        t(p + "attn_q.weight", n_embd, n_head * head_dim, scale=0.2)
-        t(p + "attn_k.weight", n_embd, n_head_kv * head_dim, scale=0.2)
-        t(p + "attn_v.weight", n_embd, n_head_kv * head_dim, scale=0.2)
+        if arch == "phi3":
+            t(p + "attn_qkv.weight", n_embd, (n_head + 2 * n_head_kv) * head_dim, scale=0.2)
+        else:
+            t(p + "attn_q.weight", n_embd, n_head * head_dim, scale=0.2)
+            t(p + "attn_k.weight", n_embd, n_head_kv * head_dim, scale=0.2)
+            t(p + "attn_v.weight", n_embd, n_head_kv * head_dim, scale=0.2)
         t(p + "attn_output.weight", n_head * head_dim, n_embd, scale=0.2)
         if qkv_bias:
             t(p + "attn_q.bias", n_head * head_dim, scale=0.1)
@@ -76,7 +82,7 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
         if arch in ("qwen3", "qwen3moe", "gemma3"):
             t(p + "attn_q_norm.weight", head_dim, scale=0.1, offset=1.0)
             t(p + "attn_k_norm.weight", head_dim, scale=0.1, offset=1.0)
-        if arch == "gemma3":
+        if arch in ("gemma2", "gemma3"):
             t(p + "post_attention_norm.weight", n_embd, scale=0.1, offset=1.0)
             t(p + "post_ffw_norm.weight", n_embd, scale=0.1, offset=1.0)
         t(p + "ffn_norm.weight", n_embd, scale=0.1, offset=1.0)
@@ -85,6 +91,9 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
             t(p + "ffn_gate_exps.weight", n_embd, n_ff, n_expert, scale=0.2)
             t(p + "ffn_up_exps.weight", n_embd, n_ff, n_expert, scale=0.2)
             t(p + "ffn_down_exps.weight", n_ff, n_embd, n_expert, scale=0.2)
+        elif arch == "phi3":
+            t(p + "ffn_up.weight", n_embd, 2 * n_ff, scale=0.2)
+            t(p + "ffn_down.weight", n_ff, n_embd, scale=0.2)
         else:
             t(p + "ffn_gate.weight", n_embd, n_ff, scale=0.2)
             t(p + "ffn_up.weight", n_embd, n_ff, scale=0.2)
@@ -120,6 +129,10 @@ CASES = [
     ("llama", {"wtype": "Q8_0"}),
     ("llama", {"wtype": "Q4_1"}),
     ("llama", {"wtype": "Q5_0"}),
+    ("gemma2", {"swa": 32, "tied": True}),           # (gemma2 always uses token_embd as its output)
+    ("gemma2", {"swa": 32, "tied": True, "wtype": "Q8_0"}),
+    ("phi3", {}),
+    ("phi3", {"wtype": "Q4_1"}),
     ("llama", {"n_expert": 4}),                        # Mixtral-style MoE
     ("qwen3moe", {"n_expert": 6, "n_expert_used": 3}),
     ("llama", {"n_expert": 4, "wtype": "Q8_0"}),

@@ -4,7 +4,9 @@ Used by ``gguftool imatrix``: every matrix multiplication reports its input to a
 importance matrix can accumulate the per-column sums of squares llama-imatrix collects.
 
 Architectures: ``llama`` (and ``mistral``), ``qwen2`` (Q/K/V biases), ``qwen3`` (per-head Q/K RMSNorm),
-``gemma3`` (scaled embeddings, pre/post norms, GELU gate, alternating sliding-window / global layers), and the
+``gemma3`` (scaled embeddings, pre/post norms, GELU gate, alternating sliding-window / global layers), ``gemma2``
+(the same without Q/K norms, every other layer sliding, attention scores soft-capped), ``phi3`` (fused QKV and
+gate|up weights; LongRoPE models are refused), and the
 mixture-of-experts FFN of ``llama`` (Mixtral) and ``qwen3moe``: softmax router, top-k experts, renormalized
 weights (build_moe_ffn); the experts' inputs go to ``hook.experts`` as llama-imatrix collects MUL_MAT_ID inputs.
 
@@ -30,8 +32,9 @@ import numpy as np
 from ..errors import ImatrixError
 from .weights import WeightStore
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
 _QK_NORM_ARCHS = ("qwen3", "qwen3moe", "gemma3")
+_GEMMA_ARCHS = ("gemma2", "gemma3")   # scaled embeddings, post norms, GELU, Q pre-scaled
 
 # hook(weight_names, x): x is the (n_tokens, n_in) float32 input of a matmul by each of the named weights
 Hook = Callable[[Sequence[str], np.ndarray], None]
@@ -91,6 +94,7 @@ class ModelConfig:
     n_swa: int = 0            # sliding window (gemma3), 0: none
     swa_layers: list = field(default_factory=list)
     final_softcap: float = 0.0
+    attn_softcap: float = 0.0 # gemma2: attention scores tanh-capped
     n_expert: int = 0         # MoE FFN (llama with experts, qwen3moe): experts, experts used per token
     n_expert_used: int = 0
     n_ff_exp: int = 0         # expert FFN width
@@ -144,18 +148,22 @@ class ModelConfig:
                 freq_scale = 1.0 / float(factor)
         else:
             raise ImatrixError(f"unsupported RoPE scaling {scaling!r} ({arch}.rope.scaling.type)")
-        neox = arch in ("qwen2", "qwen3", "qwen3moe", "gemma3")
+        neox = arch in ("qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
         cfg = cls(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
                   head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=int(n_vocab or key("vocab_size", 0) or 0),
                   rms_eps=eps, rope_dims=rope_dims, rope_neox=neox, rope_base=base, rope_freq_scale=freq_scale)
-        if arch == "gemma3":
-            n_swa = int(key("attention.sliding_window", 0) or 0)
+        if arch in _GEMMA_ARCHS:
+            # sliding-window layers: gemma3 5 of every 6 (own rope base), gemma2 every other one (same base)
+            n_swa = int(key("attention.sliding_window", 4096 if arch == "gemma2" else 0) or 0)
             if n_swa > 0:
                 cfg.n_swa = n_swa
-                cfg.swa_layers = [il % 6 < 5 for il in range(n_layer)]
-                cfg.rope_base_swa = float(key("rope.freq_base_swa", 10000.0))
+                pattern = 6 if arch == "gemma3" else 2
+                cfg.swa_layers = [il % pattern < pattern - 1 for il in range(n_layer)]
+                cfg.rope_base_swa = float(key("rope.freq_base_swa", 10000.0 if arch == "gemma3" else base))
             cfg.final_softcap = float(key("final_logit_softcapping", 0.0) or 0.0)
-            if n_layer == 62:   # gemma3 27B scales by the model width per head
+            if arch == "gemma2":
+                cfg.attn_softcap = float(key("attn_logit_softcapping", 0.0) or 0.0)
+            if n_layer == (62 if arch == "gemma3" else 46):   # the 27B models scale by the model width per head
                 cfg.attn_scale = 1.0 / math.sqrt(float(n_embd // n_head))
             else:
                 cfg.attn_scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
@@ -343,8 +351,12 @@ class Model:
             names += [p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
         if self.cfg.arch in _QK_NORM_ARCHS:
             names += [p + "attn_q_norm.weight", p + "attn_k_norm.weight"]
-        if self.cfg.arch == "gemma3":
+        if self.cfg.arch in _GEMMA_ARCHS:
             names += [p + "post_attention_norm.weight", p + "post_ffw_norm.weight"]
+        if self.cfg.arch == "phi3":   # fused Q/K/V and gate|up
+            names = [n for n in names if not n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                                          "ffn_gate.weight"))]
+            names.append(p + "attn_qkv.weight")
         return names
 
     def _check(self) -> None:
@@ -371,6 +383,13 @@ class Model:
             E, ff = cfg.n_expert, cfg.n_ff_exp
             expect.update({"ffn_gate_inp.weight": (E, cfg.n_embd), "ffn_gate_exps.weight": (E, ff, cfg.n_embd),
                            "ffn_up_exps.weight": (E, ff, cfg.n_embd), "ffn_down_exps.weight": (E, cfg.n_embd, ff)})
+        elif cfg.arch == "phi3":
+            for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight"):
+                del expect[n]
+            expect.update({"attn_qkv.weight": ((cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim, cfg.n_embd),
+                           "ffn_up.weight": (2 * cfg.n_ff, cfg.n_embd), "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
+            if "rope_factors_long.weight" in self.w or "rope_factors_short.weight" in self.w:
+                raise ImatrixError("LongRoPE models (rope_factors_long/short tensors) are not supported")
         else:
             expect.update({"ffn_gate.weight": (cfg.n_ff, cfg.n_embd), "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
                            "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
@@ -422,18 +441,9 @@ class Model:
         return "output.weight" if "output.weight" in self.w else "token_embd.weight"
 
     def weight_names(self) -> list[str]:
-        """Names of the matmul weights a forward pass reports to the hook, in order."""
-        names = []
-        for il in range(self.cfg.n_layer):
-            p = f"blk.{il}."
-            names += [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight", p + "attn_output.weight"]
-            if self.cfg.n_expert:
-                names += [p + "ffn_gate_inp.weight", p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight",
-                          p + "ffn_down_exps.weight"]
-            else:
-                names += [p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
-        names.append(self.output_name)
-        return names
+        """Names of the matmul weights a forward pass reports to the hook (MoE experts: to ``hook.experts``)."""
+        names = [n for il in range(self.cfg.n_layer) for n in self._layer_names(il) if not n.endswith("norm.weight")]
+        return names + [self.output_name]
 
     def _rope_tables(self, n_pos: int, il: int):
         cfg = self.cfg
@@ -557,9 +567,10 @@ class Model:
         G = H // Hkv
         Dv = v.shape[-1]
         scale = np.float32(cfg.attn_scale) if cfg.attn_scale else np.float32(1.0) / np.sqrt(np.float32(D))
-        if cfg.arch == "gemma3":
+        if cfg.arch in _GEMMA_ARCHS:
             q = q * scale      # gemma scales Q before attention, then attends with scale 1
             scale = np.float32(1.0)
+        cap = np.float32(cfg.attn_softcap)
         # heads h = kv*G + g share kv head kv (ggml broadcasts K/V over the query heads the same way);
         # per (sequence, kv head) the G query heads of a position are adjacent rows of one 2-D product
         qh = np.ascontiguousarray(q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4))   # (B, Hkv, T, G, D)
@@ -575,6 +586,8 @@ class Model:
             s = qh[b, kv, q0:q1].reshape(-1, D) @ kh[b, kv, :q1].T     # ((q1-q0)*G, q1)
             if scale != 1.0:
                 s *= scale
+            if cap:                                     # gemma2: scores soft-capped before the mask
+                s = np.tanh(s / cap) * cap
             s = s.reshape(q1 - q0, G, q1)
             s += mask[q0:q1, None, :q1]
             s -= s.max(axis=-1, keepdims=True)
@@ -603,11 +616,12 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= emb.shape[0]):
             raise ImatrixError(f"token id out of range 0..{emb.shape[0] - 1}")
         x = emb[tokens.reshape(-1)].astype(np.float32)       # (N, n_embd)
-        if cfg.arch == "gemma3":
+        if cfg.arch in _GEMMA_ARCHS:
             x *= np.float32(math.sqrt(cfg.n_embd))
         H, Hkv, D, Dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
         G = H // Hkv
-        gemma = cfg.arch == "gemma3"
+        gemma = cfg.arch in _GEMMA_ARCHS
+        fused = cfg.arch == "phi3"     # attn_qkv = Q|K|V, ffn_up = gate|up
         moe = cfg.n_expert > 0
         pos = np.tile(np.arange(T), B)
         w = self.w
@@ -628,9 +642,15 @@ class Model:
                 r0, r1 = r
                 hh = rms_norm(x[r0:r1], w[p + "attn_norm.weight"], cfg.rms_eps)
                 h[r0:r1] = hh
-                qq = self._linear(hh, p + "attn_q.weight").reshape(-1, H, D)
-                kk = self._linear(hh, p + "attn_k.weight").reshape(-1, Hkv, D)
-                vv = self._linear(hh, p + "attn_v.weight").reshape(-1, Hkv, Dv)
+                if fused:
+                    qkv = self._linear(hh, p + "attn_qkv.weight")
+                    qq = qkv[:, :H * D].reshape(-1, H, D)
+                    kk = qkv[:, H * D:(H + Hkv) * D].reshape(-1, Hkv, D)
+                    vv = qkv[:, (H + Hkv) * D:].reshape(-1, Hkv, Dv)
+                else:
+                    qq = self._linear(hh, p + "attn_q.weight").reshape(-1, H, D)
+                    kk = self._linear(hh, p + "attn_k.weight").reshape(-1, Hkv, D)
+                    vv = self._linear(hh, p + "attn_v.weight").reshape(-1, Hkv, Dv)
                 if qn is not None:
                     qq = rms_norm(qq, qn, cfg.rms_eps)
                     kk = rms_norm(kk, kn, cfg.rms_eps)
@@ -646,7 +666,8 @@ class Model:
 
             self.map_jobs(stage_a, ranges)
             if hook is not None:
-                hook((p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"), h)
+                hook((p + "attn_qkv.weight",) if fused else (p + "attn_q.weight", p + "attn_k.weight",
+                                                            p + "attn_v.weight"), h)
             self._attention(q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, Dv), il, o)
             a_in = o.reshape(N, H * Dv)
             if hook is not None:
@@ -663,8 +684,12 @@ class Model:
                 h[r0:r1] = hh
                 if moe:
                     return
-                g = self._linear(hh, p + "ffn_gate.weight")
-                u = self._linear(hh, p + "ffn_up.weight")
+                if fused:
+                    gu = self._linear(hh, p + "ffn_up.weight")
+                    g, u = gu[:, :cfg.n_ff], gu[:, cfg.n_ff:]
+                else:
+                    g = self._linear(hh, p + "ffn_gate.weight")
+                    u = self._linear(hh, p + "ffn_up.weight")
                 m[r0:r1] = (gelu_f16_table(g) if gemma else silu(g)) * u
 
             self.map_jobs(stage_c, ranges)
@@ -674,7 +699,7 @@ class Model:
                 x += self._moe_ffn(h, p, hook)
                 continue
             if hook is not None:
-                hook((p + "ffn_gate.weight", p + "ffn_up.weight"), h)
+                hook((p + "ffn_up.weight",) if fused else (p + "ffn_gate.weight", p + "ffn_up.weight"), h)
                 hook((p + "ffn_down.weight",), m)
 
             def stage_d(r):
