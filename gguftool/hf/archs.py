@@ -73,6 +73,11 @@ def head_dim(hp: dict) -> int:
     return hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
 
 
+def expert_count(hp: dict):
+    """The MoE expert count as llama.cpp's converter finds it (None for a dense model)."""
+    return _find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])
+
+
 def _find(hp: dict, keys, default=None):
     for k in keys:
         if k in hp:
@@ -212,7 +217,7 @@ def _text_model_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     eps = _find(hp, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])
     if eps is not None:
         kv.f32(f"{a}.attention.layer_norm_epsilon", eps)
-    n_expert = _find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])
+    n_expert = expert_count(hp)
     if n_expert is not None:
         kv.u32(f"{a}.expert_count", n_expert)
     n_used = _find(hp, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])

@@ -249,7 +249,7 @@ def _expected_shapes(arch: A.Arch, hp: dict, vocab_rows: int | None) -> list[tup
     if isinstance(ff, int):
         rules += [(r"blk\.\d+\.ffn_gate\.weight", (ff, h)), (r"blk\.\d+\.ffn_down\.weight", (h, ff)),
                   (r"blk\.\d+\.ffn_up\.weight", (2 * ff if arch.fused_qkv_ffn else ff, h))]
-    n_expert = A._find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])
+    n_expert = A.expert_count(hp)
     if isinstance(n_expert, int):
         rules.append((r"blk\.\d+\.ffn_gate_inp\.weight", (n_expert, h)))
     return [(re.compile(p + "$"), s) for p, s in rules]
@@ -332,7 +332,7 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     tensors.extend(GeneratedTensor(n, a) for n, a in generated)
     seen: dict[str, str] = {}
     layout = arch.experts
-    n_expert = A._find(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) if layout else None
+    n_expert = A.expert_count(hp) if layout else None
     pending: dict[int, dict[tuple[str, int], SafetensorsTensor]] = {}   # MoE layer -> its expert tensors so far
     for hf_name, st in ck.tensors.items():
         fname = _filtered_name(hf_name)
