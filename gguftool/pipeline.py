@@ -67,6 +67,8 @@ class QuantizeConfig:
     kv_overrides: list[KV] = field(default_factory=list)
     order: str = "llama"                   # "llama": llama-quantize's tensor order; "source": as given
     keep_split: bool = False               # --keep-split: one output file per input split, tensors in file order
+    split_max_bytes: int | None = None     # --split-max-size: split the output as gguf-split does
+    split_max_tensors: int | None = None   # --split-max-tensors
     set_quant_kvs: bool = True             # write general.quantization_version / general.file_type
 
 
@@ -246,13 +248,39 @@ def make_plan(source: TensorSource, cfg: QuantizeConfig, dry_run: bool = False) 
     kvs = output_kvs(source.kvs, cfg.ftype if cfg.set_quant_kvs else None,
                      list(cfg.kv_overrides) + extra_kvs)
     split_of = [by_name[tp.name].split_index for tp in plans] if cfg.keep_split else None
+    if cfg.split_max_bytes or cfg.split_max_tensors:
+        if cfg.keep_split:
+            raise PolicyError("--keep-split cannot be combined with --split-max-size / --split-max-tensors")
+        split_of = split_by_limit(plans, cfg.split_max_bytes, cfg.split_max_tensors)
     return Plan(plans, by_name, kvs, model, weights, warnings, P.count_fallbacks(plans), split_of)
 
 
+def split_by_limit(plans: Sequence[P.TensorPlan], max_bytes: int | None, max_tensors: int | None) -> list[int]:
+    """The output file of each tensor when the output is split as llama.cpp's gguf-split splits a file: a new
+    file starts when the tensor data (each tensor padded to 32 bytes) would pass ``max_bytes``, or every
+    ``max_tensors`` tensors."""
+    out: list[int] = []
+    split, size, count = 0, 0, 0
+    for i, tp in enumerate(plans):
+        n = -(-tp.new_nbytes // 32) * 32
+        if max_bytes:
+            if size + n > max_bytes:
+                if count == 0:
+                    raise PolicyError(f"tensor {tp.name} ({n:,} bytes) is larger than --split-max-size "
+                                      f"({max_bytes:,} bytes)")
+                split, size, count = split + 1, 0, 0
+            size += n
+        elif i > 0 and i % max_tensors == 0:
+            split += 1
+        out.append(split)
+        count += 1
+    return out
+
+
 def output_files(plan: Plan, out_path: str) -> list[tuple[str, list[KV], list[P.TensorPlan]]]:
-    """(path, metadata, tensors) of each file the plan writes: one, or with --keep-split one per input split,
-    named as llama-quantize names them (OUT without .gguf, then -00001-of-0000N.gguf) and each given the split.*
-    keys when there is more than one (the first file also has all the metadata)."""
+    """(path, metadata, tensors) of each file the plan writes: one, or (--keep-split, --split-max-*) one per split,
+    named as llama-quantize and gguf-split name them (OUT without .gguf, then -00001-of-0000N.gguf) and each given
+    the split.* keys when there is more than one (the first file also has all the metadata)."""
     if plan.split_of is None:
         return [(out_path, plan.kvs, plan.tensors)]
     from .gguf_source import split_path

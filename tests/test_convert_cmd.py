@@ -371,3 +371,18 @@ def test_help_lists_every_supported_architecture():
 
     text = _run("convert", "--help").output
     assert all(name in text for name in A.supported_names() if name != "LLaMAForCausalLM"), text
+
+
+def test_split_output(tmp_path):
+    from gguftool.gguf_source import open_gguf_source
+
+    whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
+    assert _run("convert", TINY, "--type", "Q8_0", "-o", whole).exit_code == 0
+    r = _run("convert", TINY, "--type", "Q8_0", "-o", split, "--split-max-tensors", "8")
+    assert r.exit_code == 0, r.output
+    parts = sorted(tmp_path.glob("split-0*-of-*.gguf"))
+    assert len(parts) == 3 and not split.exists()      # 20 tensors, 8 per file
+    with open_gguf_source(whole) as a, open_gguf_source(parts[0]) as b:
+        assert [(t.name, t.type, bytes(t.read_raw())) for t in a.tensors] == \
+            [(t.name, t.type, bytes(t.read_raw())) for t in b.tensors]
+        assert [kv.key for kv in a.kvs] == [kv.key for kv in b.kvs if not kv.key.startswith("split.")]

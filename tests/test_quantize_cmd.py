@@ -628,3 +628,69 @@ def test_live_moe_model(llama_lib, moe_models, tmp_path, n_expert, ftype):
     code, _, err = run(model, out, "-t", ftype, "--imatrix", im, "--threads", "2", "--force")
     assert code == 0, err
     assert digest(out)[1] == digest(ref)[1]
+
+
+# --- split output (--split-max-size / --split-max-tensors, gguf-split's layout)
+
+
+def _split_outputs(directory, stem):
+    return sorted(str(p) for p in directory.glob(f"{stem}-0*-of-*.gguf"))
+
+
+def test_split_max_size_and_tensors_output(models, tmp_path):
+    from gguftool.gguf.reader import GGUFReader
+    from gguftool.gguf_source import open_gguf_source
+
+    whole = tmp_path / "whole.gguf"
+    assert run(models["small.gguf"], whole, "-t", "Q4_K_M")[0] == 0
+    ref = digest(whole)
+    for stem, opts in (("bysize", ["--split-max-size", "1M"]), ("bycount", ["--split-max-tensors", "10"])):
+        code, _, err = run(models["small.gguf"], tmp_path / f"{stem}.gguf", "-t", "Q4_K_M", *opts)
+        assert code == 0, err
+        parts = _split_outputs(tmp_path, stem)
+        assert len(parts) > 1 and f"wrote {len(parts)} files" in err
+        tensors = []
+        for i, p in enumerate(parts):
+            with GGUFReader(p) as r:
+                assert (r.get("split.no"), r.get("split.count"), r.get("split.tensors.count")) == \
+                    (i, len(parts), len(ref[1]))
+                assert (r.get("general.file_type") is not None) == (i == 0)
+                data = sum(-(-t.nbytes // 32) * 32 for t in r.tensors)
+                if stem == "bysize":
+                    assert data <= 1_000_000
+                else:
+                    assert len(r.tensors) <= 10
+            tensors += digest(p)[1]
+        assert tensors == ref[1]                                # same tensors, same order, split in place
+        with open_gguf_source(parts[0]) as src:                 # and gguftool reads them back as one model
+            assert [t.name for t in src.tensors] == [t[0] for t in ref[1]]
+
+
+def test_split_output_bad_requests(models, tmp_path):
+    out = tmp_path / "o.gguf"
+    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--split-max-size", "3X")
+    assert_one_error_line(code, err, r"--split-max-size '3X': expected a positive whole number of M or G")
+    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--split-max-size", "1G", "--split-max-tensors", "3")
+    assert_one_error_line(code, err, r"cannot be used together")
+    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--split-max-tensors", "3", "--keep-split")
+    assert_one_error_line(code, err, r"--keep-split cannot be combined with --split-max-size")
+    code, _, err = run(models["small.gguf"], out, "-t", "F32", "--split-max-size", "1M")
+    assert_one_error_line(code, err, r"tensor output\.weight \(1,048,576 bytes\) is larger than --split-max-size")
+    assert not list(tmp_path.iterdir())
+
+
+def test_live_split_output_runs_in_llama_cpp(llama_lib, models, tmp_path):
+    import llama_cpp
+
+    whole = tmp_path / "whole.gguf"
+    assert run(models["small.gguf"], whole, "-t", "Q6_K")[0] == 0
+    assert run(models["small.gguf"], tmp_path / "split.gguf", "-t", "Q6_K", "--split-max-tensors", "20")[0] == 0
+    parts = _split_outputs(tmp_path, "split")
+    assert len(parts) == 4
+    logits = []
+    for path in (str(whole), parts[0]):
+        llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=1)
+        llm.eval([1, 300, 301, 302, 303, 304, 305, 306])
+        logits.append(np.asarray(llm.scores[:8]))
+        del llm
+    np.testing.assert_array_equal(logits[0], logits[1])

@@ -13,8 +13,8 @@ import re
 import click
 
 from .common import report_errors
-from .quantize_options import (TYPES_HELP, build_config, check_output, policy_options, print_plan,
-                               print_summary, run_with_progress, warn)
+from .quantize_options import (TYPES_HELP, apply_split_options, build_config, check_output, policy_options,
+                               print_plan, print_summary, run_with_progress, split_options, warn)
 
 
 def _default_outfile(src, type_name: str) -> str:
@@ -52,10 +52,12 @@ def _print_model(src) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the architecture, hyperparameters, tokenizer and the "
                                               "per-tensor plan with sizes; read only headers, write nothing.")
 @click.option("--stats", is_flag=True, help="Print each converted tensor's RMS error against the checkpoint.")
+@split_options
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="Threads (default: all cores).")
 @click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
 @report_errors
-def command(model, type_, outfile, name, vocab_only, dry_run, stats, threads, force, **policy):
+def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_size, split_max_tensors, threads, force,
+            **policy):
     """Convert the Hugging Face checkpoint MODEL (a .safetensors file or its folder, with config.json and
     tokenizer files; sharded checkpoints through model.safetensors.index.json) to GGUF.
 
@@ -79,10 +81,12 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, threads, fo
         ftype = P.parse_ftype(type_name)
         type_name = ftype.name
         out = outfile or _default_outfile(src, type_name)
-        if not dry_run:
-            check_output(out, [str(f.path) for f in src.checkpoint.files], force)
         cfg = build_config(ftype, **policy)
+        apply_split_options(cfg, split_max_size, split_max_tensors)
         plan = PL.make_plan(src, cfg)
+        if not dry_run:
+            for path, _, _ in PL.output_files(plan, out):
+                check_output(path, [str(f.path) for f in src.checkpoint.files], force)
         for w in src.vocab.warnings + plan.warnings:
             warn(w)
         if dry_run:

@@ -10,8 +10,8 @@ import os
 import click
 
 from .common import fail, report_errors
-from .quantize_options import (TYPES_HELP, build_config, check_output, policy_options, print_plan,
-                               print_summary, run_with_progress, warn)
+from .quantize_options import (TYPES_HELP, apply_split_options, build_config, check_output, policy_options,
+                               print_plan, print_summary, run_with_progress, split_options, warn)
 
 
 @click.command("quantize")
@@ -28,10 +28,12 @@ from .quantize_options import (TYPES_HELP, build_config, check_output, policy_op
 @click.option("--keep-split", is_flag=True,
               help="Write the output in the same splits as a split input (OUT-00001-of-0000N.gguf ...; OUT's .gguf "
                    "is dropped), tensors in file order, as llama-quantize --keep-split.")
+@split_options
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="Threads (default: all cores).")
 @click.option("--force", "-f", is_flag=True, help="Overwrite OUT if it exists.")
 @report_errors
-def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, threads, force, **policy):
+def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split_max_size, split_max_tensors, threads,
+            force, **policy):
     """Quantize the GGUF file IN.gguf to OUT.gguf with llama.cpp's per-tensor type mix for TYPE.
 
     The tensors written are byte-identical to llama-quantize's for the same input and options. The output is
@@ -48,6 +50,7 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, threa
         fail(f"{inp}: no such file")
     cfg = build_config(ftype, allow_requantize=allow_requantize, **policy)
     cfg.keep_split = keep_split
+    apply_split_options(cfg, split_max_size, split_max_tensors)
 
     with open_gguf_source(inp) as src:
         plan = PL.make_plan(src, cfg, dry_run=dry_run)

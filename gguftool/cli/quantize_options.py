@@ -52,6 +52,29 @@ def policy_options(func):
     return func
 
 
+def split_options(func):
+    """--split-max-size / --split-max-tensors: write the output as split files (gguf-split's layout)."""
+    func = click.option("--split-max-tensors", type=click.IntRange(min=1), metavar="N",
+                        help="Split the output into files of at most N tensors (OUT-00001-of-0000K.gguf ...).")(func)
+    return click.option("--split-max-size", metavar="SIZE",
+                        help="Split the output into files of at most SIZE of tensor data, e.g. 40G or 500M "
+                             "(decimal units, as llama.cpp's gguf-split; OUT-00001-of-0000K.gguf ...).")(func)
+
+
+def apply_split_options(cfg, split_max_size, split_max_tensors) -> None:
+    from .common import fail
+
+    if split_max_size and split_max_tensors:
+        fail("--split-max-size and --split-max-tensors cannot be used together")
+    if split_max_size:
+        text = split_max_size.strip().upper()
+        unit = {"M": 10**6, "G": 10**9}.get(text[-1:])
+        if unit is None or not text[:-1].isdigit() or int(text[:-1]) <= 0:
+            fail(f"--split-max-size {split_max_size!r}: expected a positive whole number of M or G, e.g. 40G")
+        cfg.split_max_bytes = int(text[:-1]) * unit
+    cfg.split_max_tensors = split_max_tensors
+
+
 def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_output_tensor, output_tensor_type,
                  token_embedding_type, tensor_types, tensor_type_file, pure, override_kv, allow_requantize=False):
     """The pipeline configuration for the policy options (imatrix file read here, so errors come first)."""
