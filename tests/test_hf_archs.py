@@ -119,7 +119,7 @@ def test_moe_bad_experts(tmp_path):
         in _convert_error(d)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "gemma2", "phi3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "gemma2", "phi3", "phi3-longrope"])
 def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     # read straight from the checkpoint or from its F32 conversion: the same statistics (MoE: per expert)
     if VARIANTS[name][3] == "bpe":
@@ -139,8 +139,8 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
         outs.append(out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     im = read_imatrix(outs[0])
-    if name in ("gemma2", "phi3"):
-        fused = name == "phi3"
+    if name in ("gemma2", "phi3", "phi3-longrope"):
+        fused = name.startswith("phi3")
         assert ("blk.0.attn_qkv.weight" in im.entries) == fused and ("blk.0.ffn_gate.weight" in im.entries) != fused
         assert im.entries["blk.1.ffn_down.weight"].counts.tolist() == [3 * 64]
         return

@@ -26,7 +26,7 @@ def _spm_vocab(w):
 
 
 def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_ff=96,
-                tied=False, qkv_bias=False, swa=0, wtype=None, n_expert=0, n_expert_used=2):
+                tied=False, qkv_bias=False, swa=0, wtype=None, n_expert=0, n_expert_used=2, longrope_ctx=0):
     gguf = pytest.importorskip("gguf", reason="gguf-py writes the test models")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layer)
@@ -42,6 +42,9 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
     w.add_rope_dimension_count(head_dim)
     if arch in ("gemma2", "gemma3") and swa:
         w.add_sliding_window(swa)
+    if longrope_ctx:   # phi3 LongRoPE: per-dimension factors (short/long by context size) and attention factor
+        w.add_rope_scaling_orig_ctx_len(longrope_ctx)
+        w.add_rope_scaling_attn_factors(1.19)
     if arch == "gemma2":
         w.add_attn_logit_softcapping(8.0)     # small, so that the cap bends the scores of this test model
         w.add_final_logit_softcapping(30.0)
@@ -61,6 +64,9 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
         else:
             w.add_tensor(name, a)
 
+    if longrope_ctx:
+        w.add_tensor("rope_factors_long.weight", np.linspace(1.0, 8.0, head_dim // 2, dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.linspace(1.0, 1.5, head_dim // 2, dtype=np.float32))
     t("token_embd.weight", n_embd, N_VOCAB, scale=1.0)
     t("output_norm.weight", n_embd, scale=0.1, offset=1.0)
     if not tied:
@@ -133,6 +139,8 @@ CASES = [
     ("gemma2", {"swa": 32, "tied": True, "wtype": "Q8_0"}),
     ("phi3", {}),
     ("phi3", {"wtype": "Q4_1"}),
+    ("phi3", {"longrope_ctx": 4096}),                  # short factors (context below the original length)
+    ("phi3", {"longrope_ctx": 32}),                    # long factors
     ("llama", {"n_expert": 4}),                        # Mixtral-style MoE
     ("qwen3moe", {"n_expert": 6, "n_expert_used": 3}),
     ("llama", {"n_expert": 4, "wtype": "Q8_0"}),

@@ -6,7 +6,7 @@ importance matrix can accumulate the per-column sums of squares llama-imatrix co
 Architectures: ``llama`` (and ``mistral``), ``qwen2`` (Q/K/V biases), ``qwen3`` (per-head Q/K RMSNorm),
 ``gemma3`` (scaled embeddings, pre/post norms, GELU gate, alternating sliding-window / global layers), ``gemma2``
 (the same without Q/K norms, every other layer sliding, attention scores soft-capped), ``phi3`` (fused QKV and
-gate|up weights; LongRoPE models are refused), and the
+gate|up weights, LongRoPE factors and attention factor), and the
 mixture-of-experts FFN of ``llama`` (Mixtral) and ``qwen3moe``: softmax router, top-k experts, renormalized
 weights (build_moe_ffn); the experts' inputs go to ``hook.experts`` as llama-imatrix collects MUL_MAT_ID inputs.
 
@@ -95,6 +95,8 @@ class ModelConfig:
     swa_layers: list = field(default_factory=list)
     final_softcap: float = 0.0
     attn_softcap: float = 0.0 # gemma2: attention scores tanh-capped
+    rope_attn_factor: float = 1.0   # LongRoPE (phi3): cos/sin scale (rope.scaling.attn_factor)
+    rope_orig_ctx: int = 0          # rope.scaling.original_context_length: long factors beyond it
     n_expert: int = 0         # MoE FFN (llama with experts, qwen3moe): experts, experts used per token
     n_expert_used: int = 0
     n_ff_exp: int = 0         # expert FFN width
@@ -167,6 +169,8 @@ class ModelConfig:
                 cfg.attn_scale = 1.0 / math.sqrt(float(n_embd // n_head))
             else:
                 cfg.attn_scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
+        cfg.rope_attn_factor = float(key("rope.scaling.attn_factor", 1.0) or 1.0)
+        cfg.rope_orig_ctx = int(key("rope.scaling.original_context_length", 0) or 0)
         if n_expert:
             cfg.n_expert = n_expert
             cfg.n_expert_used = int(key("expert_used_count", 0) or 0)
@@ -205,8 +209,9 @@ def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
 
 
 def rope_cache(n_pos: int, n_dims: int, base: float, freq_scale: float,
-               freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables (n_pos, n_dims/2) built as ggml_rope_cache_init does (float32 angle recurrence)."""
+               freq_factors: np.ndarray | None = None, mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (n_pos, n_dims/2) built as ggml_rope_cache_init does (float32 angle recurrence; angles
+    divided by the per-dimension ``freq_factors``; cos and sin multiplied by ``mscale``, the attention factor)."""
     theta_scale = np.float32(math.pow(np.float32(base), -2.0 / n_dims))
     half = n_dims // 2
     theta = np.empty((n_pos, half), dtype=np.float32)
@@ -217,7 +222,10 @@ def rope_cache(n_pos: int, n_dims: int, base: float, freq_scale: float,
         theta = theta / freq_factors[:half].astype(np.float32)
     theta = theta * np.float32(freq_scale)
     t64 = theta.astype(np.float64)
-    return np.cos(t64).astype(np.float32), np.sin(t64).astype(np.float32)
+    c, s_ = np.cos(t64).astype(np.float32), np.sin(t64).astype(np.float32)
+    if mscale != 1.0:
+        c, s_ = c * np.float32(mscale), s_ * np.float32(mscale)
+    return c, s_
 
 
 def apply_rope(x: np.ndarray, c: np.ndarray, s: np.ndarray, n_dims: int, neox: bool) -> np.ndarray:
@@ -388,8 +396,8 @@ class Model:
                 del expect[n]
             expect.update({"attn_qkv.weight": ((cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim, cfg.n_embd),
                            "ffn_up.weight": (2 * cfg.n_ff, cfg.n_embd), "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
-            if "rope_factors_long.weight" in self.w or "rope_factors_short.weight" in self.w:
-                raise ImatrixError("LongRoPE models (rope_factors_long/short tensors) are not supported")
+            if ("rope_factors_long.weight" in self.w) != ("rope_factors_short.weight" in self.w):
+                raise ImatrixError("a LongRoPE model needs both rope_factors_long and rope_factors_short")
         else:
             expect.update({"ffn_gate.weight": (cfg.n_ff, cfg.n_embd), "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
                            "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
@@ -451,10 +459,13 @@ class Model:
         base = cfg.rope_base_swa if swa else cfg.rope_base
         fs = 1.0 if swa else cfg.rope_freq_scale
         ff = self.w.get("rope_freqs.weight")
+        if "rope_factors_short.weight" in self.w:   # LongRoPE: llama_model::get_rope_factors by context size
+            long = cfg.rope_orig_ctx and n_pos > cfg.rope_orig_ctx
+            ff = self.w["rope_factors_long.weight" if long else "rope_factors_short.weight"]
         key = (n_pos, base, fs, ff is not None)
         tab = self._rope.get(key)
         if tab is None:
-            tab = rope_cache(n_pos, cfg.rope_dims, base, fs, ff)
+            tab = rope_cache(n_pos, cfg.rope_dims, base, fs, ff, cfg.rope_attn_factor)
             self._rope[key] = tab
         return tab
 
