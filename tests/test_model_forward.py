@@ -26,7 +26,8 @@ def _spm_vocab(w):
 
 
 def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_ff=96,
-                tied=False, qkv_bias=False, swa=0, wtype=None, n_expert=0, n_expert_used=2, longrope_ctx=0):
+                tied=False, qkv_bias=False, swa=0, wtype=None, n_expert=0, n_expert_used=2, longrope_ctx=0,
+                yarn=0.0):
     gguf = pytest.importorskip("gguf", reason="gguf-py writes the test models")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layer)
@@ -42,6 +43,10 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
     w.add_rope_dimension_count(head_dim)
     if arch in ("gemma2", "gemma3") and swa:
         w.add_sliding_window(swa)
+    if yarn:           # YaRN with a small original context, so that the blend ramp spans the rotary dimensions
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(yarn)
+        w.add_rope_scaling_orig_ctx_len(64)
     if longrope_ctx:   # phi3 LongRoPE: per-dimension factors (short/long by context size) and attention factor
         w.add_rope_scaling_orig_ctx_len(longrope_ctx)
         w.add_rope_scaling_attn_factors(1.19)
@@ -141,6 +146,8 @@ CASES = [
     ("phi3", {"wtype": "Q4_1"}),
     ("phi3", {"longrope_ctx": 4096}),                  # short factors (context below the original length)
     ("phi3", {"longrope_ctx": 32}),                    # long factors
+    ("qwen2", {"yarn": 4.0}),
+    ("llama", {"yarn": 8.0}),
     ("llama", {"n_expert": 4}),                        # Mixtral-style MoE
     ("qwen3moe", {"n_expert": 6, "n_expert_used": 3}),
     ("llama", {"n_expert": 4, "wtype": "Q8_0"}),

@@ -97,6 +97,7 @@ class ModelConfig:
     attn_softcap: float = 0.0 # gemma2: attention scores tanh-capped
     rope_attn_factor: float = 1.0   # LongRoPE (phi3): cos/sin scale (rope.scaling.attn_factor)
     rope_orig_ctx: int = 0          # rope.scaling.original_context_length: long factors beyond it
+    yarn_corr: tuple | None = None  # YaRN: the correction dimensions (ext_factor 1)
     n_expert: int = 0         # MoE FFN (llama with experts, qwen3moe): experts, experts used per token
     n_expert_used: int = 0
     n_ff_exp: int = 0         # expert FFN width
@@ -148,6 +149,10 @@ class ModelConfig:
         elif scaling == "linear":
             if factor:
                 freq_scale = 1.0 / float(factor)
+        elif scaling == "yarn":
+            if not factor or float(factor) <= 0:
+                raise ImatrixError(f"YaRN scaling without {arch}.rope.scaling.factor")
+            freq_scale = float(np.float32(1.0) / np.float32(factor))
         else:
             raise ImatrixError(f"unsupported RoPE scaling {scaling!r} ({arch}.rope.scaling.type)")
         neox = arch in ("qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
@@ -170,7 +175,17 @@ class ModelConfig:
             else:
                 cfg.attn_scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
         cfg.rope_attn_factor = float(key("rope.scaling.attn_factor", 1.0) or 1.0)
-        cfg.rope_orig_ctx = int(key("rope.scaling.original_context_length", 0) or 0)
+        cfg.rope_orig_ctx = int(key("rope.scaling.original_context_length", 0) or key("context_length", 0) or 0)
+        if scaling == "yarn":
+            # llama_context: yarn_attn_factor = get_mscale(factor) / (1 + 0.1 ln factor) * rope_attn_factor
+            f32 = np.float32
+            fac = f32(1) / f32(freq_scale)
+            mscale = f32(0.1) * np.log(fac) + f32(1) if fac > 1 else f32(1)
+            cfg.rope_attn_factor = float(mscale * (f32(1) / (f32(1) + f32(0.1) * np.log(fac)))
+                                         * f32(cfg.rope_attn_factor))
+            if not cfg.rope_orig_ctx:
+                raise ImatrixError(f"YaRN scaling without {arch}.rope.scaling.original_context_length")
+            cfg.yarn_corr = yarn_corr_dims(rope_dims, cfg.rope_orig_ctx, base)
         if n_expert:
             cfg.n_expert = n_expert
             cfg.n_expert_used = int(key("expert_used_count", 0) or 0)
@@ -208,10 +223,25 @@ def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
     return y
 
 
+def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float = 32.0,
+                   beta_slow: float = 1.0) -> tuple[float, float]:
+    """ggml_rope_yarn_corr_dims: the dimensions between which YaRN blends interpolation into extrapolation."""
+    f32 = np.float32
+
+    def corr_dim(n_rot):
+        return f32(n_dims) * np.log(f32(n_ctx_orig) / (f32(n_rot) * f32(2) * f32(math.pi))) / (f32(2) * np.log(f32(base)))
+
+    start, end = np.floor(corr_dim(beta_fast)), np.ceil(corr_dim(beta_slow))
+    return float(max(f32(0), start)), float(min(f32(n_dims - 1), end))
+
+
 def rope_cache(n_pos: int, n_dims: int, base: float, freq_scale: float,
-               freq_factors: np.ndarray | None = None, mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+               freq_factors: np.ndarray | None = None, mscale: float = 1.0,
+               yarn_corr: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin tables (n_pos, n_dims/2) built as ggml_rope_cache_init does (float32 angle recurrence; angles
-    divided by the per-dimension ``freq_factors``; cos and sin multiplied by ``mscale``, the attention factor)."""
+    divided by the per-dimension ``freq_factors``; cos and sin multiplied by ``mscale``, the attention factor).
+    ``yarn_corr``: YaRN (ext_factor 1) with these correction dimensions: per dimension a ramp blends the
+    interpolated angle into the extrapolated one, and the magnitude gets 1 + 0.1 ln(1/freq_scale) (rope_yarn)."""
     theta_scale = np.float32(math.pow(np.float32(base), -2.0 / n_dims))
     half = n_dims // 2
     theta = np.empty((n_pos, half), dtype=np.float32)
@@ -220,11 +250,19 @@ def rope_cache(n_pos: int, n_dims: int, base: float, freq_scale: float,
         theta[:, i] = theta[:, i - 1] * theta_scale
     if freq_factors is not None:
         theta = theta / freq_factors[:half].astype(np.float32)
+    extrap = theta
     theta = theta * np.float32(freq_scale)
+    mscale = np.float32(mscale)
+    if yarn_corr is not None:
+        low, high = (np.float32(v) for v in yarn_corr)
+        y = (np.arange(half, dtype=np.float32) - low) / max(np.float32(0.001), high - low)
+        ramp = (np.float32(1) - np.minimum(np.float32(1), np.maximum(np.float32(0), y))).astype(np.float32)
+        theta = theta * (np.float32(1) - ramp) + extrap * ramp
+        mscale = mscale * (np.float32(1) + np.float32(0.1) * np.log(np.float32(1) / np.float32(freq_scale)))
     t64 = theta.astype(np.float64)
     c, s_ = np.cos(t64).astype(np.float32), np.sin(t64).astype(np.float32)
     if mscale != 1.0:
-        c, s_ = c * np.float32(mscale), s_ * np.float32(mscale)
+        c, s_ = c * mscale, s_ * mscale
     return c, s_
 
 
@@ -465,7 +503,8 @@ class Model:
         key = (n_pos, base, fs, ff is not None)
         tab = self._rope.get(key)
         if tab is None:
-            tab = rope_cache(n_pos, cfg.rope_dims, base, fs, ff, cfg.rope_attn_factor)
+            tab = rope_cache(n_pos, cfg.rope_dims, base, fs, ff, cfg.rope_attn_factor,
+                             None if swa else cfg.yarn_corr)
             self._rope[key] = tab
         return tab
 
