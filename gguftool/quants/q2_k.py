@@ -57,6 +57,17 @@ def _sel(typingctx, c, a, b):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
+def _levels(X, isc, mn, LA, nl):
+    """LA[16*i + j] = clamp(nearest_int(isc[j] * (X[16*i + j] - mn[j])), 0, 3) for every lane j (as float32)."""
+    for i in range(16):
+        for j in range(nl):
+            l = nearest_int_c(isc[np.uint64(j)] * (X[np.uint64(16 * i + j)] - mn[np.uint64(j)]))
+            l = 3 if 3 < l else l
+            l = 0 if 0 > l else l
+            LA[np.uint64(16 * i + j)] = np.float32(l)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
 def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
     """The 16 make_qkx2/3_quants(16, 3, ...) searches of one super-block, side by side as SIMD lanes.
 
@@ -128,12 +139,7 @@ def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
         wmn[np.uint64(j)] = a
         scale[np.uint64(j)] = np.float32(1.0) / c
         best[np.uint64(j)] = zero
-    for i in range(16):
-        for j in range(nl):
-            l = nearest_int_c(isc[np.uint64(j)] * (X[np.uint64(16 * i + j)] - mn[np.uint64(j)]))
-            l = 3 if 3 < l else l
-            l = 0 if 0 > l else l
-            LA[np.uint64(16 * i + j)] = np.float32(l)
+    _levels(X, isc, mn, LA, nl)
     for i in range(16):
         for j in range(nl):
             diff = scale[np.uint64(j)] * LA[np.uint64(16 * i + j)] + mn[np.uint64(j)] - X[np.uint64(16 * i + j)]
@@ -148,12 +154,7 @@ def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
             sxl[np.uint64(j)] = zero
             ce[np.uint64(j)] = zero
         # (separate loops with few arrays each: LLVM vectorises them across the lanes)
-        for i in range(16):
-            for j in range(nl):
-                l = nearest_int_c(isc[np.uint64(j)] * (X[np.uint64(16 * i + j)] - mn[np.uint64(j)]))
-                l = 3 if 3 < l else l
-                l = 0 if 0 > l else l
-                LA[np.uint64(16 * i + j)] = np.float32(l)
+        _levels(X, isc, mn, LA, nl)
         for i in range(16):
             for j in range(nl):
                 fl = LA[np.uint64(16 * i + j)]
