@@ -133,17 +133,6 @@ def fp16_to_fp32_fast(h):
 
 
 @njit(cache=True, parallel=True)
-def f16_quantize_rows(x, imatrix, out):
-    n = x.shape[1]
-    for r in prange(x.shape[0]):
-        xr = x[r]
-        xu = xr.view(np.uint32)
-        ou = out[r].view(np.uint16)
-        for j in range(n):
-            ou[j] = np.uint16(f32_to_f16_bits_fast(xr[j], xu[j]))
-
-
-@njit(cache=True, parallel=True)
 def f16_dequantize_rows(data, out):
     n = out.shape[1]
     for r in prange(out.shape[0]):
@@ -160,16 +149,6 @@ def f32_bits_to_bf16_bits(u):
     rounded = (u + (U32(0x7FFF) + ((u >> U32(16)) & U32(1)))) >> U32(16)
     quiet_nan = (u >> U32(16)) | U32(64)                # NaN: truncate and force quiet
     return quiet_nan if (u & U32(0x7FFFFFFF)) > U32(0x7F800000) else rounded
-
-
-@njit(cache=True, parallel=True)
-def bf16_quantize_rows(x, imatrix, out):
-    n = x.shape[1]
-    for r in prange(x.shape[0]):
-        xu = x[r].view(np.uint32)
-        ou = out[r].view(np.uint16)
-        for j in range(n):
-            ou[j] = np.uint16(f32_bits_to_bf16_bits(xu[j]))
 
 
 @njit(cache=True, parallel=True)
@@ -215,6 +194,15 @@ def bf16_quantize_rows_screened(x, out, bad):
             m = e if e > m else m
             ou[j] = np.uint16(f32_bits_to_bf16_bits(u))
         bad[r] = m == U32(0x7F800000)
+
+
+# the registry's row drivers (imatrix ignored): the screened conversions, flags discarded (x is finite)
+def f16_quantize_rows(x, imatrix, out):
+    f16_quantize_rows_screened(x, out, np.zeros(x.shape[0], np.bool_))
+
+
+def bf16_quantize_rows(x, imatrix, out):
+    bf16_quantize_rows_screened(x, out, np.zeros(x.shape[0], np.bool_))
 
 
 # --- the two "type modules" (quantize_rows_screened: optional fused variant the API prefers)
