@@ -33,7 +33,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def compare(ours: str, ref: str) -> tuple[bool, float]:
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
     a, b = read_imatrix(ours), read_imatrix(ref)
     same_counts = sorted(a.entries) == sorted(b.entries) and all(
         a.entries[n].counts.tolist() == b.entries[n].counts.tolist() for n in a.entries)

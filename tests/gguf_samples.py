@@ -14,7 +14,7 @@ from gguftool.gguf.constants import GGMLType, GGUFValueType as VT
 from gguftool.gguf.reader import GGUFReader
 from gguftool.gguf.values import KV, GGUFArray
 from gguftool.gguf.writer import GGUFWriter
-from gguftool.gguf_source import split_path
+from gguftool.gguf.source import split_path
 
 TINY_FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny.gguf"
 

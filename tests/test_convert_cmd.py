@@ -374,7 +374,7 @@ def test_help_lists_every_supported_architecture():
 
 
 def test_split_output(tmp_path):
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
 
     whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
     assert _run("convert", TINY, "--type", "Q8_0", "-o", whole).exit_code == 0

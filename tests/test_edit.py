@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from gguftool.cli import main
-from gguftool.edit import apply_edits, edit_file, value_from_text
+from gguftool.tools.edit import apply_edits, edit_file, value_from_text
 from gguftool.errors import GGUFError
 from gguftool.gguf.constants import GGMLType, GGUFValueType as VT
 from gguftool.gguf.reader import GGUFReader

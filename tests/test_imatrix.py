@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from gguftool.cli import main
 from gguftool.errors import ImatrixError
-from gguftool.imatrix import ImatrixCollector, chunk_nll, compute_imatrix
-from gguftool.imatrix_file import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
+from gguftool.importance.collect import ImatrixCollector, chunk_nll, compute_imatrix
+from gguftool.importance.files import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
 
 from test_model_forward import write_model
 
@@ -78,7 +78,7 @@ def tiny(tmp_path):
 
 
 def _model(path):
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
     from gguftool.model.forward import Model
     from gguftool.model.tokenizer import Tokenizer
     src = open_gguf_source(str(path))

@@ -1,4 +1,4 @@
-"""gguftool.imatrix_file: reading (and writing) GGUF and legacy .dat importance matrices.
+"""gguftool.importance.files: reading (and writing) GGUF and legacy .dat importance matrices.
 
 The weights must be what llama-quantize computes (tools/quantize/quantize.cpp load_imatrix): in_sum2 / count per
 expert matrix for GGUF (1 where the count is 0), values / ncall for .dat - float32 divisions.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gguftool.errors import FormatError, ImatrixError
-from gguftool.imatrix_file import (Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf,
+from gguftool.importance.files import (Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf,
                                    write_imatrix_legacy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

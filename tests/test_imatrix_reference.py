@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguftool.imatrix import compute_imatrix, read_calibration_text
+from gguftool.importance.collect import compute_imatrix, read_calibration_text
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "fixtures" / "imatrix_reference" / "smollm2_essays_ctx512.npz"
@@ -30,7 +30,7 @@ def load_reference():
 def test_smollm2_matches_llama_imatrix(smollm2_gguf):
     if not REF.exists():
         pytest.skip("fixtures/imatrix_reference has not been made (scripts/make_imatrix_reference.py)")
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
     from gguftool.model.forward import Model
     from gguftool.model.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ def test_tiny_llama_process_output_matches_llama_imatrix(tmp_path):
     pytest.importorskip("gguftool.hf.source", reason="the Hugging Face reader is part of the convert feature")
     from click.testing import CliRunner
     from gguftool.cli import main
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
 
     ref_path = ROOT / "fixtures" / "imatrix_reference" / "tiny_llama_ctx128_process_output.gguf"
     out = tmp_path / "ours.gguf"
@@ -91,7 +91,7 @@ def test_mixtral_moe_matches_llama_imatrix(tmp_path):
     moved between two experts; every other statistic must agree."""
     from click.testing import CliRunner
     from gguftool.cli import main
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from make_tiny_model import make_variant

@@ -117,7 +117,7 @@ def write_model(path, arch, rng, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, he
 
 
 def _open(path, n_threads=1):
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
     src = open_gguf_source(str(path))
     return src, Model.from_source(src, n_threads=n_threads)
 
@@ -205,7 +205,7 @@ def test_hooks_report_every_matmul_input(tmp_path):
 def test_missing_tensor_and_unsupported_arch(tmp_path):
     rng = np.random.default_rng(3)
     path = write_model(tmp_path / "m.gguf", "llama", rng)
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
     src = open_gguf_source(str(path))
     src.tensors = [t for t in src.tensors if t.name != "blk.1.ffn_up.weight"]
     with pytest.raises(ImatrixError, match="missing tensor blk.1.ffn_up.weight"):
@@ -229,7 +229,7 @@ def test_numeric_helpers():
 @pytest.mark.parametrize("wtype,tied", [("F16", False), ("Q8_0", True), ("Q4_1", False)])
 def test_weight_budget_streams_without_changing_results(tmp_path, wtype, tied):
     # a model that does not fit the weight budget is read again at each forward pass: same numbers
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
     from gguftool.model.weights import float32_nbytes
 
     rng = np.random.default_rng(11)
@@ -266,7 +266,7 @@ def test_weight_budget_streams_without_changing_results(tmp_path, wtype, tied):
 
 
 def test_float32_weights_of_a_mapped_file_cost_no_budget(tmp_path):
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
 
     rng = np.random.default_rng(12)
     path = write_model(tmp_path / "m.gguf", "llama", rng)

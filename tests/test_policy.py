@@ -1,4 +1,4 @@
-"""gguftool.policy: llama.cpp's per-tensor type choice (src/llama-quant.cpp llama_tensor_get_type).
+"""gguftool.pipeline.policy: llama.cpp's per-tensor type choice (src/llama-quant.cpp llama_tensor_get_type).
 
 The rule tables are checked three ways: hand-written cases for each rule, the reference plans that llama.cpp
 produced for SmolLM2-135M and the synthetic models (fixtures/quantize_reference/*.json, every TYPE), and -
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from gguftool import policy as P
+from gguftool.pipeline import policy as P
 from gguftool.errors import PolicyError
 from gguftool.gguf.constants import GGMLType as T
 

@@ -153,7 +153,7 @@ def test_live_whole_file_identical(llama_lib, other_model, tmp_path, ftype):
 def test_live_imatrix_tensors_identical(llama_lib, other_model, tmp_path, ftype):
     from make_quantize_reference import llama_quantize_lib
 
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
 
     im = tmp_path / "im.gguf"
     msl.write_synthetic_imatrix(other_model, str(im))
@@ -214,7 +214,7 @@ def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
 
 def test_stats_report_rmse_and_weighted_rmse(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
     from gguftool.quants import dequantize
 
     out = tmp_path / "o.gguf"
@@ -265,9 +265,9 @@ def test_force_overwrites_and_input_is_untouched(models, tmp_path):
 
 
 def test_progress_callback_covers_every_byte(models, tmp_path):
-    from gguftool import pipeline as PL
-    from gguftool import policy as P
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.pipeline import execute as PL
+    from gguftool.pipeline import policy as P
+    from gguftool.gguf.source import open_gguf_source
 
     seen = []
     with open_gguf_source(models["small.gguf"]) as src:
@@ -279,7 +279,7 @@ def test_progress_callback_covers_every_byte(models, tmp_path):
 
 
 def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
-    from gguftool import pipeline as PL
+    from gguftool.pipeline import execute as PL
 
     monkeypatch.setattr(PL, "SLAB_BYTES", 256 * 4 * 100)  # 100 rows per slab: slabs end mid-tensor
     out = tmp_path / "o.gguf"
@@ -342,7 +342,7 @@ def test_truncated_gguf_input(models, tmp_path):
 
 
 def test_imatrix_with_wrong_column_count(models, tmp_path):
-    from gguftool.imatrix_file import ImatrixEntry, read_imatrix, write_imatrix_gguf
+    from gguftool.importance.files import ImatrixEntry, read_imatrix, write_imatrix_gguf
 
     im = read_imatrix(models["im_small.gguf"])
     im.entries["blk.3.ffn_up.weight"] = ImatrixEntry(np.ones((1, 128), np.float32), np.array([10]))
@@ -616,7 +616,7 @@ def test_live_moe_model(llama_lib, moe_models, tmp_path, n_expert, ftype):
     # 3-D expert tensors (ffn_*_exps), per-expert imatrix slices and the MoE policy rules
     from make_quantize_reference import llama_quantize_lib
 
-    from gguftool.imatrix_file import read_imatrix
+    from gguftool.importance.files import read_imatrix
 
     model, im = moe_models[n_expert]
     ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
@@ -639,7 +639,7 @@ def _split_outputs(directory, stem):
 
 def test_split_max_size_and_tensors_output(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
 
     whole = tmp_path / "whole.gguf"
     assert run(models["small.gguf"], whole, "-t", "Q4_K_M")[0] == 0

@@ -107,7 +107,7 @@ def _llama_tokens(path, text):
 
 
 def _ours(path):
-    from gguftool.gguf_source import open_gguf_source
+    from gguftool.gguf.source import open_gguf_source
     src = open_gguf_source(str(path))
     try:
         return Tokenizer.from_metadata(src)

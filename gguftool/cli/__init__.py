@@ -6,6 +6,7 @@ module of the command being run is imported, so ``gguftool inspect`` never pays 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import click
 

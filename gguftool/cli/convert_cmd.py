@@ -68,8 +68,8 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
     MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
     Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
     """
-    from .. import pipeline as PL
-    from .. import policy as P
+    from ..pipeline import execute as PL
+    from ..pipeline import policy as P
     from ..hf.source import open_hf_source
 
     src = open_hf_source(model, outtype="auto", name=name, vocab_only=vocab_only)

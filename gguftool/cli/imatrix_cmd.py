@@ -67,7 +67,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         if p and os.path.exists(output) and os.path.exists(p) and os.path.samefile(p, output):
             fail(f"refusing to write the output onto an input file: {output}")
 
-    from .. import imatrix as imx
+    from ..importance import collect as imx
 
     if not calib:
         if not in_files:

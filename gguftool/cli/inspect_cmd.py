@@ -27,7 +27,7 @@ def command(file, as_json, full, no_tensors, pattern):
     shortened), a tokenizer summary, the tensor table and totals (parameters, bytes, bits per weight, tensors
     per type). Reads only the header; tensor data are not touched."""
     from ..gguf.reader import GGUFReader
-    from .. import inspect_report
+    from ..tools import inspect_report
 
     with GGUFReader(file) as reader:
         if as_json:

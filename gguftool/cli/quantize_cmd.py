@@ -1,6 +1,6 @@
 """``gguftool quantize IN.gguf OUT.gguf --type TYPE``: llama-quantize's ftype mixes, byte-identical output.
 
-Argument handling, the progress bar and the printed tables live here; the decisions are gguftool.policy and
+Argument handling, the progress bar and the printed tables live here; the decisions are gguftool.pipeline.policy and
 the work gguftool.pipeline.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
     The tensors written are byte-identical to llama-quantize's for the same input and options. The output is
     written to a temporary file and renamed when complete.
     """
-    from .. import pipeline as PL
-    from .. import policy as P
-    from ..gguf_source import open_gguf_source
+    from ..pipeline import execute as PL
+    from ..pipeline import policy as P
+    from ..gguf.source import open_gguf_source
 
     ftype = P.parse_ftype(type_)
     if out is None and not dry_run:

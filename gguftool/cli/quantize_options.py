@@ -78,8 +78,8 @@ def apply_split_options(cfg, split_max_size, split_max_tensors) -> None:
 def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_output_tensor, output_tensor_type,
                  token_embedding_type, tensor_types, tensor_type_file, pure, override_kv, allow_requantize=False):
     """The pipeline configuration for the policy options (imatrix file read here, so errors come first)."""
-    from .. import pipeline as PL
-    from .. import policy as P
+    from ..pipeline import execute as PL
+    from ..pipeline import policy as P
     from .common import fail
 
     if include_weights and exclude_weights:
@@ -94,14 +94,14 @@ def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_outp
         include_weights=list(include_weights), exclude_weights=list(exclude_weights),
         allow_requantize=allow_requantize, kv_overrides=[PL.parse_kv_override(s) for s in override_kv])
     if imatrix:
-        from ..imatrix_file import read_imatrix
+        from ..importance.files import read_imatrix
 
         cfg.imatrix = read_imatrix(imatrix)
         cfg.imatrix_path = imatrix
     return cfg
 
 def parse_tensor_types(items: list[str], path: str | None):
-    from .. import policy as P
+    from ..pipeline import policy as P
     from ..errors import PolicyError
 
     if path:
@@ -129,7 +129,7 @@ def parse_tensor_types(items: list[str], path: str | None):
 def run_with_progress(src, plan, out, threads, stats, force, inp):
     from tqdm import tqdm
 
-    from .. import pipeline as PL
+    from ..pipeline import execute as PL
 
     skip_numba_blas_probe()
     bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",

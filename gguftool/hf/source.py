@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import ConvertError
 from ..gguf.constants import GGMLType
 from ..gguf.values import KV
-from ..source import SourceTensor, TensorSource
+from ..pipeline.source import SourceTensor, TensorSource
 from . import archs as A
 from .checkpoint import Checkpoint, SafetensorsTensor
 from .vocab import VocabInfo, gemma3_vocab_rows, vocab_kvs

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from .errors import PolicyError
-from .gguf.constants import GGMLType
+from ..errors import PolicyError
+from ..gguf.constants import GGMLType
 
 # --- file types (llama.h enum llama_ftype; the value is what general.file_type holds)
 

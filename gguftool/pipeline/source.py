@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .gguf.constants import GGMLType
-from .gguf.values import KV
+from ..gguf.constants import GGMLType
+from ..gguf.values import KV
 
 
 class SourceTensor(abc.ABC):

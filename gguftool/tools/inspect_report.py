@@ -23,9 +23,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .gguf.constants import GGUFValueType
-from .gguf.reader import GGUFReader, TensorInfo
-from .gguf.values import GGUFArray
+from ..gguf.constants import GGUFValueType
+from ..gguf.reader import GGUFReader, TensorInfo
+from ..gguf.values import GGUFArray
 
 __all__ = ["build_report", "report_json", "render_human", "select_tensors", "type_name",
            "ARRAY_SUMMARY_LIMIT", "ARRAY_HEAD"]

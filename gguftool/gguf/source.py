@@ -13,10 +13,10 @@ import re
 
 import numpy as np
 
-from .errors import FormatError, QuantError
-from .gguf.constants import GGMLType
-from .gguf.reader import GGUFReader, TensorInfo
-from .source import SourceTensor, TensorSource
+from ..errors import FormatError, QuantError
+from .constants import GGMLType
+from .reader import GGUFReader, TensorInfo
+from ..pipeline.source import SourceTensor, TensorSource
 
 __all__ = ["GGUFTensor", "GGUFSource", "open_gguf_source"]
 
@@ -93,7 +93,7 @@ class GGUFTensor(SourceTensor):
         if t == GGMLType.BF16:
             # bf16 is the top half of a float32: widening is exact
             return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(n, ne0)
-        from .quants import dequantize  # numba: only loaded when a quantized tensor is read
+        from ..quants import dequantize  # numba: only loaded when a quantized tensor is read
 
         try:
             out = dequantize(raw, t, ne0)

@@ -11,11 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import GGUFError
-from .gguf.constants import GGUF_DEFAULT_ALIGNMENT, KEY_ALIGNMENT, GGUFValueType
-from .gguf.reader import GGUFReader
-from .gguf.values import KV
-from .gguf.writer import GGUFWriter, encode_value
+from ..errors import GGUFError
+from ..gguf.constants import GGUF_DEFAULT_ALIGNMENT, KEY_ALIGNMENT, GGUFValueType
+from ..gguf.reader import GGUFReader
+from ..gguf.values import KV
+from ..gguf.writer import GGUFWriter, encode_value
 
 __all__ = ["EditResult", "NEW_KEY_TYPES", "parse_set", "value_from_text", "apply_edits", "edit_file",
            "KEY_CHAT_TEMPLATE"]

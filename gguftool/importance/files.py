@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import ImatrixError
+from ..errors import ImatrixError
 
 __all__ = ["ImatrixEntry", "Imatrix", "read_imatrix", "write_imatrix_gguf", "write_imatrix_legacy",
            "KEY_DATASETS", "KEY_CHUNK_COUNT", "KEY_CHUNK_SIZE"]
@@ -111,9 +111,9 @@ def read_imatrix(path: "str | os.PathLike[str]") -> Imatrix:
 
 
 def _read_gguf(path: str) -> Imatrix:
-    from .gguf.constants import GGMLType, GGUFValueType
-    from .gguf.reader import GGUFReader
-    from .gguf.values import GGUFArray
+    from ..gguf.constants import GGMLType, GGUFValueType
+    from ..gguf.reader import GGUFReader
+    from ..gguf.values import GGUFArray
 
     with GGUFReader(path) as r:
         if not r.tensors:
@@ -231,9 +231,9 @@ def _trim(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def write_imatrix_gguf(path: "str | os.PathLike[str]", im: Imatrix, *, overwrite: bool = True) -> None:
     """Write the GGUF imatrix format as llama-imatrix's save_imatrix does (temp file + rename)."""
-    from .gguf.constants import GGMLType, GGUFValueType
-    from .gguf.values import kv_array, kv_str, kv_u32
-    from .gguf.writer import GGUFWriter
+    from ..gguf.constants import GGMLType, GGUFValueType
+    from ..gguf.values import kv_array, kv_str, kv_u32
+    from ..gguf.writer import GGUFWriter
 
     names = sorted(im.entries)
     with GGUFWriter(path, overwrite=overwrite) as w:

@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import ImatrixError
-from .imatrix_file import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
+from ..errors import ImatrixError
+from .files import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
 
 __all__ = ["ImatrixCollector", "ImatrixRun", "compute_imatrix", "read_calibration_text", "load_model",
            "merge_imatrix_files", "save_imatrix", "chunk_nll"]
@@ -190,10 +190,10 @@ def load_model(path: str):
         with open(path, "rb") as f:
             is_gguf = f.read(4) == b"GGUF"
     if is_gguf:
-        from .gguf_source import open_gguf_source
+        from ..gguf.source import open_gguf_source
         return open_gguf_source(path)
     if os.path.isdir(path) or path.endswith(".safetensors"):
-        from .hf.source import open_hf_source
+        from ..hf.source import open_hf_source
         return open_hf_source(path, outtype="f32")
     raise ImatrixError(f"{path}: not a GGUF file nor a Hugging Face checkpoint")
 

@@ -27,11 +27,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import policy as P
-from .errors import ImatrixError, PolicyError, QuantError
-from .gguf.constants import (GGML_QUANTIZATION_VERSION, KEY_FILE_TYPE, KEY_QUANTIZATION_VERSION, GGMLType,
+from ..errors import ImatrixError, PolicyError, QuantError
+from ..gguf.constants import (GGML_QUANTIZATION_VERSION, KEY_FILE_TYPE, KEY_QUANTIZATION_VERSION, GGMLType,
                              GGUFValueType)
-from .gguf.values import KV, kv_bool, kv_f32, kv_str, kv_u32
-from .imatrix_file import Imatrix
+from ..gguf.values import KV, kv_bool, kv_f32, kv_str, kv_u32
+from ..importance.files import Imatrix
 from .source import SourceTensor, TensorSource
 
 __all__ = ["QuantizeConfig", "Plan", "TensorResult", "Summary", "make_plan", "execute", "output_kvs",
@@ -283,7 +283,7 @@ def output_files(plan: Plan, out_path: str) -> list[tuple[str, list[KV], list[P.
     the split.* keys when there is more than one (the first file also has all the metadata)."""
     if plan.split_of is None:
         return [(out_path, plan.kvs, plan.tensors)]
-    from .gguf_source import split_path
+    from ..gguf.source import split_path
 
     n = max(plan.split_of, default=0) + 1
     prefix = out_path[:-len(".gguf")] if out_path.endswith(".gguf") else out_path
@@ -299,7 +299,7 @@ def output_files(plan: Plan, out_path: str) -> list[tuple[str, list[KV], list[P.
 
 def _check_tensor(tp: P.TensorPlan, cfg: QuantizeConfig, weights, warnings: list[str],
                   requantized: dict[str, int], missing: list[str]) -> None:
-    from .quants import SUPPORTED_TYPES, can_dequantize
+    from ..quants import SUPPORTED_TYPES, can_dequantize
 
     name = tp.name
     if tp.requires_imatrix and tp.allows_quantization and weights is None:
@@ -387,7 +387,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     Each output goes to a temporary file; all are renamed onto their targets once every one is complete. On
     any error or interrupt the temporary files are removed and the targets are left as they were.
     """
-    from .gguf.writer import GGUFWriter
+    from ..gguf.writer import GGUFWriter
 
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
@@ -736,7 +736,7 @@ class _ReadAhead:
 
 def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix, threads, acc, progress, scratch=None):
     """The bytes of one output tensor, slab by slab."""
-    from .quants import dequantize, quantize
+    from ..quants import dequantize, quantize
 
     total = tp.src_nbytes
     if not tp.converts:

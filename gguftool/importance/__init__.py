@@ -1,0 +1,2 @@
+"""Importance matrices (llama-imatrix's job): ``collect`` runs the model over calibration text and accumulates the
+per-column sums of squares of every matmul input; ``files`` reads and writes both of llama.cpp's file formats."""
