@@ -1,0 +1,73 @@
+"""The activations a matrix product sees in ggml's CPU backend, for each stored weight type.
+
+A quantized (or F16/BF16) weight is multiplied on the CPU with the activations converted to the weight type's
+``vec_dot_type`` (ggml-cpu.c type_traits_cpu): F16 / BF16 rounding, or 8-bit blocks (Q8_0 / Q8_1: 32 values,
+scale max|x|/127 stored as fp16, round half to even as the AVX2 quantize_row_q8_0/q8_1; Q8_K: 256 values, scale
+-127/max with the signed extreme value, quantize_row_q8_K_ref). The integer dot products that follow are exact,
+so the dequantized weights times the dequantized activations in float32 give the same result - except for
+Q4_1/Q5_1, whose block minimum multiplies Q8_1's block sum stored as fp16: that rounding is added separately.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# weight type -> the vec_dot type its activations are converted to
+VEC_DOT = {
+    "F16": "f16", "BF16": "bf16",
+    "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "IQ4_NL": "q8_0", "MXFP4": "q8_0",
+    "Q4_1": "q8_1", "Q5_1": "q8_1",
+    "Q2_K": "q8_K", "Q3_K": "q8_K", "Q4_K": "q8_K", "Q5_K": "q8_K", "Q6_K": "q8_K", "IQ2_XXS": "q8_K",
+    "IQ2_XS": "q8_K", "IQ2_S": "q8_K", "IQ3_XXS": "q8_K", "IQ3_S": "q8_K", "IQ1_S": "q8_K", "IQ1_M": "q8_K",
+    "IQ4_XS": "q8_K", "TQ1_0": "q8_K", "TQ2_0": "q8_K",
+}
+BLOCK_MIN_BYTES = {"Q4_1": 20, "Q5_1": 24}   # bytes per 32-value block; fp16 d then fp16 m at its start
+
+
+def activations_as(x: np.ndarray, kind: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """x (rows, k) float32 after conversion to the vec_dot type ``kind``; for q8_1 also the per-block correction
+    fp16(d * sum(q)) - fp16(d) * sum(q) (rows, k/32) that the weights' block minima multiply."""
+    if kind is None:
+        return x, None
+    if kind == "f16":
+        return x.astype(np.float16).astype(np.float32), None
+    if kind == "bf16":
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        r = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        r = np.where(np.isnan(x), (bits | np.uint32(0x00400000)) & np.uint32(0xFFFF0000), r)
+        return r.astype(np.uint32).view(np.float32), None
+    n, k = x.shape
+    if kind in ("q8_0", "q8_1"):
+        if k % 32:
+            return x, None
+        b = x.reshape(n, k // 32, 32)
+        amax = np.abs(b).max(axis=-1, keepdims=True)
+        d32 = amax / np.float32(127.0)
+        d = d32.astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax != 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+        q = np.rint(b * inv)
+        xq = (q * d).reshape(n, k)
+        if kind == "q8_0":
+            return xq, None
+        qs = q.sum(axis=-1)
+        s16 = (d32[..., 0] * qs).astype(np.float16).astype(np.float32)
+        return xq, (s16 - (q * d).sum(axis=-1, dtype=np.float32)).astype(np.float32)
+    if kind == "q8_K":
+        if k % 256:
+            return x, None
+        b = x.reshape(n, k // 256, 256)
+        idx = np.abs(b).argmax(axis=-1)[..., None]
+        mx = np.take_along_axis(b, idx, axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0.0)).astype(np.float32)
+            d = np.where(mx != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+        q = np.minimum(np.float32(127.0), np.rint(iscale * b))
+        return (q * d).reshape(n, k), None
+    return x, None
+
+
+def block_minima(raw: np.ndarray, block_bytes: int, n_rows: int) -> np.ndarray:
+    """The fp16 minimum ``m`` of every 32-value block of a Q4_1/Q5_1 tensor, (rows, blocks) float32."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, block_bytes)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    return m.reshape(n_rows, -1)
