@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NoReturn, Sequence
 
 import numpy as np
 
@@ -34,7 +34,10 @@ from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
 from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
 from .threads import WorkerPool
-from .weights import WeightStore
+from .weights import WeightStore, layer_of
+
+if TYPE_CHECKING:
+    from ..pipeline.source import TensorSource
 
 __all__ = ["Hook", "Model", "ModelConfig", "rms_norm", "rope_cache"]
 
@@ -63,9 +66,10 @@ class Model:
 
     query_block = 128   # attention rows computed at once
 
-    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], kv_f16: bool = True,
-                 n_threads: int = 1):
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], kv_f16: bool = True,
+                 n_threads: int = 1, *, origin: str = ""):
         self.cfg = config
+        self.origin = origin                     # the model file, for error messages
         self.workers = WorkerPool(n_threads)
         self.w = weights
         self.kv_f16 = kv_f16
@@ -94,26 +98,51 @@ class Model:
             names.append(p + "attn_qkv.weight")
         return names
 
+    def _fail(self, message: str) -> NoReturn:
+        raise ImatrixError(f"{self.origin}: {message}" if self.origin else message)
+
     def _check(self) -> None:
+        """The configuration against the tensors present, before anything sized by it is built: the layer count
+        first, then every tensor the forward pass uses (present, right shape)."""
         cfg = self.cfg
+        layers = {layer_of(n) for n in self.w} - {-1}
+        n_found = max(layers) + 1 if layers else 0
+        if n_found != cfg.n_layer:
+            self._fail(f"bad metadata: {cfg.arch}.block_count = {cfg.n_layer}, but the tensors are those of "
+                       f"{n_found} layers")
         need = ["token_embd.weight", "output_norm.weight"]
         for il in range(cfg.n_layer):
             need += self._layer_names(il)
         missing = [n for n in need if n not in self.w]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ImatrixError(f"the model is missing tensor {missing[0]}{more}")
+            self._fail(f"the model is missing tensor {missing[0]}{more}")
         emb = self._shape("token_embd.weight")
         if len(emb) != 2 or emb[1] != cfg.n_embd:
-            raise ImatrixError(f"tensor token_embd.weight has shape {emb[::-1]}, expected ({cfg.n_embd}, n_vocab)")
+            self._fail(f"tensor token_embd.weight has shape {emb[::-1]}, expected ({cfg.n_embd}, n_vocab)")
+        if cfg.n_vocab and cfg.n_vocab != emb[0]:
+            self._fail(f"bad metadata: {cfg.arch}.vocab_size = {cfg.n_vocab}, but token_embd.weight has {emb[0]} "
+                       "rows")
         if not cfg.n_vocab:
             cfg.n_vocab = emb[0]
+        single = {"output_norm.weight": (cfg.n_embd,), "output.weight": (cfg.n_vocab, cfg.n_embd)}
+        half_rot = (cfg.rope_dims // 2,)
+        for name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
+            single[name] = half_rot
+        for name, shape in single.items():
+            if name in self.w:
+                self._check_shape(name, shape)
         expect = {
+            "attn_norm.weight": (cfg.n_embd,), "ffn_norm.weight": (cfg.n_embd,),
             "attn_q.weight": (cfg.n_head * cfg.head_dim, cfg.n_embd),
             "attn_k.weight": (cfg.n_head_kv * cfg.head_dim, cfg.n_embd),
             "attn_v.weight": (cfg.n_head_kv * cfg.head_dim_v, cfg.n_embd),
             "attn_output.weight": (cfg.n_embd, cfg.n_head * cfg.head_dim_v),
         }
+        if cfg.arch in QK_NORM_ARCHS:
+            expect.update({"attn_q_norm.weight": (cfg.head_dim,), "attn_k_norm.weight": (cfg.head_dim,)})
+        if cfg.arch in GEMMA_ARCHS:
+            expect.update({"post_attention_norm.weight": (cfg.n_embd,), "post_ffw_norm.weight": (cfg.n_embd,)})
         if cfg.n_expert:
             E, ff = cfg.n_expert, cfg.n_ff_exp
             expect.update({"ffn_gate_inp.weight": (E, cfg.n_embd), "ffn_gate_exps.weight": (E, ff, cfg.n_embd),
@@ -124,16 +153,21 @@ class Model:
             expect.update({"attn_qkv.weight": ((cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim, cfg.n_embd),
                            "ffn_up.weight": (2 * cfg.n_ff, cfg.n_embd), "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
             if ("rope_factors_long.weight" in self.w) != ("rope_factors_short.weight" in self.w):
-                raise ImatrixError("a LongRoPE model needs both rope_factors_long and rope_factors_short")
+                self._fail("a LongRoPE model needs both rope_factors_long and rope_factors_short")
         else:
             expect.update({"ffn_gate.weight": (cfg.n_ff, cfg.n_embd), "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
                            "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
+        biases = {n[:-len("weight")] + "bias": shape[:1] for n, shape in expect.items() if len(shape) == 2}
         for il in range(cfg.n_layer):
             for suffix, shape in expect.items():
-                name = f"blk.{il}.{suffix}"
-                if self._shape(name) != shape:
-                    raise ImatrixError(f"tensor {name} has shape {self._shape(name)[::-1]}, "
-                                       f"expected {shape[::-1]}")
+                self._check_shape(f"blk.{il}.{suffix}", shape)
+            for suffix, shape in biases.items():
+                if f"blk.{il}.{suffix}" in self.w:
+                    self._check_shape(f"blk.{il}.{suffix}", shape)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if self._shape(name) != shape:
+            self._fail(f"tensor {name} has shape {self._shape(name)[::-1]}, expected {shape[::-1]}")
 
     def _shape(self, name: str) -> tuple[int, ...]:
         """Shape of weight ``name`` (numpy order) without reading it from a WeightStore."""
@@ -141,21 +175,22 @@ class Model:
         return shape(name) if shape is not None else tuple(self.w[name].shape)
 
     @classmethod
-    def from_source(cls, source, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True,
-                    weight_budget: int | None = None) -> "Model":
+    def from_source(cls, source: TensorSource, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True,
+                    weight_budget: int | None = None, *, origin: str = "") -> "Model":
         """A model over the tensors of a TensorSource, read as float32 on first use (see model.weights).
 
         ``weight_budget``: bytes of float32 weights to keep in memory (None: all; the model's F32 size at most);
         the others are read again from the source at each forward pass. ``as_stored``: convert matmul
         activations for each weight's stored type as llama.cpp does (see ``activations_as``); False evaluates the
-        model as its F32 dequantization."""
-        cfg = ModelConfig.from_metadata(source)
+        model as its F32 dequantization. ``origin``: the model file, named in error messages."""
+        cfg = ModelConfig.from_metadata(source, origin=origin)
+        where = f"{origin}: " if origin else ""
         kinds: dict[str, str] = {}
         minima: dict[str, np.ndarray] = {}
         for t in source.tensors:
             if len(t.shape) > 3 or (len(t.shape) == 3 and not t.name.endswith("_exps.weight")):
-                raise ImatrixError(f"tensor {t.name} has {len(t.shape)} dimensions: not a weight gguftool can "
-                                   "evaluate")
+                raise ImatrixError(f"{where}tensor {t.name} has {len(t.shape)} dimensions: not a weight gguftool "
+                                   "can evaluate")
             tname = getattr(getattr(t, "type", None), "name", "")
             kind = VEC_DOT.get(tname) if as_stored else None
             if kind is not None and len(t.shape) >= 2:
@@ -165,7 +200,7 @@ class Model:
                     m = block_minima(t.read_raw(), BLOCK_MIN_BYTES[tname], n_rows)
                     minima[t.name] = m.reshape(t.shape[2], t.shape[1], -1) if len(t.shape) == 3 else m
         weights = WeightStore(source.tensors, weight_budget)
-        model = cls(cfg, weights, kv_f16=kv_f16, n_threads=n_threads)
+        model = cls(cfg, weights, kv_f16=kv_f16, n_threads=n_threads, origin=origin)
         model.act_kinds = kinds
         model.block_minima = minima
         return model

@@ -23,7 +23,10 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import ImatrixError
+from .metadata import Metadata, MetadataReader
 
 # --- token types as stored in tokenizer.ggml.token_type (llama_token_type)
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
@@ -89,13 +92,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_ENC = _bytes_to_unicode()
 
 
-def _kv(kvs, key, default=None):
-    v = kvs.get(key, default)
-    if hasattr(v, "values") and not isinstance(v, dict):
-        v = v.values
-    return v
-
-
 @dataclass
 class Tokenizer:
     """A llama.cpp-compatible tokenizer built from GGUF tokenizer metadata (see ``from_metadata``)."""
@@ -143,32 +139,36 @@ class Tokenizer:
 
     # --- construction
     @classmethod
-    def from_metadata(cls, kvs) -> "Tokenizer":
-        """``kvs``: anything with ``.get(key, default)`` returning GGUF metadata values (a TensorSource works)."""
-        model = _kv(kvs, "tokenizer.ggml.model")
+    def from_metadata(cls, kvs: Metadata, *, origin: str = "") -> "Tokenizer":
+        """``kvs``: anything with ``.get(key, default)`` returning GGUF metadata values (a TensorSource works).
+        Every value is checked for type and range first; errors (ImatrixError) name ``origin`` (the file), the
+        key and the value."""
+        md = MetadataReader(kvs, origin)
+        model = md.get_str("tokenizer.ggml.model")
         if model is None:
-            raise ImatrixError("the model has no tokenizer (metadata key tokenizer.ggml.model is missing)")
-        tokens = _kv(kvs, "tokenizer.ggml.tokens")
-        if tokens is None or len(tokens) == 0:
-            raise ImatrixError("the model has no vocabulary (metadata key tokenizer.ggml.tokens is missing)")
-        tokens = list(tokens)
+            md.fail("the model has no tokenizer (metadata key tokenizer.ggml.model is missing)")
+        tokens = md.str_array("tokenizer.ggml.tokens")
+        if not tokens:
+            md.fail("the model has no vocabulary (metadata key tokenizer.ggml.tokens is missing)")
         n = len(tokens)
-        scores = _kv(kvs, "tokenizer.ggml.scores")
-        scores = [float(s) for s in scores] if scores is not None else [0.0] * n
-        types = _kv(kvs, "tokenizer.ggml.token_type")
-        types = [int(t) for t in types] if types is not None else [TT_NORMAL] * n
-        pre = _kv(kvs, "tokenizer.ggml.pre") or "default"
+        scores_arr = md.number_array("tokenizer.ggml.scores", n)
+        scores = scores_arr.tolist() if scores_arr is not None else [0.0] * n
+        types_arr = md.number_array("tokenizer.ggml.token_type", n, integer=True)
+        if types_arr is not None and n and not (types_arr.min() >= 0 and types_arr.max() <= TT_BYTE):
+            bad = int(np.flatnonzero((types_arr < 0) | (types_arr > TT_BYTE))[0])
+            md.bad(f"tokenizer.ggml.token_type[{bad}]", int(types_arr[bad]), f"token types are 0 .. {TT_BYTE}")
+        types = types_arr.tolist() if types_arr is not None else [TT_NORMAL] * n
+        pre = md.get_str("tokenizer.ggml.pre") or "default"
         merges = {}
         if model == "gpt2":
-            raw = _kv(kvs, "tokenizer.ggml.merges")
+            raw = md.str_array("tokenizer.ggml.merges")
             if raw is None:
-                raise ImatrixError("BPE vocabulary without merges (metadata key tokenizer.ggml.merges is missing)")
+                md.fail("BPE vocabulary without merges (metadata key tokenizer.ggml.merges is missing)")
             for rank, m in enumerate(raw):
                 pos = m.find(" ", 1)
-                if pos >= 0:
-                    merges.setdefault((m[:pos], m[pos + 1:]), rank)
-                else:
-                    merges.setdefault(("", ""), rank)
+                if pos < 0:
+                    md.bad(f"tokenizer.ggml.merges[{rank}]", m, "expected two token texts separated by a space")
+                merges.setdefault((m[:pos], m[pos + 1:]), rank)
         if model == "llama":
             bos, eos, add_bos, add_space = 1, 2, True, True
             ignore_merges = False
@@ -177,19 +177,16 @@ class Tokenizer:
             add_bos = pre in _PRE_ADD_BOS
             add_space = False
             ignore_merges = pre in _PRE_IGNORE_MERGES
-        bos_key = _kv(kvs, "tokenizer.ggml.bos_token_id")
-        eos_key = _kv(kvs, "tokenizer.ggml.eos_token_id")
-        if bos_key is not None and 0 <= int(bos_key) < n:
-            bos = int(bos_key)
-        if eos_key is not None and 0 <= int(eos_key) < n:
-            eos = int(eos_key)
-        v = _kv(kvs, "tokenizer.ggml.add_bos_token")
-        if v is not None:
-            add_bos = bool(v)
-        add_eos = bool(_kv(kvs, "tokenizer.ggml.add_eos_token", False))
-        v = _kv(kvs, "tokenizer.ggml.add_space_prefix")
-        if v is not None:
-            add_space = bool(v)
+        # an id outside the vocabulary is ignored, as llama.cpp does (it keeps the default)
+        bos_key = md.get_int("tokenizer.ggml.bos_token_id", lo=-2**31, hi=2**32 - 1)
+        eos_key = md.get_int("tokenizer.ggml.eos_token_id", lo=-2**31, hi=2**32 - 1)
+        if bos_key is not None and 0 <= bos_key < n:
+            bos = bos_key
+        if eos_key is not None and 0 <= eos_key < n:
+            eos = eos_key
+        add_bos = md.get_bool("tokenizer.ggml.add_bos_token", add_bos)
+        add_eos = md.get_bool("tokenizer.ggml.add_eos_token", False)
+        add_space = md.get_bool("tokenizer.ggml.add_space_prefix", add_space)
         if bos is not None and bos >= n:
             bos = None
         return cls(model=model, tokens=tokens, scores=scores, token_types=types, merges=merges, pre=pre,

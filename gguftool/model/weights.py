@@ -25,7 +25,8 @@ import numpy as np
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
-def _layer_of(name: str) -> int:
+def layer_of(name: str) -> int:
+    """The layer index of a ``blk.N.*`` tensor name, -1 for other tensors."""
     m = _LAYER.match(name)
     return int(m.group(1)) if m else -1
 
@@ -117,7 +118,7 @@ class WeightStore(Mapping):
         return a
 
     def _stream(self, name: str, a: np.ndarray) -> np.ndarray:
-        layer = _layer_of(name)
+        layer = layer_of(name)
         if layer != self._streamed_layer:
             self._streamed = {}   # the previous layer's streamed tensors are no longer needed
             self._streamed_layer = layer
