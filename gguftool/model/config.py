@@ -62,11 +62,11 @@ class ModelConfig:
         n_head = md.get_int(a + "attention.head_count", lo=1, hi=n_embd, required=True)
         n_head_kv = md.get_int(a + "attention.head_count_kv", n_head, lo=1, hi=n_head)
         if n_head % n_head_kv:
-            md.fail(f"bad metadata: {a}attention.head_count = {n_head} is not a multiple of "
+            md.invalid(f"{a}attention.head_count = {n_head} is not a multiple of "
                     f"{a}attention.head_count_kv = {n_head_kv}")
         if not md.has(a + "attention.key_length") and n_embd % n_head:
-            md.fail(f"bad metadata: {a}embedding_length = {n_embd} is not a multiple of "
-                    f"{a}attention.head_count = {n_head} (and there is no {a}attention.key_length)")
+            md.invalid(f"{a}embedding_length = {n_embd} is not a multiple of "
+                       f"{a}attention.head_count = {n_head} (and there is no {a}attention.key_length)")
         head_dim = md.get_int(a + "attention.key_length", n_embd // n_head, lo=1)
         head_dim_v = md.get_int(a + "attention.value_length", head_dim, lo=1)
         n_expert = md.get_int(a + "expert_count", 0)
@@ -132,7 +132,7 @@ class ModelConfig:
             cfg.n_expert = n_expert
             cfg.n_expert_used = md.get_int(a + "expert_used_count", 0)
             if not 0 < cfg.n_expert_used <= n_expert:
-                md.fail(f"bad metadata: {a}expert_used_count = {cfg.n_expert_used} ({n_expert} experts)")
+                md.invalid(f"{a}expert_used_count = {cfg.n_expert_used} ({n_expert} experts)")
             cfg.n_ff_exp = md.get_int(a + "expert_feed_forward_length", 0) or n_ff
             if cfg.n_ff_exp <= 0:
                 md.fail(f"the model is missing the metadata key {a}expert_feed_forward_length")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -98,8 +98,9 @@ class Model:
             names.append(p + "attn_qkv.weight")
         return names
 
-    def _fail(self, message: str) -> NoReturn:
-        raise ImatrixError(f"{self.origin}: {message}" if self.origin else message)
+    def _file_error(self, message: str) -> ImatrixError:
+        """An error about the file's contents (a size or shape): the message starts with the file."""
+        return ImatrixError(f"{self.origin}: {message}" if self.origin else message)
 
     def _check(self) -> None:
         """The configuration against the tensors present, before anything sized by it is built: the layer count
@@ -108,21 +109,22 @@ class Model:
         layers = {layer_of(n) for n in self.w} - {-1}
         n_found = max(layers) + 1 if layers else 0
         if n_found != cfg.n_layer:
-            self._fail(f"bad metadata: {cfg.arch}.block_count = {cfg.n_layer}, but the tensors are those of "
-                       f"{n_found} layers")
+            raise self._file_error(f"bad metadata: {cfg.arch}.block_count = {cfg.n_layer}, but the tensors are "
+                                   f"those of {n_found} layers")
         need = ["token_embd.weight", "output_norm.weight"]
         for il in range(cfg.n_layer):
             need += self._layer_names(il)
         missing = [n for n in need if n not in self.w]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            self._fail(f"the model is missing tensor {missing[0]}{more}")
+            raise ImatrixError(f"the model is missing tensor {missing[0]}{more}")
         emb = self._shape("token_embd.weight")
         if len(emb) != 2 or emb[1] != cfg.n_embd:
-            self._fail(f"tensor token_embd.weight has shape {emb[::-1]}, expected ({cfg.n_embd}, n_vocab)")
+            raise self._file_error(f"tensor token_embd.weight has shape {emb[::-1]}, expected ({cfg.n_embd}, "
+                                   "n_vocab)")
         if cfg.n_vocab and cfg.n_vocab != emb[0]:
-            self._fail(f"bad metadata: {cfg.arch}.vocab_size = {cfg.n_vocab}, but token_embd.weight has {emb[0]} "
-                       "rows")
+            raise self._file_error(f"bad metadata: {cfg.arch}.vocab_size = {cfg.n_vocab}, but token_embd.weight "
+                                   f"has {emb[0]} rows")
         if not cfg.n_vocab:
             cfg.n_vocab = emb[0]
         single = {"output_norm.weight": (cfg.n_embd,), "output.weight": (cfg.n_vocab, cfg.n_embd)}
@@ -153,7 +155,7 @@ class Model:
             expect.update({"attn_qkv.weight": ((cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim, cfg.n_embd),
                            "ffn_up.weight": (2 * cfg.n_ff, cfg.n_embd), "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
             if ("rope_factors_long.weight" in self.w) != ("rope_factors_short.weight" in self.w):
-                self._fail("a LongRoPE model needs both rope_factors_long and rope_factors_short")
+                raise ImatrixError("a LongRoPE model needs both rope_factors_long and rope_factors_short")
         else:
             expect.update({"ffn_gate.weight": (cfg.n_ff, cfg.n_embd), "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
                            "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
@@ -167,7 +169,7 @@ class Model:
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if self._shape(name) != shape:
-            self._fail(f"tensor {name} has shape {self._shape(name)[::-1]}, expected {shape[::-1]}")
+            raise self._file_error(f"tensor {name} has shape {self._shape(name)[::-1]}, expected {shape[::-1]}")
 
     def _shape(self, name: str) -> tuple[int, ...]:
         """Shape of weight ``name`` (numpy order) without reading it from a WeightStore."""

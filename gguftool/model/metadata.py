@@ -56,10 +56,16 @@ class MetadataReader:
         self.origin = origin
 
     def fail(self, message: str) -> NoReturn:
-        raise ImatrixError(f"{self.origin}: {message}" if self.origin else message)
+        """Something missing or unsupported ("the model has no ...", "unsupported architecture ...")."""
+        raise ImatrixError(message)
+
+    def invalid(self, message: str) -> NoReturn:
+        """A value found in the file is wrong: the message starts with the file."""
+        prefix = f"{self.origin}: " if self.origin else ""
+        raise ImatrixError(f"{prefix}bad metadata: {message}")
 
     def bad(self, key: str, value: Any, why: str) -> NoReturn:
-        self.fail(f"bad metadata: {key} = {_show(value)} ({why})")
+        self.invalid(f"{key} = {_show(value)} ({why})")
 
     def has(self, key: str) -> bool:
         return self.meta.get(key) is not None
@@ -150,7 +156,7 @@ class MetadataReader:
         if values is None:
             return None
         if len(values) != length:
-            self.fail(f"bad metadata: {key} has {len(values)} values, expected {length} (one per token)")
+            self.invalid(f"{key} has {len(values)} values, expected {length} (one per token)")
         arr = np.asarray(values) if len(values) else np.zeros(0, dtype=np.int64 if integer else np.float64)
         ok = arr.ndim == 1 and arr.dtype.kind in ("i", "u") if integer else arr.dtype.kind in ("i", "u", "f")
         if not ok or (arr.dtype.kind == "f" and not np.all(np.isfinite(arr))):
