@@ -48,94 +48,52 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
     evaluated and, for every matrix multiplication by a `blk.*` weight, the sum of squares of each input column
     is accumulated with the token count. The numbers are llama-imatrix's; the file is readable by
     llama-quantize and `gguftool quantize --imatrix`."""
-    from ..errors import ImatrixError
+    from ..importance.run import compute_imatrix_file
 
     if model_arg and model_opt and model_arg != model_opt:
         fail(f"two models given: {model_arg!r} and {model_opt!r}")
     model_path = model_arg or model_opt
-    if n_ctx <= 0:
-        fail(f"--ctx must be > 0 (got {n_ctx})")
-    if n_chunks == 0:
-        fail("--chunks must be > 0 (or -1 for all)")
-    if batch <= 0:
-        fail(f"--batch-size must be > 0 (got {batch})")
-    if batch >= n_ctx and batch % n_ctx:
-        batch = (batch // n_ctx) * n_ctx
     if os.path.exists(output) and not force:
         fail(f"{output} exists (use --force to overwrite)")
     for p in [model_path, calib, *in_files]:
         if p and os.path.exists(output) and os.path.exists(p) and os.path.samefile(p, output):
             fail(f"refusing to write the output onto an input file: {output}")
-
-    from ..importance import collect as imx
-
-    if not calib:
-        if not in_files:
-            fail("no calibration text (--calib) and no --in-file imatrix to combine")
-        collector = imx.ImatrixCollector(n_ctx, process_output)
-        imx.merge_imatrix_files(collector, in_files)
-        im = collector.result()
-        imx.save_imatrix(output, im, fmt)
-        click.echo(f"combined {len(in_files)} imatrix file(s) into {output}: {len(im.entries)} entries, "
-                   f"{im.chunk_count} chunks", err=True)
-        return
-
-    if not model_path:
+    if not calib and not in_files:
+        fail("no calibration text (--calib) and no --in-file imatrix to combine")
+    if calib and not model_path:
         fail("no model given (MODEL or -m/--model)")
-    text = imx.read_calibration_text(calib)
-    if not text.strip():
-        fail(f"{calib}: calibration text is empty")
 
-    from ..model.forward import Model, ModelConfig
-    from ..model.tokenizer import Tokenizer
-    from ..model.weights import default_weight_budget
+    bars = []   # the progress bar, made at the first chunk (nothing is drawn when the model is refused)
 
-    n_threads = threads if threads > 0 else (os.cpu_count() or 1)
-    source = imx.load_model(model_path)
-    try:
-        ModelConfig.from_metadata(source)          # architecture first: the cheapest check
-        tokenizer = Tokenizer.from_metadata(source)
-        budget = default_weight_budget() if weight_gib is None else int(weight_gib * 2**30)
-        model = Model.from_source(source, n_threads=n_threads, weight_budget=budget)
-        bar = None
-        if not quiet:
+    def progress(done: int, total: int, ppl: float) -> None:
+        if quiet:
+            return
+        if not bars:
             from tqdm import tqdm
-            bar = tqdm(total=0, unit="chunk", desc="imatrix", file=sys.stderr, dynamic_ncols=True)
+            bars.append(tqdm(total=total, unit="chunk", desc="imatrix", file=sys.stderr, dynamic_ncols=True))
+        bar = bars[0]
+        bar.update(done - bar.n)
+        if ppl == ppl:
+            bar.set_postfix_str(f"ppl {ppl:.4f}")
 
-        def progress(done, total, ppl):
-            if bar is None:
-                return
-            if bar.total != total:
-                bar.total = total
-            bar.update(done - bar.n)
-            if ppl == ppl:
-                bar.set_postfix_str(f"ppl {ppl:.4f}")
-
-        def on_chunk(done, collector):
-            if save_freq > 0 and done % save_freq == 0:
-                imx.save_imatrix(f"{output}.at_{done}", collector.result(calib), fmt, dataset=calib)
-
-        try:
-            run = imx.compute_imatrix(model, tokenizer, text, n_ctx=n_ctx, n_chunks=n_chunks,
-                                      process_output=process_output, compute_ppl=not no_ppl,
-                                      in_files=in_files, dataset=calib, batch_tokens=batch, progress=progress,
-                                      on_chunk=on_chunk)
-        finally:
-            if bar is not None:
-                bar.close()
-        if not run.imatrix.entries:
-            raise ImatrixError("no matrix multiplications were collected")
-        imx.save_imatrix(output, run.imatrix, fmt, dataset=calib)
+    try:
+        result = compute_imatrix_file(
+            model_path, calib or None, output, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads or None,
+            output_format=fmt, process_output=process_output, in_files=in_files, save_frequency=save_freq,
+            batch=batch, max_weight_memory=None if weight_gib is None else int(weight_gib * 2**30),
+            compute_ppl=not no_ppl, progress=progress)
     finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+        for bar in bars:
+            bar.close()
+    if not calib:
+        click.echo(f"combined {result.n_in_files} imatrix file(s) into {output}: {len(result.imatrix.entries)} "
+                   f"entries, {result.imatrix.chunk_count} chunks", err=True)
+        return
     if not no_ppl:
-        click.echo(f"Final estimate: PPL = {run.ppl:.4f} +/- {run.ppl_err:.5f}", err=True)
-    click.echo(f"{output}: {len(run.imatrix.entries)} entries, {run.n_chunks} chunks of {n_ctx} tokens "
-               f"({run.n_tokens} tokens in the text), {run.seconds:.1f} s", err=True)
-    store = model.w
-    if store.streamed_names:
-        click.echo(f"note: {len(store.streamed_names)} weights ({store.streamed_bytes / 2**30:.2f} GiB as float32) "
-                   f"did not fit the weight memory ({budget / 2**30:.2f} GiB, --max-weight-memory) and were read "
-                   f"again for every batch", err=True)
+        click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}", err=True)
+    click.echo(f"{output}: {len(result.imatrix.entries)} entries, {result.n_chunks} chunks of {n_ctx} tokens "
+               f"({result.n_tokens} tokens in the text), {result.seconds:.1f} s", err=True)
+    if result.streamed_weights:
+        click.echo(f"note: {result.streamed_weights} weights ({result.streamed_bytes / 2**30:.2f} GiB as float32) "
+                   f"did not fit the weight memory ({result.weight_budget / 2**30:.2f} GiB, --max-weight-memory) "
+                   "and were read again for every batch", err=True)

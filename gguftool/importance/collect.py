@@ -13,8 +13,9 @@ Mirrors tools/imatrix/imatrix.cpp:
 - ``--in-file`` imatrices are merged first (GGUF: raw sums and counts added; legacy .dat: values * chunk_size and
   ncall * chunk_size, as ``IMatrixCollector::load_imatrix``), and the chunk count is ``max(counts) // chunk_size``.
 
-The result is an :class:`gguftool.imatrix_file.Imatrix`, written with ``write_imatrix_gguf`` /
-``write_imatrix_legacy`` from :mod:`gguftool.imatrix_file` (which also reads both formats).
+The result is an :class:`gguftool.importance.files.Imatrix`, written with ``write_imatrix_gguf`` /
+``write_imatrix_legacy`` from :mod:`gguftool.importance.files` (which also reads both formats).
+:mod:`gguftool.importance.run` puts the pieces together (files in, file out) for the command line and the API.
 """
 from __future__ import annotations
 
@@ -22,15 +23,19 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from ..errors import ImatrixError
 from .files import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
 
-__all__ = ["ImatrixCollector", "ImatrixRun", "compute_imatrix", "read_calibration_text", "load_model",
-           "merge_imatrix_files", "save_imatrix", "chunk_nll"]
+if TYPE_CHECKING:
+    from ..gguf.source import GGUFSource
+    from ..hf.source import HFSource
+
+__all__ = ["ImatrixCollector", "ImatrixRun", "check_run_options", "compute_imatrix", "read_calibration_text",
+           "load_model", "merge_imatrix_files", "save_imatrix", "chunk_nll"]
 
 
 # --- the collector
@@ -181,7 +186,7 @@ def read_calibration_text(path: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def load_model(path: str):
+def load_model(path: str) -> "GGUFSource | HFSource":
     """Open a GGUF file or a Hugging Face checkpoint (directory or .safetensors) as a TensorSource."""
     if not os.path.exists(path):
         raise ImatrixError(f"{path}: no such model file or directory")
@@ -215,6 +220,18 @@ def save_imatrix(path: str, im: Imatrix, fmt: str = "gguf", dataset: str = "") -
 # --- the run
 
 
+def check_run_options(n_ctx: int, n_chunks: int | None, batch_tokens: int, compute_ppl: bool) -> None:
+    """The chunking options, checked before any work (errors name the command line option too)."""
+    min_ctx = 3 if compute_ppl else 1   # perplexity is taken over positions n_ctx/2 .. n_ctx-2
+    if not isinstance(n_ctx, int) or n_ctx < min_ctx:
+        why = " to compute perplexity over its second half" if compute_ppl else ""
+        raise ImatrixError(f"the context size (--ctx) must be at least {min_ctx}{why} (got {n_ctx})")
+    if n_chunks is not None and (not isinstance(n_chunks, int) or n_chunks == 0 or n_chunks < -1):
+        raise ImatrixError(f"the chunk count (--chunks) must be > 0, or -1 for all (got {n_chunks})")
+    if not isinstance(batch_tokens, int) or batch_tokens <= 0:
+        raise ImatrixError(f"the batch size (--batch-size) must be > 0 (got {batch_tokens})")
+
+
 @dataclass
 class ImatrixRun:
     imatrix: Imatrix
@@ -238,8 +255,7 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
     ``model``: :class:`gguftool.model.forward.Model`; ``tokenizer``: :class:`gguftool.model.tokenizer.Tokenizer`.
     ``batch_tokens`` (llama-imatrix's ``-b``, 2048) sets how many chunks are evaluated together.
     """
-    if n_ctx <= 0:
-        raise ImatrixError(f"--ctx must be > 0 (got {n_ctx})")
+    check_run_options(n_ctx, n_chunks, batch_tokens, compute_ppl)
     t_start = time.time()
     collector = ImatrixCollector(n_ctx, process_output)
     for p in in_files:
@@ -250,8 +266,6 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
                            f"needs at least {2 * n_ctx}")
     n_chunk_max = len(tokens) // n_ctx
     n_chunk = n_chunk_max if n_chunks is None or n_chunks < 0 else min(n_chunks, n_chunk_max)
-    if n_chunk <= 0:
-        raise ImatrixError(f"--chunks must be > 0 (got {n_chunks})")
     n_seq = max(1, batch_tokens // n_ctx)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     first = n_ctx // 2

@@ -306,7 +306,7 @@ class Model:
         sel = np.ascontiguousarray(st.x.reshape(B, T, cfg.n_embd)[:, logits_from:logits_to].reshape(-1, cfg.n_embd))
         logits = np.empty((sel.shape[0], self.w[self.output_name].shape[0]), dtype=np.float32)
         self.workers.map(partial(self._logit_rows, sel, logits), self.workers.row_ranges(sel.shape[0], 1))
-        return logits.reshape(B, logits_to - logits_from, -1)
+        return logits.reshape(B, logits_to - logits_from, logits.shape[1])
 
     def _start_pass(self, tokens: np.ndarray) -> _PassState:
         """The token embeddings (the residual stream's start) and empty buffers for the rest of the pass."""

@@ -50,6 +50,8 @@ class WorkerPool:
 
     def row_ranges(self, n: int, min_rows: int = 16) -> list[tuple[int, int]]:
         """[r0, r1) ranges splitting n rows over the threads, at least ``min_rows`` rows each."""
+        if n <= 0:
+            return []
         parts = max(1, min(self.n_threads, n // min_rows))
         step = -(-n // parts)
         return [(r, min(n, r + step)) for r in range(0, n, step)]

@@ -1,0 +1,121 @@
+"""``gguftool imatrix`` as a library call: from a model file and calibration text to an imatrix file.
+
+:func:`compute_imatrix_file` opens the model, checks it (architecture, metadata, tensors) and its tokenizer,
+evaluates the text chunk by chunk (:func:`gguftool.importance.collect.compute_imatrix`), merges earlier imatrix
+files, writes the result (and snapshots every ``save_frequency`` chunks) and returns an :class:`ImatrixResult`.
+With no calibration text it only combines ``in_files``. It never prints: progress goes to the ``progress``
+callback, and what the command line reports (perplexity, weights that did not fit the memory) is in the result.
+Options are checked before any file is opened.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import ImatrixError
+from ..model.config import ModelConfig
+from ..model.forward import Model
+from ..model.tokenizer import Tokenizer
+from ..model.weights import default_weight_budget
+from .collect import (ImatrixCollector, ProgressFn, check_run_options, compute_imatrix, load_model,
+                      merge_imatrix_files, read_calibration_text, save_imatrix)
+from .files import Imatrix
+
+__all__ = ["ImatrixResult", "compute_imatrix_file"]
+
+OUTPUT_FORMATS = ("gguf", "dat")
+
+
+@dataclass
+class ImatrixResult:
+    """What a run wrote and measured."""
+    output_path: str
+    imatrix: Imatrix
+    n_ctx: int
+    n_chunks: int = 0               # chunks evaluated (0: in_files only combined)
+    n_tokens: int = 0               # tokens in the calibration text
+    ppl: float = float("nan")       # final perplexity estimate and its error (nan: not computed)
+    ppl_err: float = float("nan")
+    seconds: float = 0.0
+    n_in_files: int = 0             # imatrix files merged in
+    weight_budget: int = 0          # bytes of float32 weights kept in memory
+    streamed_weights: int = 0       # weights that did not fit it, read again for every batch
+    streamed_bytes: int = 0         # their float32 size
+
+
+def _check_options(n_ctx: int, n_chunks: int, threads: int | None, output_format: str, save_frequency: int,
+                   batch: int, max_weight_memory: int | None, compute_ppl: bool) -> None:
+    check_run_options(n_ctx, n_chunks, batch, compute_ppl)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ImatrixError(f"the thread count (--threads) must be >= 1 (got {threads})")
+    if output_format not in OUTPUT_FORMATS:
+        raise ImatrixError(f"unknown imatrix output format {output_format!r} (gguf or dat)")
+    if not isinstance(save_frequency, int) or save_frequency < 0:
+        raise ImatrixError(f"the snapshot interval (--save-frequency) must be >= 0 (got {save_frequency})")
+    if max_weight_memory is not None and (not isinstance(max_weight_memory, int) or max_weight_memory < 0):
+        raise ImatrixError(f"the weight memory (--max-weight-memory) must be >= 0 bytes (got {max_weight_memory})")
+
+
+def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: str | os.PathLike[str] | None,
+                         output_path: str | os.PathLike[str], *, n_ctx: int = 512, n_chunks: int = -1,
+                         threads: int | None = None, output_format: str = "gguf", process_output: bool = False,
+                         in_files: Sequence[str | os.PathLike[str]] = (),
+                         save_frequency: int = 0, batch: int = 2048, max_weight_memory: int | None = None,
+                         compute_ppl: bool = True, progress: ProgressFn | None = None) -> ImatrixResult:
+    """Compute the importance matrix of the model at ``model_path`` (GGUF file or Hugging Face checkpoint) over
+    the text at ``calib_path`` and write it to ``output_path`` (replaced if it exists), as llama-imatrix does.
+
+    ``n_ctx``: tokens per chunk; ``n_chunks``: chunks to evaluate (-1: all the text gives); ``batch``: tokens
+    evaluated together (several chunks when larger than ``n_ctx``); ``threads``: worker threads (None: all CPUs);
+    ``output_format``: "gguf" or llama.cpp's legacy "dat"; ``process_output``: also collect output.weight;
+    ``in_files``: imatrix files (either format) merged into the result; ``save_frequency``: also write
+    ``OUTPUT.at_N`` every N chunks (0: never); ``max_weight_memory``: bytes of float32 weights kept in memory
+    (None: half the available memory; the others are read again for every batch: slower, same result);
+    ``compute_ppl``: compute the perplexity; ``progress(done, total, running_ppl)`` after each chunk.
+
+    Without ``calib_path`` the ``in_files`` are only combined (``model_path`` is not read). Raises ImatrixError
+    (or another GGUFError) for bad options or input, before any work where it can tell.
+    """
+    _check_options(n_ctx, n_chunks, threads, output_format, save_frequency, batch, max_weight_memory, compute_ppl)
+    output = os.fspath(output_path)
+    in_paths = [os.fspath(p) for p in in_files]
+    if calib_path is None:
+        if not in_paths:
+            raise ImatrixError("no calibration text and no imatrix files to combine")
+        collector = ImatrixCollector(n_ctx, process_output)
+        merge_imatrix_files(collector, in_paths)
+        im = collector.result()
+        save_imatrix(output, im, output_format)
+        return ImatrixResult(output, im, n_ctx, n_in_files=len(in_paths))
+    if model_path is None:
+        raise ImatrixError("no model given")
+    model_file, calib = os.fspath(model_path), os.fspath(calib_path)
+    text = read_calibration_text(calib)
+    if not text.strip():
+        raise ImatrixError(f"{calib}: calibration text is empty")
+
+    source = load_model(model_file)
+    try:
+        ModelConfig.from_metadata(source, origin=model_file)          # architecture first: the cheapest check
+        tokenizer = Tokenizer.from_metadata(source, origin=model_file)
+        budget = default_weight_budget() if max_weight_memory is None else max_weight_memory
+        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1, weight_budget=budget,
+                                  origin=model_file)
+
+        def save_snapshot(done: int, collector: ImatrixCollector) -> None:
+            if save_frequency > 0 and done % save_frequency == 0:
+                save_imatrix(f"{output}.at_{done}", collector.result(calib), output_format, dataset=calib)
+
+        run = compute_imatrix(model, tokenizer, text, n_ctx=n_ctx, n_chunks=n_chunks, process_output=process_output,
+                              compute_ppl=compute_ppl, in_files=in_paths, dataset=calib, batch_tokens=batch,
+                              progress=progress, on_chunk=save_snapshot)
+        if not run.imatrix.entries:
+            raise ImatrixError("no matrix multiplications were collected")
+        save_imatrix(output, run.imatrix, output_format, dataset=calib)
+    finally:
+        source.close()
+    store = model.w
+    return ImatrixResult(output, run.imatrix, n_ctx, n_chunks=run.n_chunks, n_tokens=run.n_tokens, ppl=run.ppl,
+                         ppl_err=run.ppl_err, seconds=run.seconds, n_in_files=len(in_paths), weight_budget=budget,
+                         streamed_weights=len(store.streamed_names), streamed_bytes=store.streamed_bytes)
