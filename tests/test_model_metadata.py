@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gguftool.errors import ImatrixError
-from gguftool.gguf.values import KV, GGUFArray
 from gguftool.gguf.constants import GGUFValueType as VT
+from gguftool.gguf.values import KV, GGUFArray
 from gguftool.model.config import ModelConfig
 from gguftool.model.tokenizer import Tokenizer
 

@@ -17,7 +17,7 @@ from ..errors import ImatrixError
 from ..model.config import ModelConfig
 from ..model.forward import Model
 from ..model.tokenizer import Tokenizer
-from ..model.weights import default_weight_budget
+from ..model.weights import WeightStore, default_weight_budget
 from .collect import (ImatrixCollector, ProgressFn, check_run_options, compute_imatrix, load_model,
                       merge_imatrix_files, read_calibration_text, save_imatrix)
 from .files import Imatrix
@@ -115,7 +115,9 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
         save_imatrix(output, run.imatrix, output_format, dataset=calib)
     finally:
         source.close()
+    result = ImatrixResult(output, run.imatrix, n_ctx, n_chunks=run.n_chunks, n_tokens=run.n_tokens, ppl=run.ppl,
+                           ppl_err=run.ppl_err, seconds=run.seconds, n_in_files=len(in_paths), weight_budget=budget)
     store = model.w
-    return ImatrixResult(output, run.imatrix, n_ctx, n_chunks=run.n_chunks, n_tokens=run.n_tokens, ppl=run.ppl,
-                         ppl_err=run.ppl_err, seconds=run.seconds, n_in_files=len(in_paths), weight_budget=budget,
-                         streamed_weights=len(store.streamed_names), streamed_bytes=store.streamed_bytes)
+    if isinstance(store, WeightStore):   # always, from Model.from_source (Model itself takes any Mapping)
+        result.streamed_weights, result.streamed_bytes = len(store.streamed_names), store.streamed_bytes
+    return result

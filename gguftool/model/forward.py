@@ -57,7 +57,7 @@ class _PassState:
     k: np.ndarray            # (N, Hkv, D) after RoPE (float16-rounded with kv_f16)
     v: np.ndarray            # (N, Hkv, Dv)
     o: np.ndarray            # (B, T, Hkv, G, Dv) attention output
-    m: np.ndarray | None     # (N, n_ff) FFN activations, the input of ffn_down (None for MoE)
+    m: np.ndarray            # (N, n_ff) FFN activations, the input of ffn_down (empty for MoE)
 
 
 # --- model
@@ -327,7 +327,7 @@ class Model:
             k=np.empty((N, Hkv, D), dtype=np.float32),
             v=np.empty((N, Hkv, Dv), dtype=np.float32),
             o=np.empty((B, T, Hkv, H // Hkv, Dv), dtype=np.float32),
-            m=np.empty((N, cfg.n_ff), dtype=np.float32) if not cfg.n_expert else None)
+            m=np.empty((0 if cfg.n_expert else N, cfg.n_ff), dtype=np.float32))
 
     def _layer(self, st: _PassState, il: int, ranges: list[tuple[int, int]], hook: Hook | None) -> None:
         """Layer il: attention block, then the FFN (dense or MoE), each added to the residual stream st.x."""
@@ -402,7 +402,7 @@ class Model:
         st.x[r0:r1] = xx
         hh = rms_norm(xx, self.w[p + "ffn_norm.weight"], cfg.rms_eps)
         st.h[r0:r1] = hh
-        if st.m is None:
+        if cfg.n_expert:
             return
         if cfg.arch == "phi3":
             gu = self._linear(hh, p + "ffn_up.weight")

@@ -11,7 +11,7 @@ values and lists (metadata built in memory).
 from __future__ import annotations
 
 import math
-from typing import Any, NoReturn, Protocol
+from typing import Any, Literal, NoReturn, Protocol, overload
 
 import numpy as np
 
@@ -87,8 +87,17 @@ class MetadataReader:
             v = values[0]
         return v
 
+    @overload
+    def get_int(self, key: str, default: int, *, lo: int = ..., hi: int = ..., required: bool = ...) -> int: ...
+    @overload
+    def get_int(self, key: str, default: None = ..., *, lo: int = ..., hi: int = ...,
+                required: Literal[True]) -> int: ...
+    @overload
+    def get_int(self, key: str, default: None = ..., *, lo: int = ..., hi: int = ...,
+                required: bool = ...) -> int | None: ...
+
     def get_int(self, key: str, default: int | None = None, *, lo: int = 0, hi: int = MAX_COUNT,
-            required: bool = False) -> int | None:
+                required: bool = False) -> int | None:
         """An integer lo <= v <= hi (default when absent; None stays None)."""
         v = self._scalar(key, default, required)
         if v is None:
@@ -100,8 +109,18 @@ class MetadataReader:
             self.bad(key, v, f"expected {lo} .. {hi}")
         return v
 
+    @overload
+    def get_float(self, key: str, default: float, *, lo: float = ..., lo_open: bool = ..., hi: float = ...,
+                  required: bool = ...) -> float: ...
+    @overload
+    def get_float(self, key: str, default: None = ..., *, lo: float = ..., lo_open: bool = ..., hi: float = ...,
+                  required: Literal[True]) -> float: ...
+    @overload
+    def get_float(self, key: str, default: None = ..., *, lo: float = ..., lo_open: bool = ..., hi: float = ...,
+                  required: bool = ...) -> float | None: ...
+
     def get_float(self, key: str, default: float | None = None, *, lo: float = 0.0, lo_open: bool = False,
-              hi: float = math.inf, required: bool = False) -> float | None:
+                  hi: float = math.inf, required: bool = False) -> float | None:
         """A finite number v >= lo (> lo with ``lo_open``) and <= hi (default when absent; None stays None)."""
         v = self._scalar(key, default, required)
         if v is None:
@@ -114,6 +133,11 @@ class MetadataReader:
             self.bad(key, v, f"expected a finite number {bound}" + (f" and <= {hi}" if hi != math.inf else ""))
         return v
 
+    @overload
+    def get_str(self, key: str, default: str) -> str: ...
+    @overload
+    def get_str(self, key: str, default: None = ..., *, required: bool = ...) -> str | None: ...
+
     def get_str(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
         v = self.meta.get(key)
         if v is None:
@@ -124,6 +148,11 @@ class MetadataReader:
             self.bad(key, v, "expected a string")
         return v
 
+    @overload
+    def get_bool(self, key: str, default: bool) -> bool: ...
+    @overload
+    def get_bool(self, key: str, default: None = ...) -> bool | None: ...
+
     def get_bool(self, key: str, default: bool | None = None) -> bool | None:
         v = self.meta.get(key)
         if v is None:
@@ -133,7 +162,7 @@ class MetadataReader:
         return bool(v)
 
     # --- arrays
-    def _array(self, key: str) -> list | np.ndarray | None:
+    def _array(self, key: str) -> list | tuple | np.ndarray | None:
         v = self.meta.get(key)
         if v is None:
             return None

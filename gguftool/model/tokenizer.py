@@ -159,7 +159,7 @@ class Tokenizer:
             md.bad(f"tokenizer.ggml.token_type[{bad}]", int(types_arr[bad]), f"token types are 0 .. {TT_BYTE}")
         types = types_arr.tolist() if types_arr is not None else [TT_NORMAL] * n
         pre = md.get_str("tokenizer.ggml.pre") or "default"
-        merges = {}
+        merges: dict[tuple[str, str], int] = {}
         if model == "gpt2":
             raw = md.str_array("tokenizer.ggml.merges")
             if raw is None:
@@ -169,6 +169,7 @@ class Tokenizer:
                 if pos < 0:
                     md.bad(f"tokenizer.ggml.merges[{rank}]", m, "expected two token texts separated by a space")
                 merges.setdefault((m[:pos], m[pos + 1:]), rank)
+        bos: int | None
         if model == "llama":
             bos, eos, add_bos, add_space = 1, 2, True, True
             ignore_merges = False
