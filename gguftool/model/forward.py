@@ -173,8 +173,9 @@ class Model:
 
     def _shape(self, name: str) -> tuple[int, ...]:
         """Shape of weight ``name`` (numpy order) without reading it from a WeightStore."""
-        shape = getattr(self.w, "shape", None)
-        return shape(name) if shape is not None else tuple(self.w[name].shape)
+        if isinstance(self.w, WeightStore):
+            return self.w.shape(name)
+        return tuple(self.w[name].shape)
 
     @classmethod
     def from_source(cls, source: TensorSource, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True,
@@ -193,7 +194,7 @@ class Model:
             if len(t.shape) > 3 or (len(t.shape) == 3 and not t.name.endswith("_exps.weight")):
                 raise ImatrixError(f"{where}tensor {t.name} has {len(t.shape)} dimensions: not a weight gguftool "
                                    "can evaluate")
-            tname = getattr(getattr(t, "type", None), "name", "")
+            tname = t.type.name
             kind = VEC_DOT.get(tname) if as_stored else None
             if kind is not None and len(t.shape) >= 2:
                 kinds[t.name] = kind
