@@ -188,12 +188,15 @@ class Model:
         model as its F32 dequantization. ``origin``: the model file, named in error messages."""
         cfg = ModelConfig.from_metadata(source, origin=origin)
         where = f"{origin}: " if origin else ""
-        kinds: dict[str, str] = {}
-        minima: dict[str, np.ndarray] = {}
         for t in source.tensors:
             if len(t.shape) > 3 or (len(t.shape) == 3 and not t.name.endswith("_exps.weight")):
                 raise ImatrixError(f"{where}tensor {t.name} has {len(t.shape)} dimensions: not a weight gguftool "
                                    "can evaluate")
+        model = cls(cfg, WeightStore(source.tensors, weight_budget), kv_f16=kv_f16, n_threads=n_threads,
+                    origin=origin)   # checks the configuration against the tensors before anything is read
+        kinds: dict[str, str] = {}
+        minima: dict[str, np.ndarray] = {}
+        for t in source.tensors:
             tname = t.type.name
             kind = VEC_DOT.get(tname) if as_stored else None
             if kind is not None and len(t.shape) >= 2:
@@ -202,8 +205,6 @@ class Model:
                     n_rows = t.n_elements // t.shape[0]
                     m = block_minima(t.read_raw(), BLOCK_MIN_BYTES[tname], n_rows)
                     minima[t.name] = m.reshape(t.shape[2], t.shape[1], -1) if len(t.shape) == 3 else m
-        weights = WeightStore(source.tensors, weight_budget)
-        model = cls(cfg, weights, kv_f16=kv_f16, n_threads=n_threads, origin=origin)
         model.act_kinds = kinds
         model.block_minima = minima
         return model
