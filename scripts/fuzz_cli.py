@@ -227,6 +227,7 @@ def _hash_tree(paths) -> dict:
 def run_signal_case(subcommand: str, klass: str, inputs: dict, base: Path, rng: random.Random,
                     duration: float) -> tuple[list[str], str]:
     """One run killed or starved; returns (problems, explanation)."""
+    import fuzz_cases as F
     case_dir = Path(tempfile.mkdtemp(dir=base, prefix=f"{subcommand}-{klass}-"))
     out = case_dir / "out"
     out.mkdir()
@@ -270,7 +271,7 @@ def run_signal_case(subcommand: str, klass: str, inputs: dict, base: Path, rng: 
     seconds = time.monotonic() - t0
     stderr = (case_dir / "stderr").read_text(encoding="utf-8", errors="replace")
     left = sorted(str(q.relative_to(case_dir)) for q in out.rglob("*")
-                  if not (q == out / "o.gguf" and _complete_gguf(q)))   # a finished output may stay
+                  if not (q == out / "o.gguf" and F.complete_gguf(q)))   # a finished output may stay
     if truncated is not None:      # anything new beside the truncated input is debris too
         left += sorted(str(q.relative_to(case_dir)) for q in truncated.parent.iterdir()
                        if q.name.endswith(".tmp") or ".gguf" in q.name and q != truncated)
@@ -302,17 +303,6 @@ def run_signal_case(subcommand: str, klass: str, inputs: dict, base: Path, rng: 
         "stderr (last 20 lines):\n  " + "\n  ".join(stderr.splitlines()[-20:])])
     shutil.rmtree(case_dir, ignore_errors=True)
     return kinds, text
-
-
-def _complete_gguf(path: Path) -> bool:
-    """The file is a whole GGUF file (its header parses and every tensor's data is inside the file)."""
-    from gguftool.errors import GGUFError
-    from gguftool.gguf.reader import GGUFReader
-    try:
-        with GGUFReader(path):
-            return True
-    except GGUFError:
-        return False
 
 
 def measure(subcommand: str, inputs: dict, base: Path) -> float:

@@ -11,7 +11,8 @@ what went wrong:
 - ``traceback``: an exception other than SystemExit escaped, or stderr holds ``Traceback``;
 - ``error-lines``: exit status 1 without exactly one stderr line starting with ``Error:``;
 - ``warning``: a Python warning (numpy RuntimeWarning ...) reached stderr;
-- ``leftover``: a file the run created that is not its completed output (or any file after a failure);
+- ``leftover``: a file the run created that is not its completed output (or any file after a failure; an
+  output named .gguf that is not a whole GGUF file counts as left over too);
 - ``changed-input``: a file that existed before the run (an input, or an output not to be overwritten) changed;
 - ``resources``: the run ran out of its memory allowance ("out of memory") or took longer than allowed.
 
@@ -188,6 +189,17 @@ def _inode(path: str) -> "tuple[int, int] | None":
     return st_.st_dev, st_.st_ino
 
 
+def complete_gguf(path: Path) -> bool:
+    """The file is a whole GGUF file (its header parses and every tensor's data lies inside the file)."""
+    from gguftool.errors import GGUFError
+    from gguftool.gguf.reader import GGUFReader
+    try:
+        with GGUFReader(path):
+            return True
+    except GGUFError:
+        return False
+
+
 def allowed_outputs(case: Case, ws: Workspace) -> "re.Pattern | None":
     """The files a successful run may create or replace: the output and its split parts / snapshots."""
     out = case.output(ws)
@@ -206,9 +218,10 @@ def _judge(case: Case, ws: Workspace, before: dict[str, str], after: dict[str, s
         # a pre-existing file the run may replace: the output itself with --force, unless it is an input
         if not (ok and case.force and pattern is not None and pattern.fullmatch(rel)):
             return False
-        return before[rel].startswith("link:") is False and _inode(str(ws.root / rel)) not in input_inodes
+        return not before[rel].startswith("link:") and _inode(str(ws.root / rel)) not in input_inodes
     leftovers = sorted(rel for rel in after if rel not in before
-                       and not (ok and pattern is not None and pattern.fullmatch(rel)))
+                       and not (ok and pattern is not None and pattern.fullmatch(rel)
+                                and (not rel.endswith(".gguf") or complete_gguf(ws.root / rel))))
     changed = sorted(rel for rel in before if after.get(rel) != before[rel] and not replaceable(rel))
     return leftovers, changed
 

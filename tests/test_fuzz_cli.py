@@ -26,8 +26,8 @@ settings.register_profile("ci", max_examples=12, derandomize=True, database=None
                           suppress_health_check=list(HealthCheck))
 settings.register_profile("many", max_examples=500, derandomize=False, database=None, deadline=None,
                           suppress_health_check=list(HealthCheck))
-PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci")
-                               if os.environ.get("HYPOTHESIS_PROFILE") in ("ci", "many") else "ci")
+_PROFILE_NAME = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+PROFILE = settings.get_profile(_PROFILE_NAME if _PROFILE_NAME in ("ci", "many") else "ci")
 
 
 @pytest.fixture(scope="module")
