@@ -46,7 +46,8 @@ IMATRIX_GGUF = FIXTURES / "quantize_reference" / "llama_imatrix" / "tiny.imatrix
 IMATRIX_DAT = FIXTURES / "quantize_reference" / "llama_imatrix" / "tiny.imatrix.dat"
 
 SUBCOMMANDS = ("convert", "quantize", "inspect", "edit", "imatrix")
-MAX_SECONDS = 20.0          # a case that runs longer is reported as "resources" (and stopped)
+MAX_SECONDS = 60.0          # a hang guard: a case that runs longer is stopped and reported as "resources"
+                            # (generous: a kernel's first numba compilation on a busy machine takes ~30 s)
 MEMORY_HEADROOM = 1 << 30   # address space a case may add to the process before MemoryError
 MAX_FILE_SIZE = 256 << 20   # no output of the tiny fixtures comes near; a larger write fails with EFBIG
 
@@ -277,6 +278,9 @@ def run_case(case: Case, ws: Workspace) -> Outcome:
             signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
             try:
                 result = runner.invoke(main, argv, catch_exceptions=True)
+            except _Timeout as e:       # not an Exception, so CliRunner lets it through
+                result = None
+                timeout = e
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
     finally:
@@ -286,19 +290,22 @@ def run_case(case: Case, ws: Workspace) -> Outcome:
         signal.signal(signal.SIGALRM, old_alarm)
         os.chdir(cwd)
     seconds = time.perf_counter() - t0
-    exc = result.exception
+    if result is None:
+        exit_code, stdout, stderr, exc = -1, "", "", timeout
+    else:
+        exit_code, stdout, stderr, exc = result.exit_code, result.stdout, result.stderr, result.exception
     exc_text = ""
     if exc is not None and not isinstance(exc, SystemExit):
         exc_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     after = snapshot(ws.root)
-    leftovers, changed = _judge(case, ws, before, after, result.exit_code == 0, input_inodes)
-    return Outcome(result.exit_code, result.stdout, result.stderr, exc, exc_text, seconds, leftovers, changed)
+    leftovers, changed = _judge(case, ws, before, after, exit_code == 0, input_inodes)
+    return Outcome(exit_code, stdout, stderr, exc, exc_text, seconds, leftovers, changed)
 
 
 def problems(o: Outcome) -> list[str]:
     """The failure kinds of an outcome (empty when the run behaved)."""
     kinds = []
-    if o.exit_code not in (0, 1):
+    if o.exit_code not in (0, 1) and not isinstance(o.exception, _Timeout):
         kinds.append("exit-status")
     if (o.exception is not None and not isinstance(o.exception, SystemExit)) or "Traceback" in o.stderr:
         kinds.append("traceback" if not isinstance(o.exception, _Timeout) else "resources")
