@@ -265,23 +265,24 @@ def test_force_overwrites_and_input_is_untouched(models, tmp_path):
 
 
 def test_progress_callback_covers_every_byte(models, tmp_path):
-    from gguftool.pipeline import execute as PL
+    from gguftool.pipeline import execute as PX
+    from gguftool.pipeline import plan as PL
     from gguftool.pipeline import policy as P
     from gguftool.gguf.source import open_gguf_source
 
     seen = []
     with open_gguf_source(models["small.gguf"]) as src:
         plan = PL.make_plan(src, PL.QuantizeConfig(P.parse_ftype("Q6_K")))
-        s = PL.execute(src, plan, tmp_path / "o.gguf", threads=1, progress=lambda n, t: seen.append((n, t.name)))
+        s = PX.execute(src, plan, tmp_path / "o.gguf", threads=1, progress=lambda n, t: seen.append((n, t.name)))
     assert sum(n for n, _ in seen) == plan.src_bytes == s.src_bytes
     assert [t for _, t in seen][-1] == plan.tensors[-1].name
     assert s.out_bytes == plan.out_bytes and s.file_size == os.path.getsize(tmp_path / "o.gguf")
 
 
 def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
-    from gguftool.pipeline import execute as PL
+    from gguftool.pipeline import io as PIO
 
-    monkeypatch.setattr(PL, "SLAB_BYTES", 256 * 4 * 100)  # 100 rows per slab: slabs end mid-tensor
+    monkeypatch.setattr(PIO, "SLAB_BYTES", 256 * 4 * 100)  # 100 rows per slab: slabs end mid-tensor
     out = tmp_path / "o.gguf"
     code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_M", "--imatrix", models["im_small.gguf"])
     assert code == 0, err

@@ -68,7 +68,7 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
     MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
     Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
     """
-    from ..pipeline import execute as PL
+    from ..pipeline import plan as PL
     from ..pipeline import policy as P
     from ..hf.source import open_hf_source
 
