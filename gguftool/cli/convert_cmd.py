@@ -82,6 +82,7 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
         type_name = ftype.name
         out = outfile or _default_outfile(src, type_name)
         cfg = build_config(ftype, **policy)
+        cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
         apply_split_options(cfg, split_max_size, split_max_tensors)
         plan = PL.make_plan(src, cfg)
         if not dry_run:

@@ -5,7 +5,8 @@
 raises here, so it never leaves a partial file; :mod:`.execute` then streams the data. What lands in the file
 mirrors llama.cpp's ``llama_model_quantize_impl`` (src/llama-quant.cpp):
 
-- tensors in llama's order (non-layer tensors first, then by layer, each group sorted by name);
+- tensors in llama's order (non-layer tensors first, then by layer, each group sorted by name), but for
+  ``gguftool convert`` to a type llama.cpp's converter writes itself (:data:`CONVERTER_FTYPES`) in its order;
 - KV pairs of the input in order, then ``general.quantization_version`` and ``general.file_type`` moved to
   the end (llama.cpp's gguf_set_val_* removes a key and appends it), ``split.*`` keys removed, then the
   --override-kv pairs and the ``quantize.imatrix.*`` keys the same way;
@@ -29,6 +30,14 @@ from .source import SourceTensor, TensorSource
 
 __all__ = ["QuantizeConfig", "Plan", "make_plan", "output_kvs", "imatrix_kvs", "parse_kv_override", "split_by_limit",
            "output_files", "shape3"]
+
+# The file types llama.cpp's convert_hf_to_gguf.py writes itself (--outtype f32/f16/bf16/q8_0). ``gguftool convert``
+# to one of them keeps that script's tensor order (order="convert"), which the Hugging Face source reproduces:
+# generate_extra_tensors (rope_freqs) first, then the safetensors files in sorted name order, the tensors of each
+# file in sorted name order (gguf-py's SafetensorsLocal), each as modify_tensors yields it (merged MoE experts once
+# a layer's last expert tensor is read); gguf-py's writer keeps that order. Other types go through llama-quantize,
+# whose order is llama's.
+CONVERTER_FTYPES = frozenset({"F32", "F16", "BF16", "Q8_0"})
 
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
@@ -55,7 +64,8 @@ class QuantizeConfig:
     exclude_weights: list[str] = field(default_factory=list)
     allow_requantize: bool = False
     kv_overrides: list[KV] = field(default_factory=list)
-    order: str = "llama"                   # "llama": llama-quantize's tensor order; "source": as given
+    order: str = "llama"                   # "llama": llama-quantize's tensor order; "source": as given;
+                                           # "convert": as given for CONVERTER_FTYPES, else llama's (see there)
     keep_split: bool = False               # --keep-split: one output file per input split, tensors in file order
     split_max_bytes: int | None = None     # --split-max-size: split the output as gguf-split does
     split_max_tensors: int | None = None   # --split-max-tensors
@@ -186,7 +196,7 @@ def make_plan(source: TensorSource, cfg: QuantizeConfig, dry_run: bool = False) 
         if any(p is None for p in positions.values()):
             raise PolicyError("--keep-split needs a GGUF input (it keeps the input's split files)")
         names = sorted(by_name, key=lambda n: positions[n])
-    elif cfg.order == "llama":
+    elif cfg.order == "llama" or (cfg.order == "convert" and cfg.ftype.name not in CONVERTER_FTYPES):
         names = P.llama_tensor_order(by_name)
     else:
         names = list(by_name)
