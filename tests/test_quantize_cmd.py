@@ -279,6 +279,35 @@ def test_progress_callback_covers_every_byte(models, tmp_path):
     assert s.out_bytes == plan.out_bytes and s.file_size == os.path.getsize(tmp_path / "o.gguf")
 
 
+def test_source_with_only_read_f32_and_read_raw(models, tmp_path, monkeypatch):
+    """SourceTensor's defaults (read_rows, read_rows_into, no background reads, no raw_location) are enough: the
+    same bytes as the GGUF source's own slab reads, also when slabs end mid-tensor."""
+    from gguftool.gguf.source import open_gguf_source
+    from gguftool.pipeline import execute as PX
+    from gguftool.pipeline import io as PIO
+    from gguftool.pipeline import plan as PL
+    from gguftool.pipeline import policy as P
+    from gguftool.pipeline.source import SourceTensor, TensorSource
+
+    class Plain(SourceTensor):
+        def __init__(self, t):
+            self.name, self.shape, self.type, self._t = t.name, t.shape, t.type, t
+
+        def read_f32(self):
+            return np.array(self._t.read_f32())
+
+        def read_raw(self):
+            return self._t.read_raw()
+
+    monkeypatch.setattr(PIO, "SLAB_BYTES", 256 * 4 * 100)
+    outs = [tmp_path / "gguf.gguf", tmp_path / "plain.gguf"]
+    with open_gguf_source(models["small.gguf"]) as src:
+        plain = TensorSource(kvs=src.kvs, tensors=[Plain(t) for t in src.tensors])
+        for s, out in zip((src, plain), outs):
+            PX.execute(s, PL.make_plan(s, PL.QuantizeConfig(P.parse_ftype("Q4_K_M"))), out, threads=1)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
 def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
     from gguftool.pipeline import io as PIO
 
