@@ -303,7 +303,7 @@ def test_source_with_only_read_f32_and_read_raw(models, tmp_path, monkeypatch):
     outs = [tmp_path / "gguf.gguf", tmp_path / "plain.gguf"]
     with open_gguf_source(models["small.gguf"]) as src:
         plain = TensorSource(kvs=src.kvs, tensors=[Plain(t) for t in src.tensors])
-        for s, out in zip((src, plain), outs):
+        for s, out in zip((src, plain), outs, strict=True):
             PX.execute(s, PL.make_plan(s, PL.QuantizeConfig(P.parse_ftype("Q4_K_M"))), out, threads=1)
     assert outs[0].read_bytes() == outs[1].read_bytes()
 

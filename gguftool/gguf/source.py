@@ -120,7 +120,8 @@ class GGUFSource(TensorSource):
     def __init__(self, readers: "GGUFReader | list[GGUFReader]"):
         readers = [readers] if isinstance(readers, GGUFReader) else list(readers)
         self._fds: dict[str, int | None] = {}
-        tensors = [GGUFTensor(r, t, i, self._fd_provider(r.path)) for i, r in enumerate(readers) for t in r.tensors]
+        tensors: list[SourceTensor] = [GGUFTensor(r, t, i, self._fd_provider(r.path))
+                                       for i, r in enumerate(readers) for t in r.tensors]
         super().__init__(kvs=list(readers[0].kvs), tensors=tensors)
         self.readers = readers
         self.reader = readers[0]

@@ -88,7 +88,7 @@ class SlabReader:
         self._start_next()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         self._drain()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -99,7 +99,6 @@ class SlabReader:
                     m.close()
                 except BufferError:     # a slab view still alive somewhere: the collector closes it
                     pass
-        return False
 
     def rows(self, src: SourceTensor, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of ``src`` as float32, shape (stop - start, ne0); valid until the next call."""

@@ -192,8 +192,9 @@ def make_plan(source: TensorSource, cfg: QuantizeConfig, dry_run: bool = False) 
             raise PolicyError(f"duplicate tensor name {t.name!r} in the source")
         by_name[t.name] = t
     if cfg.keep_split:   # llama-quantize: sorted by (split, offset in the split's data section)
-        positions = {n: t.split_position() for n, t in by_name.items()}
-        if any(p is None for p in positions.values()):
+        found = {n: t.split_position() for n, t in by_name.items()}
+        positions = {n: p for n, p in found.items() if p is not None}
+        if len(positions) != len(found):
             raise PolicyError("--keep-split needs a GGUF input (it keeps the input's split files)")
         names = sorted(by_name, key=lambda n: positions[n])
     elif cfg.order == "llama" or (cfg.order == "convert" and cfg.ftype.name not in CONVERTER_FTYPES):
