@@ -44,6 +44,18 @@ def _run(*args):
     return r
 
 
+def expected_file(ref: dict, type_: str) -> dict:
+    """What `gguftool convert --type type_` writes: llama-quantize's file; for the types convert_hf_to_gguf.py
+    writes itself (pipeline.plan.CONVERTER_FTYPES), its tensors in that script's order (the "convert" part)."""
+    from gguftool.pipeline.plan import CONVERTER_FTYPES
+
+    q = ref["quantized"][type_]
+    if type_ not in CONVERTER_FTYPES:
+        return q
+    pos = {t[0]: i for i, t in enumerate(ref["convert"]["tensors"])}
+    return {**q, "tensors": sorted(q["tensors"], key=lambda t: pos[t[0]])}
+
+
 def _assert_same_as_reference(out: Path, ref: dict):
     mine = _digest(out)
     assert _strip(mine["kv"]) == _strip(ref["kv"])
@@ -66,7 +78,37 @@ def test_tiny_identical_to_llama_cpp(tmp_path, tiny_ref, type_):
     out = tmp_path / "out.gguf"
     r = _run("convert", TINY / "model.safetensors", "--type", type_, "--outfile", out)
     assert r.exit_code == 0, r.output
-    _assert_same_as_reference(out, tiny_ref["quantized"][type_])
+    _assert_same_as_reference(out, expected_file(tiny_ref, type_))
+
+
+# convert_hf_to_gguf.py (llama.cpp vendored by llama-cpp-python 0.3.36) writes tensors in the order it reads them:
+# generate_extra_tensors first (rope_freqs; none for this config), then the safetensors files in sorted name order
+# and the tensors of each file in sorted name order (gguf-py's SafetensorsLocal sorts them), renamed by
+# LlamaModel.modify_tensors. Sorted HF names put lm_head (output) and embed_tokens first and model.norm last.
+TINY_CONVERTER_ORDER = ["output.weight", "token_embd.weight"] + [
+    f"blk.{i}.{n}.weight" for i in range(2)
+    for n in ("attn_norm", "ffn_down", "ffn_gate", "ffn_up", "ffn_norm", "attn_k", "attn_output", "attn_q", "attn_v")
+] + ["output_norm.weight"]
+# llama-quantize: non-layer tensors first, then by layer, each group sorted by name (llama_tensor_order)
+TINY_LLAMA_ORDER = ["output.weight", "output_norm.weight", "token_embd.weight"] + [
+    f"blk.{i}.{n}.weight" for i in range(2)
+    for n in ("attn_k", "attn_norm", "attn_output", "attn_q", "attn_v", "ffn_down", "ffn_gate", "ffn_norm", "ffn_up")
+]
+
+
+@pytest.mark.parametrize("type_,order", [("F32", TINY_CONVERTER_ORDER), ("F16", TINY_CONVERTER_ORDER),
+                                         ("BF16", TINY_CONVERTER_ORDER), ("Q8_0", TINY_CONVERTER_ORDER),
+                                         ("Q4_0", TINY_LLAMA_ORDER), ("Q4_K_M", TINY_LLAMA_ORDER)])
+def test_tensor_order(tmp_path, tiny_ref, type_, order):
+    """The types convert_hf_to_gguf.py writes itself come in its order; the others in llama-quantize's."""
+    from gguftool.gguf.source import open_gguf_source
+
+    out = tmp_path / "out.gguf"
+    assert _run("convert", TINY, "--type", type_, "--outfile", out).exit_code == 0
+    with open_gguf_source(out) as src:
+        assert [t.name for t in src.tensors] == order
+    assert TINY_CONVERTER_ORDER == [t[0] for t in tiny_ref["convert"]["tensors"]]
+    assert TINY_LLAMA_ORDER == [t[0] for t in tiny_ref["quantized"]["Q4_K_M"]["tensors"]]
 
 
 def test_readme_command_default_outfile_and_inspect(tmp_path):
@@ -234,7 +276,7 @@ def smol_outputs(smollm2, tmp_path_factory):
 
 @pytest.mark.parametrize("type_", ["Q8_0", "Q4_K_M"])
 def test_smollm2_identical_to_llama_cpp(smol_outputs, smol_ref, type_):
-    _assert_same_as_reference(smol_outputs[type_], smol_ref["quantized"][type_])
+    _assert_same_as_reference(smol_outputs[type_], expected_file(smol_ref, type_))
 
 
 _TOP1 = """
@@ -363,7 +405,13 @@ def test_sharded_checkpoint_same_output(tmp_path, tiny_ref):
     out = tmp_path / "s.gguf"
     r = _run("convert", d / "model-00001-of-00002.safetensors", "--type", "Q8_0", "-o", out)
     assert r.exit_code == 0, r.output
-    _assert_same_as_reference(out, tiny_ref["quantized"]["Q8_0"])
+    # Q8_0 keeps convert_hf_to_gguf.py's order: shard by shard, each sorted by HF name (the single file's order
+    # is the sorted HF names, so names[i] becomes its i-th tensor)
+    ref = tiny_ref["quantized"]["Q8_0"]
+    single = [t[0] for t in tiny_ref["convert"]["tensors"]]
+    order = [single[i] for i in range(1, len(names), 2)] + [single[i] for i in range(0, len(names), 2)]
+    pos = {n: i for i, n in enumerate(order)}
+    _assert_same_as_reference(out, {**ref, "tensors": sorted(ref["tensors"], key=lambda t: pos[t[0]])})
 
 
 def test_help_lists_every_supported_architecture():

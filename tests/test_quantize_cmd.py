@@ -265,23 +265,53 @@ def test_force_overwrites_and_input_is_untouched(models, tmp_path):
 
 
 def test_progress_callback_covers_every_byte(models, tmp_path):
-    from gguftool.pipeline import execute as PL
+    from gguftool.pipeline import execute as PX
+    from gguftool.pipeline import plan as PL
     from gguftool.pipeline import policy as P
     from gguftool.gguf.source import open_gguf_source
 
     seen = []
     with open_gguf_source(models["small.gguf"]) as src:
         plan = PL.make_plan(src, PL.QuantizeConfig(P.parse_ftype("Q6_K")))
-        s = PL.execute(src, plan, tmp_path / "o.gguf", threads=1, progress=lambda n, t: seen.append((n, t.name)))
+        s = PX.execute(src, plan, tmp_path / "o.gguf", threads=1, progress=lambda n, t: seen.append((n, t.name)))
     assert sum(n for n, _ in seen) == plan.src_bytes == s.src_bytes
     assert [t for _, t in seen][-1] == plan.tensors[-1].name
     assert s.out_bytes == plan.out_bytes and s.file_size == os.path.getsize(tmp_path / "o.gguf")
 
 
-def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
-    from gguftool.pipeline import execute as PL
+def test_source_with_only_read_f32_and_read_raw(models, tmp_path, monkeypatch):
+    """SourceTensor's defaults (read_rows, read_rows_into, no background reads, no raw_location) are enough: the
+    same bytes as the GGUF source's own slab reads, also when slabs end mid-tensor."""
+    from gguftool.gguf.source import open_gguf_source
+    from gguftool.pipeline import execute as PX
+    from gguftool.pipeline import io as PIO
+    from gguftool.pipeline import plan as PL
+    from gguftool.pipeline import policy as P
+    from gguftool.pipeline.source import SourceTensor, TensorSource
 
-    monkeypatch.setattr(PL, "SLAB_BYTES", 256 * 4 * 100)  # 100 rows per slab: slabs end mid-tensor
+    class Plain(SourceTensor):
+        def __init__(self, t):
+            self.name, self.shape, self.type, self._t = t.name, t.shape, t.type, t
+
+        def read_f32(self):
+            return np.array(self._t.read_f32())
+
+        def read_raw(self):
+            return self._t.read_raw()
+
+    monkeypatch.setattr(PIO, "SLAB_BYTES", 256 * 4 * 100)
+    outs = [tmp_path / "gguf.gguf", tmp_path / "plain.gguf"]
+    with open_gguf_source(models["small.gguf"]) as src:
+        plain = TensorSource(kvs=src.kvs, tensors=[Plain(t) for t in src.tensors])
+        for s, out in zip((src, plain), outs, strict=True):
+            PX.execute(s, PL.make_plan(s, PL.QuantizeConfig(P.parse_ftype("Q4_K_M"))), out, threads=1)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
+    from gguftool.pipeline import io as PIO
+
+    monkeypatch.setattr(PIO, "SLAB_BYTES", 256 * 4 * 100)  # 100 rows per slab: slabs end mid-tensor
     out = tmp_path / "o.gguf"
     code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_M", "--imatrix", models["im_small.gguf"])
     assert code == 0, err

@@ -300,3 +300,35 @@ def test_random_metadata_round_trip(tmp_path, seed):
             for info in r.tensors:
                 w.write_tensor_data(info.name, r.tensor_bytes(info))
     assert q.read_bytes() == p.read_bytes()
+
+
+# --- write_behind: the same bytes, written by a background thread
+
+
+def _mixed_tensors():
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal(3 * 2**18).astype(np.float32)            # 3 MiB: several batches
+    return small_tensors() + [
+        ("big", (2**18, 3), GGMLType.F32, big),
+        ("chunks", (256, 3 * 2**10), GGMLType.F32, (big[i:i + 2**16] for i in range(0, 3 * 2**18, 2**16))),
+        ("tail", (7,), GGMLType.F32, np.arange(7, dtype=np.float32)),
+    ]
+
+
+def test_write_behind_writes_the_same_bytes(tmp_path):
+    a = write_file(tmp_path / "a.gguf", all_types_kvs(), _mixed_tensors())
+    b = write_file(tmp_path / "b.gguf", all_types_kvs(), _mixed_tensors(), write_behind=True)
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf"]
+
+
+def test_write_behind_error_is_raised_and_no_file_left(tmp_path, monkeypatch):
+    from gguftool.gguf import write_behind
+
+    def full(fd, bufs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write_behind.os, "writev", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_file(tmp_path / "x.gguf", [], _mixed_tensors(), write_behind=True)
+    assert os.listdir(tmp_path) == []

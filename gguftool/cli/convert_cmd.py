@@ -68,7 +68,7 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
     MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
     Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
     """
-    from ..pipeline import execute as PL
+    from ..pipeline import plan as PL
     from ..pipeline import policy as P
     from ..hf.source import open_hf_source
 
@@ -82,6 +82,7 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
         type_name = ftype.name
         out = outfile or _default_outfile(src, type_name)
         cfg = build_config(ftype, **policy)
+        cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
         apply_split_options(cfg, split_max_size, split_max_tensors)
         plan = PL.make_plan(src, cfg)
         if not dry_run:

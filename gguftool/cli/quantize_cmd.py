@@ -39,7 +39,7 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
     The tensors written are byte-identical to llama-quantize's for the same input and options. The output is
     written to a temporary file and renamed when complete.
     """
-    from ..pipeline import execute as PL
+    from ..pipeline import plan as PL
     from ..pipeline import policy as P
     from ..gguf.source import open_gguf_source
 

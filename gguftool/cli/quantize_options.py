@@ -78,7 +78,7 @@ def apply_split_options(cfg, split_max_size, split_max_tensors) -> None:
 def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_output_tensor, output_tensor_type,
                  token_embedding_type, tensor_types, tensor_type_file, pure, override_kv, allow_requantize=False):
     """The pipeline configuration for the policy options (imatrix file read here, so errors come first)."""
-    from ..pipeline import execute as PL
+    from ..pipeline import plan as PL
     from ..pipeline import policy as P
     from .common import fail
 
@@ -129,7 +129,7 @@ def parse_tensor_types(items: list[str], path: str | None):
 def run_with_progress(src, plan, out, threads, stats, force, inp):
     from tqdm import tqdm
 
-    from ..pipeline import execute as PL
+    from ..pipeline import execute as PX
 
     skip_numba_blas_probe()
     bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
@@ -145,7 +145,7 @@ def run_with_progress(src, plan, out, threads, stats, force, inp):
         bar.update(n)
 
     try:
-        return PL.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=getattr(src, "paths", [inp]),
+        return PX.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=getattr(src, "paths", [inp]),
                           progress=progress)
     finally:
         bar.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from typing import Callable
 
 import numpy as np
 
@@ -24,8 +25,14 @@ __all__ = ["GGUFTensor", "GGUFSource", "open_gguf_source"]
 class GGUFTensor(SourceTensor):
     """One tensor of a GGUF file (lazy)."""
 
-    def __init__(self, reader: GGUFReader, info: TensorInfo, split_index: int = 0):
+    concurrent_reads = True   # pread of a file opened once, or views of the reader's map made at open
+
+    def __init__(self, reader: GGUFReader, info: TensorInfo, split_index: int = 0,
+                 fd: Callable[[], int | None] | None = None):
+        """``fd``: gives a read-only file descriptor of the reader's file (opened once, by the source) for pread,
+        or None; without it F32 rows are copied out of the map."""
         self._reader = reader
+        self._fd = fd
         self.info = info
         self.split_index = split_index   # which file of a split model holds it
         self.name = info.name
@@ -50,17 +57,25 @@ class GGUFTensor(SourceTensor):
     def read_f32(self) -> np.ndarray:
         return self.read_rows(0, self.n_rows)
 
-    def read_rows_into(self, start: int, stop: int, buf: np.ndarray) -> np.ndarray | None:
-        """F32 rows [start, stop) read with pread into ``buf`` (a reusable, writeable float32 buffer of at least
-        (stop - start) * ne0 values); returns the filled (stop - start, ne0) view, or None when this tensor is not
-        F32 or the source has no file to read from (then use read_rows).
+    def raw_location(self) -> tuple[str, int] | None:
+        path = self._reader.path
+        if not os.path.isfile(path):   # (a reader over a buffer has path "<buffer>")
+            return None
+        return path, self._reader.data_offset + self.info.offset
+
+    def split_position(self) -> tuple[int, int]:
+        return self.split_index, self.info.offset
+
+    def read_rows_into(self, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
+        """F32 rows [start, stop) are read with pread into ``buf``, and the filled (stop - start, ne0) view of it
+        returned; other types, or without a file descriptor, as read_rows.
 
         Reading into one reused buffer costs a kernel copy from the page cache; copying from the memory map
         instead would fault every page of the input and of a fresh array in.
         """
-        fd = self._fd()
-        if self.type != GGMLType.F32 or fd is None:
-            return None
+        fd = self._fd() if self._fd is not None and self.type == GGMLType.F32 else None
+        if fd is None:
+            return self.read_rows(start, stop)
         ne0 = self.ne0
         n = (stop - start) * ne0
         out = buf[:n]
@@ -74,10 +89,6 @@ class GGUFTensor(SourceTensor):
                                   f"(file truncated while in use?)")
             done += k
         return out.reshape(stop - start, ne0)
-
-    def _fd(self) -> int | None:
-        get = getattr(self, "_get_fd", None)
-        return get() if get is not None else None
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32, shape (stop - start, ne0). F32 data is a read-only view of the file."""
@@ -108,17 +119,19 @@ class GGUFSource(TensorSource):
 
     def __init__(self, readers: "GGUFReader | list[GGUFReader]"):
         readers = [readers] if isinstance(readers, GGUFReader) else list(readers)
-        tensors = [GGUFTensor(r, t, i) for i, r in enumerate(readers) for t in r.tensors]
+        self._fds: dict[str, int | None] = {}
+        tensors: list[SourceTensor] = [GGUFTensor(r, t, i, self._fd_provider(r.path))
+                                       for i, r in enumerate(readers) for t in r.tensors]
         super().__init__(kvs=list(readers[0].kvs), tensors=tensors)
         self.readers = readers
         self.reader = readers[0]
         self.path = self.reader.path
         self.paths = [r.path for r in readers]
-        self._fds: dict[str, int | None] = {}
-        if hasattr(os, "preadv"):
-            for t in self.tensors:
-                if os.path.isfile(t._reader.path):
-                    t._get_fd = functools.partial(self._get_fd, t._reader.path)
+
+    def _fd_provider(self, path: str) -> Callable[[], int | None] | None:
+        if not hasattr(os, "preadv") or not os.path.isfile(path):
+            return None
+        return functools.partial(self._get_fd, path)
 
     def _get_fd(self, path: str) -> int | None:
         if path not in self._fds:

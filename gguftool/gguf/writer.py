@@ -36,6 +36,7 @@ from .constants import (
 )
 from .reader import GGML_MAX_DIMS, TensorInfo
 from .values import KV, GGUFArray
+from . import write_behind as _wb
 
 __all__ = ["GGUFWriter", "build_header", "encode_kv", "encode_value"]
 
@@ -190,11 +191,18 @@ class GGUFWriter:
             for name, data in tensors:
                 w.write_tensor_data(name, data)   # array / bytes / iterable of chunks
             w.finish()
+
+    ``write_behind=True``: the data is written by a background thread (``os.writev``, without the GIL) while the
+    caller prepares the next chunks (see :mod:`.write_behind`); arrays and buffers given to
+    ``write_tensor_data`` / ``copy_data_section`` are then written after the call returns, so they must not be
+    modified afterwards. Where os.writev is missing the option does nothing.
     """
 
     def __init__(self, path: "str | os.PathLike[str]", *, alignment: int | None = None, version: int = 3,
-                 overwrite: bool = False, protect: Sequence["str | os.PathLike[str]"] = ()):
+                 overwrite: bool = False, protect: Sequence["str | os.PathLike[str]"] = (),
+                 write_behind: bool = False):
         self.path = os.fspath(path)
+        self._write_behind = write_behind and _wb.available()
         if version not in (2, 3):
             raise GGUFError(f"cannot write GGUF version {version} (only 2 and 3)")
         if alignment is not None:
@@ -311,6 +319,8 @@ class GGUFWriter:
         header, final = build_header(self._kvs, infos, version=self.version, alignment=align)
         self.tensor_infos = final
         self._open_temp()
+        if self._write_behind:
+            self._file = _wb.WriteBehind(self._file)
         self._write(header)
         self._data_start = len(header)
         self._state = _State.DATA

@@ -35,7 +35,11 @@ _OUT_TYPE = {"f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16}
 
 # --- tensors
 class HFTensor(SourceTensor):
-    """One checkpoint tensor as the converter writes it (transform applied when read)."""
+    """One checkpoint tensor as the converter writes it (transform applied when read).
+
+    Of SourceTensor's slab-reading interface it has its own read_rows and keeps the defaults for the rest: no
+    background reads (concurrent_reads: a shard is mapped on first use, by whichever thread gets there) and no
+    raw_location (what it reads is converted from the checkpoint's bytes, not stored as they are)."""
 
     def __init__(self, name: str, st: SafetensorsTensor, out_type: GGMLType,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None, rows: int | None = None):

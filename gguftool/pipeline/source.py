@@ -37,6 +37,32 @@ class SourceTensor(abc.ABC):
     def read_raw(self) -> np.ndarray:
         """The stored bytes unchanged (uint8), for tensors copied without conversion."""
 
+    # --- what the pipeline's slab reader uses; the defaults suit a source that only has read_f32
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32, shape (stop - start, ne0). Default: a slice of read_f32()."""
+        return self.read_f32()[start:stop]
+
+    def read_rows_into(self, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
+        """The same rows as read_rows, read into ``buf`` (a reusable, writeable float32 buffer of at least
+        (stop - start) * ne0 values) where the source can; returns the rows, a view of ``buf`` or a new array.
+        Default: read_rows (``buf`` unused)."""
+        return self.read_rows(start, stop)
+
+    #: read_rows_into may run in a background thread while the caller reads other tensors of the same source
+    #: (the slab reader then reads the next slab while the current one is quantized)
+    concurrent_reads: bool = False
+
+    def raw_location(self) -> tuple[str, int] | None:
+        """(path, absolute offset) of read_raw()'s bytes, stored as they are in a regular file, so that they can be
+        read through a memory map of it; None (the default) when they are not in a file as they are."""
+        return None
+
+    def split_position(self) -> tuple[int, int] | None:
+        """(split file index, offset in that file's data section) for a tensor of a GGUF file or of the files of a
+        split model (--keep-split keeps that layout); None (the default) for other sources."""
+        return None
+
 
 @dataclass
 class TensorSource:
