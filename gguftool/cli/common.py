@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import NoReturn
 
@@ -13,12 +14,15 @@ from ..errors import GGUFError
 def report_errors(func):
     """Decorator for a click command body: GGUFError / OSError / KeyboardInterrupt -> 'Error: ...', exit 1.
 
-    Library code cleans up its own partial output (temp file + rename), so nothing is left to undo here.
+    SIGTERM and SIGHUP (``kill``, ``timeout``, a batch scheduler, a closed terminal) interrupt the command as
+    Ctrl-C does, so that they unwind the same way. Library code cleans up its own partial output
+    (gguftool.outfile), so nothing is left to undo here.
     """
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with _signals_interrupt():
+                return func(*args, **kwargs)
         except GGUFError as e:
             fail(str(e))
         except MemoryError:
@@ -29,6 +33,34 @@ def report_errors(func):
         except KeyboardInterrupt:
             fail("interrupted")
     return wrapper
+
+
+class _signals_interrupt:
+    """While active (in the main thread), SIGTERM and SIGHUP raise KeyboardInterrupt; the previous handlers come
+    back afterwards."""
+
+    NAMES = ("SIGTERM", "SIGHUP")
+
+    def __enter__(self):
+        import threading
+
+        self._saved = []
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.NAMES:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                self._saved.append((sig, signal.signal(sig, _interrupt)))
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in reversed(self._saved):
+            signal.signal(sig, handler)
+        return False
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def skip_numba_blas_probe() -> None:

@@ -384,16 +384,18 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     """Write the planned file (or files, with --keep-split). progress(n, tensor) is called with source bytes
     just processed.
 
-    Each output goes to a temporary file; all are renamed onto their targets once every one is complete. On
-    any error or interrupt the temporary files are removed and the targets are left as they were.
+    Every output file stays unnamed (gguftool.outfile) until all of them are complete, then all are put in place
+    together. On any error or interrupt nothing is left and the targets are as they were.
     """
-    from ..gguf.writer import GGUFWriter
+    from ..gguf.writer import GGUFWriter, commit_writers
+    from ..outfile import check_outputs
 
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
-    scratch = _ReadAhead(plan)
     files = output_files(plan, out_path)
+    check_outputs([f[0] for f in files], protect, overwrite=overwrite)
+    scratch = _ReadAhead(plan)
     writers: list[GGUFWriter] = []
     with scratch:
         try:
@@ -408,8 +410,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
                 for tp in tensors:
                     results.append(_write_tensor(w, tp, plan, threads, stats, progress, scratch))
                 w.finish(rename=False)
-            for w in writers:
-                w.commit()
+            commit_writers(writers)
         except BaseException:
             for w in writers:
                 w.abort()
