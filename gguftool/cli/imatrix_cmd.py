@@ -61,21 +61,19 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         fail(f"--batch-size must be > 0 (got {batch})")
     if batch >= n_ctx and batch % n_ctx:
         batch = (batch // n_ctx) * n_ctx
-    if os.path.exists(output) and not force:
-        fail(f"{output} exists (use --force to overwrite)")
-    for p in [model_path, calib, *in_files]:
-        if p and os.path.exists(output) and os.path.exists(p) and os.path.samefile(p, output):
-            fail(f"refusing to write the output onto an input file: {output}")
 
     from ..importance import collect as imx
+    from ..importance.files import existing_snapshots, snapshot_path
+    from ..outfile import check_outputs
 
     if not calib:
         if not in_files:
             fail("no calibration text (--calib) and no --in-file imatrix to combine")
+        check_outputs([output], in_files, overwrite=force)
         collector = imx.ImatrixCollector(n_ctx, process_output)
         imx.merge_imatrix_files(collector, in_files)
         im = collector.result()
-        imx.save_imatrix(output, im, fmt)
+        imx.save_imatrix(output, im, fmt, overwrite=force)
         click.echo(f"combined {len(in_files)} imatrix file(s) into {output}: {len(im.entries)} entries, "
                    f"{im.chunk_count} chunks", err=True)
         return
@@ -93,6 +91,9 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
     n_threads = threads if threads > 0 else (os.cpu_count() or 1)
     source = imx.load_model(model_path)
     try:
+        # the output and the snapshots it may write are checked now, not after hours of computation
+        check_outputs([output] + existing_snapshots(output, save_freq), source.input_files() + [calib, *in_files],
+                      overwrite=force)
         ModelConfig.from_metadata(source)          # architecture first: the cheapest check
         tokenizer = Tokenizer.from_metadata(source)
         budget = default_weight_budget() if weight_gib is None else int(weight_gib * 2**30)
@@ -113,7 +114,8 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
 
         def on_chunk(done, collector):
             if save_freq > 0 and done % save_freq == 0:
-                imx.save_imatrix(f"{output}.at_{done}", collector.result(calib), fmt, dataset=calib)
+                imx.save_imatrix(snapshot_path(output, done), collector.result(calib), fmt, dataset=calib,
+                                 overwrite=force)
 
         try:
             run = imx.compute_imatrix(model, tokenizer, text, n_ctx=n_ctx, n_chunks=n_chunks,
@@ -125,7 +127,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
                 bar.close()
         if not run.imatrix.entries:
             raise ImatrixError("no matrix multiplications were collected")
-        imx.save_imatrix(output, run.imatrix, fmt, dataset=calib)
+        imx.save_imatrix(output, run.imatrix, fmt, dataset=calib, overwrite=force)
     finally:
         close = getattr(source, "close", None)
         if close is not None:
