@@ -67,6 +67,8 @@ def check_outputs(outputs: Sequence["str | os.PathLike[str]"], inputs: Sequence[
 
 
 def _check_output(out: str, inputs: dict[tuple[int, int], str], overwrite: bool) -> None:
+    if os.path.basename(out) in ("", ".", ".."):
+        raise OutputError(f"{out}: output path is not a file name")
     try:
         st = os.stat(out)
     except FileNotFoundError:
@@ -103,8 +105,8 @@ class OutputFile:
         self.path = os.fspath(path)
         self.overwrite = overwrite
         self._name = os.path.basename(self.path)
-        if not self._name or self._name in (".", ".."):
-            raise OutputError(f"{self.path}: not a file name")
+        if self._name in ("", ".", ".."):
+            raise OutputError(f"{self.path}: output path is not a file name")
         folder = os.path.dirname(os.path.abspath(self.path))
         self._dir: int | None = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         self._fd: int | None = None
@@ -113,9 +115,9 @@ class OutputFile:
             self._fd = self._open_unnamed()
             self._unnamed = self._fd is not None
             if self._fd is None:
-                self._fd, self._tmp = self._open_named()
+                self._open_named()
         except BaseException:
-            self._close()
+            self.abort()
             raise
 
     def _open_unnamed(self) -> int | None:
@@ -129,14 +131,27 @@ class OutputFile:
                 return None
             raise
 
-    def _open_named(self) -> tuple[int, str]:
+    def _open_named(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         while True:
             tmp = self._temp_name()
             try:
-                return os.open(tmp, flags, 0o666, dir_fd=self._dir), tmp
+                self._fd = os.open(tmp, flags, 0o666, dir_fd=self._dir)
+                self._tmp = tmp
+                return
             except FileExistsError:
                 continue
+            except BaseException:
+                # an interrupt just after the file was made: with O_EXCL a file of that name is ours
+                self._tmp = None
+                self._unlink_quietly(tmp)
+                raise
+
+    def _unlink_quietly(self, name: str) -> None:
+        try:
+            os.unlink(name, dir_fd=self._dir)
+        except FileNotFoundError:
+            pass
 
     def _temp_name(self) -> str:
         return f".{self._name}.{secrets.token_hex(6)}.tmp"
@@ -161,10 +176,7 @@ class OutputFile:
         """Forget the file: the target stays as it was. Safe to call more than once."""
         tmp, self._tmp = self._tmp, None
         if tmp is not None and self._dir is not None:
-            try:
-                os.unlink(tmp, dir_fd=self._dir)
-            except FileNotFoundError:
-                pass
+            self._unlink_quietly(tmp)
         self._close()
 
     def _close(self) -> None:
@@ -217,10 +229,7 @@ class OutputFile:
     def _drop_temp_name(self) -> None:
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
-            try:
-                os.unlink(tmp, dir_fd=self._dir)
-            except FileNotFoundError:
-                pass
+            self._unlink_quietly(tmp)
 
     def _place(self) -> "str | None":
         """Step 1: the file under its own name if that is free, else (overwrite) under a fresh temporary name,
@@ -237,10 +246,14 @@ class OutputFile:
             tmp = self._temp_name()
             try:
                 self._link(tmp)
+                self._tmp = tmp
+                return tmp
             except FileExistsError:
                 continue
-            self._tmp = tmp
-            return tmp
+            except BaseException:
+                if self._is_ours(tmp):      # linked just before an interrupt
+                    self._unlink_quietly(tmp)
+                raise
 
     def _unplace(self) -> None:
         """Undo step 1 (a temporary name is left to abort())."""

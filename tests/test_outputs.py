@@ -162,7 +162,7 @@ def test_signal_mid_run_leaves_nothing(big, tmp_path, command, sig):
         assert p.returncode == 1, err
         assert err.strip().splitlines()[-1] == "Error: interrupted", err
         assert "Traceback" not in err
-    assert sorted(os.listdir(out_dir)) == ["keep.txt"]
+    assert sorted(os.listdir(out_dir)) == ["keep.txt"], err
     assert {**tree_hash(inputs), **{f"hf/{k}": v for k, v in tree_hash(big["hf"]).items()}} == before
 
 
@@ -177,7 +177,7 @@ def test_signal_with_named_temp_file_fallback(big, tmp_path, sig):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and err.strip().splitlines()[-1] == "Error: interrupted", err
     assert "Traceback" not in err
-    assert os.listdir(out_dir) == []
+    assert os.listdir(out_dir) == [], err
 
 
 def test_input_truncated_underneath(big, tmp_path):
@@ -362,6 +362,10 @@ def test_check_outputs_says_how_the_output_is_an_input(tmp_path):
         assert str(e.value).startswith(f"{out} is the input file {inp} (")
         hows.append(str(e.value).split("(")[1].split(")")[0])
     assert hows == ["same path", "a hard link to it", "a symlink to it", "same file by another path"]
+    with pytest.raises(OutputError, match="output path is not a file name"):
+        outfile.check_outputs([f"{tmp_path}/new/"], overwrite=True)
+    with pytest.raises(OutputError, match="output path is a directory"):
+        outfile.check_outputs([inp.parent / "sub" / "."], overwrite=True)
 
 
 @pytest.fixture
