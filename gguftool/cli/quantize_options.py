@@ -100,6 +100,7 @@ def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_outp
         cfg.imatrix_path = imatrix
     return cfg
 
+
 def policy_files(policy: dict) -> list[str]:
     """The files the policy options make the command read (--imatrix, --tensor-type-file)."""
     return [p for p in (policy.get("imatrix"), policy.get("tensor_type_file")) if p]

@@ -1,6 +1,6 @@
 """The streaming quantize pipeline shared by ``gguftool quantize`` and ``gguftool convert``:
 
-    TensorSource --(policy: a type per tensor)--> quant kernels --> GGUFWriter (temp file + rename)
+    TensorSource --(policy: a type per tensor)--> quant kernels --> GGUFWriter (in place only when complete)
 
 One tensor at a time, and a big tensor in slabs of rows, so memory stays bounded whatever the model size.
 It mirrors llama.cpp's ``llama_model_quantize_impl`` (src/llama-quant.cpp) for what lands in the file:
