@@ -166,6 +166,37 @@ def test_signal_mid_run_leaves_nothing(big, tmp_path, command, sig):
     assert {**tree_hash(inputs), **{f"hf/{k}": v for k, v in tree_hash(big["hf"]).items()}} == before
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_signal_during_imatrix(big, tmp_path, sig):
+    # interrupted while computing (the checkpoint is mapped once the weights are loaded): no output, and the
+    # snapshots written so far are complete files
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB.read_text())
+    p = subprocess.Popen([sys.executable, "-m", "gguftool", "imatrix", big["hf"], "--calib", calib, "-o",
+                          out_dir / "im.gguf", "--ctx", "64", "--save-frequency", "1", "-t", "1", "-q"],
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if "model.safetensors" in Path(f"/proc/{p.pid}/maps").read_text():
+                break
+        except OSError:
+            pass
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.005)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and err.strip().splitlines()[-1] == "Error: interrupted", err
+    assert "Traceback" not in err
+    from gguftool.importance.files import read_imatrix
+
+    for name in os.listdir(out_dir):
+        assert name.startswith("im.gguf.at_"), os.listdir(out_dir)
+        assert read_imatrix(out_dir / name).entries
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_signal_with_named_temp_file_fallback(big, tmp_path, sig):
     # where O_TMPFILE is refused the file has a name while it is written: the signal handlers remove it
