@@ -28,3 +28,7 @@ class ConvertError(GGUFError):
 
 class ImatrixError(GGUFError):
     """An importance matrix cannot be computed or read."""
+
+
+class OutputError(GGUFError):
+    """An output file cannot be written where asked (an input file, a directory, exists without --force ...)."""

@@ -161,7 +161,8 @@ def test_output_exists_force_and_input_protected(src, tmp_path):
     assert filecmp.cmp(src, out, shallow=False)
     before = src.read_bytes()
     r = invoke("edit", src, src, "--force", "--set", "ctx=1")
-    assert (r.exit_code, r.stderr) == (1, f"Error: {src}: refusing to overwrite the input file\n")
+    assert (r.exit_code, r.stderr) == (1, f"Error: {src} is the input file {src} (same path); inputs are never "
+                                          f"overwritten\n")
     assert src.read_bytes() == before
 
 

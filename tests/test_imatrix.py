@@ -139,7 +139,8 @@ def test_cli_writes_gguf_and_dat_and_merges(tiny, tmp_path):
     assert im.entries["blk.1.ffn_down.weight"].in_sum2.shape == (1, 96)
     # existing output is kept unless --force
     code, text = _run("imatrix", "-m", str(tiny), "--calib", str(calib), "-o", str(out), "--ctx", "64", "-q")
-    assert code == 1 and text.strip().splitlines() == [f"Error: {out} exists (use --force to overwrite)"]
+    assert code == 1 and text.strip().splitlines() == [f"Error: {out}: output file already exists (use --force to "
+                                                       f"overwrite it)"]
     # legacy .dat
     dat = tmp_path / "im.dat"
     code, text = _run("imatrix", str(tiny), "--calib", str(calib), "-o", str(dat), "--ctx", "64", "--chunks", "2",

@@ -346,7 +346,7 @@ def test_out_equal_to_in_is_refused(models, tmp_path):
     src.write_bytes(open(models["small.gguf"], "rb").read())
     for other in (src, tmp_path / "." / "m.gguf"):
         code, _, err = run(src, other, "-t", "Q4_0", "--force")
-        assert_one_error_line(code, err, "output file is the input file")
+        assert_one_error_line(code, err, "is the input file")
     assert src.read_bytes() == open(models["small.gguf"], "rb").read()
 
 
@@ -555,7 +555,7 @@ def test_split_model_bad_input(models, tmp_path):
     code, _, err = run(parts[1], out, "-t", "Q8_0")
     assert_one_error_line(code, err, r"split 2 of 3 of a model: give its first split")
     code, _, err = run(parts[0], parts[2], "-t", "Q8_0", "--force")
-    assert_one_error_line(code, err, r"output file is the input file")
+    assert_one_error_line(code, err, r"is the input file")
     renamed = tmp_path / "renamed.gguf"
     os.link(parts[0], renamed)
     code, _, err = run(renamed, out, "-t", "Q8_0")

@@ -1,8 +1,12 @@
 """What every subcommand shares: turning library errors into one-line messages and exit status 1."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 import click
@@ -13,12 +17,15 @@ from ..errors import GGUFError
 def report_errors(func):
     """Decorator for a click command body: GGUFError / OSError / KeyboardInterrupt -> 'Error: ...', exit 1.
 
-    Library code cleans up its own partial output (temp file + rename), so nothing is left to undo here.
+    SIGTERM and SIGHUP (``kill``, ``timeout``, a batch scheduler, a closed terminal) interrupt the command as
+    Ctrl-C does, so that they unwind the same way (see _interrupts). Library code cleans up its own partial output
+    (gguftool.outfile), so nothing is left to undo here.
     """
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with _interrupts():
+                return func(*args, **kwargs)
         except GGUFError as e:
             fail(str(e))
         except MemoryError:
@@ -29,6 +36,48 @@ def report_errors(func):
         except KeyboardInterrupt:
             fail("interrupted")
     return wrapper
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """While active (in the main thread): SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, unless they are
+    ignored (nohup, a background job); and an interrupt that landed in a callback which swallows exceptions
+    (llvmlite's ctypes callbacks, a __del__: Python prints "Exception ignored ...") is raised again at the next
+    chance instead of being lost. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = []
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            saved.append((sig, signal.signal(sig, _interrupt)))
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _delivered:
+            # the same signal again in a moment, from another thread: by then the callback has returned
+            again = threading.Timer(0.01, os.kill, (os.getpid(), _delivered[-1]))
+            again.daemon = True
+            again.start()
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        for sig, handler in reversed(saved):
+            signal.signal(sig, handler)
+
+
+_delivered: list[int] = []    # the signals _interrupt turned into KeyboardInterrupt
+
+
+def _interrupt(signum, frame):
+    _delivered.append(signum)
+    raise KeyboardInterrupt
 
 
 def skip_numba_blas_probe() -> None:

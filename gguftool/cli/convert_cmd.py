@@ -13,7 +13,7 @@ import re
 import click
 
 from .common import report_errors
-from .quantize_options import (TYPES_HELP, apply_split_options, build_config, check_output, policy_options,
+from .quantize_options import (TYPES_HELP, apply_split_options, build_config, policy_files, policy_options,
                                print_plan, print_summary, run_with_progress, split_options, warn)
 
 
@@ -71,6 +71,7 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
     from ..pipeline import plan as PL
     from ..pipeline import policy as P
     from ..hf.source import open_hf_source
+    from ..outfile import check_outputs
 
     src = open_hf_source(model, outtype="auto", name=name, vocab_only=vocab_only)
     try:
@@ -85,9 +86,9 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
         cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
         apply_split_options(cfg, split_max_size, split_max_tensors)
         plan = PL.make_plan(src, cfg)
+        inputs = src.input_files() + policy_files(policy)
         if not dry_run:
-            for path, _, _ in PL.output_files(plan, out):
-                check_output(path, [str(f.path) for f in src.checkpoint.files], force)
+            check_outputs([path for path, _, _ in PL.output_files(plan, out)], inputs, overwrite=force)
         for w in src.vocab.warnings + plan.warnings:
             warn(w)
         if dry_run:
@@ -96,8 +97,7 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
                 print_plan(plan, ftype)
             click.echo(f"output: {out}")
             return
-        protect = [f.path for f in src.checkpoint.files]
-        summary = run_with_progress(src, plan, out, threads, stats, force, str(protect[0]) if protect else model)
+        summary = run_with_progress(src, plan, out, threads, stats, force, inputs)
     finally:
         src.close()
     print_summary(summary, plan, stats, model)

@@ -22,8 +22,10 @@ def command(input_file, output_file, set_items, remove, chat_template_file, forc
     """Copy the GGUF file IN to OUT with edited metadata. Tensor data are copied verbatim, never decoded;
     with no changes OUT is byte-identical to IN. OUT is written to a temporary file and renamed when
     complete."""
+    from ..outfile import check_outputs
     from ..tools.edit import edit_file
 
+    check_outputs([output_file], [input_file] + ([chat_template_file] if chat_template_file else []), overwrite=force)
     result = edit_file(input_file, output_file, set_items=set_items, remove=remove,
                        chat_template_file=chat_template_file, overwrite=force)
     parts = []

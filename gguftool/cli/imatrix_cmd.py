@@ -1,7 +1,6 @@
 """``gguftool imatrix MODEL --calib FILE``: importance matrix from calibration text, as llama-imatrix computes it."""
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -53,11 +52,6 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
     if model_arg and model_opt and model_arg != model_opt:
         fail(f"two models given: {model_arg!r} and {model_opt!r}")
     model_path = model_arg or model_opt
-    if os.path.exists(output) and not force:
-        fail(f"{output} exists (use --force to overwrite)")
-    for p in [model_path, calib, *in_files]:
-        if p and os.path.exists(output) and os.path.exists(p) and os.path.samefile(p, output):
-            fail(f"refusing to write the output onto an input file: {output}")
     if not calib and not in_files:
         fail("no calibration text (--calib) and no --in-file imatrix to combine")
     if calib and not model_path:
@@ -81,7 +75,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
             model_path, calib or None, output, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads or None,
             output_format=fmt, process_output=process_output, in_files=in_files, save_frequency=save_freq,
             batch=batch, max_weight_memory=None if weight_gib is None else int(weight_gib * 2**30),
-            compute_ppl=not no_ppl, progress=progress)
+            compute_ppl=not no_ppl, overwrite=force, progress=progress)
     finally:
         for bar in bars:
             bar.close()

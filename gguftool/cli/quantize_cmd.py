@@ -10,7 +10,7 @@ import os
 import click
 
 from .common import fail, report_errors
-from .quantize_options import (TYPES_HELP, apply_split_options, build_config, check_output, policy_options,
+from .quantize_options import (TYPES_HELP, apply_split_options, build_config, policy_files, policy_options,
                                print_plan, print_summary, run_with_progress, split_options, warn)
 
 
@@ -42,6 +42,7 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
     from ..pipeline import plan as PL
     from ..pipeline import policy as P
     from ..gguf.source import open_gguf_source
+    from ..outfile import check_outputs
 
     ftype = P.parse_ftype(type_)
     if out is None and not dry_run:
@@ -54,13 +55,13 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
 
     with open_gguf_source(inp) as src:
         plan = PL.make_plan(src, cfg, dry_run=dry_run)
+        inputs = src.input_files() + policy_files(policy)    # every split of a split model is an input
         if out is not None and not dry_run:
-            for path, _, _ in PL.output_files(plan, out):
-                check_output(path, src.paths, force)   # every split of a split model is an input
+            check_outputs([path for path, _, _ in PL.output_files(plan, out)], inputs, overwrite=force)
         for w in plan.warnings:
             warn(w)
         if dry_run:
             print_plan(plan, ftype)
             return
-        summary = run_with_progress(src, plan, out, threads, stats, force, inp)
+        summary = run_with_progress(src, plan, out, threads, stats, force, inputs)
     print_summary(summary, plan, stats, inp)

@@ -100,6 +100,12 @@ def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_outp
         cfg.imatrix_path = imatrix
     return cfg
 
+
+def policy_files(policy: dict) -> list[str]:
+    """The files the policy options make the command read (--imatrix, --tensor-type-file)."""
+    return [p for p in (policy.get("imatrix"), policy.get("tensor_type_file")) if p]
+
+
 def parse_tensor_types(items: list[str], path: str | None):
     from ..pipeline import policy as P
     from ..errors import PolicyError
@@ -126,7 +132,7 @@ def parse_tensor_types(items: list[str], path: str | None):
 # --- running
 
 
-def run_with_progress(src, plan, out, threads, stats, force, inp):
+def run_with_progress(src, plan, out, threads, stats, force, inputs):
     from tqdm import tqdm
 
     from ..pipeline import execute as PX
@@ -145,7 +151,7 @@ def run_with_progress(src, plan, out, threads, stats, force, inp):
         bar.update(n)
 
     try:
-        return PX.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=getattr(src, "paths", [inp]),
+        return PX.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=inputs,
                           progress=progress)
     finally:
         bar.close()
@@ -212,19 +218,3 @@ def print_summary(s, plan, stats: bool, inp: str) -> None:
                f"{mib(s.src_bytes)} ({s.src_bpw:.2f} bpw) -> {mib(s.out_bytes)} ({s.out_bpw:.2f} bpw), "
                f"file {mib(s.file_size)}, {s.seconds:.1f} s ({rate:.0f} MB/s)"
                + (f"; {s.n_fallback} row-length fallbacks" if s.n_fallback else ""), err=True)
-
-
-def check_output(out: str, inputs: list[str], force: bool) -> None:
-    """Refuse an output that is one of the inputs, a directory, in a missing folder, or exists without --force."""
-    from .common import fail
-
-    for inp in inputs:
-        if os.path.abspath(inp) == os.path.abspath(out) or (os.path.exists(out) and os.path.samefile(inp, out)):
-            fail(f"{out}: output file is the input file")
-    if os.path.isdir(out):
-        fail(f"{out}: output path is a directory")
-    if os.path.lexists(out) and not force:
-        fail(f"{out}: output file already exists (use --force to overwrite it)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        fail(f"{out}: output directory {parent} does not exist")

@@ -141,6 +141,10 @@ class GGUFSource(TensorSource):
                 self._fds[path] = None
         return self._fds[path]
 
+    def input_files(self) -> list[str]:
+        """The GGUF file and, for a split model, every other split."""
+        return list(self.paths)
+
     def close(self) -> None:
         self.tensors = []
         fds, self._fds = self._fds, {}

@@ -10,21 +10,22 @@ Tensor offsets are relative to the data section; unless given explicitly each te
 one ended, rounded up to the alignment. n_dims is written as given (gguf-py keeps trailing 1s, llama.cpp drops
 them; the caller's shape decides).
 
-The output goes to a temporary file beside the target and is renamed onto it by ``finish()``; an exception or
-Ctrl-C inside the ``with`` block removes the temporary file and leaves the target untouched.
+The output is an unnamed file in the target's folder (gguftool.outfile) that ``finish()`` links into place; an
+exception or Ctrl-C inside the ``with`` block drops it and leaves the target untouched, and a killed process
+leaves nothing behind.
 """
 from __future__ import annotations
 
 import enum
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import GGUFError
+from ..outfile import OutputFile, check_outputs, commit_all
 from .constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
@@ -38,7 +39,7 @@ from .reader import GGML_MAX_DIMS, TensorInfo
 from .values import KV, GGUFArray
 from . import write_behind as _wb
 
-__all__ = ["GGUFWriter", "build_header", "encode_kv", "encode_value"]
+__all__ = ["GGUFWriter", "commit_writers", "build_header", "encode_kv", "encode_value"]
 
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
@@ -166,8 +167,8 @@ def build_header(kvs: Sequence[KV], tensors: Sequence[TensorInfo], *, version: i
 class _State(enum.Enum):
     METADATA = 0  # adding KVs and tensor infos
     DATA = 1      # header written, tensor data being written
-    WRITTEN = 2   # complete in its temporary file, not yet renamed (finish(rename=False))
-    DONE = 3      # renamed onto the target (or aborted)
+    WRITTEN = 2   # complete but not yet in place (finish(rename=False))
+    DONE = 3      # in place under the target's name (or aborted)
 
 
 @dataclass
@@ -217,7 +218,8 @@ class GGUFWriter:
         self.tensor_infos: list[TensorInfo] = []
         self._state = _State.METADATA
         self._file = None
-        self._tmp: str | None = None
+        self._out: OutputFile | None = None
+        self._overwrite = overwrite
         self._next = 0          # index of the next tensor to write
         self._data_start = 0    # absolute file offset of the data section
         self._pos = 0           # bytes written so far
@@ -225,21 +227,7 @@ class GGUFWriter:
 
     # --- target checks
     def _check_target(self, overwrite: bool, protect) -> None:
-        if os.path.isdir(self.path):
-            raise GGUFError(f"{self.path}: output path is a directory")
-        exists = os.path.lexists(self.path)
-        if exists:
-            for p in protect:
-                try:
-                    if os.path.samefile(self.path, p):
-                        raise GGUFError(f"{self.path}: refusing to overwrite the input file")
-                except FileNotFoundError:
-                    pass
-            if not overwrite:
-                raise GGUFError(f"{self.path}: output file already exists (use --force to overwrite it)")
-        parent = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(parent):
-            raise GGUFError(f"{self.path}: output directory {parent} does not exist")
+        check_outputs([self.path], protect, overwrite=overwrite)
 
     # --- metadata
     def add_kv(self, kv: KV) -> None:
@@ -298,7 +286,7 @@ class GGUFWriter:
 
     # --- header
     def write_header(self) -> None:
-        """Compute tensor offsets, open the temporary file and write header, KVs, tensor infos and padding."""
+        """Compute tensor offsets, open the output file and write header, KVs, tensor infos and padding."""
         self._require(_State.METADATA, "write_header")
         align = self.alignment
         if align != GGUF_DEFAULT_ALIGNMENT and KEY_ALIGNMENT not in self._keys:
@@ -379,10 +367,10 @@ class GGUFWriter:
 
     # --- completion
     def finish(self, rename: bool = True) -> None:
-        """Check every tensor was written, flush, and rename the temporary file onto the target.
+        """Check every tensor was written, flush, and put the file in place under the target's name.
 
-        rename=False leaves the complete file in its temporary place until ``commit()`` (so that several files
-        can be made visible only once all of them are written); ``abort()`` still deletes it."""
+        rename=False keeps the complete file out of sight until ``commit()`` (or ``commit_writers()``, so that
+        several files are made visible only once all of them are written); ``abort()`` still deletes it."""
         if self._state in (_State.DONE, _State.WRITTEN):
             if rename:
                 self.commit()
@@ -395,7 +383,7 @@ class GGUFWriter:
                 raise GGUFError(f"{self.path}: only {self._next} of {len(self.tensor_infos)} tensors were "
                                 f"written (next: {missing!r})")
             f, self._file = self._file, None
-            # no fsync: like llama.cpp; the rename alone guarantees nobody sees a partial file
+            # no fsync: like llama.cpp; linking only a complete file guarantees nobody sees a partial one
             f.close()
             self._state = _State.WRITTEN
             if rename:
@@ -405,21 +393,11 @@ class GGUFWriter:
             raise
 
     def commit(self) -> None:
-        """Rename a finished temporary file onto the target (after ``finish(rename=False)``)."""
-        if self._state == _State.DONE:
-            return
-        if self._state != _State.WRITTEN:
-            raise GGUFError(f"commit() not allowed now: writer is in state {self._state.name}")
-        try:
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self._tmp = None
-        self._state = _State.DONE
+        """Put a finished file in place under the target's name (after ``finish(rename=False)``)."""
+        commit_writers([self])
 
     def abort(self) -> None:
-        """Close and delete the temporary file; the target is left as it was."""
+        """Close and delete the unfinished file; the target is left as it was."""
         self._state = _State.DONE
         f, self._file = self._file, None
         if f is not None:
@@ -427,12 +405,9 @@ class GGUFWriter:
                 f.close()
             except OSError:
                 pass
-        tmp, self._tmp = self._tmp, None
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        out, self._out = self._out, None
+        if out is not None:
+            out.abort()
 
     close = abort
 
@@ -446,7 +421,7 @@ class GGUFWriter:
             self.finish()
 
     def __del__(self):
-        if getattr(self, "_tmp", None) is not None:
+        if getattr(self, "_out", None) is not None:
             self.abort()
 
     # --- internals
@@ -455,16 +430,8 @@ class GGUFWriter:
             raise GGUFError(f"{what}() not allowed now: writer is in state {self._state.name}")
 
     def _open_temp(self) -> None:
-        d = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=d)
-        self._tmp = tmp
-        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
-        try:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-        except OSError:
-            pass
+        self._out = OutputFile(self.path, overwrite=self._overwrite)
+        self._file = self._out.stream(buffering=1 << 20)
 
     def _write(self, data) -> None:
         self._file.write(data)
@@ -475,6 +442,24 @@ class GGUFWriter:
             k = min(n, len(_ZEROS))
             self._write(_ZEROS[:k])
             n -= k
+
+
+def commit_writers(writers: Sequence[GGUFWriter]) -> None:
+    """Put the files of several writers finished with ``finish(rename=False)`` in place all together, or none of
+    them (see gguftool.outfile.commit_all); on an error every writer is aborted."""
+    todo = [w for w in writers if w._state != _State.DONE]
+    for w in todo:
+        if w._state != _State.WRITTEN:
+            raise GGUFError(f"commit() not allowed now: writer is in state {w._state.name}")
+    try:
+        commit_all([w._out for w in todo])
+    except BaseException:
+        for w in todo:
+            w.abort()
+        raise
+    for w in todo:
+        w._out = None
+        w._state = _State.DONE
 
 
 def _check_alignment(a: Any) -> None:

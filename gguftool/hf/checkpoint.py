@@ -203,6 +203,11 @@ class Checkpoint:
                                    + (f"unlisted tensor(s) {', '.join(extra[:3])}" if extra else ""))
         return ck
 
+    def input_files(self) -> list[Path]:
+        """config.json, the index (when there is one) and the safetensors files."""
+        index = self.directory / INDEX_NAME
+        return [self.directory / CONFIG_NAME] + ([index] if index.is_file() else []) + [f.path for f in self.files]
+
     def close(self) -> None:
         for f in self.files:
             f.close()

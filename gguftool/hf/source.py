@@ -25,7 +25,7 @@ from ..gguf.values import KV
 from ..pipeline.source import SourceTensor, TensorSource
 from . import archs as A
 from .checkpoint import Checkpoint, SafetensorsTensor
-from .vocab import VocabInfo, gemma3_vocab_rows, vocab_kvs
+from .vocab import VocabInfo, gemma3_vocab_rows, tokenizer_files, vocab_kvs
 
 GGML_QUANT_VERSION = 2
 # llama_ftype values llama.cpp writes as general.file_type for the float conversions
@@ -159,6 +159,12 @@ class HFSource(TensorSource):
     vocab: VocabInfo | None = None
     outtype: str = "f32"
     name: str = ""
+
+    def input_files(self) -> list[str]:
+        """config.json, the safetensors shards (and their index) and the tokenizer files of the folder."""
+        if self.checkpoint is None:
+            return []
+        return [str(p) for p in self.checkpoint.input_files() + tokenizer_files(self.checkpoint.directory)]
 
     def close(self) -> None:
         if self.checkpoint is not None:

@@ -623,3 +623,15 @@ def gemma3_vocab_rows(directory: Path, hp: dict) -> int:
         raise _missing(directory)
     tj = _load_json(p)
     return len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+
+
+# every file of the checkpoint folder the functions above may read (besides config.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "added_tokens.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files present in the checkpoint folder ``directory``: what converting it may read."""
+    directory = Path(directory)
+    found = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    return found + sorted((directory / "additional_chat_templates").glob("*.jinja"))

@@ -208,11 +208,11 @@ def merge_imatrix_files(collector: ImatrixCollector, paths: Sequence[str]) -> No
         collector.merge(read_imatrix(p))
 
 
-def save_imatrix(path: str, im: Imatrix, fmt: str = "gguf", dataset: str = "") -> None:
+def save_imatrix(path: str, im: Imatrix, fmt: str = "gguf", dataset: str = "", *, overwrite: bool = True) -> None:
     if fmt == "gguf":
-        write_imatrix_gguf(path, im)
+        write_imatrix_gguf(path, im, overwrite=overwrite)
     elif fmt == "dat":
-        write_imatrix_legacy(path, im, dataset=dataset)
+        write_imatrix_legacy(path, im, dataset=dataset, overwrite=overwrite)
     else:
         raise ImatrixError(f"unknown imatrix output format {fmt!r} (gguf or dat)")
 

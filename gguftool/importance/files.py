@@ -29,8 +29,10 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import ImatrixError
+from ..outfile import OutputFile, check_outputs
 
 __all__ = ["ImatrixEntry", "Imatrix", "read_imatrix", "write_imatrix_gguf", "write_imatrix_legacy",
+           "snapshot_path", "existing_snapshots",
            "KEY_DATASETS", "KEY_CHUNK_COUNT", "KEY_CHUNK_SIZE"]
 
 KEY_DATASETS = "imatrix.datasets"
@@ -230,7 +232,7 @@ def _trim(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def write_imatrix_gguf(path: "str | os.PathLike[str]", im: Imatrix, *, overwrite: bool = True) -> None:
-    """Write the GGUF imatrix format as llama-imatrix's save_imatrix does (temp file + rename)."""
+    """Write the GGUF imatrix format as llama-imatrix's save_imatrix does (in place only when complete)."""
     from ..gguf.constants import GGMLType, GGUFValueType
     from ..gguf.values import kv_array, kv_str, kv_u32
     from ..gguf.writer import GGUFWriter
@@ -253,9 +255,11 @@ def write_imatrix_gguf(path: "str | os.PathLike[str]", im: Imatrix, *, overwrite
         w.finish()
 
 
-def write_imatrix_legacy(path: "str | os.PathLike[str]", im: Imatrix, dataset: str = "") -> None:
+def write_imatrix_legacy(path: "str | os.PathLike[str]", im: Imatrix, dataset: str = "", *,
+                         overwrite: bool = True) -> None:
     """Write the legacy .dat format as save_imatrix_legacy does: values = in_sum2 / count * ncall with
-    ncall = ceil(max(counts) / chunk_size); entries without any data are skipped."""
+    ncall = ceil(max(counts) / chunk_size); entries without any data are skipped. In place only when complete
+    (gguftool.outfile)."""
     if im.chunk_size <= 0:
         raise ImatrixError("writing a legacy imatrix needs chunk_size > 0")
     parts = []
@@ -277,13 +281,32 @@ def write_imatrix_legacy(path: "str | os.PathLike[str]", im: Imatrix, dataset: s
     ds = (dataset or (im.datasets[-1] if im.datasets else "")).encode()
     blob = struct.pack("<i", n_entries) + b"".join(parts) + struct.pack("<i", im.chunk_count) \
         + struct.pack("<i", len(ds)) + ds
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
+    check_outputs([path], overwrite=overwrite)
+    with OutputFile(path, overwrite=overwrite) as out:
+        with out.stream() as f:
             f.write(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        out.commit()
+
+
+def snapshot_path(output: "str | os.PathLike[str]", n_chunks: int) -> str:
+    """The file llama-imatrix --save-frequency writes after ``n_chunks`` chunks: OUTPUT.at_N."""
+    return f"{os.fspath(output)}.at_{n_chunks}"
+
+
+def existing_snapshots(output: "str | os.PathLike[str]", every: int) -> list[str]:
+    """The files already in OUTPUT's folder that a run saving a snapshot every ``every`` chunks may write to
+    (OUTPUT.at_N for N a multiple of ``every``), so that they can be checked before the run."""
+    output = os.fspath(output)
+    if every <= 0:
+        return []
+    folder, prefix = os.path.dirname(output) or ".", os.path.basename(output) + ".at_"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        n = name[len(prefix):]
+        if name.startswith(prefix) and n.isdigit() and n == str(int(n)) and int(n) > 0 and int(n) % every == 0:
+            found.append(os.path.join(os.path.dirname(output), name))
+    return found

@@ -20,7 +20,8 @@ from ..model.tokenizer import Tokenizer
 from ..model.weights import WeightStore, default_weight_budget
 from .collect import (ImatrixCollector, ProgressFn, check_run_options, compute_imatrix, load_model,
                       merge_imatrix_files, read_calibration_text, save_imatrix)
-from .files import Imatrix
+from ..outfile import check_outputs
+from .files import Imatrix, existing_snapshots, snapshot_path
 
 __all__ = ["ImatrixResult", "compute_imatrix_file"]
 
@@ -62,7 +63,8 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
                          threads: int | None = None, output_format: str = "gguf", process_output: bool = False,
                          in_files: Sequence[str | os.PathLike[str]] = (),
                          save_frequency: int = 0, batch: int = 2048, max_weight_memory: int | None = None,
-                         compute_ppl: bool = True, progress: ProgressFn | None = None) -> ImatrixResult:
+                         compute_ppl: bool = True, overwrite: bool = False,
+                         progress: ProgressFn | None = None) -> ImatrixResult:
     """Compute the importance matrix of the model at ``model_path`` (GGUF file or Hugging Face checkpoint) over
     the text at ``calib_path`` and write it to ``output_path`` (replaced if it exists), as llama-imatrix does.
 
@@ -72,7 +74,8 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
     ``in_files``: imatrix files (either format) merged into the result; ``save_frequency``: also write
     ``OUTPUT.at_N`` every N chunks (0: never); ``max_weight_memory``: bytes of float32 weights kept in memory
     (None: half the available memory; the others are read again for every batch: slower, same result);
-    ``compute_ppl``: compute the perplexity; ``progress(done, total, running_ppl)`` after each chunk.
+    ``compute_ppl``: compute the perplexity; ``overwrite``: replace an existing output (and snapshots; never a
+    file the run reads); ``progress(done, total, running_ppl)`` after each chunk.
 
     Without ``calib_path`` the ``in_files`` are only combined (``model_path`` is not read). Raises ImatrixError
     (or another GGUFError) for bad options or input, before any work where it can tell.
@@ -83,10 +86,11 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
     if calib_path is None:
         if not in_paths:
             raise ImatrixError("no calibration text and no imatrix files to combine")
+        check_outputs([output], in_paths, overwrite=overwrite)
         collector = ImatrixCollector(n_ctx, process_output)
         merge_imatrix_files(collector, in_paths)
         im = collector.result()
-        save_imatrix(output, im, output_format)
+        save_imatrix(output, im, output_format, overwrite=overwrite)
         return ImatrixResult(output, im, n_ctx, n_in_files=len(in_paths))
     if model_path is None:
         raise ImatrixError("no model given")
@@ -97,6 +101,9 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
 
     source = load_model(model_file)
     try:
+        # the output and the snapshots it may write are checked now, not after hours of computation
+        check_outputs([output] + existing_snapshots(output, save_frequency), source.input_files() + [calib, *in_paths],
+                      overwrite=overwrite)
         ModelConfig.from_metadata(source, origin=model_file)          # architecture first: the cheapest check
         tokenizer = Tokenizer.from_metadata(source, origin=model_file)
         budget = default_weight_budget() if max_weight_memory is None else max_weight_memory
@@ -105,14 +112,15 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
 
         def save_snapshot(done: int, collector: ImatrixCollector) -> None:
             if save_frequency > 0 and done % save_frequency == 0:
-                save_imatrix(f"{output}.at_{done}", collector.result(calib), output_format, dataset=calib)
+                save_imatrix(snapshot_path(output, done), collector.result(calib), output_format, dataset=calib,
+                             overwrite=overwrite)
 
         run = compute_imatrix(model, tokenizer, text, n_ctx=n_ctx, n_chunks=n_chunks, process_output=process_output,
                               compute_ppl=compute_ppl, in_files=in_paths, dataset=calib, batch_tokens=batch,
                               progress=progress, on_chunk=save_snapshot)
         if not run.imatrix.entries:
             raise ImatrixError("no matrix multiplications were collected")
-        save_imatrix(output, run.imatrix, output_format, dataset=calib)
+        save_imatrix(output, run.imatrix, output_format, dataset=calib, overwrite=overwrite)
     finally:
         source.close()
     result = ImatrixResult(output, run.imatrix, n_ctx, n_chunks=run.n_chunks, n_tokens=run.n_tokens, ppl=run.ppl,

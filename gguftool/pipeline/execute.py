@@ -3,8 +3,8 @@
 One tensor at a time, and a big tensor in slabs of rows (:mod:`.io`), so memory stays bounded whatever the model
 size. A tensor whose type does not change is copied byte for byte; the others are read as float32 (dequantized if
 needed) and quantized with the imatrix weights of their name. The output is written behind the kernels
-(GGUFWriter's ``write_behind``) into a temporary file per output file, renamed once all are complete. Nothing here
-prints: progress goes to a callback.
+(GGUFWriter's ``write_behind``) into unnamed files (gguftool.outfile), put in place together once all are
+complete. Nothing here prints: progress goes to a callback.
 """
 from __future__ import annotations
 
@@ -77,14 +77,18 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     """Write the planned file (or files, with --keep-split). progress(n, tensor) is called with source bytes
     just processed.
 
-    Each output goes to a temporary file; all are renamed onto their targets once every one is complete. On
-    any error or interrupt the temporary files are removed and the targets are left as they were.
+    Every output file stays unnamed (gguftool.outfile) until all of them are complete, then all are put in place
+    together. On any error or interrupt nothing is left and the targets are as they were.
     """
+    from ..gguf.writer import GGUFWriter, commit_writers
+    from ..outfile import check_outputs
+
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
     reader = pio.SlabReader(plan)
     files = output_files(plan, out_path)
+    check_outputs([f[0] for f in files], protect, overwrite=overwrite)
     writers: list[GGUFWriter] = []
     with reader:
         try:
@@ -99,8 +103,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
                 for tp in tensors:
                     results.append(_write_tensor(w, tp, plan, threads, stats, progress, reader))
                 w.finish(rename=False)
-            for w in writers:
-                w.commit()
+            commit_writers(writers)
         except BaseException:
             for w in writers:
                 w.abort()

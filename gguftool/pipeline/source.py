@@ -69,6 +69,10 @@ class TensorSource:
     kvs: list[KV]
     tensors: list[SourceTensor] = field(default_factory=list)
 
+    def input_files(self) -> list[str]:
+        """Every file this source reads (an output must never be one of them); none for a source in memory."""
+        return []
+
     def get(self, key: str, default=None):
         for kv in self.kvs:
             if kv.key == key:

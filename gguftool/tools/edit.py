@@ -190,7 +190,8 @@ def edit_file(src: "str | os.PathLike[str]", dst: "str | os.PathLike[str]", *, s
     src, dst = os.fspath(src), os.fspath(dst)
     template = _read_template(chat_template_file) if chat_template_file is not None else None
     with GGUFReader(src) as reader:
-        writer = GGUFWriter(dst, version=reader.version, overwrite=overwrite, protect=[src])
+        writer = GGUFWriter(dst, version=reader.version, overwrite=overwrite,
+                            protect=[src] + ([chat_template_file] if chat_template_file is not None else []))
         try:
             set_kvs = []
             for spec in set_items:
