@@ -267,7 +267,7 @@ def test_hf_checkpoint_input_equals_converted_gguf(tmp_path):
         pytest.skip("fixtures/tiny-llama is not present")
     calib = Path(__file__).resolve().parent.parent / "fixtures" / "calibration" / "essays.txt"
     conv = tmp_path / "tiny-f32.gguf"
-    code, text = _run("convert", str(ckpt), "-t", "F32", "-o", str(conv))
+    code, text = _run("convert", str(ckpt), "--type", "F32", "-o", str(conv))
     assert code == 0, text
     outs = []
     for model in (ckpt, conv):

@@ -2,11 +2,16 @@
 
 Each subcommand module (``gguftool/cli/<name>_cmd.py``) defines a click command named ``command``. Only the
 module of the command being run is imported, so ``gguftool inspect`` never pays for numba.
+
+``gguftool ... | head``: when stdout's reader goes away, every subcommand stops quietly (LazyGroup.invoke; click
+itself does the same for --help and usage errors).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 
 import click
 
@@ -37,6 +42,16 @@ class LazyGroup(click.Group):
                 return None
             raise
         return module.command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # the reader of stdout went away: point stdout at /dev/null so that Python's final flush of what is
+            # still buffered has nowhere to fail, and stop without a traceback or message
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
 
     def format_commands(self, ctx, formatter):
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import fail, report_errors
+from .common import fail, force_option, output_option, report_errors, threads_option
 
 
 @click.command("imatrix")
@@ -16,14 +16,12 @@ from .common import fail, report_errors
                    "Hugging Face checkpoint (directory or .safetensors file).")
 @click.option("-f", "--calib", "calib", type=click.Path(path_type=str),
               help="Calibration text file (UTF-8). May be left out when --in-file files are only combined.")
-@click.option("-o", "--output", "output", default="imatrix.gguf", show_default=True, type=click.Path(path_type=str),
-              help="Output imatrix file.")
+@output_option("output", "Output imatrix file.", default="imatrix.gguf")
 @click.option("-c", "--ctx", "n_ctx", default=512, show_default=True, type=int,
               help="Tokens per chunk (llama-imatrix --ctx-size).")
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, type=int,
               help="Evaluate at most this many chunks (-1: all the text gives).")
-@click.option("-t", "--threads", "threads", default=0, type=int,
-              help="Threads (default: all CPUs).")
+@threads_option
 @click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default="gguf", show_default=True,
               help="GGUF imatrix format, or llama.cpp's legacy .dat format.")
 @click.option("--process-output", is_flag=True,
@@ -38,7 +36,7 @@ from .common import fail, report_errors
 @click.option("--max-weight-memory", "weight_gib", type=click.FloatRange(min=0), metavar="GIB",
               help="Memory for the model's float32 weights, in GiB (default: half the available memory). Weights "
                    "that do not fit are read again from MODEL for every batch: slower, same results.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
 def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, process_output, in_files,
@@ -77,7 +75,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         im = collector.result()
         imx.save_imatrix(output, im, fmt)
         click.echo(f"combined {len(in_files)} imatrix file(s) into {output}: {len(im.entries)} entries, "
-                   f"{im.chunk_count} chunks", err=True)
+                   f"{im.chunk_count} chunks")
         return
 
     if not model_path:
@@ -90,7 +88,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
     from ..model.tokenizer import Tokenizer
     from ..model.weights import default_weight_budget
 
-    n_threads = threads if threads > 0 else (os.cpu_count() or 1)
+    n_threads = threads or (os.cpu_count() or 1)
     source = imx.load_model(model_path)
     try:
         ModelConfig.from_metadata(source)          # architecture first: the cheapest check
@@ -131,9 +129,9 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         if close is not None:
             close()
     if not no_ppl:
-        click.echo(f"Final estimate: PPL = {run.ppl:.4f} +/- {run.ppl_err:.5f}", err=True)
+        click.echo(f"Final estimate: PPL = {run.ppl:.4f} +/- {run.ppl_err:.5f}")
     click.echo(f"{output}: {len(run.imatrix.entries)} entries, {run.n_chunks} chunks of {n_ctx} tokens "
-               f"({run.n_tokens} tokens in the text), {run.seconds:.1f} s", err=True)
+               f"({run.n_tokens} tokens in the text), {run.seconds:.1f} s")
     store = model.w
     if store.streamed_names:
         click.echo(f"note: {len(store.streamed_names)} weights ({store.streamed_bytes / 2**30:.2f} GiB as float32) "
