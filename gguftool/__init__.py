@@ -33,7 +33,7 @@ _LAZY = {
     "Job": "gguftool.api",
     "edit_file": "gguftool.tools.edit",
     "EditResult": "gguftool.tools.edit",
-    # "imatrix": the integrator wires gguftool.importance.run.compute_imatrix here (and in TYPE_CHECKING above)
+    # "imatrix": the integrator wires gguftool.importance.run.compute_imatrix here, in __all__ and in TYPE_CHECKING
     "quantize": "gguftool.quants",
     "dequantize": "gguftool.quants",
     "GGUFReader": "gguftool.gguf.reader",
@@ -47,7 +47,11 @@ _LAZY = {
     "QuantError": "gguftool.errors",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [
+    "convert", "quantize_file", "plan_convert", "plan_quantize", "QuantizeOptions", "Job", "edit_file", "EditResult",
+    "GGUFReader", "GGUFWriter", "GGMLType", "GGUFValueType", "KV", "GGUFArray", "quantize", "dequantize",
+    "GGUFError", "FormatError", "QuantError", "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -112,6 +112,8 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
     from .pipeline.execute import make_plan
 
     src = open_hf_source(model, outtype="auto", name=name, vocab_only=vocab_only)
+    ck, vocab = src.checkpoint, src.vocab
+    assert ck is not None and vocab is not None    # open_hf_source sets both
     try:
         type_name = type.strip().upper()
         if type_name == "AUTO":
@@ -119,10 +121,9 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
         ftype = P.parse_ftype(type_name)
         cfg = _config(ftype, options or QuantizeOptions())
         plan = make_plan(src, cfg)
-        out = os.fspath(output) if output is not None else _default_outfile(src.name, src.checkpoint.directory,
-                                                                              ftype.name)
-        inputs = [str(f.path) for f in src.checkpoint.files] + _option_files(options)
-        return Job(src, plan, ftype, out, inputs, src.close, source_warnings=list(src.vocab.warnings))
+        out = os.fspath(output) if output is not None else _default_outfile(src.name, ck.directory, ftype.name)
+        inputs = [str(f.path) for f in ck.files] + _option_files(options)
+        return Job(src, plan, ftype, out, inputs, src.close, source_warnings=list(vocab.warnings))
     except BaseException:
         src.close()
         raise
@@ -197,7 +198,6 @@ def _option_files(options: QuantizeOptions | None) -> list[str]:
 
 def _config(ftype: FileType, o: QuantizeOptions, allow_requantize: bool = False) -> QuantizeConfig:
     """The pipeline configuration for the options (the imatrix file is read here, so its errors come first)."""
-    from .pipeline import policy as P
     from .pipeline.execute import QuantizeConfig, parse_kv_override
 
     if o.include_weights and o.exclude_weights:

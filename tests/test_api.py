@@ -54,6 +54,7 @@ def test_edit_and_read(tmp_path):
 
 
 def test_public_names_are_declared_and_typed():
+    assert set(gguftool.__all__) == set(gguftool._LAZY) | {"__version__"}
     for name in gguftool.__all__:
         assert getattr(gguftool, name) is not None
     assert (ROOT / "gguftool" / "py.typed").is_file()

@@ -19,12 +19,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import CONVERT_REF as REF, TINY_LLAMA as TINY
 from gguftool.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tiny-llama"
-REF = ROOT / "fixtures" / "convert_reference"
-sys.path.insert(0, str(ROOT / "scripts"))
 
 KEEP_GENERAL = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
 
@@ -70,8 +66,9 @@ def test_tiny_identical_to_llama_cpp(tmp_path, tiny_ref, type_):
 
 
 def test_readme_command_default_outfile_and_inspect(tmp_path):
+    # README's first command itself: tests/test_install.py. Here: the default output, beside the checkpoint.
     d = tmp_path / "tiny-llama"
-    shutil.copytree(TINY, d)
+    shutil.copytree(TINY, d, ignore=shutil.ignore_patterns("*.gguf"))
     r = _run("convert", d / "model.safetensors", "--type", "Q4_K_M")
     assert r.exit_code == 0, r.output
     out = d / "tiny-llama-Q4_K_M.gguf"
@@ -214,10 +211,7 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_ref():
-    p = REF / "smollm2-135m.json"
-    if not p.is_file():
-        pytest.skip("no SmolLM2 reference")
-    return json.loads(p.read_text())
+    return json.loads((REF / "smollm2-135m.json").read_text())
 
 
 @pytest.fixture(scope="module")

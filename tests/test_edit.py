@@ -6,26 +6,13 @@ import os
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from gguftool.cli import main
+from conftest import run_cli as invoke
 from gguftool.tools.edit import apply_edits, edit_file, value_from_text
 from gguftool.errors import GGUFError
 from gguftool.gguf.constants import GGMLType, GGUFValueType as VT
 from gguftool.gguf.reader import GGUFReader
 from gguftool.gguf.values import KV, GGUFArray
 from gguftool.gguf.writer import GGUFWriter
-
-
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        return CliRunner()
-
-
-def invoke(*args):
-    return runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture

@@ -8,22 +8,15 @@ with fixtures/convert_reference/<variant>.json: the converted metadata and tenso
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import CALIB, CONVERT_REF as REF
 from gguftool.cli import main
 from gguftool.hf.source import open_hf_source
-
-ROOT = Path(__file__).resolve().parent.parent
-REF = ROOT / "fixtures" / "convert_reference"
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_tiny_model import VARIANTS, make_variant  # noqa: E402
-from test_hf_source import source_digest, strip_descriptive  # noqa: E402
+from make_tiny_model import VARIANTS, make_variant
+from test_hf_source import source_digest, strip_descriptive
 
 NAMES = [n for n in ("llama3-rope", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "mixtral", "phi3",
                      "phi3-longrope", "gemma2") if (REF / f"{n}.json").is_file()]
@@ -129,7 +122,7 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     d = make_variant(tmp_path / name, name)
     f32 = tmp_path / "f32.gguf"
     assert CliRunner().invoke(main, ["convert", str(d), "--type", "F32", "-o", str(f32)]).exit_code == 0
-    text = ROOT / "fixtures" / "calibration" / "essays.txt"
+    text = CALIB
     outs = []
     for model in (d, f32):
         out = tmp_path / f"im{len(outs)}.gguf"

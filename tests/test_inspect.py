@@ -9,23 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from gguftool.cli import main
+from conftest import run_cli as invoke
 from gguftool.gguf.constants import GGMLType, GGUFValueType as VT
 from gguftool.gguf.values import KV, GGUFArray
 from gguftool.gguf.writer import GGUFWriter
-
-
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        return CliRunner()
-
-
-def invoke(*args):
-    return runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def make_model(path, *, template="{{ bos_token }}" + "x" * 100):

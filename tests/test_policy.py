@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -16,9 +15,9 @@ from gguftool.pipeline import policy as P
 from gguftool.errors import PolicyError
 from gguftool.gguf.constants import GGMLType as T
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "fixtures", "quantize_reference")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from conftest import QUANTIZE_REF
+
+FIXTURES = str(QUANTIZE_REF)
 
 
 # --- helpers
@@ -272,8 +271,6 @@ def test_q2_k_s_requires_imatrix():
 
 def _fixture_cases():
     out = []
-    if not os.path.isdir(FIXTURES):
-        return out
     for fn in sorted(os.listdir(FIXTURES)):
         if fn.endswith(".json"):
             with open(os.path.join(FIXTURES, fn)) as f:

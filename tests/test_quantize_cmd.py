@@ -19,12 +19,11 @@ from click.testing import CliRunner
 
 from gguftool.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "fixtures", "quantize_reference")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import make_synthetic_llama as msl
+from conftest import QUANTIZE_REF, ROOT
+from gguf_samples import write_splits
 
-import make_synthetic_llama as msl  # noqa: E402
-from gguf_samples import write_splits  # noqa: E402
+FIXTURES = str(QUANTIZE_REF)
 
 # the model llama-imatrix ran on to make fixtures/quantize_reference/llama_imatrix/
 TINY = msl.Shape(n_embd=256, n_ff=256, n_layer=2, n_head=4, n_head_kv=2, n_vocab=512)
@@ -85,8 +84,6 @@ def _load(fn):
 
 def _cases():
     out = []
-    if not os.path.isdir(FIXTURES):
-        return out
     for fn in sorted(os.listdir(FIXTURES)):
         if fn.endswith(".json") and fn.startswith("synthetic"):
             for ft in _load(fn)["types"]:

@@ -60,10 +60,13 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gguftool")
-def main():
+@click.pass_context
+def main(ctx):
     """Convert, quantize, inspect and edit GGUF files (llama.cpp's model format).
 
     The tensors gguftool writes are byte-identical to llama.cpp's for the same input and options.
     """
+    if ctx.invoked_subcommand is None:   # bare `gguftool`: the help, as a first contact (stdout, status 0)
+        click.echo(ctx.get_help())

@@ -19,6 +19,7 @@ go to callbacks.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import time
 from dataclasses import dataclass, field
