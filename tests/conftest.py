@@ -53,8 +53,8 @@ def fixtures_are_never_written():
 
     before = snapshot()
     yield
-    changed = sorted(str(p) for p in set(before) ^ set(after := snapshot()) | {p for p in before if
-                                                                               after.get(p) != before[p]})
+    after = snapshot()
+    changed = sorted(str(p) for p in set(before) | set(after) if before.get(p) != after.get(p))
     assert not changed, f"tests wrote into fixtures/: {changed}"
 
 

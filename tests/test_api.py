@@ -11,6 +11,7 @@ from conftest import ROOT, TINY_GGUF, TINY_LLAMA, run_cli
 from gguftool.errors import PolicyError
 
 
+@pytest.mark.slow
 def test_convert_through_the_api_equals_the_cli(tmp_path):
     cli_out, api_out = tmp_path / "cli.gguf", tmp_path / "api.gguf"
     r = run_cli("convert", TINY_LLAMA, "--type", "Q4_K_M", "-o", cli_out)
@@ -20,6 +21,7 @@ def test_convert_through_the_api_equals_the_cli(tmp_path):
     assert api_out.read_bytes() == cli_out.read_bytes()
 
 
+@pytest.mark.slow
 def test_quantize_file_through_the_api_equals_the_cli(tmp_path):
     cli_out, api_out = tmp_path / "cli.gguf", tmp_path / "api.gguf"
     opts = ["--tensor-type", "attn_v=q8_0", "--override-kv", "general.name=str:x"]

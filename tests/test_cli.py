@@ -84,6 +84,7 @@ def _pipe_cases(tmp):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_pipe_cases(ROOT)))
 def test_closed_stdout_pipe_ends_quietly(case, tmp_path):
     args = _pipe_cases(tmp_path)[case]

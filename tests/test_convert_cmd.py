@@ -189,6 +189,7 @@ def test_bad_unsupported_architecture(tmp_path):
 # --- the real client
 
 
+@pytest.mark.slow
 def test_tiny_loads_in_llama_cpp(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
     out = tmp_path / "t.gguf"
@@ -226,6 +227,7 @@ def smol_outputs(smollm2, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("type_", ["Q8_0", "Q4_K_M"])
 def test_smollm2_identical_to_llama_cpp(smol_outputs, smol_ref, type_):
     _assert_same_as_reference(smol_outputs[type_], smol_ref["quantized"][type_])
@@ -279,6 +281,7 @@ AGREEMENT_FLOOR = {("Q8_0", "kernels"): 0.96, ("Q8_0", "weights"): 0.98, ("Q4_K_
                    ("Q4_K_M", "weights"): 0.82}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("type_, how", [("Q8_0", "kernels"), ("Q8_0", "weights"), ("Q4_K_M", "kernels"),
                                         ("Q4_K_M", "weights")])
 def test_smollm2_top1_agreement_with_f32(smol_outputs, tmp_path, type_, how):
@@ -320,6 +323,7 @@ def _peak_rss_anon(cmd: list[str]) -> tuple[int, int]:
     return p.returncode, peak[0]
 
 
+@pytest.mark.slow
 def test_smollm2_memory_bounded(smollm2, tmp_path):
     """Peak anonymous memory <= 2 x the largest tensor in float32 + 300 MB (the checkpoint is 257 MiB)."""
     largest = 49152 * 576 * 4

@@ -46,6 +46,7 @@ def test_no_changes_is_byte_identical(src, tmp_path):
     assert filecmp.cmp(src, out, shallow=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_no_changes_real_files(fixture, request, tmp_path):
     p = request.getfixturevalue(fixture)

@@ -151,6 +151,7 @@ def test_fuzz_synthetic(tmp_path):
     assert counts["error"] > 150  # most mutations must be caught
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture, seed", [("smollm2_gguf", 1), ("gemma3_gguf", 2)])
 def test_fuzz_real_headers(fixture, seed, request, tmp_path):
     path = request.getfixturevalue(fixture)

@@ -32,6 +32,7 @@ def variant(request, tmp_path_factory):
     return name, d, json.loads((REF / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_converted_metadata_and_tensors(variant):
     name, d, ref = variant
     src = open_hf_source(d)
@@ -44,6 +45,7 @@ def test_converted_metadata_and_tensors(variant):
     assert mine["tensors"] == ref["convert"]["tensors"]
 
 
+@pytest.mark.slow
 def test_quantized_file(variant, tmp_path):
     pytest.importorskip("gguf", reason="gguf-py reads the written file")
     from make_convert_reference import file_digest
@@ -88,6 +90,7 @@ def _edit_config(d, **changes):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+@pytest.mark.slow
 def test_moe_bad_experts(tmp_path):
     from make_tiny_model import make_weights, write_safetensors
 
@@ -112,6 +115,7 @@ def test_moe_bad_experts(tmp_path):
         in _convert_error(d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "gemma2", "phi3", "phi3-longrope"])
 def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     # read straight from the checkpoint or from its F32 conversion: the same statistics (MoE: per expert)
@@ -143,6 +147,7 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     assert im.entries["blk.0.ffn_gate_inp.weight"].counts.tolist() == [3 * 64]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope", "gemma2"])
 def test_runs_in_llama_cpp(tmp_path, name):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")

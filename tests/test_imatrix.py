@@ -258,6 +258,7 @@ def test_written_files_roundtrip(tmp_path):
     assert raw.endswith(struct.pack("<i", 1) + struct.pack("<i", 9) + b"calib.txt")
 
 
+@pytest.mark.slow
 def test_hf_checkpoint_input_equals_converted_gguf(tmp_path):
     """A Hugging Face checkpoint read directly gives the same imatrix as its F32 GGUF conversion."""
     ckpt, calib = TINY_LLAMA, CALIB
@@ -278,6 +279,7 @@ def test_hf_checkpoint_input_equals_converted_gguf(tmp_path):
         assert a.entries[n].counts.tolist() == b.entries[n].counts.tolist() == [384]
 
 
+@pytest.mark.slow
 def test_cli_weight_memory_limit_gives_the_same_file(tmp_path):
     # a BF16 checkpoint whose float32 weights do not fit --max-weight-memory: re-read per batch, same numbers
     args = [str(TINY_LLAMA), "--calib", str(CALIB),

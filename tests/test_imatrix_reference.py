@@ -25,6 +25,7 @@ def load_reference():
     return meta, entries
 
 
+@pytest.mark.slow
 def test_smollm2_matches_llama_imatrix(smollm2_gguf):
     from gguftool.gguf.source import open_gguf_source
     from gguftool.model.forward import Model
@@ -55,6 +56,7 @@ def test_smollm2_matches_llama_imatrix(smollm2_gguf):
     print(f"max relative L2 {worst:.2e}, PPL ours {run.ppl:.4f} vs llama-imatrix {meta['ppl']:.4f}")
 
 
+@pytest.mark.slow
 def test_tiny_llama_process_output_matches_llama_imatrix(tmp_path):
     """SentencePiece vocabulary with BOS per chunk and an untied output.weight (--process-output), read straight
     from the Hugging Face checkpoint, against llama-imatrix's file for its F32 conversion."""
@@ -83,6 +85,7 @@ def test_tiny_llama_process_output_matches_llama_imatrix(tmp_path):
         assert rel < 1e-3, (name, rel)
 
 
+@pytest.mark.slow
 def test_mixtral_moe_matches_llama_imatrix(tmp_path):
     """A Mixtral-style MoE checkpoint (scripts/make_tiny_model.py --variant mixtral: 4 experts, 2 used) against
     llama-imatrix's file for its F32 conversion: the per-expert MUL_MAT_ID statistics and the router's input.

@@ -27,6 +27,7 @@ def _readme_first_command() -> list[list[str]]:
     return steps[1:]
 
 
+@pytest.mark.slow
 def test_readme_first_command_writes_into_the_current_folder(tmp_path, monkeypatch):
     # the checkout's fixture folder, as a clean clone has it (only the tracked files)
     (tmp_path / "fixtures").mkdir()

@@ -323,6 +323,7 @@ def test_fixtures_exist():
     assert len(_fixture_cases()) >= 18 * 2
 
 
+@pytest.mark.slow
 def test_real_gemma3_q4_k_m_file_has_our_plan(tmp_path):
     """The published gemma-3-270m Q4_K_M GGUF (made by llama-quantize from 16-bit weights): every tensor's
     type and the tensor order are what the policy plans (gemma3 architecture, tied embeddings, GQA 4)."""

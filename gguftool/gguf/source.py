@@ -64,7 +64,7 @@ class GGUFTensor(SourceTensor):
         ne0 = self.ne0
         n = (stop - start) * ne0
         out = buf[:n]
-        mv = memoryview(out).cast("B")
+        mv = out.data.cast("B")
         pos = self._reader.data_offset + self.info.offset + start * ne0 * 4
         done = 0
         while done < mv.nbytes:
@@ -109,14 +109,14 @@ class GGUFSource(TensorSource):
     def __init__(self, readers: "GGUFReader | list[GGUFReader]"):
         readers = [readers] if isinstance(readers, GGUFReader) else list(readers)
         tensors = [GGUFTensor(r, t, i) for i, r in enumerate(readers) for t in r.tensors]
-        super().__init__(kvs=list(readers[0].kvs), tensors=tensors)
+        super().__init__(kvs=list(readers[0].kvs), tensors=[*tensors])
         self.readers = readers
         self.reader = readers[0]
         self.path = self.reader.path
         self.paths = [r.path for r in readers]
         self._fds: dict[str, int | None] = {}
         if hasattr(os, "preadv"):
-            for t in self.tensors:
+            for t in tensors:
                 if os.path.isfile(t._reader.path):
                     t._get_fd = functools.partial(self._get_fd, t._reader.path)
 

@@ -56,7 +56,7 @@ _ZEROS = bytes(4096)
 
 
 # --- encoding of KV pairs (also used by tools that need the exact byte size of a header)
-def _encode_string(s: "str | bytes") -> bytes:
+def _encode_string(s: "str | bytes | bytearray") -> bytes:
     raw = s if isinstance(s, (bytes, bytearray)) else s.encode("utf-8", "surrogateescape")
     return _U64.pack(len(raw)) + bytes(raw)
 
@@ -208,7 +208,7 @@ class GGUFWriter:
         self._names: set[str] = set()
         self.tensor_infos: list[TensorInfo] = []
         self._state = _State.METADATA
-        self._file = None
+        self._file: Any = None              # the temporary file while writing (a buffered binary file)
         self._tmp: str | None = None
         self._next = 0          # index of the next tensor to write
         self._data_start = 0    # absolute file offset of the data section
@@ -400,6 +400,7 @@ class GGUFWriter:
             return
         if self._state != _State.WRITTEN:
             raise GGUFError(f"commit() not allowed now: writer is in state {self._state.name}")
+        assert self._tmp is not None       # state WRITTEN: the temporary file exists
         try:
             os.replace(self._tmp, self.path)
         except BaseException:
@@ -476,7 +477,7 @@ def _check_alignment(a: Any) -> None:
 def _as_bytes_view(x: Any) -> "memoryview | None":
     if isinstance(x, np.ndarray):
         a = np.ascontiguousarray(x).reshape(-1)
-        return memoryview(a.view(np.uint8))
+        return a.view(np.uint8).data
     if isinstance(x, (bytes, bytearray)):
         return memoryview(x)
     if isinstance(x, memoryview):
