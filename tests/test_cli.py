@@ -29,7 +29,7 @@ def test_every_short_flag_means_one_thing_in_every_subcommand():
                     meaning.setdefault(short, set()).add(longs[0])
     assert {s: m for s, m in meaning.items() if len(m) > 1} == {}
     # llama.cpp's tools' letters (llama-imatrix, llama-perplexity)
-    assert meaning["-t"] == {"--threads"} and meaning["-o"] == {"--output"} and meaning["-f"] == {"--calib"}
+    assert meaning["-t"] == {"--threads"} and meaning["-o"] == {"--output"} and meaning["-f"] == {"--file"}
 
 
 def test_shared_options_are_declared_alike():

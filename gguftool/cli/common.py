@@ -32,6 +32,12 @@ def force_option(func: F) -> F:
                         help="Overwrite the output file if it exists (never an input file).")(func)
 
 
+def text_file_option(dest: str, help: str, *, aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """-f/--file FILE: the input text (llama-imatrix's and llama-perplexity's -f), passed as ``dest``; ``aliases``
+    are extra long names (imatrix's --calib)."""
+    return click.option("-f", "--file", *aliases, dest, metavar="FILE", help=help, type=click.Path(path_type=str))
+
+
 def output_option(dest: str, help: str, *, aliases: tuple[str, ...] = (), default: str | None = None,
                   positional: str | None = None, required: bool = False) -> Callable[[F], F]:
     """-o/--output PATH, passed to the command as ``dest``.
@@ -40,7 +46,7 @@ def output_option(dest: str, help: str, *, aliases: tuple[str, ...] = (), defaul
     metavar such as "OUT.gguf") the output may also be given as a positional argument, as llama-quantize takes it;
     put the decorator where that argument belongs among the others. Two different paths are an error, and with
     ``required`` so is none (quantize --dry-run needs no output, edit always does)."""
-    path = click.Path(dir_okay=False, path_type=str)
+    path = click.Path(path_type=str)   # a directory is the command's one-line error (exit 1), not a usage error
 
     def decorate(func: F) -> F:
         if positional is None:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import fail, force_option, output_option, report_errors, threads_option
+from .common import fail, force_option, output_option, report_errors, text_file_option, threads_option
 
 
 @click.command("imatrix")
@@ -14,8 +14,8 @@ from .common import fail, force_option, output_option, report_errors, threads_op
 @click.option("-m", "--model", "model_opt", type=click.Path(path_type=str),
               help="The model (same as the positional MODEL): a GGUF file (F32, F16, BF16 or quantized) or a "
                    "Hugging Face checkpoint (directory or .safetensors file).")
-@click.option("-f", "--calib", "calib", type=click.Path(path_type=str),
-              help="Calibration text file (UTF-8). May be left out when --in-file files are only combined.")
+@text_file_option("calib", "Calibration text (UTF-8). May be left out when --in-file files are only combined.",
+                  aliases=("--calib",))
 @output_option("output", "Output imatrix file.", default="imatrix.gguf")
 @click.option("-c", "--ctx", "n_ctx", default=512, show_default=True, type=int,
               help="Tokens per chunk (llama-imatrix --ctx-size).")
