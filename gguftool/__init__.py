@@ -1,15 +1,39 @@
 """gguftool: convert, quantize, inspect and edit GGUF files, byte-identical to llama.cpp.
 
+The jobs (gguftool.api): ``convert`` (Hugging Face checkpoint -> GGUF), ``quantize_file`` (GGUF -> GGUF),
+``edit_file`` (metadata), ``GGUFReader`` (reading); ``plan_convert`` / ``plan_quantize`` give the plan before
+anything is written. Arrays: ``quantize`` / ``dequantize`` (float32 rows <-> ggml blocks).
+
 The public API is imported lazily so that light commands (``gguftool inspect``) never load numba.
 """
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:   # what the lazy names are, for type checkers and editors
+    from .api import Job, QuantizeOptions, convert, plan_convert, plan_quantize, quantize_file
+    from .errors import FormatError, GGUFError, QuantError
+    from .gguf.constants import GGMLType, GGUFValueType
+    from .gguf.reader import GGUFReader
+    from .gguf.values import KV, GGUFArray
+    from .gguf.writer import GGUFWriter
+    from .quants import dequantize, quantize
+    from .tools.edit import EditResult, edit_file
+
 # public name -> module that defines it
 _LAZY = {
+    "convert": "gguftool.api",
+    "quantize_file": "gguftool.api",
+    "plan_convert": "gguftool.api",
+    "plan_quantize": "gguftool.api",
+    "QuantizeOptions": "gguftool.api",
+    "Job": "gguftool.api",
+    "edit_file": "gguftool.tools.edit",
+    "EditResult": "gguftool.tools.edit",
+    # "imatrix": the integrator wires gguftool.importance.run.compute_imatrix here, in __all__ and in TYPE_CHECKING
     "quantize": "gguftool.quants",
     "dequantize": "gguftool.quants",
     "GGUFReader": "gguftool.gguf.reader",
@@ -23,7 +47,11 @@ _LAZY = {
     "QuantError": "gguftool.errors",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [
+    "convert", "quantize_file", "plan_convert", "plan_quantize", "QuantizeOptions", "Job", "edit_file", "EditResult",
+    "GGUFReader", "GGUFWriter", "GGMLType", "GGUFValueType", "KV", "GGUFArray", "quantize", "dequantize",
+    "GGUFError", "FormatError", "QuantError", "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -296,8 +296,8 @@ def run_signal_case(subcommand: str, klass: str, inputs: dict, base: Path, rng: 
     text = "\n".join([
         f"subcommand: {subcommand}   class: {klass}",
         f"command:    cd {out} && python -m gguftool {' '.join(argv)}",
-        f"inputs:     made by make_signal_inputs() in scripts/fuzz_cli.py (big-llama BF16 checkpoint, big.gguf F32);"
-        f" the case folder is removed after the run",
+        "inputs:     made by make_signal_inputs() in scripts/fuzz_cli.py (big-llama BF16 checkpoint, big.gguf F32);"
+        " the case folder is removed after the run",
         f"what:       {what}; exit {rc} after {seconds:.2f} s; problems: {', '.join(kinds) or 'none'}",
         f"left behind: {left}" if left else "", f"changed: {changed}" if changed else "",
         "stderr (last 20 lines):\n  " + "\n  ".join(stderr.splitlines()[-20:])])

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         outs = []
         for tag, im in (("ours", a.ours), ("ref", a.ref)):
             out = os.path.join(tmp, f"{tag}.gguf")
-            subprocess.run(["gguftool", "quantize", a.model, out, "-t", a.type, "--imatrix", im], check=True,
+            subprocess.run(["gguftool", "quantize", a.model, out, "--type", a.type, "--imatrix", im], check=True,
                            capture_output=True)
             outs.append(out)
         with GGUFReader(outs[0]) as r0, GGUFReader(outs[1]) as r1:

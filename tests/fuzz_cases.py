@@ -860,10 +860,10 @@ def base_argv(subcommand: str, model: str, type_name: str = "Q8_0"):
     def model_path(ws):
         return str({"ckpt": ws.ckpt, "gguf": ws.gguf, "im_model": ws.im_model}[model])
     if subcommand == "convert":
-        return (lambda ws: ["convert", model_path(ws), "-t", type_name, "-o", str(ws.out / "m.gguf"),
+        return (lambda ws: ["convert", model_path(ws), "--type", type_name, "-o", str(ws.out / "m.gguf"),
                             "--threads", "1"], _out("m.gguf"))
     if subcommand == "quantize":
-        return (lambda ws: ["quantize", model_path(ws), str(ws.out / "q.gguf"), "-t", type_name, "--threads", "1"],
+        return (lambda ws: ["quantize", model_path(ws), str(ws.out / "q.gguf"), "--type", type_name, "--threads", "1"],
                 _out("q.gguf"))
     if subcommand == "inspect":
         return (lambda ws: ["inspect", model_path(ws)], lambda ws: None)
@@ -969,7 +969,7 @@ def paths_case(draw, subcommand: str):
 
 # --- the registry: (subcommand, class) -> strategy of cases
 def _quantize_with_imatrix(ws: Workspace, path: str) -> list[str]:
-    return ["quantize", str(ws.im_model), str(ws.out / "q.gguf"), "-t", "Q4_K_M", "--threads", "1",
+    return ["quantize", str(ws.im_model), str(ws.out / "q.gguf"), "--type", "Q4_K_M", "--threads", "1",
             "--imatrix", path]
 
 

@@ -1,7 +1,7 @@
 """Live llama.cpp oracle for the quantization kernels: ggml_quantize_chunk from llama-cpp-python's
 libggml-base.so through ctypes. Generic over the ggml type.
 
-Use from a test module (tests/ is on sys.path under pytest's default import mode):
+Use from a test module (tests/ is on sys.path: pyproject.toml's pytest pythonpath setting):
 
     from llama_oracle import oracle_or_skip, adversarial_rows, first_diff_block
 

@@ -19,12 +19,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import CONVERT_REF as REF, TINY_LLAMA as TINY
 from gguftool.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tiny-llama"
-REF = ROOT / "fixtures" / "convert_reference"
-sys.path.insert(0, str(ROOT / "scripts"))
 
 KEEP_GENERAL = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
 
@@ -112,8 +108,9 @@ def test_tensor_order(tmp_path, tiny_ref, type_, order):
 
 
 def test_readme_command_default_outfile_and_inspect(tmp_path):
+    # README's first command itself: tests/test_install.py. Here: the default output, beside the checkpoint.
     d = tmp_path / "tiny-llama"
-    shutil.copytree(TINY, d)
+    shutil.copytree(TINY, d, ignore=shutil.ignore_patterns("*.gguf"))
     r = _run("convert", d / "model.safetensors", "--type", "Q4_K_M")
     assert r.exit_code == 0, r.output
     out = d / "tiny-llama-Q4_K_M.gguf"
@@ -234,6 +231,7 @@ def test_bad_unsupported_architecture(tmp_path):
 # --- the real client
 
 
+@pytest.mark.slow
 def test_tiny_loads_in_llama_cpp(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
     out = tmp_path / "t.gguf"
@@ -256,10 +254,7 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_ref():
-    p = REF / "smollm2-135m.json"
-    if not p.is_file():
-        pytest.skip("no SmolLM2 reference")
-    return json.loads(p.read_text())
+    return json.loads((REF / "smollm2-135m.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +269,7 @@ def smol_outputs(smollm2, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("type_", ["Q8_0", "Q4_K_M"])
 def test_smollm2_identical_to_llama_cpp(smol_outputs, smol_ref, type_):
     _assert_same_as_reference(smol_outputs[type_], expected_file(smol_ref, type_))
@@ -327,6 +323,7 @@ AGREEMENT_FLOOR = {("Q8_0", "kernels"): 0.96, ("Q8_0", "weights"): 0.98, ("Q4_K_
                    ("Q4_K_M", "weights"): 0.82}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("type_, how", [("Q8_0", "kernels"), ("Q8_0", "weights"), ("Q4_K_M", "kernels"),
                                         ("Q4_K_M", "weights")])
 def test_smollm2_top1_agreement_with_f32(smol_outputs, tmp_path, type_, how):
@@ -368,6 +365,7 @@ def _peak_rss_anon(cmd: list[str]) -> tuple[int, int]:
     return p.returncode, peak[0]
 
 
+@pytest.mark.slow
 def test_smollm2_memory_bounded(smollm2, tmp_path):
     """Peak anonymous memory <= 2 x the largest tensor in float32 + 300 MB (the checkpoint is 257 MiB)."""
     largest = 49152 * 576 * 4

@@ -6,26 +6,13 @@ import os
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from gguftool.cli import main
+from conftest import run_cli as invoke
 from gguftool.tools.edit import apply_edits, edit_file, value_from_text
 from gguftool.errors import GGUFError
 from gguftool.gguf.constants import GGMLType, GGUFValueType as VT
 from gguftool.gguf.reader import GGUFReader
 from gguftool.gguf.values import KV, GGUFArray
 from gguftool.gguf.writer import GGUFWriter
-
-
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        return CliRunner()
-
-
-def invoke(*args):
-    return runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture
@@ -59,6 +46,7 @@ def test_no_changes_is_byte_identical(src, tmp_path):
     assert filecmp.cmp(src, out, shallow=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_no_changes_real_files(fixture, request, tmp_path):
     p = request.getfixturevalue(fixture)

@@ -151,6 +151,7 @@ def test_fuzz_synthetic(tmp_path):
     assert counts["error"] > 150  # most mutations must be caught
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture, seed", [("smollm2_gguf", 1), ("gemma3_gguf", 2)])
 def test_fuzz_real_headers(fixture, seed, request, tmp_path):
     path = request.getfixturevalue(fixture)
@@ -193,13 +194,10 @@ if __name__ == "__main__":  # more cases than CI runs: python tests/test_fuzz_he
 def test_cli_on_damaged_files_prints_one_error_line(tmp_path):
     # the same kind of damage through `gguftool inspect` and `gguftool edit`: exit 0, or exit 1 with exactly one
     # "Error: ..." line on stderr and nothing on stdout (never a traceback)
-    from click.testing import CliRunner
-
+    from conftest import cli_runner
     from gguftool.cli import main
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
+
+    runner = cli_runner()
     header, total = synthetic_seed()
     rng = random.Random(99)
     path, out = tmp_path / "case.gguf", tmp_path / "out.gguf"

@@ -8,23 +8,16 @@ with fixtures/convert_reference/<variant>.json: the converted metadata and tenso
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import CALIB, CONVERT_REF as REF
 from gguftool.cli import main
 from gguftool.hf.source import open_hf_source
-
-ROOT = Path(__file__).resolve().parent.parent
-REF = ROOT / "fixtures" / "convert_reference"
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_tiny_model import VARIANTS, make_variant  # noqa: E402
-from test_convert_cmd import expected_file  # noqa: E402
-from test_hf_source import source_digest, strip_descriptive  # noqa: E402
+from make_tiny_model import VARIANTS, make_variant
+from test_convert_cmd import expected_file
+from test_hf_source import source_digest, strip_descriptive
 
 NAMES = [n for n in ("llama3-rope", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "mixtral", "phi3",
                      "phi3-longrope", "gemma2") if (REF / f"{n}.json").is_file()]
@@ -40,6 +33,7 @@ def variant(request, tmp_path_factory):
     return name, d, json.loads((REF / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_converted_metadata_and_tensors(variant):
     name, d, ref = variant
     src = open_hf_source(d)
@@ -52,6 +46,7 @@ def test_converted_metadata_and_tensors(variant):
     assert mine["tensors"] == ref["convert"]["tensors"]
 
 
+@pytest.mark.slow
 def test_quantized_file(variant, tmp_path):
     pytest.importorskip("gguf", reason="gguf-py reads the written file")
     from make_convert_reference import file_digest
@@ -96,6 +91,7 @@ def _edit_config(d, **changes):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+@pytest.mark.slow
 def test_moe_bad_experts(tmp_path):
     from make_tiny_model import make_weights, write_safetensors
 
@@ -120,6 +116,7 @@ def test_moe_bad_experts(tmp_path):
         in _convert_error(d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "gemma2", "phi3", "phi3-longrope"])
 def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     # read straight from the checkpoint or from its F32 conversion: the same statistics (MoE: per expert)
@@ -130,7 +127,7 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     d = make_variant(tmp_path / name, name)
     f32 = tmp_path / "f32.gguf"
     assert CliRunner().invoke(main, ["convert", str(d), "--type", "F32", "-o", str(f32)]).exit_code == 0
-    text = ROOT / "fixtures" / "calibration" / "essays.txt"
+    text = CALIB
     outs = []
     for model in (d, f32):
         out = tmp_path / f"im{len(outs)}.gguf"
@@ -151,6 +148,7 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
     assert im.entries["blk.0.ffn_gate_inp.weight"].counts.tolist() == [3 * 64]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope", "gemma2"])
 def test_runs_in_llama_cpp(tmp_path, name):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,8 @@ from gguftool.hf import archs as A
 from gguftool.hf.source import open_hf_source, size_label
 from gguftool.hf.vocab import SpecialVocab, does_token_look_special, vocab_kvs
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tiny-llama"
-REF = ROOT / "fixtures" / "convert_reference"
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_convert_reference import _plain, array_digest  # noqa: E402
+from conftest import CONVERT_REF as REF, TINY_LLAMA as TINY
+from make_convert_reference import _plain, array_digest
 
 DESCRIPTIVE_EXCEPT = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import math
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import CALIB, TINY_LLAMA
 from gguftool.cli import main
 from gguftool.errors import ImatrixError
 from gguftool.importance.collect import ImatrixCollector, chunk_nll, compute_imatrix
@@ -259,16 +259,12 @@ def test_written_files_roundtrip(tmp_path):
     assert raw.endswith(struct.pack("<i", 1) + struct.pack("<i", 9) + b"calib.txt")
 
 
+@pytest.mark.slow
 def test_hf_checkpoint_input_equals_converted_gguf(tmp_path):
     """A Hugging Face checkpoint read directly gives the same imatrix as its F32 GGUF conversion."""
-    from pathlib import Path
-    pytest.importorskip("gguftool.hf.source", reason="the Hugging Face reader is part of the convert feature")
-    ckpt = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama"
-    if not (ckpt / "model.safetensors").exists():
-        pytest.skip("fixtures/tiny-llama is not present")
-    calib = Path(__file__).resolve().parent.parent / "fixtures" / "calibration" / "essays.txt"
+    ckpt, calib = TINY_LLAMA, CALIB
     conv = tmp_path / "tiny-f32.gguf"
-    code, text = _run("convert", str(ckpt), "-t", "F32", "-o", str(conv))
+    code, text = _run("convert", str(ckpt), "--type", "F32", "-o", str(conv))
     assert code == 0, text
     outs = []
     for model in (ckpt, conv):
@@ -284,10 +280,10 @@ def test_hf_checkpoint_input_equals_converted_gguf(tmp_path):
         assert a.entries[n].counts.tolist() == b.entries[n].counts.tolist() == [384]
 
 
+@pytest.mark.slow
 def test_cli_weight_memory_limit_gives_the_same_file(tmp_path):
     # a BF16 checkpoint whose float32 weights do not fit --max-weight-memory: re-read per batch, same numbers
-    root = Path(__file__).resolve().parent.parent
-    args = [str(root / "fixtures" / "tiny-llama"), "--calib", str(root / "fixtures" / "calibration" / "essays.txt"),
+    args = [str(TINY_LLAMA), "--calib", str(CALIB),
             "--ctx", "128", "--chunks", "3", "-b", "256", "-q"]
     code, text = _run("imatrix", *args, "-o", str(tmp_path / "a.gguf"))
     assert code == 0, text

@@ -15,8 +15,9 @@ from gguftool.errors import FormatError, ImatrixError
 from gguftool.importance.files import (Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf,
                                    write_imatrix_legacy)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLAMA_IMATRIX = os.path.join(ROOT, "fixtures", "quantize_reference", "llama_imatrix")
+from conftest import QUANTIZE_REF
+
+LLAMA_IMATRIX = os.path.join(QUANTIZE_REF, "llama_imatrix")
 
 
 def _im():
@@ -178,7 +179,6 @@ def test_gguf_damaged(tmp_path):
 # --- files written by llama.cpp's llama-imatrix (fixtures/quantize_reference/llama_imatrix/)
 
 
-@pytest.mark.skipif(not os.path.isdir(LLAMA_IMATRIX), reason="no llama-imatrix reference files")
 def test_reads_llama_imatrix_files_in_both_formats(tmp_path):
     g = read_imatrix(os.path.join(LLAMA_IMATRIX, "tiny.imatrix.gguf"))
     d = read_imatrix(os.path.join(LLAMA_IMATRIX, "tiny.imatrix.dat"))

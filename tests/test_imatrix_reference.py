@@ -7,17 +7,15 @@ the same float32 weights and arithmetic as the F32 file llama-imatrix was run on
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gguftool.importance.collect import compute_imatrix, read_calibration_text
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import CALIB, ROOT
+
 REF = ROOT / "fixtures" / "imatrix_reference" / "smollm2_essays_ctx512.npz"
-CALIB = ROOT / "fixtures" / "calibration" / "essays.txt"
 
 
 def load_reference():
@@ -27,9 +25,8 @@ def load_reference():
     return meta, entries
 
 
+@pytest.mark.slow
 def test_smollm2_matches_llama_imatrix(smollm2_gguf):
-    if not REF.exists():
-        pytest.skip("fixtures/imatrix_reference has not been made (scripts/make_imatrix_reference.py)")
     from gguftool.gguf.source import open_gguf_source
     from gguftool.model.forward import Model
     from gguftool.model.tokenizer import Tokenizer
@@ -59,10 +56,10 @@ def test_smollm2_matches_llama_imatrix(smollm2_gguf):
     print(f"max relative L2 {worst:.2e}, PPL ours {run.ppl:.4f} vs llama-imatrix {meta['ppl']:.4f}")
 
 
+@pytest.mark.slow
 def test_tiny_llama_process_output_matches_llama_imatrix(tmp_path):
     """SentencePiece vocabulary with BOS per chunk and an untied output.weight (--process-output), read straight
     from the Hugging Face checkpoint, against llama-imatrix's file for its F32 conversion."""
-    pytest.importorskip("gguftool.hf.source", reason="the Hugging Face reader is part of the convert feature")
     from click.testing import CliRunner
     from gguftool.cli import main
     from gguftool.importance.files import read_imatrix
@@ -88,6 +85,7 @@ def test_tiny_llama_process_output_matches_llama_imatrix(tmp_path):
         assert rel < 1e-3, (name, rel)
 
 
+@pytest.mark.slow
 def test_mixtral_moe_matches_llama_imatrix(tmp_path):
     """A Mixtral-style MoE checkpoint (scripts/make_tiny_model.py --variant mixtral: 4 experts, 2 used) against
     llama-imatrix's file for its F32 conversion: the per-expert MUL_MAT_ID statistics and the router's input.
@@ -99,7 +97,6 @@ def test_mixtral_moe_matches_llama_imatrix(tmp_path):
     from gguftool.cli import main
     from gguftool.importance.files import read_imatrix
 
-    sys.path.insert(0, str(ROOT / "scripts"))
     from make_tiny_model import make_variant
 
     d = make_variant(tmp_path / "mixtral", "mixtral")

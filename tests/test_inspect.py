@@ -9,23 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from gguftool.cli import main
+from conftest import run_cli as invoke
 from gguftool.gguf.constants import GGMLType, GGUFValueType as VT
 from gguftool.gguf.values import KV, GGUFArray
 from gguftool.gguf.writer import GGUFWriter
-
-
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        return CliRunner()
-
-
-def invoke(*args):
-    return runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def make_model(path, *, template="{{ bos_token }}" + "x" * 100):
@@ -171,6 +158,7 @@ def _eq(mine, theirs):
         assert mine == theirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_json_agrees_with_gguf_py(fixture, request):
     gguf = pytest.importorskip("gguf", reason="gguf-py (pip install gguf) is the independent reference reader")
@@ -199,6 +187,7 @@ def test_json_agrees_with_gguf_py(fixture, request):
 
 
 # --- fast and light
+@pytest.mark.slow
 def test_inspect_does_not_import_numba(model):
     code = ("import sys\nfrom gguftool.cli import main\n"
             "try:\n    main(['inspect', '--json', sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code\n"
@@ -287,6 +276,7 @@ def test_human_full(model):
     assert "2 items: [2 items: [1, -2], 1 item: [\"z\"]]" in out
 
 
+@pytest.mark.slow
 def test_inspect_cpu_time_gemma(gemma3_gguf):
     # the budget: a tenth of gguf-dump --no-tensors (about 12 s on 2 cores) -> 1.2 s, start-up included
     import resource

@@ -155,6 +155,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
 def test_logits_match_llama_cpp(tmp_path, arch, kw):
     rng = np.random.default_rng(1234)

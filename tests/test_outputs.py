@@ -137,11 +137,11 @@ if not sys.platform.startswith("linux"):
 
 
 def _quantize_args(big, out):
-    return ["quantize", big["gguf"], out, "-t", "Q4_K_M", "--threads", "1"]
+    return ["quantize", big["gguf"], out, "--type", "Q4_K_M", "--threads", "1"]
 
 
 def _convert_args(big, out):
-    return ["convert", big["hf"], "-o", out, "-t", "Q4_K_M", "--threads", "1"]
+    return ["convert", big["hf"], "-o", out, "--type", "Q4_K_M", "--threads", "1"]
 
 
 @pytest.mark.parametrize("command", ["quantize", "convert"])
@@ -217,7 +217,7 @@ def test_input_truncated_underneath(big, tmp_path):
     shutil.copyfile(big["gguf"], src)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    p = start_and_wait_for_output(["quantize", src, out_dir / "o.gguf", "-t", "Q4_K_M", "--threads", "1"], out_dir,
+    p = start_and_wait_for_output(["quantize", src, out_dir / "o.gguf", "--type", "Q4_K_M", "--threads", "1"], out_dir,
                                   at_least=1 << 20)
     os.truncate(src, 4 << 20)
     _, err = p.communicate(timeout=300)
@@ -230,7 +230,7 @@ def test_input_truncated_underneath(big, tmp_path):
 def test_completed_run_leaves_only_the_output(big, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    r = subprocess.run([sys.executable, "-m", "gguftool", "quantize", big["gguf"], out_dir / "o.gguf", "-t", "Q8_0"],
+    r = subprocess.run([sys.executable, "-m", "gguftool", "quantize", big["gguf"], out_dir / "o.gguf", "--type", "Q8_0"],
                        env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert os.listdir(out_dir) == ["o.gguf"]
@@ -358,11 +358,11 @@ def test_split_output_all_or_none(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PL, "_write_tensor", failing)
     before = sorted(os.listdir(tmp_path))
-    code, _, err = cli("quantize", src, tmp_path / "out.gguf", "-t", "Q8_0", "--split-max-tensors", "4")
+    code, _, err = cli("quantize", src, tmp_path / "out.gguf", "--type", "Q8_0", "--split-max-tensors", "4")
     one_error(code, err, "No space left on device")
     assert sorted(os.listdir(tmp_path)) == before
     monkeypatch.setattr(PL, "_write_tensor", real)
-    code, _, err = cli("quantize", src, tmp_path / "out.gguf", "-t", "Q8_0", "--split-max-tensors", "4")
+    code, _, err = cli("quantize", src, tmp_path / "out.gguf", "--type", "Q8_0", "--split-max-tensors", "4")
     assert code == 0, err
     assert len(os.listdir(tmp_path)) == len(before) + 6       # 21 tensors in files of 4
 
@@ -424,7 +424,7 @@ def _assert_refused(tmp_path, target: Path, run):
 @pytest.mark.parametrize("which", ["gguf", "imatrix", "types"])
 def test_quantize_refuses_its_inputs(small, tmp_path, which):
     _assert_refused(tmp_path, small[which], lambda out: cli(
-        "quantize", small["gguf"], out, "-t", "Q4_K_M", "--imatrix", small["imatrix"], "--tensor-type-file",
+        "quantize", small["gguf"], out, "--type", "Q4_K_M", "--imatrix", small["imatrix"], "--tensor-type-file",
         small["types"], "--force"))
 
 
@@ -439,7 +439,7 @@ def hf(tmp_path):
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
                                   "chat_template.jinja"])
 def test_convert_refuses_the_files_it_reads(hf, tmp_path, name):
-    _assert_refused(tmp_path, hf / name, lambda out: cli("convert", hf, "-o", out, "-t", "Q8_0", "--force"))
+    _assert_refused(tmp_path, hf / name, lambda out: cli("convert", hf, "-o", out, "--type", "Q8_0", "--force"))
 
 
 def test_convert_source_lists_what_it_reads(hf):
@@ -525,8 +525,8 @@ def test_every_command_checks_its_output_before_the_work(hf, small, calib, tmp_p
     if case == "exists":
         out.write_bytes(b"x")
     commands = [
-        ["quantize", small["gguf"], out, "-t", "Q4_K_M"],
-        ["convert", hf, "-o", out, "-t", "Q8_0"],
+        ["quantize", small["gguf"], out, "--type", "Q4_K_M"],
+        ["convert", hf, "-o", out, "--type", "Q8_0"],
         ["edit", small["gguf"], out],
         ["imatrix", hf, "--calib", calib, "-o", out, "--ctx", "64", "-q"],
         ["imatrix", "--in-file", small["imatrix"], "-o", out],
@@ -534,7 +534,7 @@ def test_every_command_checks_its_output_before_the_work(hf, small, calib, tmp_p
     for args in commands:
         t0 = time.monotonic()
         code, _, err = cli(*args)
-        if code == 2 and case == "directory":   # the option's own declaration (dir_okay=False) refused it
+        if code == 1 and case == "directory" and "Usage:" in err:   # the option's own declaration (dir_okay=False) refused it
             assert "is a directory" in err
         else:
             one_error(code, err, pattern)

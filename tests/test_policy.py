@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -16,9 +15,9 @@ from gguftool.pipeline import policy as P
 from gguftool.errors import PolicyError
 from gguftool.gguf.constants import GGMLType as T
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "fixtures", "quantize_reference")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from conftest import QUANTIZE_REF
+
+FIXTURES = str(QUANTIZE_REF)
 
 
 # --- helpers
@@ -272,8 +271,6 @@ def test_q2_k_s_requires_imatrix():
 
 def _fixture_cases():
     out = []
-    if not os.path.isdir(FIXTURES):
-        return out
     for fn in sorted(os.listdir(FIXTURES)):
         if fn.endswith(".json"):
             with open(os.path.join(FIXTURES, fn)) as f:
@@ -326,6 +323,7 @@ def test_fixtures_exist():
     assert len(_fixture_cases()) >= 18 * 2
 
 
+@pytest.mark.slow
 def test_real_gemma3_q4_k_m_file_has_our_plan(tmp_path):
     """The published gemma-3-270m Q4_K_M GGUF (made by llama-quantize from 16-bit weights): every tensor's
     type and the tensor order are what the policy plans (gemma3 architecture, tied embeddings, GQA 4)."""

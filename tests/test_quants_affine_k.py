@@ -80,6 +80,7 @@ def test_golden_files_present():
         assert ("q_Q4_K" in d.files) == (d["x"].shape[1] % 256 == 0), f.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype", TYPES)
 def test_dequantize_matches_gguf_py(qtype):
     gguf = pytest.importorskip("gguf", reason="gguf-py (pip install gguf) is the independent dequantizer")
@@ -150,6 +151,7 @@ def test_nearest_int_c_matches_the_bit_trick():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_qkx3_null_weights_means_x_squared():
     from gguftool.quants.search_affine import make_qkx3_quants
 
@@ -177,6 +179,7 @@ def _imatrices(n, rng):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype", TYPES)
 def test_live_llama_cpp(qtype):
     ggml = oracle_or_skip()
@@ -226,6 +229,7 @@ def _gemma_rows(gemma3_gguf, request):
     return list(out.items())
 
 
+@pytest.mark.slow
 def test_live_llama_cpp_real_model_rows(gemma3_gguf, request):
     """Rows of a real model (gemma-3-270m, dequantized with gguf-py) against the live llama.cpp."""
     ggml = oracle_or_skip()

@@ -37,6 +37,7 @@ def test_can_dequantize_other_types():
     assert not can_dequantize("no_such_type")
 
 
+@pytest.mark.slow
 def test_type_spellings_agree(data):
     x, _ = data
     ref = quantize(x, GGMLType.Q4_K)
@@ -65,6 +66,7 @@ def test_unsupported_type():
 
 
 # --- shapes and dtypes
+@pytest.mark.slow
 def test_output_shape_and_dtype(data):
     x, _ = data
     for name in ALL_PRODUCED:

@@ -72,6 +72,7 @@ def _interesting_bits(rng) -> np.ndarray:
     return np.concatenate([e, rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)])
 
 
+@pytest.mark.slow
 def test_f16_bitwise_matches_scalar_reference():
     u = _interesting_bits(np.random.default_rng(7))
     out = np.empty((1, 2 * u.size), np.uint8)
@@ -206,6 +207,7 @@ def _halfway_rows(n, rng):
     return np.stack(rows).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_per_row", [96, 256, 576])
 @pytest.mark.parametrize("name", LEGACY)
 def test_against_live_llama_cpp(name, n_per_row):

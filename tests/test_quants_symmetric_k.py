@@ -89,6 +89,7 @@ def test_golden(fname, qtype, prefix):
     _assert_same_blocks(ours, ref, mod.BLOCK_BYTES, f"{fname} {prefix}{qtype}")
 
 
+@pytest.mark.slow
 def test_block_functions_match_driver():
     with np.load(GOLDEN / "gauss_2048.npz") as z:
         x, imatrix = z["x"], z["imatrix"]
@@ -166,6 +167,7 @@ def _extreme_rows(rng, n):
     return np.ascontiguousarray(np.stack(rows).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_live_llama_cpp():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python provides the live ggml_quantize_chunk oracle")
     from llama_oracle import adversarial_rows, oracle_or_skip
@@ -198,6 +200,7 @@ def test_live_llama_cpp():
 
 
 # --- the searches themselves
+@pytest.mark.slow
 def test_searches_compiled_equal_interpreted():
     rng = np.random.default_rng(99)
     for trial in range(12):      # the interpreted side is slow: keep it small
@@ -225,6 +228,7 @@ def test_searches_compiled_equal_interpreted():
             assert np.array_equal(L1, L2) and L1.min() >= 0 and L1.max() < 8
 
 
+@pytest.mark.slow
 def test_fast_searches_equal_generic():
     """make_qx_quants_w / make_q3_quants_rmse (the kernels' fast paths) against the literal translations."""
     rng = np.random.default_rng(2024)

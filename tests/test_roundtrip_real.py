@@ -22,6 +22,7 @@ def _rewrite(src, dst):
                 w.write_tensor_data(t.name, r.tensor_bytes(t))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_roundtrip_byte_identical(fixture, request, tmp_path):
     src = request.getfixturevalue(fixture)

@@ -115,6 +115,7 @@ def _ours(path):
         src.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["smollm2_gguf", "gemma3_gguf"])
 def test_matches_llama_cpp_on_real_text(which, request):
     path = request.getfixturevalue(which)

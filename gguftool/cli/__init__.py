@@ -2,11 +2,17 @@
 
 Each subcommand module (``gguftool/cli/<name>_cmd.py``) defines a click command named ``command``. Only the
 module of the command being run is imported, so ``gguftool inspect`` never pays for numba.
+
+``gguftool ... | head``: when stdout's reader goes away, every subcommand stops quietly (LazyGroup.invoke; click
+itself does the same for --help and usage errors).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
+import sys
 
 import click
 
@@ -38,6 +44,21 @@ class LazyGroup(click.Group):
             raise
         return module.command
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _usage_errors_exit_1():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        try:
+            with _usage_errors_exit_1():
+                return super().invoke(ctx)
+        except BrokenPipeError:
+            # the reader of stdout went away: point stdout at /dev/null so that Python's final flush of what is
+            # still buffered has nowhere to fail, and stop without a traceback or message
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
+
     def format_commands(self, ctx, formatter):
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         if rows:
@@ -45,10 +66,24 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@contextlib.contextmanager
+def _usage_errors_exit_1():
+    """A usage error (unknown option, value of the wrong type, missing argument) ends with exit status 1 like
+    every other error, not click's 2: scripts test one status for "the command refused its input"."""
+    try:
+        yield
+    except click.UsageError as e:
+        e.exit_code = 1
+        raise
+
+
+@click.group(cls=LazyGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gguftool")
-def main():
+@click.pass_context
+def main(ctx):
     """Convert, quantize, inspect and edit GGUF files (llama.cpp's model format).
 
     The tensors gguftool writes are byte-identical to llama.cpp's for the same input and options.
     """
+    if ctx.invoked_subcommand is None:   # bare `gguftool`: the help, as a first contact (stdout, status 0)
+        click.echo(ctx.get_help())

@@ -2,24 +2,16 @@
 
 The checkpoint is presented as the file llama.cpp's ``convert_hf_to_gguf.py --outtype f32`` (``bf16`` for a BF16
 checkpoint) would write (gguftool.hf.source) and fed to the quantize pipeline, which does what ``llama-quantize
-TYPE`` does with that file. No intermediate file is written. Argument handling and printing only; the work is in
-gguftool.hf and gguftool.pipeline.
+TYPE`` does with that file. No intermediate file is written. Argument handling and printing only; the work is
+gguftool.api.plan_convert (gguftool.hf and gguftool.pipeline).
 """
 from __future__ import annotations
 
-import os
-import re
-
 import click
 
-from .common import report_errors
-from .quantize_options import (TYPES_HELP, apply_split_options, build_config, policy_files, policy_options,
-                               print_plan, print_summary, run_with_progress, split_options, warn)
-
-
-def _default_outfile(src, type_name: str) -> str:
-    name = re.sub(r"[^\w.+-]+", "-", src.name).strip("-") or "model"
-    return os.path.join(str(src.checkpoint.directory), f"{name}-{type_name}.gguf")
+from .common import force_option, output_option, report_errors, threads_option
+from .quantize_options import (TYPES_HELP, policy_options, print_plan, print_summary, run_with_progress,
+                               split_options, warn)
 
 
 def _print_model(src) -> None:
@@ -42,10 +34,9 @@ def _print_model(src) -> None:
 
 @click.command("convert")
 @click.argument("model", metavar="MODEL", type=click.Path(path_type=str))
-@click.option("--type", "-t", "type_", metavar="TYPE", default="auto", show_default=True,
+@click.option("--type", "type_", metavar="TYPE", default="auto", show_default=True,
               help=f"Output type: {TYPES_HELP}; or auto = BF16 for a BF16 checkpoint, else F16.")
-@click.option("--outfile", "-o", metavar="PATH", type=click.Path(dir_okay=False, path_type=str),
-              help="Output file (default: <checkpoint dir>/<name>-<TYPE>.gguf).")
+@output_option("outfile", "Output file (default: <checkpoint dir>/<name>-<TYPE>.gguf).", aliases=("--outfile",))
 @click.option("--name", metavar="NAME", help="general.name (default: the checkpoint folder's name).")
 @policy_options
 @click.option("--vocab-only", is_flag=True, help="Write only the metadata and tokenizer, no tensors.")
@@ -53,8 +44,8 @@ def _print_model(src) -> None:
                                               "per-tensor plan with sizes; read only headers, write nothing.")
 @click.option("--stats", is_flag=True, help="Print each converted tensor's RMS error against the checkpoint.")
 @split_options
-@click.option("--threads", type=click.IntRange(min=1), metavar="N", help="Threads (default: all cores).")
-@click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
+@threads_option
+@force_option
 @report_errors
 def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_size, split_max_tensors, threads, force,
             **policy):
@@ -68,37 +59,20 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
     MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
     Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
     """
-    from ..pipeline import plan as PL
-    from ..pipeline import policy as P
-    from ..hf.source import open_hf_source
+    from .. import api
     from ..outfile import check_outputs
 
-    src = open_hf_source(model, outtype="auto", name=name, vocab_only=vocab_only)
-    try:
-        if type_.strip().lower() == "auto":
-            type_name = "BF16" if src.outtype == "bf16" else "F16"
-        else:
-            type_name = type_.strip().upper()
-        ftype = P.parse_ftype(type_name)
-        type_name = ftype.name
-        out = outfile or _default_outfile(src, type_name)
-        cfg = build_config(ftype, **policy)
-        cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
-        apply_split_options(cfg, split_max_size, split_max_tensors)
-        plan = PL.make_plan(src, cfg)
-        inputs = src.input_files() + policy_files(policy)
+    options = api.QuantizeOptions(split_max_size=split_max_size, split_max_tensors=split_max_tensors, **policy)
+    with api.plan_convert(model, outfile, type=type_, name=name, vocab_only=vocab_only, options=options) as job:
         if not dry_run:
-            check_outputs([path for path, _, _ in PL.output_files(plan, out)], inputs, overwrite=force)
-        for w in src.vocab.warnings + plan.warnings:
+            check_outputs(job.output_paths(), job.inputs, overwrite=force)
+        for w in job.warnings:
             warn(w)
         if dry_run:
-            _print_model(src)
-            if plan.tensors:
-                print_plan(plan, ftype)
-            click.echo(f"output: {out}")
+            _print_model(job.source)
+            if job.plan.tensors:
+                print_plan(job.plan, job.ftype)
+            click.echo(f"output: {job.output}")
             return
-        summary = run_with_progress(src, plan, out, threads, stats, force, inputs)
-    finally:
-        src.close()
-    print_summary(summary, plan, stats, model)
-
+        summary = run_with_progress(job, threads, stats, force)
+    print_summary(summary, job.plan, stats, model)

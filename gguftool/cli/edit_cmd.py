@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import click
 
-from .common import report_errors
+from .common import force_option, output_option, report_errors
 
 
 @click.command("edit")
 @click.argument("input_file", metavar="IN", type=click.Path(path_type=str))
-@click.argument("output_file", metavar="OUT", type=click.Path(path_type=str))
+@output_option("output_file", "Output file", positional="OUT", required=True)
 @click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
               help="Set a metadata key (repeatable). An existing key keeps its type (a uint32 stays uint32); "
                    "a new key needs KEY=TYPE:VALUE with TYPE one of int (64-bit), uint32, int32, float "
@@ -16,7 +16,7 @@ from .common import report_errors
 @click.option("--remove", multiple=True, metavar="KEY", help="Remove a metadata key (repeatable).")
 @click.option("--chat-template-file", type=click.Path(path_type=str),
               metavar="FILE", help="Set tokenizer.chat_template to the contents of FILE (UTF-8 text).")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never the input file itself).")
+@force_option
 @report_errors
 def command(input_file, output_file, set_items, remove, chat_template_file, force):
     """Copy the GGUF file IN to OUT with edited metadata. Tensor data are copied verbatim, never decoded;

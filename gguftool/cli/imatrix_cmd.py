@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from .common import fail, report_errors
+from .common import fail, force_option, output_option, report_errors, text_file_option, threads_option
 
 
 @click.command("imatrix")
@@ -13,16 +13,14 @@ from .common import fail, report_errors
 @click.option("-m", "--model", "model_opt", type=click.Path(path_type=str),
               help="The model (same as the positional MODEL): a GGUF file (F32, F16, BF16 or quantized) or a "
                    "Hugging Face checkpoint (directory or .safetensors file).")
-@click.option("-f", "--calib", "calib", type=click.Path(path_type=str),
-              help="Calibration text file (UTF-8). May be left out when --in-file files are only combined.")
-@click.option("-o", "--output", "output", default="imatrix.gguf", show_default=True, type=click.Path(path_type=str),
-              help="Output imatrix file.")
+@text_file_option("calib", "Calibration text (UTF-8). May be left out when --in-file files are only combined.",
+                  aliases=("--calib",))
+@output_option("output", "Output imatrix file.", default="imatrix.gguf")
 @click.option("-c", "--ctx", "n_ctx", default=512, show_default=True, type=int,
               help="Tokens per chunk (llama-imatrix --ctx-size).")
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, type=int,
               help="Evaluate at most this many chunks (-1: all the text gives).")
-@click.option("-t", "--threads", "threads", default=0, type=int,
-              help="Threads (default: all CPUs).")
+@threads_option
 @click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default="gguf", show_default=True,
               help="GGUF imatrix format, or llama.cpp's legacy .dat format.")
 @click.option("--process-output", is_flag=True,
@@ -37,7 +35,7 @@ from .common import fail, report_errors
 @click.option("--max-weight-memory", "weight_gib", type=click.FloatRange(min=0), metavar="GIB",
               help="Memory for the model's float32 weights, in GiB (default: half the available memory). Weights "
                    "that do not fit are read again from MODEL for every batch: slower, same results.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
 def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, process_output, in_files,
@@ -81,12 +79,12 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
             bar.close()
     if not calib:
         click.echo(f"combined {result.n_in_files} imatrix file(s) into {output}: {len(result.imatrix.entries)} "
-                   f"entries, {result.imatrix.chunk_count} chunks", err=True)
+                   f"entries, {result.imatrix.chunk_count} chunks")
         return
     if not no_ppl:
-        click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}", err=True)
+        click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
     click.echo(f"{output}: {len(result.imatrix.entries)} entries, {result.n_chunks} chunks of {n_ctx} tokens "
-               f"({result.n_tokens} tokens in the text), {result.seconds:.1f} s", err=True)
+               f"({result.n_tokens} tokens in the text), {result.seconds:.1f} s")
     if result.streamed_weights:
         click.echo(f"note: {result.streamed_weights} weights ({result.streamed_bytes / 2**30:.2f} GiB as float32) "
                    f"did not fit the weight memory ({result.weight_budget / 2**30:.2f} GiB, --max-weight-memory) "

@@ -1,7 +1,6 @@
 """``gguftool inspect FILE``: print what a GGUF file holds (metadata, tokenizer, tensors, totals)."""
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -43,9 +42,3 @@ def command(file, as_json, full, no_tensors, pattern):
         # a terminal that cannot show some characters: fall back to escapes rather than failing
         out.buffer.write(text.encode(out.encoding or "utf-8", "backslashreplace") + b"\n")
         out.flush()
-    except BrokenPipeError:
-        # `gguftool inspect f | head`: the reader went away. Point stdout at /dev/null so that Python's
-        # final flush does not complain, and stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(1)

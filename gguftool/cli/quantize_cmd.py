@@ -1,23 +1,21 @@
 """``gguftool quantize IN.gguf OUT.gguf --type TYPE``: llama-quantize's ftype mixes, byte-identical output.
 
-Argument handling, the progress bar and the printed tables live here; the decisions are gguftool.pipeline.policy and
-the work gguftool.pipeline.
+Argument handling, the progress bar and the printed tables live here; the work is gguftool.api.plan_quantize
+(gguftool.pipeline).
 """
 from __future__ import annotations
 
-import os
-
 import click
 
-from .common import fail, report_errors
-from .quantize_options import (TYPES_HELP, apply_split_options, build_config, policy_files, policy_options,
-                               print_plan, print_summary, run_with_progress, split_options, warn)
+from .common import fail, force_option, output_option, report_errors, threads_option
+from .quantize_options import (TYPES_HELP, policy_options, print_plan, print_summary, run_with_progress,
+                               split_options, warn)
 
 
 @click.command("quantize")
 @click.argument("inp", metavar="IN.gguf", type=click.Path(dir_okay=False, path_type=str))
-@click.argument("out", metavar="OUT.gguf", type=click.Path(dir_okay=False, path_type=str), required=False)
-@click.option("--type", "-t", "type_", metavar="TYPE", required=True, help=f"The mix to produce: {TYPES_HELP}.")
+@output_option("out", "Output file", positional="OUT.gguf")
+@click.option("--type", "type_", metavar="TYPE", required=True, help=f"The mix to produce: {TYPES_HELP}.")
 @policy_options
 @click.option("--allow-requantize", is_flag=True,
               help="Accept already-quantized input tensors (dequantized first; lower quality).")
@@ -29,8 +27,8 @@ from .quantize_options import (TYPES_HELP, apply_split_options, build_config, po
               help="Write the output in the same splits as a split input (OUT-00001-of-0000N.gguf ...; OUT's .gguf "
                    "is dropped), tensors in file order, as llama-quantize --keep-split.")
 @split_options
-@click.option("--threads", type=click.IntRange(min=1), metavar="N", help="Threads (default: all cores).")
-@click.option("--force", "-f", is_flag=True, help="Overwrite OUT if it exists.")
+@threads_option
+@force_option
 @report_errors
 def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split_max_size, split_max_tensors, threads,
             force, **policy):
@@ -39,29 +37,20 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
     The tensors written are byte-identical to llama-quantize's for the same input and options. The output is
     written to a temporary file and renamed when complete.
     """
-    from ..pipeline import plan as PL
-    from ..pipeline import policy as P
-    from ..gguf.source import open_gguf_source
+    from .. import api
     from ..outfile import check_outputs
 
-    ftype = P.parse_ftype(type_)
     if out is None and not dry_run:
         fail("missing OUT.gguf (only --dry-run works without an output file)")
-    if not os.path.exists(inp):
-        fail(f"{inp}: no such file")
-    cfg = build_config(ftype, allow_requantize=allow_requantize, **policy)
-    cfg.keep_split = keep_split
-    apply_split_options(cfg, split_max_size, split_max_tensors)
-
-    with open_gguf_source(inp) as src:
-        plan = PL.make_plan(src, cfg, dry_run=dry_run)
-        inputs = src.input_files() + policy_files(policy)    # every split of a split model is an input
+    options = api.QuantizeOptions(split_max_size=split_max_size, split_max_tensors=split_max_tensors, **policy)
+    with api.plan_quantize(inp, out, type=type_, allow_requantize=allow_requantize, keep_split=keep_split,
+                           dry_run=dry_run, options=options) as job:
         if out is not None and not dry_run:
-            check_outputs([path for path, _, _ in PL.output_files(plan, out)], inputs, overwrite=force)
-        for w in plan.warnings:
+            check_outputs(job.output_paths(), job.inputs, overwrite=force)   # every split of a split model is an input
+        for w in job.warnings:
             warn(w)
         if dry_run:
-            print_plan(plan, ftype)
+            print_plan(job.plan, job.ftype)
             return
-        summary = run_with_progress(src, plan, out, threads, stats, force, inputs)
-    print_summary(summary, plan, stats, inp)
+        summary = run_with_progress(job, threads, stats, force)
+    print_summary(summary, job.plan, stats, inp)

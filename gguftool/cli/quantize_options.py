@@ -1,5 +1,5 @@
-"""What ``gguftool quantize`` and ``gguftool convert`` share: the llama-quantize policy options, turning them
-into a pipeline configuration, the progress bar, and the printed plan and summary."""
+"""What ``gguftool quantize`` and ``gguftool convert`` share: the llama-quantize policy options (gguftool.api's
+QuantizeOptions), the progress bar, and the printed plan and summary."""
 from __future__ import annotations
 
 import os
@@ -46,7 +46,7 @@ _POLICY_OPTIONS = [
 
 
 def policy_options(func):
-    """Add the shared policy options; the command receives them as keyword arguments (see build_config)."""
+    """Add the shared policy options; the command receives them as keyword arguments (QuantizeOptions' fields)."""
     for option in reversed(_POLICY_OPTIONS):
         func = option(func)
     return func
@@ -61,84 +61,15 @@ def split_options(func):
                              "(decimal units, as llama.cpp's gguf-split; OUT-00001-of-0000K.gguf ...).")(func)
 
 
-def apply_split_options(cfg, split_max_size, split_max_tensors) -> None:
-    from .common import fail
-
-    if split_max_size and split_max_tensors:
-        fail("--split-max-size and --split-max-tensors cannot be used together")
-    if split_max_size:
-        text = split_max_size.strip().upper()
-        unit = {"M": 10**6, "G": 10**9}.get(text[-1:])
-        if unit is None or not text[:-1].isdigit() or int(text[:-1]) <= 0:
-            fail(f"--split-max-size {split_max_size!r}: expected a positive whole number of M or G, e.g. 40G")
-        cfg.split_max_bytes = int(text[:-1]) * unit
-    cfg.split_max_tensors = split_max_tensors
-
-
-def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_output_tensor, output_tensor_type,
-                 token_embedding_type, tensor_types, tensor_type_file, pure, override_kv, allow_requantize=False):
-    """The pipeline configuration for the policy options (imatrix file read here, so errors come first)."""
-    from ..pipeline import plan as PL
-    from ..pipeline import policy as P
-    from .common import fail
-
-    if include_weights and exclude_weights:
-        fail("--include-weights and --exclude-weights cannot be used together")
-    cfg = PL.QuantizeConfig(
-        ftype=ftype, pure=pure, leave_output_tensor=leave_output_tensor,
-        output_tensor_type=P.parse_target_type(output_tensor_type, "--output-tensor-type")
-        if output_tensor_type else None,
-        token_embedding_type=P.parse_target_type(token_embedding_type, "--token-embedding-type")
-        if token_embedding_type else None,
-        tensor_types=parse_tensor_types(list(tensor_types), tensor_type_file),
-        include_weights=list(include_weights), exclude_weights=list(exclude_weights),
-        allow_requantize=allow_requantize, kv_overrides=[PL.parse_kv_override(s) for s in override_kv])
-    if imatrix:
-        from ..importance.files import read_imatrix
-
-        cfg.imatrix = read_imatrix(imatrix)
-        cfg.imatrix_path = imatrix
-    return cfg
-
-
-def policy_files(policy: dict) -> list[str]:
-    """The files the policy options make the command read (--imatrix, --tensor-type-file)."""
-    return [p for p in (policy.get("imatrix"), policy.get("tensor_type_file")) if p]
-
-
-def parse_tensor_types(items: list[str], path: str | None):
-    from ..pipeline import policy as P
-    from ..errors import PolicyError
-
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                items = items + f.read().split()
-        except OSError as e:
-            raise PolicyError(f"--tensor-type-file {path}: {e.strerror}") from None
-    out = []
-    for item in items:
-        name, sep, t = item.partition("=")
-        if not sep:
-            raise PolicyError(f"malformed --tensor-type {item!r}: expected REGEX=TYPE")
-        if not name:
-            raise PolicyError(f"--tensor-type {item!r}: missing tensor name pattern")
-        if not t:
-            raise PolicyError(f"--tensor-type {item!r}: missing quantization type")
-        out.append((name, P.parse_target_type(t, f"--tensor-type {item}")))
-    return out
-
-
 # --- running
 
 
-def run_with_progress(src, plan, out, threads, stats, force, inputs):
+def run_with_progress(job, threads, stats, force):
+    """job.run() (a gguftool.api.Job) with a progress bar on stderr."""
     from tqdm import tqdm
 
-    from ..pipeline import execute as PX
-
     skip_numba_blas_probe()
-    bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
+    bar = tqdm(total=job.plan.src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                file=sys.stderr, dynamic_ncols=True, disable=None, mininterval=0.5,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
                           "{rate_fmt}{postfix}]")
@@ -151,8 +82,7 @@ def run_with_progress(src, plan, out, threads, stats, force, inputs):
         bar.update(n)
 
     try:
-        return PX.execute(src, plan, out, threads=threads, stats=stats, overwrite=force, protect=inputs,
-                          progress=progress)
+        return job.run(threads=threads, stats=stats, overwrite=force, progress=progress)
     finally:
         bar.close()
 
@@ -217,4 +147,5 @@ def print_summary(s, plan, stats: bool, inp: str) -> None:
     click.echo(f"wrote {where}: {len(s.results)} tensors ({n_conv} converted, {len(s.results) - n_conv} copied), "
                f"{mib(s.src_bytes)} ({s.src_bpw:.2f} bpw) -> {mib(s.out_bytes)} ({s.out_bpw:.2f} bpw), "
                f"file {mib(s.file_size)}, {s.seconds:.1f} s ({rate:.0f} MB/s)"
-               + (f"; {s.n_fallback} row-length fallbacks" if s.n_fallback else ""), err=True)
+               + (f"; {s.n_fallback} row-length fallbacks" if s.n_fallback else ""))
+

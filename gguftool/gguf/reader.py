@@ -255,7 +255,7 @@ class GGUFReader:
                                  f"tensor infos")
 
         # --- KV pairs
-        kvs: list[KV] = []
+        kvs: list[tuple[str, GGUFValueType, Any]] = []   # values still lazy: resolved once the header checks out
         kv_offsets: list[int] = []
         seen: set[str] = set()
         for i in range(n_kv):

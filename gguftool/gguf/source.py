@@ -79,7 +79,7 @@ class GGUFTensor(SourceTensor):
         ne0 = self.ne0
         n = (stop - start) * ne0
         out = buf[:n]
-        mv = memoryview(out).cast("B")
+        mv = out.data.cast("B")
         pos = self._reader.data_offset + self.info.offset + start * ne0 * 4
         done = 0
         while done < mv.nbytes:

@@ -58,7 +58,7 @@ _ZEROS = bytes(4096)
 
 
 # --- encoding of KV pairs (also used by tools that need the exact byte size of a header)
-def _encode_string(s: "str | bytes") -> bytes:
+def _encode_string(s: "str | bytes | bytearray") -> bytes:
     raw = s if isinstance(s, (bytes, bytearray)) else s.encode("utf-8", "surrogateescape")
     return _U64.pack(len(raw)) + bytes(raw)
 
@@ -217,7 +217,7 @@ class GGUFWriter:
         self._names: set[str] = set()
         self.tensor_infos: list[TensorInfo] = []
         self._state = _State.METADATA
-        self._file = None
+        self._file: Any = None              # the unfinished output file while writing (buffered, binary)
         self._out: OutputFile | None = None
         self._overwrite = overwrite
         self._next = 0          # index of the next tensor to write
@@ -452,7 +452,7 @@ def commit_writers(writers: Sequence[GGUFWriter]) -> None:
         if w._state != _State.WRITTEN:
             raise GGUFError(f"commit() not allowed now: writer is in state {w._state.name}")
     try:
-        commit_all([w._out for w in todo])
+        commit_all([w._out for w in todo if w._out is not None])   # state WRITTEN: every one has its file
     except BaseException:
         for w in todo:
             w.abort()
@@ -471,7 +471,7 @@ def _check_alignment(a: Any) -> None:
 def _as_bytes_view(x: Any) -> "memoryview | None":
     if isinstance(x, np.ndarray):
         a = np.ascontiguousarray(x).reshape(-1)
-        return memoryview(a.view(np.uint8))
+        return a.view(np.uint8).data
     if isinstance(x, (bytes, bytearray)):
         return memoryview(x)
     if isinstance(x, memoryview):

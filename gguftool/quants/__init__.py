@@ -28,7 +28,7 @@ __all__ = ["quantize", "dequantize", "SUPPORTED_TYPES", "can_dequantize", "Quant
 SUPPORTED_TYPES: tuple[GGMLType, ...] = (GGMLType.F32,) + registry.KERNEL_TYPES
 
 # plain element types gguftool can widen to float32 without a kernel
-_PLAIN_DTYPES = {
+_PLAIN_DTYPES: dict[GGMLType, np.dtype] = {
     GGMLType.F32: np.dtype("<f4"),
     GGMLType.F64: np.dtype("<f8"),
     GGMLType.I8: np.dtype("i1"),
@@ -116,10 +116,10 @@ def _as_imatrix(imatrix, n_per_row: int) -> np.ndarray:
     w = np.asarray(imatrix)
     if w.dtype.kind not in "fiu":
         raise QuantError(f"imatrix must hold real numbers, got dtype {w.dtype}")
-    w = np.ascontiguousarray(w, dtype=np.float32).reshape(-1) if w.ndim <= 1 else None
-    if w is None or w.size != n_per_row:
+    if w.ndim > 1 or w.size != n_per_row:
         got = np.asarray(imatrix).shape
         raise QuantError(f"imatrix must have one weight per column ({n_per_row}), got shape {got}")
+    w = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
     bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
     if bad.size:
         i = int(bad[0])

@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.common import fp32_to_fp16_bits
 from gguftool.quants.k_scales import get_fp16, put_fp16
-from gguftool.quants.search_affine import (SCRATCH_PER_ELEM, _qkx_search, make_qp_quants,
+from gguftool.quants.search_affine import (SCRATCH_PER_ELEM, make_qp_quants,
                                            nearest_int_c)
 
 GGML_TYPE = GGMLType.Q2_K

@@ -1,0 +1,263 @@
+"""The Python API: every job of the command line as a typed function, for notebooks and other tools' export steps.
+
+    import gguftool
+    gguftool.convert("path/to/hf-checkpoint", "model-Q4_K_M.gguf", type="Q4_K_M")
+    gguftool.quantize_file("model-f16.gguf", "model-Q2_K.gguf", type="Q2_K",
+                           options=gguftool.QuantizeOptions(imatrix="imatrix.gguf"))
+    gguftool.edit_file("in.gguf", "out.gguf", set_items=["general.name=x"])
+    with gguftool.GGUFReader("model.gguf") as r: ...
+
+``convert`` and ``quantize_file`` are ``plan_convert`` / ``plan_quantize`` followed by ``Job.run``; the two steps
+are public so a caller can look at the plan (types, sizes, warnings) before anything is written, as the command
+line's --dry-run does. Errors are GGUFError subclasses; nothing here prints or exits.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .errors import PolicyError
+from .tools.edit import EditResult, edit_file
+
+if TYPE_CHECKING:
+    from .gguf.constants import GGMLType
+    from .pipeline.execute import Summary
+    from .pipeline.plan import Plan, QuantizeConfig
+    from .pipeline.policy import FileType, TensorPlan
+    from .pipeline.source import TensorSource
+
+__all__ = ["QuantizeOptions", "Job", "plan_convert", "convert", "plan_quantize", "quantize_file", "edit_file",
+           "EditResult"]
+
+# progress(n, tensor): n source bytes of the tensor were just processed
+Progress = Callable[[int, "TensorPlan"], None]
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """llama-quantize's options, shared by convert and quantize_file (the command line's names, without --)."""
+    imatrix: str | os.PathLike[str] | None = None   # GGUF imatrix or legacy .dat: weights for the quant search
+    include_weights: Sequence[str] = ()              # use the imatrix only for tensors whose name contains one
+    exclude_weights: Sequence[str] = ()              # do not use the imatrix for these
+    leave_output_tensor: bool = False                # output.weight keeps its type
+    output_tensor_type: str | None = None            # ggml type for output.weight, e.g. "q8_0"
+    token_embedding_type: str | None = None          # ggml type for token_embd.weight
+    tensor_types: Sequence[str] = ()                 # "REGEX=TYPE" entries; the first match wins
+    tensor_type_file: str | os.PathLike[str] | None = None   # more REGEX=TYPE entries, whitespace-separated
+    pure: bool = False                               # every quantized tensor gets the type's base type
+    override_kv: Sequence[str] = ()                  # "KEY=TYPE:VALUE" metadata set in the output
+    split_max_size: str | int | None = None          # split the output: bytes of tensor data, or "40G" / "500M"
+    split_max_tensors: int | None = None             # split the output: tensors per file
+
+
+@dataclass
+class Job:
+    """A planned convert or quantize: what will be written, from what. ``run()`` writes it; close() (or ``with``)
+    releases the source's files."""
+    source: TensorSource
+    plan: Plan
+    ftype: FileType
+    output: str | None                   # the output path (the first split's name comes from it)
+    inputs: list[str]                    # every file the job reads: the output must be none of them
+    _close: Callable[[], None] = field(repr=False)
+    source_warnings: list[str] = field(default_factory=list)   # what reading the source found worth telling
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the source and the plan found worth telling (fallback types, vocabulary oddities ...)."""
+        return self.source_warnings + self.plan.warnings
+
+    def output_paths(self) -> list[str]:
+        """Every file run() writes (several for a split output)."""
+        from .pipeline.plan import output_files
+
+        if self.output is None:
+            raise PolicyError("no output file given")
+        return [path for path, _, _ in output_files(self.plan, self.output)]
+
+    def run(self, *, threads: int | None = None, stats: bool = False, overwrite: bool = False,
+            progress: Progress | None = None) -> Summary:
+        """Write the output: unnamed files put in place together when all are complete, so an error, interrupt
+        or kill leaves the targets as they were. ``threads`` None = all cores; ``stats``: RMS error per tensor
+        in the summary; ``overwrite``: replace existing outputs (never an input)."""
+        from .pipeline.execute import execute
+
+        if self.output is None:
+            raise PolicyError("no output file given")
+        return execute(self.source, self.plan, self.output, threads=threads, stats=stats, overwrite=overwrite,
+                       protect=self.inputs, progress=progress)
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- convert: Hugging Face checkpoint -> GGUF
+
+
+def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
+                 type: str = "auto", name: str | None = None, vocab_only: bool = False,
+                 options: QuantizeOptions | None = None) -> Job:
+    """Plan converting the Hugging Face checkpoint ``model`` (a .safetensors file or its folder, with config.json
+    and tokenizer files) to GGUF at ``type`` (an ftype such as "Q4_K_M", "Q8_0", "F16"; "auto" = BF16 for a BF16
+    checkpoint, else F16). ``output`` None: ``<checkpoint dir>/<name>-<TYPE>.gguf``. Only headers are read."""
+    from .hf.source import open_hf_source
+    from .pipeline import policy as P
+    from .pipeline.plan import make_plan
+
+    src = open_hf_source(model, outtype="auto", name=name, vocab_only=vocab_only)
+    ck, vocab = src.checkpoint, src.vocab
+    assert ck is not None and vocab is not None    # open_hf_source sets both
+    try:
+        type_name = type.strip().upper()
+        if type_name == "AUTO":
+            type_name = "BF16" if src.outtype == "bf16" else "F16"
+        ftype = P.parse_ftype(type_name)
+        cfg = _config(ftype, options or QuantizeOptions())
+        cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
+        plan = make_plan(src, cfg)
+        out = os.fspath(output) if output is not None else _default_outfile(src.name, ck.directory, ftype.name)
+        inputs = src.input_files() + _option_files(options)
+        return Job(src, plan, ftype, out, inputs, src.close, source_warnings=list(vocab.warnings))
+    except BaseException:
+        src.close()
+        raise
+
+
+def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *, type: str = "auto",
+            name: str | None = None, vocab_only: bool = False, options: QuantizeOptions | None = None,
+            threads: int | None = None, stats: bool = False, overwrite: bool = False,
+            progress: Progress | None = None) -> Summary:
+    """Convert a Hugging Face checkpoint to GGUF in one step (see plan_convert and Job.run for the arguments).
+
+    The file equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
+    llama-quantize TYPE: the same metadata (but the descriptive general.* keys) and byte-identical tensors."""
+    with plan_convert(model, output, type=type, name=name, vocab_only=vocab_only, options=options) as job:
+        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
+
+
+def _default_outfile(name: str, directory: str | os.PathLike[str], type_name: str) -> str:
+    stem = re.sub(r"[^\w.+-]+", "-", name).strip("-") or "model"
+    return os.path.join(os.fspath(directory), f"{stem}-{type_name}.gguf")
+
+
+# --- quantize: GGUF -> GGUF
+
+
+def plan_quantize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *, type: str,
+                  allow_requantize: bool = False, keep_split: bool = False, dry_run: bool = False,
+                  options: QuantizeOptions | None = None) -> Job:
+    """Plan quantizing the GGUF file ``input`` (the first file of a split model opens all its splits) with
+    llama-quantize's per-tensor mix for ``type``. ``allow_requantize``: accept quantized input tensors
+    (dequantized first); ``keep_split``: one output file per input split, as llama-quantize --keep-split;
+    ``dry_run``: a plan for looking at only (``output`` may be None)."""
+    from .gguf.source import open_gguf_source
+    from .pipeline import policy as P
+    from .pipeline.plan import make_plan
+
+    ftype = P.parse_ftype(type)
+    src = open_gguf_source(input)
+    try:
+        cfg = _config(ftype, options or QuantizeOptions(), allow_requantize=allow_requantize)
+        cfg.keep_split = keep_split
+        plan = make_plan(src, cfg, dry_run=dry_run)
+        out = os.fspath(output) if output is not None else None
+        return Job(src, plan, ftype, out, src.input_files() + _option_files(options), src.close)
+    except BaseException:
+        src.close()
+        raise
+
+
+def quantize_file(input: str | os.PathLike[str], output: str | os.PathLike[str], *, type: str,
+                  allow_requantize: bool = False, keep_split: bool = False, options: QuantizeOptions | None = None,
+                  threads: int | None = None, stats: bool = False, overwrite: bool = False,
+                  progress: Progress | None = None) -> Summary:
+    """Quantize a GGUF file (see plan_quantize and Job.run for the arguments); the tensors written are
+    byte-identical to llama-quantize's for the same input and options."""
+    with plan_quantize(input, output, type=type, allow_requantize=allow_requantize, keep_split=keep_split,
+                       options=options) as job:
+        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
+
+
+# --- imatrix: gguftool.imatrix(...) is gguftool.importance.run.compute_imatrix, exported by gguftool/__init__.py
+
+
+# --- the options as a pipeline configuration
+
+
+def _option_files(options: QuantizeOptions | None) -> list[str]:
+    if options is None:
+        return []
+    return [os.fspath(p) for p in (options.imatrix, options.tensor_type_file) if p is not None]
+
+
+def _config(ftype: FileType, o: QuantizeOptions, allow_requantize: bool = False) -> QuantizeConfig:
+    """The pipeline configuration for the options (the imatrix file is read here, so its errors come first)."""
+    from .pipeline.plan import QuantizeConfig, parse_kv_override
+
+    if o.include_weights and o.exclude_weights:
+        raise PolicyError("--include-weights and --exclude-weights cannot be used together")
+    if o.split_max_size is not None and o.split_max_tensors is not None:
+        raise PolicyError("--split-max-size and --split-max-tensors cannot be used together")
+    cfg = QuantizeConfig(
+        ftype=ftype, pure=o.pure, leave_output_tensor=o.leave_output_tensor,
+        output_tensor_type=_target_type(o.output_tensor_type, "--output-tensor-type"),
+        token_embedding_type=_target_type(o.token_embedding_type, "--token-embedding-type"),
+        tensor_types=_tensor_types(list(o.tensor_types), o.tensor_type_file),
+        include_weights=list(o.include_weights), exclude_weights=list(o.exclude_weights),
+        allow_requantize=allow_requantize, kv_overrides=[parse_kv_override(s) for s in o.override_kv],
+        split_max_bytes=_split_size(o.split_max_size), split_max_tensors=o.split_max_tensors)
+    if o.imatrix is not None:
+        from .importance.files import read_imatrix
+
+        cfg.imatrix = read_imatrix(o.imatrix)
+        cfg.imatrix_path = os.fspath(o.imatrix)
+    return cfg
+
+
+def _target_type(text: str | None, what: str) -> GGMLType | None:
+    from .pipeline import policy as P
+
+    return P.parse_target_type(text, what) if text else None
+
+
+def _split_size(size: str | int | None) -> int | None:
+    """Bytes of tensor data per split file: an int, or a whole number of M or G (decimal, as gguf-split)."""
+    if size is None or isinstance(size, int):
+        if isinstance(size, int) and size <= 0:
+            raise PolicyError(f"--split-max-size {size}: expected a positive size")
+        return size
+    text = size.strip().upper()
+    unit = {"M": 10**6, "G": 10**9}.get(text[-1:])
+    if unit is None or not text[:-1].isdigit() or int(text[:-1]) <= 0:
+        raise PolicyError(f"--split-max-size {size!r}: expected a positive whole number of M or G, e.g. 40G")
+    return int(text[:-1]) * unit
+
+
+def _tensor_types(items: list[str], path: str | os.PathLike[str] | None) -> list[tuple[str, GGMLType]]:
+    from .pipeline import policy as P
+
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                items = items + f.read().split()
+        except OSError as e:
+            raise PolicyError(f"--tensor-type-file {os.fspath(path)}: {e.strerror}") from None
+    out = []
+    for item in items:
+        pattern, sep, t = item.partition("=")
+        if not sep:
+            raise PolicyError(f"malformed --tensor-type {item!r}: expected REGEX=TYPE")
+        if not pattern:
+            raise PolicyError(f"--tensor-type {item!r}: missing tensor name pattern")
+        if not t:
+            raise PolicyError(f"--tensor-type {item!r}: missing quantization type")
+        out.append((pattern, P.parse_target_type(t, f"--tensor-type {item}")))
+    return out
