@@ -1,6 +1,7 @@
 """``gguftool imatrix MODEL --calib FILE``: importance matrix from calibration text, as llama-imatrix computes it."""
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -54,6 +55,8 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         fail("no calibration text (--calib) and no --in-file imatrix to combine")
     if calib and not model_path:
         fail("no model given (MODEL or -m/--model)")
+    if weight_gib is not None and not math.isfinite(weight_gib):
+        fail(f"--max-weight-memory must be a finite number of GiB (got {weight_gib})")
 
     bars = []   # the progress bar, made at the first chunk (nothing is drawn when the model is refused)
 
