@@ -28,6 +28,7 @@ from ..gguf.constants import GGUFValueType
 from ..gguf.values import KV, GGUFArray
 from .archs import KVList
 from .pre_hashes import CHECK_TEXT, PRE_TOKENIZER_HASHES
+from .schema import AnyOf, Bool, Int, ListOf, Num, Obj, Str, checked
 
 # gguf TokenType / SentencePieceTokenTypes
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -58,12 +59,61 @@ class VocabInfo:
     warnings: list[str] = field(default_factory=list)
 
 
+# --- the shape of each tokenizer file, checked when it is read (see schema.py): the code below relies on it
+_TOKEN_ID = Int(min=0)
+_ADDED_TOKEN = Obj({"content": Str(), "special": Bool(), "normalized": Bool(), "id": _TOKEN_ID},
+                   required=("content",))
+_TOKEN_REF = AnyOf((Str(), Obj({"content": Str()}, required=("content",))),
+                   'a string or an object with a "content" string')
+_CHAT_TEMPLATE = AnyOf((Str(), ListOf(Obj({"name": Str(), "template": Str()}, required=("name", "template")))),
+                       'a string or a list of objects with "name" and "template" strings')
+_PIECE = Obj({"SpecialToken": Obj({"id": Str()}), "Sequence": Obj({"id": Str()})})
+_PROCESSOR = {"type": Str(), "single": ListOf(_PIECE), "pair": ListOf(_PIECE),
+              "cls": ListOf(AnyOf((Str(), Int()), "a token or an id"), 1),
+              "sep": ListOf(AnyOf((Str(), Int()), "a token or an id"), 1)}
+_NORMALIZER = {"type": Str(), "lowercase": Bool(), "strip_accents": Bool()}
+_SCHEMAS = {
+    "tokenizer.json": Obj({
+        "added_tokens": ListOf(Obj(_ADDED_TOKEN.fields, required=("id", "content"))),
+        "model": Obj({"type": Str(), "byte_fallback": Bool(), "ignore_merges": Bool(),
+                      "vocab": AnyOf((Obj(values=_TOKEN_ID), ListOf(ListOf(AnyOf((Str(), Num()), "a piece or a "
+                                                                                   "score")))),
+                                     "an object of token ids or a list of [piece, score] pairs"),
+                      "merges": ListOf(AnyOf((Str(), ListOf(Str())), "a string or a pair of strings"))}),
+        "normalizer": Obj({**_NORMALIZER, "normalizers": ListOf(Obj(_NORMALIZER))}),
+        "post_processor": Obj({**_PROCESSOR, "processors": ListOf(Obj(_PROCESSOR))}),
+        "decoder": Obj({"type": Str()}),
+    }),
+    "tokenizer_config.json": Obj({
+        "added_tokens_decoder": Obj(values=_ADDED_TOKEN, int_keys=True),
+        "chat_template": _CHAT_TEMPLATE,
+        **{f"{t}_token": _TOKEN_REF for t in SPECIAL_TYPES},
+        **{f"add_{t}_token": Bool() for t in SPECIAL_TYPES},
+        "add_prefix_space": Bool(),
+        "additional_special_tokens": ListOf(_TOKEN_REF),
+        "tokenizer_class": Str(),
+    }),
+    "added_tokens.json": Obj(values=_TOKEN_ID),
+    "chat_template.json": Obj({"chat_template": _CHAT_TEMPLATE}),
+    "config.json": Obj(),   # its values are checked by archs.normalized_config
+}
+
+
 def _load_json(path: Path) -> Any:
+    """A tokenizer file's JSON, checked against the schema of its file name."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    return checked(str(path), data, _SCHEMAS[path.name])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path}: not valid UTF-8 ({e})") from None
 
 
 def _str_array(key: str, values: list[str]) -> KV:
@@ -117,8 +167,7 @@ class SpecialVocab:
         if not p.is_file():
             return
         merges = []
-        with open(p, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = _read_text(p).splitlines()
         if lines and lines[0].strip().startswith("#"):
             lines = lines[1:]
         for line in lines:
@@ -139,8 +188,10 @@ class SpecialVocab:
             if "strip_accents" in n:
                 self.strip_accents = n["strip_accents"]
         elif t == "Sequence":
-            for m in n.get("normalizers", []):
-                self._normalizer(m)
+            inner = n.get("normalizers")   # the schema checks two levels; deeper ones are read if well-formed
+            for m in inner if isinstance(inner, list) else []:
+                if isinstance(m, dict):
+                    self._normalizer(m)
 
     def _from_tokenizer_json(self) -> None:
         tok = None
@@ -173,11 +224,11 @@ class SpecialVocab:
         alt = None
         jinja, cjson = self.dir / "chat_template.jinja", self.dir / "chat_template.json"
         if jinja.is_file():
-            alt = jinja.read_text(encoding="utf-8")
+            alt = _read_text(jinja)
             extra = sorted((self.dir / "additional_chat_templates").glob("*.jinja"))
             if extra:
                 alt = [{"name": "default", "template": alt}] + [
-                    {"name": e.stem, "template": e.read_text(encoding="utf-8")} for e in extra]
+                    {"name": e.stem, "template": _read_text(e)} for e in extra]
         elif cjson.is_file():
             alt = _load_json(cjson).get("chat_template")
         ct = cfg.get("chat_template", alt)
@@ -622,4 +673,4 @@ def gemma3_vocab_rows(directory: Path, hp: dict) -> int:
     if not p.is_file():
         raise _missing(directory)
     tj = _load_json(p)
-    return len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+    return len((tj.get("model") or {}).get("vocab") or {}) + len(tj.get("added_tokens") or [])
