@@ -46,7 +46,7 @@ class SafetensorsTensor:
     """One tensor of a safetensors file: where its bytes are, not the bytes themselves."""
 
     name: str
-    dtype: str                 # "BF16" / "F16" / "F32" (others are refused when the file is opened)
+    dtype: str                 # a safetensors dtype name; only BF16 / F16 / F32 can be read (array())
     shape: tuple[int, ...]     # as stored (PyTorch order: slowest dimension first)
     file: "SafetensorsFile"
     offset: int                # absolute byte offset in the file
@@ -80,6 +80,7 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._mm: mmap.mmap | None = None
+        self._header_len = 0
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, SafetensorsTensor] = {}
         self._parse()
@@ -105,6 +106,7 @@ class SafetensorsFile:
             raise ConvertError(f"{p}: corrupt safetensors header: not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise ConvertError(f"{p}: corrupt safetensors header: expected a JSON object")
+        self._header_len = n
         data_start = 8 + n
         data_size = size - data_start
         for name, meta in header.items():
@@ -113,6 +115,17 @@ class SafetensorsFile:
                     self.metadata = {str(k): str(v) for k, v in meta.items()}
                 continue
             self.tensors[name] = self._tensor_entry(name, meta, data_start, data_size)
+        self._check_overlaps()
+
+    def _check_overlaps(self) -> None:
+        """Two tensors may not share bytes (the safetensors library refuses such a file too): sorted by offset,
+        each non-empty tensor must start at or after the end of the one before."""
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ConvertError(f"{self.path}: corrupt safetensors header: the data of tensors {a!r} and {b!r} "
+                                   f"overlap (bytes {start - 8 - self._header_len} to "
+                                   f"{end - 8 - self._header_len} of the data section)")
 
     def _tensor_entry(self, name: str, meta, data_start: int, data_size: int) -> SafetensorsTensor:
         p = self.path
@@ -127,11 +140,12 @@ class SafetensorsFile:
                 and 0 <= offs[0] <= offs[1] <= data_size):
             raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has data_offsets {offs!r} outside "
                                f"the {data_size} data bytes (truncated file?)")
+        # a dtype gguftool cannot convert is refused when the tensor is to be written (llama.cpp's converter
+        # drops some tensors, such as rotary_emb.inv_freq, whatever their dtype)
         if dtype in SUPPORTED_DTYPES:
             itemsize = SUPPORTED_DTYPES[dtype][0]
         elif dtype in _OTHER_DTYPES:
-            raise ConvertError(f"{p}: tensor {name!r} has dtype {dtype}, which gguftool cannot convert "
-                               f"(supported: BF16, F16, F32)")
+            itemsize = _OTHER_DTYPES[dtype]
         else:
             raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has unknown dtype {dtype!r}")
         n_el = 1
