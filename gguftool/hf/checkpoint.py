@@ -111,8 +111,10 @@ class SafetensorsFile:
         data_size = size - data_start
         for name, meta in header.items():
             if name == "__metadata__":
-                if isinstance(meta, dict):
-                    self.metadata = {str(k): str(v) for k, v in meta.items()}
+                if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                    raise ConvertError(f"{p}: corrupt safetensors header: __metadata__ must be an object of strings, "
+                                       f"got {json.dumps(meta)[:60]}")
+                self.metadata = dict(meta)
                 continue
             self.tensors[name] = self._tensor_entry(name, meta, data_start, data_size)
         self._check_overlaps()
@@ -136,8 +138,10 @@ class SafetensorsFile:
                                                 for d in shape)):
             raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has a bad shape {shape!r}")
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
-                                                                  for o in offs)
-                and 0 <= offs[0] <= offs[1] <= data_size):
+                                                                  for o in offs)):
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has data_offsets {offs!r}, "
+                               f"expected two integers [begin, end]")
+        if not 0 <= offs[0] <= offs[1] <= data_size:
             raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has data_offsets {offs!r} outside "
                                f"the {data_size} data bytes (truncated file?)")
         # a dtype gguftool cannot convert is refused when the tensor is to be written (llama.cpp's converter

@@ -60,7 +60,7 @@ class VocabInfo:
 
 
 # --- the shape of each tokenizer file, checked when it is read (see schema.py): the code below relies on it
-_TOKEN_ID = Int(min=0)
+_TOKEN_ID = Int(min=0, max=2**31 - 1)   # llama_token is an int32
 _ADDED_TOKEN = Obj({"content": Str(), "special": Bool(), "normalized": Bool(), "id": _TOKEN_ID},
                    required=("content",))
 _TOKEN_REF = AnyOf((Str(), Obj({"content": Str()}, required=("content",))),
@@ -405,7 +405,8 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
     added = directory / "added_tokens.json"
     if added.is_file():
         for key, tid in _load_json(added).items():
-            if tid >= n:
+            if tid >= n:   # llama.cpp's converter ignores it too, with a warning
+                info.warnings.append(f"{added}: ignoring token {key!r}: id {tid} is out of range (vocab_size {n})")
                 continue
             tokens[tid] = key.encode("utf-8")
             scores[tid] = -1000.0
@@ -432,6 +433,8 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
             tid = int(tid)
             text: str = data["content"]
             if tid >= n:
+                info.warnings.append(f"{tc}: ignoring added token {text!r}: id {tid} is out of range "
+                                     f"(vocab_size {n})")
                 continue
             if data.get("special") or does_token_look_special(text):
                 types[tid] = CONTROL
