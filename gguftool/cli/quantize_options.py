@@ -104,22 +104,32 @@ def parse_tensor_types(items: list[str], path: str | None):
     from ..pipeline import policy as P
     from ..errors import PolicyError
 
+    # each entry with where it came from, so that an error names the file and line of a bad one
+    entries = [(item, f"--tensor-type {item!r}") for item in items]
     if path:
         try:
-            with open(path, encoding="utf-8") as f:
-                items = items + f.read().split()
+            with open(path, "rb") as f:
+                raw = f.read()
         except OSError as e:
             raise PolicyError(f"--tensor-type-file {path}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise PolicyError(f"--tensor-type-file {path}: line {line} is not valid UTF-8 (byte "
+                              f"0x{raw[e.start]:02x} at offset {e.start})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            entries += [(item, f"--tensor-type-file {path} line {lineno}: {item!r}") for item in line.split()]
     out = []
-    for item in items:
+    for item, where in entries:
         name, sep, t = item.partition("=")
         if not sep:
-            raise PolicyError(f"malformed --tensor-type {item!r}: expected REGEX=TYPE")
+            raise PolicyError(f"{where}: malformed, expected REGEX=TYPE")
         if not name:
-            raise PolicyError(f"--tensor-type {item!r}: missing tensor name pattern")
+            raise PolicyError(f"{where}: missing tensor name pattern")
         if not t:
-            raise PolicyError(f"--tensor-type {item!r}: missing quantization type")
-        out.append((name, P.parse_target_type(t, f"--tensor-type {item}")))
+            raise PolicyError(f"{where}: missing quantization type")
+        out.append((name, P.parse_target_type(t, where)))
     return out
 
 
