@@ -88,8 +88,16 @@ def expert_count(hp: dict):
 def _find(hp: dict, keys, default=None):
     for k in keys:
         if k in hp:
-            return hp[k]
+            return hp.get(k)   # llama.cpp's find_hparam: the first key present, even when null
     return default
+
+
+def _find_required(hp: dict, keys):
+    """_find for a value the architecture cannot do without."""
+    v = _find(hp, keys)
+    if v is None:
+        raise ConvertError(f"{CONFIG}: no value for {' / '.join(map(repr, keys))}")
+    return v
 
 
 # --- config.json: the type and range of every key gguftool reads, checked before any is used
@@ -356,7 +364,7 @@ def _phi3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     a, rp = arch.gguf_arch, hp["rope_parameters"]
     if rp.get("original_max_position_embeddings") is None:
         raise ConvertError("config.json: original_max_position_embeddings is missing (Phi-3 needs it)")
-    kv.u32(f"{a}.context_length", _find(hp, ["n_positions", "max_position_embeddings"]))
+    kv.u32(f"{a}.context_length", _find_required(hp, ["n_positions", "max_position_embeddings"]))
     kv.u32(f"{a}.rope.scaling.original_context_length", rp["original_max_position_embeddings"])
     kv.u32(f"{a}.embedding_length", hp["hidden_size"])
     kv.u32(f"{a}.feed_forward_length", hp["intermediate_size"])
@@ -377,9 +385,12 @@ def phi3_rope_factors(hp: dict) -> tuple[list[KV], list[tuple[str, np.ndarray]]]
     long_f, short_f = rp.get("long_factor"), rp.get("short_factor")
     if not long_f:
         return [], []
-    scale = _find(hp, ["n_positions", "max_position_embeddings"]) / rp["original_max_position_embeddings"]
+    scale = _find_required(hp, ["n_positions", "max_position_embeddings"]) / rp["original_max_position_embeddings"]
     kind = str(rp.get("rope_type", "")).lower()
     orig = rp["original_max_position_embeddings"]
+    if scale > 1.0 and orig <= 1:   # the attention factor divides by log(orig)
+        raise ConvertError(f'{CONFIG}: "original_max_position_embeddings" must be greater than 1 for rope '
+                           f'scaling, got {orig}')
     if kind in ("su", "longrope"):
         attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
     elif kind == "yarn":

@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import ConvertError
 
 U32_MAX = 2**32 - 1
+F32_MAX = 3.4028234663852886e38   # the largest finite float32
 
 
 def show(value: Any) -> str:
@@ -61,25 +62,27 @@ class Int:
 
 @dataclass(frozen=True)
 class Num:
-    """A finite number (int or float, not a bool) with optional bounds: > gt, >= ge, <= le."""
+    """A finite number (int or float, not a bool) with optional bounds: > gt, >= ge, <= le. Values are
+    written as float32 metadata, so by default they must fit float32 (beyond it they would become inf)."""
     gt: float | None = None
     ge: float | None = None
-    le: float | None = None
+    le: float = F32_MAX
 
     @property
     def what(self) -> str:
-        if self.gt == 0 and self.le is None:
+        if self.gt == 0 and self.le == F32_MAX:
             return "a positive number"
         parts = [f"> {self.gt:g}" if self.gt is not None else "", f">= {self.ge:g}" if self.ge is not None else "",
-                 f"<= {self.le:g}" if self.le is not None else ""]
+                 f"<= {self.le:g}" if self.le != F32_MAX else ""]
         bounds = " and ".join(p for p in parts if p)
         return "a number" + (f" {bounds}" if bounds else "")
 
     def check(self, file: str, where: str, v: Any) -> Any:
         if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-                or (self.gt is not None and not v > self.gt) or (self.ge is not None and not v >= self.ge)
-                or (self.le is not None and not v <= self.le)):
+                or (self.gt is not None and not v > self.gt) or (self.ge is not None and not v >= self.ge)):
             raise bad(file, where, self.what, v)
+        if not -F32_MAX <= v <= self.le:
+            raise bad(file, where, f"at most {self.le:g}" if v > 0 else f"at least {-F32_MAX:g}", v)
         return v
 
 
