@@ -290,6 +290,7 @@ TYPE_FILE_CASES = [
     (b"=q8_0\n", "line 1: '=q8_0': missing tensor name pattern"),
     (b"attn_v=\n", "missing quantization type"),
     (b"attn_v=q9_9\n", "invalid ggml type 'q9_9'"),
+    (b"attn_v=q8_0 (=q4_0\n", "invalid --tensor-type pattern '(' (--tensor-type-file"),
 ]
 
 

@@ -101,6 +101,8 @@ def build_config(ftype, *, imatrix, include_weights, exclude_weights, leave_outp
     return cfg
 
 def parse_tensor_types(items: list[str], path: str | None):
+    import re
+
     from ..pipeline import policy as P
     from ..errors import PolicyError
 
@@ -129,6 +131,10 @@ def parse_tensor_types(items: list[str], path: str | None):
             raise PolicyError(f"{where}: missing tensor name pattern")
         if not t:
             raise PolicyError(f"{where}: missing quantization type")
+        try:   # the policy compiles it again; checked here so that the error names where the pattern came from
+            re.compile(name.lower())
+        except re.error as e:
+            raise PolicyError(f"invalid --tensor-type pattern {name!r} ({where}): {e}") from None
         out.append((name, P.parse_target_type(t, where)))
     return out
 
