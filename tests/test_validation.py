@@ -352,3 +352,19 @@ def test_odd_config_no_runtime_warning(ckpt, tmp_path, changes):
         r = CliRunner().invoke(main, ["convert", str(ckpt), "--type", "F32", "-o", str(tmp_path / "o.gguf")])
     assert r.exit_code == 0, r.output
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("content,message", [
+    ([1], "expected a JSON object, got a list"),
+    ({"metadata": {}}, '"weight_map" is missing'),
+    ({"weight_map": ["model.safetensors"]}, '"weight_map" must be an object'),
+    ({"weight_map": {"lm_head.weight": 5}}, '"weight_map.lm_head.weight" must be a string'),
+    (b"\xff{}", "not a valid index"),
+], ids=["list", "no-map", "map-list", "value-int", "not-utf8"])
+def test_safetensors_index(ckpt, content, message):
+    p = ckpt / "model.safetensors.index.json"
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(json.dumps(content))
+    _convert_refused(ckpt, "model.safetensors.index.json", message)

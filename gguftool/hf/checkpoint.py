@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConvertError
+from .schema import Obj, Str, checked
 
 # --- safetensors dtypes
 # dtype name -> (bytes per element, numpy dtype used to view the stored bytes)
@@ -212,7 +213,7 @@ class Checkpoint:
                 ck.tensors[name] = f.tensors[name]
         index = directory / INDEX_NAME
         if index.is_file():
-            listed = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+            listed = set(_weight_map(index))
             missing, extra = sorted(listed - set(ck.tensors)), sorted(set(ck.tensors) - listed)
             if missing or extra:
                 raise ConvertError(f"{index}: weight_map and shard files disagree: "
@@ -257,14 +258,10 @@ def shard_paths(directory: Path, given: Path | None = None) -> list[Path]:
     """The safetensors files of a checkpoint, in llama.cpp's order (sorted by file name)."""
     index = directory / INDEX_NAME
     if index.is_file():
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise ConvertError(f"{index}: not a valid index ({e})") from None
-        if not isinstance(weight_map, dict) or not weight_map:
+        weight_map = _weight_map(index)
+        if not weight_map:
             raise ConvertError(f"{index}: has no 'weight_map'")
-        names = sorted(set(str(v) for v in weight_map.values()))
+        names = sorted(set(weight_map.values()))
         paths = [directory / n for n in names]
         missing = [n for n, p in zip(names, paths) if not p.is_file()]
         if missing:
@@ -276,3 +273,16 @@ def shard_paths(directory: Path, given: Path | None = None) -> list[Path]:
     if not names:
         raise ConvertError(f"{directory}: no model*.safetensors file and no {INDEX_NAME}")
     return [directory / n for n in names]
+
+
+_INDEX_SCHEMA = Obj({"weight_map": Obj(values=Str())}, required=("weight_map",))
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's tensor name -> shard file name, checked for shape."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{index}: not a valid index ({e})") from None
+    return checked(str(index), data, _INDEX_SCHEMA)["weight_map"]
