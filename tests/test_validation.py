@@ -368,3 +368,13 @@ def test_safetensors_index(ckpt, content, message):
     else:
         p.write_text(json.dumps(content))
     _convert_refused(ckpt, "model.safetensors.index.json", message)
+
+
+@pytest.mark.parametrize("vocab", [[["a", 0.0]], {"a": 0, "b": 5}, {"a": 0, "b": 0}], ids=["list", "gap", "dup"])
+def test_llama_hf_tokenizer_vocab(ckpt, vocab):
+    """A Llama-2-style tokenizer.json (no tokenizer.model) whose vocabulary ids are not 0..n-1."""
+    (ckpt / "tokenizer.model").unlink()
+    (ckpt / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "byte_fallback": True, "vocab": vocab, "merges": []},
+        "decoder": {"type": "Sequence"}, "added_tokens": []}))
+    _convert_refused(ckpt, "tokenizer.json", '"model.vocab"')

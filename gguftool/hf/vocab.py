@@ -551,6 +551,9 @@ def _llama_hf_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo) -> Non
     path = directory / "tokenizer.json"
     tj = _load_json(path)
     base = (tj.get("model") or {}).get("vocab") or {}
+    if not isinstance(base, dict) or sorted(base.values()) != list(range(len(base))):
+        raise ConvertError(f'{path}: "model.vocab" of a BPE tokenizer must map its {len(base)} tokens to the ids '
+                           f'0 to {len(base) - 1}, each id once')
     added = _added_tokens(directory, tj)
     n_base = len(base)
     reverse = {i: t for t, i in base.items()}
