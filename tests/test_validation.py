@@ -102,6 +102,8 @@ CONFIG_CASES = [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
      '"rope_scaling.original_max_position_embeddings" is missing'),
     ({"rope_scaling": {"rope_type": "linear"}}, '"rope_scaling.factor" is missing'),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": None}},
+     '"rope_scaling.original_max_position_embeddings" is missing'),
     ({"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0], "short_factor": "x"}},
      '"rope_scaling.short_factor" must be a non-empty list'),
     ({"rope_scaling": {"rope_type": "warp", "factor": 2.0}}, '"rope_scaling.rope_type" must be one of'),
@@ -344,6 +346,7 @@ def test_odd_values_no_runtime_warning(ckpt, tmp_path, values, type_):
                                      {"rope_scaling": {**LLAMA3, "low_freq_factor": 1e-30}},
                                      {"rope_theta": 1e38, "rope_scaling": LLAMA3},
                                      {"rope_theta": 1e-30, "rope_scaling": LLAMA3},
+                                     {"rope_scaling": {**LLAMA3, "original_max_position_embeddings": None}},
                                      {"rms_norm_eps": 1e-60}], ids=str)
 def test_odd_config_no_runtime_warning(ckpt, tmp_path, changes):
     _edit_json(ckpt / "config.json", **changes)

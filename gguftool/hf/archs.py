@@ -138,7 +138,10 @@ _ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",), 
 
 
 def _check_rope(where: str, rp: dict) -> None:
-    """One rope parameter set (``where``: the config.json key it came from) checked for its rope type."""
+    """One rope parameter set (``where``: the config.json key it came from) checked for its rope type. Its null
+    entries are dropped: as for every config key, null means "the default"."""
+    for k in [k for k, v in rp.items() if v is None]:
+        del rp[k]
     kind = rp.get("rope_type")
     if not isinstance(kind, str) or kind.lower() not in _ROPE_REQUIRED:
         raise ConvertError(f'{CONFIG}: "{where}.rope_type" must be one of {", ".join(_ROPE_REQUIRED)}, '
@@ -385,9 +388,11 @@ def phi3_rope_factors(hp: dict) -> tuple[list[KV], list[tuple[str, np.ndarray]]]
     long_f, short_f = rp.get("long_factor"), rp.get("short_factor")
     if not long_f:
         return [], []
-    scale = _find_required(hp, ["n_positions", "max_position_embeddings"]) / rp["original_max_position_embeddings"]
+    orig = rp.get("original_max_position_embeddings")
+    if orig is None:
+        raise ConvertError(f'{CONFIG}: "original_max_position_embeddings" is missing (Phi-3 rope scaling needs it)')
+    scale = _find_required(hp, ["n_positions", "max_position_embeddings"]) / orig
     kind = str(rp.get("rope_type", "")).lower()
-    orig = rp["original_max_position_embeddings"]
     if scale > 1.0 and orig <= 1:   # the attention factor divides by log(orig)
         raise ConvertError(f'{CONFIG}: "original_max_position_embeddings" must be greater than 1 for rope '
                            f'scaling, got {orig}')
