@@ -212,7 +212,7 @@ class SpecialVocab:
                         raise ConvertError(f"{p}: unknown tokenizer merges format")
             if normalizer := tok.get("normalizer"):
                 self._normalizer(normalizer)
-            added_tokens = tok.get("added_tokens", [])
+            added_tokens = tok.get("added_tokens") or []
         cfg = None
         pc = self.dir / "tokenizer_config.json"
         if pc.is_file():
@@ -257,7 +257,7 @@ class SpecialVocab:
         pp = tok.get("post_processor")
         if not pp:
             return
-        for proc in pp.get("processors", [pp]):
+        for proc in pp.get("processors") or [pp]:
             ptype = proc.get("type")
             if ptype == "ByteLevel":
                 self.add.setdefault("bos", False)
@@ -265,16 +265,16 @@ class SpecialVocab:
             elif ptype == "RobertaProcessing":
                 self.add["bos"] = self.add["eos"] = self.add["sep"] = True
                 if not cls_ and cfg:
-                    cls_ = proc.get("cls", [bos])[0]
+                    cls_ = (proc.get("cls") or [bos])[0]
                     cfg["cls_token"] = cls_
                 if not sep and cfg:
-                    sep = proc.get("sep", [eos])[0]
+                    sep = (proc.get("sep") or [eos])[0]
                     cfg["sep_token"] = sep
             elif ptype == "TemplateProcessing":
-                single, pair = proc.get("single", []), proc.get("pair", [])
+                single, pair = proc.get("single") or [], proc.get("pair") or []
                 first = last = None
                 if len(single) > 1:
-                    if first := single[0].get("SpecialToken", {}).get("id"):
+                    if first := (single[0].get("SpecialToken") or {}).get("id"):
                         if not cfg:
                             bos = first
                         elif first not in (bos, cls_):
@@ -283,7 +283,7 @@ class SpecialVocab:
                             if not cls_:
                                 cfg["cls_token"] = cls_ = first
                         self.add["bos"] = first in (bos, cls_)
-                    if last := single[-1].get("SpecialToken", {}).get("id"):
+                    if last := (single[-1].get("SpecialToken") or {}).get("id"):
                         if not cfg:
                             eos = last
                         elif last != eos:
@@ -296,19 +296,19 @@ class SpecialVocab:
                             cfg["eos_token"] = eos = last
                         self.add["eos"] = last == eos
                 if pair:
-                    start = 1 if first and pair[0].get("SpecialToken", {}).get("id") == first else 0
-                    stop = -1 if last and pair[-1].get("SpecialToken", {}).get("id") == last else None
+                    start = 1 if first and (pair[0].get("SpecialToken") or {}).get("id") == first else 0
+                    stop = -1 if last and (pair[-1].get("SpecialToken") or {}).get("id") == last else None
                     pair = pair[slice(start, stop)]
                     if pair:
-                        a = pair[0].get("Sequence", {}).get("id")
-                        b = pair[-1].get("Sequence", {}).get("id")
+                        a = (pair[0].get("Sequence") or {}).get("id")
+                        b = (pair[-1].get("Sequence") or {}).get("id")
                         if a == "A" and b == "B" and (mid := pair[1:-1]):
                             add_sep = False
-                            if entry := mid[0].get("SpecialToken", {}).get("id"):
+                            if entry := (mid[0].get("SpecialToken") or {}).get("id"):
                                 if entry in (sep, eos) and not last:
                                     add_sep = True
                             if len(mid) == 2:
-                                if entry := mid[1].get("SpecialToken", {}).get("id"):
+                                if entry := (mid[1].get("SpecialToken") or {}).get("id"):
                                     if entry in (sep, eos):
                                         add_sep = True
                             self.add["sep"] = add_sep
@@ -418,7 +418,7 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
             sources += [(int(i), d) for i, d in (_load_json(tc).get("added_tokens_decoder") or {}).items()]
         tj = directory / "tokenizer.json"
         if tj.is_file():
-            sources += [(int(d["id"]), d) for d in _load_json(tj).get("added_tokens", [])]
+            sources += [(int(d["id"]), d) for d in _load_json(tj).get("added_tokens") or []]
         for tid, data in sources:
             if not 0 <= tid < n:
                 raise ConvertError(f"added token {data.get('content')!r} has id {tid}, outside the vocabulary "
@@ -475,7 +475,7 @@ def _load_tokenizers(path: Path):
 
 def _added_tokens(directory: Path, tj: dict) -> dict[int, dict]:
     """id -> {content, special, normalized}: tokenizer.json added_tokens, overridden by tokenizer_config.json."""
-    out = {int(a["id"]): dict(a) for a in tj.get("added_tokens", []) if "id" in a}
+    out = {int(a["id"]): dict(a) for a in (tj.get("added_tokens") or []) if "id" in a}
     tc = directory / "tokenizer_config.json"
     if tc.is_file():
         for tid, data in (_load_json(tc).get("added_tokens_decoder") or {}).items():
