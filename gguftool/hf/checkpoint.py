@@ -147,6 +147,8 @@ class SafetensorsFile:
                                f"the {data_size} data bytes (truncated file?)")
         # a dtype gguftool cannot convert is refused when the tensor is to be written (llama.cpp's converter
         # drops some tensors, such as rotary_emb.inv_freq, whatever their dtype)
+        if not isinstance(dtype, str):
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has dtype {dtype!r}, not a name")
         if dtype in SUPPORTED_DTYPES:
             itemsize = SUPPORTED_DTYPES[dtype][0]
         elif dtype in _OTHER_DTYPES:
