@@ -242,22 +242,40 @@ def _split_size(size: str | int | None) -> int | None:
 
 
 def _tensor_types(items: list[str], path: str | os.PathLike[str] | None) -> list[tuple[str, GGMLType]]:
+    """The REGEX=TYPE entries of --tensor-type and of the --tensor-type-file, each error naming where the entry
+    came from (the option, or the file and line)."""
+    import re
+
     from .pipeline import policy as P
 
+    entries = [(item, f"--tensor-type {item!r}") for item in items]
     if path is not None:
+        name = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                items = items + f.read().split()
+            with open(name, "rb") as f:
+                raw = f.read()
         except OSError as e:
-            raise PolicyError(f"--tensor-type-file {os.fspath(path)}: {e.strerror}") from None
+            raise PolicyError(f"--tensor-type-file {name}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise PolicyError(f"--tensor-type-file {name}: line {line} is not valid UTF-8 (byte "
+                              f"0x{raw[e.start]:02x} at offset {e.start})") from None
+        for lineno, line_text in enumerate(text.splitlines(), 1):
+            entries += [(item, f"--tensor-type-file {name} line {lineno}: {item!r}") for item in line_text.split()]
     out = []
-    for item in items:
+    for item, where in entries:
         pattern, sep, t = item.partition("=")
         if not sep:
-            raise PolicyError(f"malformed --tensor-type {item!r}: expected REGEX=TYPE")
+            raise PolicyError(f"{where}: malformed, expected REGEX=TYPE")
         if not pattern:
-            raise PolicyError(f"--tensor-type {item!r}: missing tensor name pattern")
+            raise PolicyError(f"{where}: missing tensor name pattern")
         if not t:
-            raise PolicyError(f"--tensor-type {item!r}: missing quantization type")
-        out.append((pattern, P.parse_target_type(t, f"--tensor-type {item}")))
+            raise PolicyError(f"{where}: missing quantization type")
+        try:   # the policy compiles it again; checked here so that the error names where the pattern came from
+            re.compile(pattern.lower())
+        except re.error as e:
+            raise PolicyError(f"invalid --tensor-type pattern {pattern!r} ({where}): {e}") from None
+        out.append((pattern, P.parse_target_type(t, where)))
     return out

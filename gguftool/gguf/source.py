@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FormatError, QuantError
-from .constants import GGMLType
+from .constants import GGMLType, GGUFValueType
 from .reader import GGUFReader, TensorInfo
 from ..pipeline.source import SourceTensor, TensorSource
 
@@ -173,13 +173,31 @@ def split_path(prefix: str, index: int, count: int) -> str:
     return f"{prefix}-{index + 1:05d}-of-{count:05d}.gguf"
 
 
+_INT_TYPES = (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+              GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64)
+# llama.cpp reads split.no / split.count as uint16 and split.tensors.count as int32
+_SPLIT_RANGES = {KEY_SPLIT_NO: (0, 65535), KEY_SPLIT_COUNT: (0, 65535), KEY_SPLIT_TENSORS: (0, 2**31 - 1)}
+
+
+def _split_key(r: GGUFReader, key: str) -> int | None:
+    """A split.* key as an int (None when absent), checked for an integer type and llama.cpp's range."""
+    kv = r.kv(key)
+    if kv is None:
+        return None
+    lo, hi = _SPLIT_RANGES[key]
+    if kv.type not in _INT_TYPES or not lo <= kv.value <= hi:
+        raise FormatError(f"{r.path}: {key} must be an integer from {lo} to {hi}, got "
+                          f"{GGUFValueType(kv.type).name.lower()} {kv.value!r}")
+    return int(kv.value)
+
+
 def _split_readers(first: GGUFReader) -> list[GGUFReader]:
     """The readers of every split of the model whose first split is ``first`` (checked as llama.cpp checks)."""
     path = first.path
-    count = int(first.get(KEY_SPLIT_COUNT, 0) or 0)
+    count = _split_key(first, KEY_SPLIT_COUNT) or 0
     if count <= 1:
         return [first]
-    no = int(first.get(KEY_SPLIT_NO, 0) or 0)
+    no = _split_key(first, KEY_SPLIT_NO) or 0
     if no != 0:
         raise FormatError(f"{path}: this is split {no + 1} of {count} of a model: give its first split "
                           f"(the file ending in -00001-of-{count:05d}.gguf)")
@@ -196,17 +214,18 @@ def _split_readers(first: GGUFReader) -> list[GGUFReader]:
                 raise FormatError(f"{p}: missing split {i + 1} of {count}")
             r = GGUFReader(p)
             readers.append(r)
-            if KEY_SPLIT_NO not in r:
+            split_no = _split_key(r, KEY_SPLIT_NO)
+            if split_no is None:
                 raise FormatError(f"{p}: not a split of {path} (no {KEY_SPLIT_NO} key)")
-            if r.get(KEY_SPLIT_NO) != i:
-                raise FormatError(f"{p}: {KEY_SPLIT_NO} is {r.get(KEY_SPLIT_NO)}, expected {i}")
+            if split_no != i:
+                raise FormatError(f"{p}: {KEY_SPLIT_NO} is {split_no}, expected {i}")
             for t in r.tensors:
                 if t.name in seen:
                     raise FormatError(f"{p}: tensor {t.name} is duplicated across the splits")
                 seen.add(t.name)
-        expected = first.get(KEY_SPLIT_TENSORS)
-        if expected is not None and int(expected) != len(seen):
-            raise FormatError(f"{path}: the splits hold {len(seen)} tensors, {int(expected)} expected "
+        expected = _split_key(first, KEY_SPLIT_TENSORS)
+        if expected is not None and expected != len(seen):
+            raise FormatError(f"{path}: the splits hold {len(seen)} tensors, {expected} expected "
                               f"({KEY_SPLIT_TENSORS})")
     except BaseException:
         for r in readers[1:]:

@@ -460,12 +460,17 @@ def commit_writers(writers: Sequence[GGUFWriter]) -> None:
     for w in todo:
         w._out = None
         w._state = _State.DONE
+# The largest alignment accepted: llama.cpp only requires a power of two, but every tensor is padded to it, so
+# an absurd one (2**31) turns a small model into a file of many GB. 64 KiB covers every page size in use.
+MAX_ALIGNMENT = 1 << 16
 
 
 def _check_alignment(a: Any) -> None:
-    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a <= 0 or int(a) & (int(a) - 1) \
-            or a >= 1 << 32:
-        raise GGUFError(f"alignment {a!r} is not a power of two")
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a <= 0 or int(a) & (int(a) - 1):
+        raise GGUFError(f"{KEY_ALIGNMENT} = {a!r} is not a power of two")
+    if a > MAX_ALIGNMENT:
+        raise GGUFError(f"{KEY_ALIGNMENT} = {a!r} is too large: gguftool writes alignments up to {MAX_ALIGNMENT} "
+                        f"(each tensor is padded to it)")
 
 
 def _as_bytes_view(x: Any) -> "memoryview | None":

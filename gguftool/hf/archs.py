@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import ConvertError
 from ..gguf.constants import GGUFValueType
 from ..gguf.values import KV
+from .schema import U32_MAX, Bool, Int, ListOf, Num, Obj, Str, checked, show
 
 
 # --- ordered KV list with gguf-py's overwrite semantics
@@ -38,10 +39,10 @@ class KVList:
         self._kv[key] = KV(key, vtype, value)
 
     def u32(self, key: str, value: int) -> None:
-        self.set(key, GGUFValueType.UINT32, int(value))
+        self.set(key, GGUFValueType.UINT32, int(_present(key, value)))
 
     def f32(self, key: str, value: float) -> None:
-        self.set(key, GGUFValueType.FLOAT32, float(value))
+        self.set(key, GGUFValueType.FLOAT32, float(_present(key, value)))
 
     def string(self, key: str, value: str) -> None:
         self.set(key, GGUFValueType.STRING, str(value))
@@ -67,6 +68,12 @@ class KVList:
         return list(self._kv.values())
 
 
+def _present(key: str, value):
+    if value is None:  # a config key the architecture needs was null (the schema has checked the types)
+        raise ConvertError(f"{CONFIG}: no value for {key} (the config key it comes from is null)")
+    return value
+
+
 # --- hyperparameters as llama.cpp sees them
 def head_dim(hp: dict) -> int:
     """The attention head size: config's head_dim, else hidden_size / num_attention_heads."""
@@ -81,8 +88,79 @@ def expert_count(hp: dict):
 def _find(hp: dict, keys, default=None):
     for k in keys:
         if k in hp:
-            return hp[k]
+            return hp.get(k)   # llama.cpp's find_hparam: the first key present, even when null
     return default
+
+
+def _find_required(hp: dict, keys):
+    """_find for a value the architecture cannot do without."""
+    v = _find(hp, keys)
+    if v is None:
+        raise ConvertError(f"{CONFIG}: no value for {' / '.join(map(repr, keys))}")
+    return v
+
+
+# --- config.json: the type and range of every key gguftool reads, checked before any is used
+CONFIG = "config.json"
+_COUNT = Int(min=1, max=U32_MAX)     # written as uint32 metadata
+_POSITIVE = Num(gt=0)
+_GATING_FUNCS = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}  # gguf-py ExpertGatingFuncType
+_CONFIG_SCHEMA = Obj({
+    **{k: _COUNT for k in (
+        "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads", "head_dim",
+        "intermediate_size", "max_position_embeddings", "n_ctx", "n_positions", "max_length",
+        "max_sequence_length", "model_max_length", "prefix_dense_intermediate_size", "dense_intermediate_size",
+        "n_inner", "hidden_dim", "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
+        "num_experts_per_token", "top_k_experts", "n_group", "topk_group", "moe_intermediate_size",
+        "shared_expert_intermediate_size", "original_max_position_embeddings", "sliding_window_pattern")},
+    "sliding_window": Int(min=0, max=U32_MAX),
+    **{k: _POSITIVE for k in ("rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",
+                              "rope_theta", "rope_local_base_freq", "attn_logit_softcapping",
+                              "final_logit_softcapping")},
+    "partial_rotary_factor": Num(gt=0, le=1),
+    **{k: Bool() for k in ("is_causal", "use_sliding_window", "tie_word_embeddings", "use_bidirectional_attention")},
+    **{k: Str(tuple(_GATING_FUNCS)) for k in ("score_function", "scoring_func", "score_func", "moe_router_activation",
+                                              "moe_router_activation_func", "expert_selection_fn")},
+    **{k: Obj() for k in ("text_config", "rope_scaling", "rope_parameters")},
+})
+
+# transformers' rope types (ROPE_INIT_FUNCTIONS, plus Phi-3's legacy "su"), with the keys each one needs
+_ROPE_KEYS = {
+    "factor": _POSITIVE, "rope_theta": _POSITIVE, "original_max_position_embeddings": _COUNT,
+    "low_freq_factor": _POSITIVE, "high_freq_factor": _POSITIVE, "beta_fast": Num(), "beta_slow": Num(),
+    "extrapolation_factor": Num(), "attention_factor": _POSITIVE, "attn_factor": _POSITIVE,
+    "partial_rotary_factor": Num(gt=0, le=1), "long_factor": ListOf(_POSITIVE, 1),
+    "short_factor": ListOf(_POSITIVE, 1), "mscale": Num(), "mscale_all_dim": Num(),
+}
+_ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor",),
+                  "yarn": ("factor", "original_max_position_embeddings"),
+                  "longrope": ("long_factor", "short_factor"), "su": ("long_factor", "short_factor")}
+
+
+def _check_rope(where: str, rp: dict) -> None:
+    """One rope parameter set (``where``: the config.json key it came from) checked for its rope type. Its null
+    entries are dropped: as for every config key, null means "the default"."""
+    for k in [k for k, v in rp.items() if v is None]:
+        del rp[k]
+    kind = rp.get("rope_type")
+    if not isinstance(kind, str) or kind.lower() not in _ROPE_REQUIRED:
+        raise ConvertError(f'{CONFIG}: "{where}.rope_type" must be one of {", ".join(_ROPE_REQUIRED)}, '
+                           f'got {show(kind)}')
+    Obj(_ROPE_KEYS, required=_ROPE_REQUIRED[kind.lower()]).check(CONFIG, where, rp)
+    if kind.lower() == "llama3" and not rp.get("high_freq_factor", 4.0) > rp.get("low_freq_factor", 1.0):
+        raise ConvertError(f'{CONFIG}: "{where}.high_freq_factor" must be greater than low_freq_factor, got '
+                           f'{show(rp.get("high_freq_factor", 4.0))} and {show(rp.get("low_freq_factor", 1.0))}')
+
+
+class HParams(dict):
+    """The normalized config: every value has been checked against the schema; reading a key the model needs
+    (``hp[key]``) that config.json leaves out or sets to null is an error naming it, not a KeyError."""
+
+    def __getitem__(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise ConvertError(f'{CONFIG}: "{key}" is missing')
+        return value
 
 
 def normalized_config(arch: "Arch", config: dict) -> dict:
@@ -91,8 +169,10 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
     Fills the config class's defaults, derives ``head_dim`` / ``num_key_value_heads`` as transformers does and
     folds the legacy ``rope_theta`` / ``rope_scaling`` keys into ``rope_parameters``.
     """
+    checked(CONFIG, config, _CONFIG_SCHEMA)
     hp = dict(config)
     if isinstance(hp.get("text_config"), dict):
+        _CONFIG_SCHEMA.check(CONFIG, "text_config", hp["text_config"])
         hp = {**hp, **hp["text_config"]}
     for alias, key in arch.aliases.items():
         if alias in hp:
@@ -101,8 +181,8 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
         if hp.get(k) is None and k not in ("head_dim", "num_key_value_heads"):
             hp[k] = v
     for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
-        if not isinstance(hp.get(k), int) or isinstance(hp.get(k), bool) or hp[k] <= 0:
-            raise ConvertError(f"config.json: {k} must be a positive integer, got {hp.get(k)!r}")
+        if hp.get(k) is None:
+            raise ConvertError(f'{CONFIG}: "{k}" is missing')
     if hp.get("head_dim") is None:
         d = arch.defaults.get("head_dim")
         if d is not None:
@@ -116,8 +196,17 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
         hp["num_key_value_heads"] = d if d is not None else hp["num_attention_heads"]
     if arch.post_config is not None:
         arch.post_config(hp)
-    hp["rope_parameters"] = arch.rope_parameters(hp)
-    return hp
+    source = "rope_parameters" if isinstance(hp.get("rope_parameters"), dict) and hp["rope_parameters"] \
+        else "rope_scaling"
+    rope = hp["rope_parameters"] = arch.rope_parameters(hp)
+    if "full_attention" in rope or "sliding_attention" in rope:
+        for part, rp in rope.items():
+            if not isinstance(rp, dict):
+                raise ConvertError(f'{CONFIG}: "{source}.{part}" must be an object, got {show(rp)}')
+            _check_rope(source if source == "rope_scaling" else f"{source}.{part}", rp)
+    else:
+        _check_rope(source, rope)
+    return HParams(hp)
 
 
 def _rope_parameters_single(hp: dict) -> dict:
@@ -161,10 +250,6 @@ def _qwen_post(hp: dict) -> None:
 def _gemma3_post(hp: dict) -> None:
     if hp.get("use_bidirectional_attention"):
         pass  # to_dict() writes back the value given, so nothing changes for llama.cpp
-
-
-# gguf-py ExpertGatingFuncType
-_GATING_FUNCS = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
 
 
 # --- the KV list of TextModel.set_gguf_parameters (conversion/base.py), then each architecture's additions
@@ -282,7 +367,7 @@ def _phi3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     a, rp = arch.gguf_arch, hp["rope_parameters"]
     if rp.get("original_max_position_embeddings") is None:
         raise ConvertError("config.json: original_max_position_embeddings is missing (Phi-3 needs it)")
-    kv.u32(f"{a}.context_length", _find(hp, ["n_positions", "max_position_embeddings"]))
+    kv.u32(f"{a}.context_length", _find_required(hp, ["n_positions", "max_position_embeddings"]))
     kv.u32(f"{a}.rope.scaling.original_context_length", rp["original_max_position_embeddings"])
     kv.u32(f"{a}.embedding_length", hp["hidden_size"])
     kv.u32(f"{a}.feed_forward_length", hp["intermediate_size"])
@@ -303,9 +388,14 @@ def phi3_rope_factors(hp: dict) -> tuple[list[KV], list[tuple[str, np.ndarray]]]
     long_f, short_f = rp.get("long_factor"), rp.get("short_factor")
     if not long_f:
         return [], []
-    scale = _find(hp, ["n_positions", "max_position_embeddings"]) / rp["original_max_position_embeddings"]
+    orig = rp.get("original_max_position_embeddings")
+    if orig is None:
+        raise ConvertError(f'{CONFIG}: "original_max_position_embeddings" is missing (Phi-3 rope scaling needs it)')
+    scale = _find_required(hp, ["n_positions", "max_position_embeddings"]) / orig
     kind = str(rp.get("rope_type", "")).lower()
-    orig = rp["original_max_position_embeddings"]
+    if scale > 1.0 and orig <= 1:   # the attention factor divides by log(orig)
+        raise ConvertError(f'{CONFIG}: "original_max_position_embeddings" must be greater than 1 for rope '
+                           f'scaling, got {orig}')
     if kind in ("su", "longrope"):
         attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
     elif kind == "yarn":
@@ -569,8 +659,9 @@ def supported_names() -> list[str]:
 
 def arch_for_config(config: dict) -> Arch:
     archs = config.get("architectures")
-    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
-        raise ConvertError(f"config.json: no 'architectures' entry; supported: {', '.join(supported_names())}")
+    if archs is None:
+        raise ConvertError(f'{CONFIG}: "architectures" is missing; supported: {", ".join(supported_names())}')
+    ListOf(Str(), 1).check(CONFIG, "architectures", archs)
     a = ARCHS.get(archs[0])
     if a is None:
         raise ConvertError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(supported_names())}")

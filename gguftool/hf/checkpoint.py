@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConvertError
+from .schema import Obj, Str, checked
 
 # --- safetensors dtypes
 # dtype name -> (bytes per element, numpy dtype used to view the stored bytes)
@@ -46,7 +47,7 @@ class SafetensorsTensor:
     """One tensor of a safetensors file: where its bytes are, not the bytes themselves."""
 
     name: str
-    dtype: str                 # "BF16" / "F16" / "F32" (others are refused when the file is opened)
+    dtype: str                 # a safetensors dtype name; only BF16 / F16 / F32 can be read (array())
     shape: tuple[int, ...]     # as stored (PyTorch order: slowest dimension first)
     file: "SafetensorsFile"
     offset: int                # absolute byte offset in the file
@@ -80,6 +81,7 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._mm: mmap.mmap | None = None
+        self._header_len = 0
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, SafetensorsTensor] = {}
         self._parse()
@@ -105,14 +107,28 @@ class SafetensorsFile:
             raise ConvertError(f"{p}: corrupt safetensors header: not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise ConvertError(f"{p}: corrupt safetensors header: expected a JSON object")
+        self._header_len = n
         data_start = 8 + n
         data_size = size - data_start
         for name, meta in header.items():
             if name == "__metadata__":
-                if isinstance(meta, dict):
-                    self.metadata = {str(k): str(v) for k, v in meta.items()}
+                if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                    raise ConvertError(f"{p}: corrupt safetensors header: __metadata__ must be an object of strings, "
+                                       f"got {json.dumps(meta)[:60]}")
+                self.metadata = dict(meta)
                 continue
             self.tensors[name] = self._tensor_entry(name, meta, data_start, data_size)
+        self._check_overlaps()
+
+    def _check_overlaps(self) -> None:
+        """Two tensors may not share bytes (the safetensors library refuses such a file too): sorted by offset,
+        each non-empty tensor must start at or after the end of the one before."""
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ConvertError(f"{self.path}: corrupt safetensors header: the data of tensors {a!r} and {b!r} "
+                                   f"overlap (bytes {start - 8 - self._header_len} to "
+                                   f"{end - 8 - self._header_len} of the data section)")
 
     def _tensor_entry(self, name: str, meta, data_start: int, data_size: int) -> SafetensorsTensor:
         p = self.path
@@ -123,15 +139,20 @@ class SafetensorsFile:
                                                 for d in shape)):
             raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has a bad shape {shape!r}")
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
-                                                                  for o in offs)
-                and 0 <= offs[0] <= offs[1] <= data_size):
+                                                                  for o in offs)):
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has data_offsets {offs!r}, "
+                               f"expected two integers [begin, end]")
+        if not 0 <= offs[0] <= offs[1] <= data_size:
             raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has data_offsets {offs!r} outside "
                                f"the {data_size} data bytes (truncated file?)")
+        # a dtype gguftool cannot convert is refused when the tensor is to be written (llama.cpp's converter
+        # drops some tensors, such as rotary_emb.inv_freq, whatever their dtype)
+        if not isinstance(dtype, str):
+            raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has dtype {dtype!r}, not a name")
         if dtype in SUPPORTED_DTYPES:
             itemsize = SUPPORTED_DTYPES[dtype][0]
         elif dtype in _OTHER_DTYPES:
-            raise ConvertError(f"{p}: tensor {name!r} has dtype {dtype}, which gguftool cannot convert "
-                               f"(supported: BF16, F16, F32)")
+            itemsize = _OTHER_DTYPES[dtype]
         else:
             raise ConvertError(f"{p}: corrupt safetensors header: tensor {name!r} has unknown dtype {dtype!r}")
         n_el = 1
@@ -194,7 +215,7 @@ class Checkpoint:
                 ck.tensors[name] = f.tensors[name]
         index = directory / INDEX_NAME
         if index.is_file():
-            listed = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+            listed = set(_weight_map(index))
             missing, extra = sorted(listed - set(ck.tensors)), sorted(set(ck.tensors) - listed)
             if missing or extra:
                 raise ConvertError(f"{index}: weight_map and shard files disagree: "
@@ -244,14 +265,10 @@ def shard_paths(directory: Path, given: Path | None = None) -> list[Path]:
     """The safetensors files of a checkpoint, in llama.cpp's order (sorted by file name)."""
     index = directory / INDEX_NAME
     if index.is_file():
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise ConvertError(f"{index}: not a valid index ({e})") from None
-        if not isinstance(weight_map, dict) or not weight_map:
+        weight_map = _weight_map(index)
+        if not weight_map:
             raise ConvertError(f"{index}: has no 'weight_map'")
-        names = sorted(set(str(v) for v in weight_map.values()))
+        names = sorted(set(weight_map.values()))
         paths = [directory / n for n in names]
         missing = [n for n, p in zip(names, paths) if not p.is_file()]
         if missing:
@@ -263,3 +280,16 @@ def shard_paths(directory: Path, given: Path | None = None) -> list[Path]:
     if not names:
         raise ConvertError(f"{directory}: no model*.safetensors file and no {INDEX_NAME}")
     return [directory / n for n in names]
+
+
+_INDEX_SCHEMA = Obj({"weight_map": Obj(values=Str())}, required=("weight_map",))
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's tensor name -> shard file name, checked for shape."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{index}: not a valid index ({e})") from None
+    return checked(str(index), data, _INDEX_SCHEMA)["weight_map"]

@@ -24,7 +24,7 @@ from ..gguf.constants import GGMLType
 from ..gguf.values import KV
 from ..pipeline.source import SourceTensor, TensorSource
 from . import archs as A
-from .checkpoint import Checkpoint, SafetensorsTensor
+from .checkpoint import SUPPORTED_DTYPES, Checkpoint, SafetensorsTensor
 from .vocab import VocabInfo, gemma3_vocab_rows, tokenizer_files, vocab_kvs
 
 GGML_QUANT_VERSION = 2
@@ -321,26 +321,18 @@ def open_hf_source(path: str | os.PathLike, outtype: str = "auto", name: str | N
         raise
 
 
-def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> HFSource:
-    arch = A.arch_for_config(ck.config)
-    hp = A.normalized_config(arch, ck.config)
-    if outtype == "auto":
-        outtype = "bf16" if ck.dominant_dtype() == "BF16" else "f32"
-    if outtype not in _OUT_TYPE:
-        raise ConvertError(f"unknown outtype {outtype!r}")
-    out_type = _OUT_TYPE[outtype]
+def _index(ck: Checkpoint, arch: A.Arch, hp: dict) -> list[tuple[str, str, object]]:
+    """Pass 1, headers only: every checkpoint tensor the converter writes as (GGUF name, HF name, its
+    SafetensorsTensor or, for a MoE projection, {(proj, expert): SafetensorsTensor}), in llama.cpp's order.
 
-    voc_kvs, vinfo = vocab_kvs(arch.vocab, ck.directory, hp)
-
+    Checks the sizes config.json claims (layers, vocabulary, widths, experts) against the tensors actually present
+    before anything proportional to those sizes is built, so a lying config.json costs nothing.
+    """
     n_layers = hp["num_hidden_layers"]
-    vocab_rows = gemma3_vocab_rows(ck.directory, hp) if arch.trim_vocab_rows else None
     shapes = _expected_shapes(arch, hp, None)
-    nh, nkv = hp["num_attention_heads"], hp["num_key_value_heads"]
-
-    tensors: list[SourceTensor] = []
-    early_kvs, generated = arch.generated(hp) if arch.generated is not None else ([], [])
-    tensors.extend(GeneratedTensor(n, a) for n, a in generated)
+    entries: list[tuple[str, str, object]] = []
     seen: dict[str, str] = {}
+    layers: set[int] = set()
     layout = arch.experts
     n_expert = A.expert_count(hp) if layout else None
     pending: dict[int, dict[tuple[str, int], SafetensorsTensor]] = {}   # MoE layer -> its expert tensors so far
@@ -348,18 +340,20 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
         fname = _filtered_name(hf_name)
         if fname is None or fname.endswith(A.SKIPPED_SUFFIXES) or (arch.skip_lm_head and fname == "lm_head.weight"):
             continue
+        if st.dtype not in SUPPORTED_DTYPES:
+            raise ConvertError(f"{st.file.path}: tensor {hf_name!r} has dtype {st.dtype}, which gguftool cannot "
+                               f"convert (supported: {', '.join(sorted(SUPPORTED_DTYPES))})")
         m = layout.match(fname) if layout else None
         if m is not None:
             bid, xid, proj = int(m["bid"]), int(m["xid"]), m["proj"]
             _check_expert(hf_name, st, bid, xid, proj, n_layers, n_expert, layout, hp)
+            layers.add(bid)
             group = pending.setdefault(bid, {})
             group[(proj, xid)] = st
             if len(group) == 3 * n_expert:   # as llama.cpp: merged once the layer's last expert tensor is read
                 for p in layout.order:
                     gname = layout.gguf[p].format(bid=bid)
-                    parts = [HFTensor(gname, group[(p, x)], _stored_type(gname, group[(p, x)], 2, out_type, hf_name))
-                             for x in range(n_expert)]
-                    tensors.append(ExpertsTensor(gname, parts))
+                    entries.append((gname, hf_name, {x: group[(p, x)] for x in range(n_expert)}))
                     seen[gname] = hf_name
                 del pending[bid]
             continue
@@ -369,6 +363,8 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
         bid = next((int(p) for p in fname.split(".") if p.isdecimal()), None)
         if bid is not None and bid >= n_layers:
             raise ConvertError(f"tensor {hf_name!r}: layer {bid} but config.json num_hidden_layers is {n_layers}")
+        if bid is not None:
+            layers.add(bid)
         if gname in seen:
             raise ConvertError(f"tensors {seen[gname]!r} and {hf_name!r} both map to {gname}")
         seen[gname] = hf_name
@@ -378,6 +374,43 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
                     raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies "
                                        f"{list(want)}")
                 break
+        entries.append((gname, hf_name, st))
+    for bid, group in sorted(pending.items()):
+        raise ConvertError(f"layer {bid} has {len(group)} of its {3 * n_expert} expert tensors "
+                           f"({n_expert} experts x 3 projections)")
+
+    # every layer below n_layers holds tensors, so the names listed are bounded by the tensors present
+    missing = [n for n in _required(arch, min(n_layers, len(layers) + 1)) if n not in seen]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ConvertError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more} "
+                           f"for {n_layers} layers of {arch.hf_names[0]}")
+    return entries
+
+
+def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> HFSource:
+    arch = A.arch_for_config(ck.config)
+    hp = A.normalized_config(arch, ck.config)
+    if outtype == "auto":
+        outtype = "bf16" if ck.dominant_dtype() == "BF16" else "f32"
+    if outtype not in _OUT_TYPE:
+        raise ConvertError(f"unknown outtype {outtype!r}")
+    out_type = _OUT_TYPE[outtype]
+    entries = _index(ck, arch, hp)
+
+    voc_kvs, vinfo = vocab_kvs(arch.vocab, ck.directory, hp)
+    vocab_rows = gemma3_vocab_rows(ck.directory, hp) if arch.trim_vocab_rows else None
+    nh, nkv = hp["num_attention_heads"], hp["num_key_value_heads"]
+
+    tensors: list[SourceTensor] = []
+    early_kvs, generated = arch.generated(hp) if arch.generated is not None else ([], [])
+    tensors.extend(GeneratedTensor(n, a) for n, a in generated)
+    for gname, hf_name, st in entries:
+        if isinstance(st, dict):   # a MoE projection: one tensor per expert, stacked
+            parts = [HFTensor(gname, t, _stored_type(gname, t, 2, out_type, hf_name)) for t in st.values()]
+            tensors.append(ExpertsTensor(gname, parts))
+            continue
+        fname = _filtered_name(hf_name)
         transform = None
         if arch.permute_qk and fname.endswith(("q_proj.weight", "q_proj.bias")):
             transform = (lambda a, h=nh: A.permute_qk(a, h, h))
@@ -390,15 +423,6 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
             rows = min(vocab_rows, st.shape[0])
         tensors.append(HFTensor(gname, st, _stored_type(gname, st, len(st.shape), out_type, hf_name), transform,
                                 rows))
-    for bid, group in sorted(pending.items()):
-        raise ConvertError(f"layer {bid} has {len(group)} of its {3 * n_expert} expert tensors "
-                           f"({n_expert} experts x 3 projections)")
-
-    missing = [n for n in _required(arch, n_layers) if n not in seen]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ConvertError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more} "
-                           f"for {n_layers} layers of {arch.hf_names[0]}")
 
     label = name or _default_name(ck.directory)
     kv = A.KVList()

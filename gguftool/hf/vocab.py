@@ -28,6 +28,7 @@ from ..gguf.constants import GGUFValueType
 from ..gguf.values import KV, GGUFArray
 from .archs import KVList
 from .pre_hashes import CHECK_TEXT, PRE_TOKENIZER_HASHES
+from .schema import AnyOf, Bool, Int, ListOf, Num, Obj, Str, checked
 
 # gguf TokenType / SentencePieceTokenTypes
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -58,12 +59,61 @@ class VocabInfo:
     warnings: list[str] = field(default_factory=list)
 
 
+# --- the shape of each tokenizer file, checked when it is read (see schema.py): the code below relies on it
+_TOKEN_ID = Int(min=0, max=2**31 - 1)   # llama_token is an int32
+_ADDED_TOKEN = Obj({"content": Str(), "special": Bool(), "normalized": Bool(), "id": _TOKEN_ID},
+                   required=("content",))
+_TOKEN_REF = AnyOf((Str(), Obj({"content": Str()}, required=("content",))),
+                   'a string or an object with a "content" string')
+_CHAT_TEMPLATE = AnyOf((Str(), ListOf(Obj({"name": Str(), "template": Str()}, required=("name", "template")))),
+                       'a string or a list of objects with "name" and "template" strings')
+_PIECE = Obj({"SpecialToken": Obj({"id": Str()}), "Sequence": Obj({"id": Str()})})
+_PROCESSOR = {"type": Str(), "single": ListOf(_PIECE), "pair": ListOf(_PIECE),
+              "cls": ListOf(AnyOf((Str(), Int()), "a token or an id"), 1),
+              "sep": ListOf(AnyOf((Str(), Int()), "a token or an id"), 1)}
+_NORMALIZER = {"type": Str(), "lowercase": Bool(), "strip_accents": Bool()}
+_SCHEMAS = {
+    "tokenizer.json": Obj({
+        "added_tokens": ListOf(Obj(_ADDED_TOKEN.fields, required=("id", "content"))),
+        "model": Obj({"type": Str(), "byte_fallback": Bool(), "ignore_merges": Bool(),
+                      "vocab": AnyOf((Obj(values=_TOKEN_ID), ListOf(ListOf(AnyOf((Str(), Num()), "a piece or a "
+                                                                                   "score")))),
+                                     "an object of token ids or a list of [piece, score] pairs"),
+                      "merges": ListOf(AnyOf((Str(), ListOf(Str())), "a string or a pair of strings"))}),
+        "normalizer": Obj({**_NORMALIZER, "normalizers": ListOf(Obj(_NORMALIZER))}),
+        "post_processor": Obj({**_PROCESSOR, "processors": ListOf(Obj(_PROCESSOR))}),
+        "decoder": Obj({"type": Str()}),
+    }),
+    "tokenizer_config.json": Obj({
+        "added_tokens_decoder": Obj(values=_ADDED_TOKEN, int_keys=True),
+        "chat_template": _CHAT_TEMPLATE,
+        **{f"{t}_token": _TOKEN_REF for t in SPECIAL_TYPES},
+        **{f"add_{t}_token": Bool() for t in SPECIAL_TYPES},
+        "add_prefix_space": Bool(),
+        "additional_special_tokens": ListOf(_TOKEN_REF),
+        "tokenizer_class": Str(),
+    }),
+    "added_tokens.json": Obj(values=_TOKEN_ID),
+    "chat_template.json": Obj({"chat_template": _CHAT_TEMPLATE}),
+    "config.json": Obj(),   # its values are checked by archs.normalized_config
+}
+
+
 def _load_json(path: Path) -> Any:
+    """A tokenizer file's JSON, checked against the schema of its file name."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    return checked(str(path), data, _SCHEMAS[path.name])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path}: not valid UTF-8 ({e})") from None
 
 
 def _str_array(key: str, values: list[str]) -> KV:
@@ -117,8 +167,7 @@ class SpecialVocab:
         if not p.is_file():
             return
         merges = []
-        with open(p, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = _read_text(p).splitlines()
         if lines and lines[0].strip().startswith("#"):
             lines = lines[1:]
         for line in lines:
@@ -139,8 +188,10 @@ class SpecialVocab:
             if "strip_accents" in n:
                 self.strip_accents = n["strip_accents"]
         elif t == "Sequence":
-            for m in n.get("normalizers", []):
-                self._normalizer(m)
+            inner = n.get("normalizers")   # the schema checks two levels; deeper ones are read if well-formed
+            for m in inner if isinstance(inner, list) else []:
+                if isinstance(m, dict):
+                    self._normalizer(m)
 
     def _from_tokenizer_json(self) -> None:
         tok = None
@@ -161,7 +212,7 @@ class SpecialVocab:
                         raise ConvertError(f"{p}: unknown tokenizer merges format")
             if normalizer := tok.get("normalizer"):
                 self._normalizer(normalizer)
-            added_tokens = tok.get("added_tokens", [])
+            added_tokens = tok.get("added_tokens") or []
         cfg = None
         pc = self.dir / "tokenizer_config.json"
         if pc.is_file():
@@ -173,11 +224,11 @@ class SpecialVocab:
         alt = None
         jinja, cjson = self.dir / "chat_template.jinja", self.dir / "chat_template.json"
         if jinja.is_file():
-            alt = jinja.read_text(encoding="utf-8")
+            alt = _read_text(jinja)
             extra = sorted((self.dir / "additional_chat_templates").glob("*.jinja"))
             if extra:
                 alt = [{"name": "default", "template": alt}] + [
-                    {"name": e.stem, "template": e.read_text(encoding="utf-8")} for e in extra]
+                    {"name": e.stem, "template": _read_text(e)} for e in extra]
         elif cjson.is_file():
             alt = _load_json(cjson).get("chat_template")
         ct = cfg.get("chat_template", alt)
@@ -206,7 +257,7 @@ class SpecialVocab:
         pp = tok.get("post_processor")
         if not pp:
             return
-        for proc in pp.get("processors", [pp]):
+        for proc in pp.get("processors") or [pp]:
             ptype = proc.get("type")
             if ptype == "ByteLevel":
                 self.add.setdefault("bos", False)
@@ -214,16 +265,16 @@ class SpecialVocab:
             elif ptype == "RobertaProcessing":
                 self.add["bos"] = self.add["eos"] = self.add["sep"] = True
                 if not cls_ and cfg:
-                    cls_ = proc.get("cls", [bos])[0]
+                    cls_ = (proc.get("cls") or [bos])[0]
                     cfg["cls_token"] = cls_
                 if not sep and cfg:
-                    sep = proc.get("sep", [eos])[0]
+                    sep = (proc.get("sep") or [eos])[0]
                     cfg["sep_token"] = sep
             elif ptype == "TemplateProcessing":
-                single, pair = proc.get("single", []), proc.get("pair", [])
+                single, pair = proc.get("single") or [], proc.get("pair") or []
                 first = last = None
                 if len(single) > 1:
-                    if first := single[0].get("SpecialToken", {}).get("id"):
+                    if first := (single[0].get("SpecialToken") or {}).get("id"):
                         if not cfg:
                             bos = first
                         elif first not in (bos, cls_):
@@ -232,7 +283,7 @@ class SpecialVocab:
                             if not cls_:
                                 cfg["cls_token"] = cls_ = first
                         self.add["bos"] = first in (bos, cls_)
-                    if last := single[-1].get("SpecialToken", {}).get("id"):
+                    if last := (single[-1].get("SpecialToken") or {}).get("id"):
                         if not cfg:
                             eos = last
                         elif last != eos:
@@ -245,19 +296,19 @@ class SpecialVocab:
                             cfg["eos_token"] = eos = last
                         self.add["eos"] = last == eos
                 if pair:
-                    start = 1 if first and pair[0].get("SpecialToken", {}).get("id") == first else 0
-                    stop = -1 if last and pair[-1].get("SpecialToken", {}).get("id") == last else None
+                    start = 1 if first and (pair[0].get("SpecialToken") or {}).get("id") == first else 0
+                    stop = -1 if last and (pair[-1].get("SpecialToken") or {}).get("id") == last else None
                     pair = pair[slice(start, stop)]
                     if pair:
-                        a = pair[0].get("Sequence", {}).get("id")
-                        b = pair[-1].get("Sequence", {}).get("id")
+                        a = (pair[0].get("Sequence") or {}).get("id")
+                        b = (pair[-1].get("Sequence") or {}).get("id")
                         if a == "A" and b == "B" and (mid := pair[1:-1]):
                             add_sep = False
-                            if entry := mid[0].get("SpecialToken", {}).get("id"):
+                            if entry := (mid[0].get("SpecialToken") or {}).get("id"):
                                 if entry in (sep, eos) and not last:
                                     add_sep = True
                             if len(mid) == 2:
-                                if entry := mid[1].get("SpecialToken", {}).get("id"):
+                                if entry := (mid[1].get("SpecialToken") or {}).get("id"):
                                     if entry in (sep, eos):
                                         add_sep = True
                             self.add["sep"] = add_sep
@@ -354,7 +405,8 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
     added = directory / "added_tokens.json"
     if added.is_file():
         for key, tid in _load_json(added).items():
-            if tid >= n:
+            if tid >= n:   # llama.cpp's converter ignores it too, with a warning
+                info.warnings.append(f"{added}: ignoring token {key!r}: id {tid} is out of range (vocab_size {n})")
                 continue
             tokens[tid] = key.encode("utf-8")
             scores[tid] = -1000.0
@@ -366,7 +418,7 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
             sources += [(int(i), d) for i, d in (_load_json(tc).get("added_tokens_decoder") or {}).items()]
         tj = directory / "tokenizer.json"
         if tj.is_file():
-            sources += [(int(d["id"]), d) for d in _load_json(tj).get("added_tokens", [])]
+            sources += [(int(d["id"]), d) for d in _load_json(tj).get("added_tokens") or []]
         for tid, data in sources:
             if not 0 <= tid < n:
                 raise ConvertError(f"added token {data.get('content')!r} has id {tid}, outside the vocabulary "
@@ -381,6 +433,8 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
             tid = int(tid)
             text: str = data["content"]
             if tid >= n:
+                info.warnings.append(f"{tc}: ignoring added token {text!r}: id {tid} is out of range "
+                                     f"(vocab_size {n})")
                 continue
             if data.get("special") or does_token_look_special(text):
                 types[tid] = CONTROL
@@ -421,7 +475,7 @@ def _load_tokenizers(path: Path):
 
 def _added_tokens(directory: Path, tj: dict) -> dict[int, dict]:
     """id -> {content, special, normalized}: tokenizer.json added_tokens, overridden by tokenizer_config.json."""
-    out = {int(a["id"]): dict(a) for a in tj.get("added_tokens", []) if "id" in a}
+    out = {int(a["id"]): dict(a) for a in (tj.get("added_tokens") or []) if "id" in a}
     tc = directory / "tokenizer_config.json"
     if tc.is_file():
         for tid, data in (_load_json(tc).get("added_tokens_decoder") or {}).items():
@@ -497,6 +551,9 @@ def _llama_hf_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo) -> Non
     path = directory / "tokenizer.json"
     tj = _load_json(path)
     base = (tj.get("model") or {}).get("vocab") or {}
+    if not isinstance(base, dict) or sorted(base.values()) != list(range(len(base))):
+        raise ConvertError(f'{path}: "model.vocab" of a BPE tokenizer must map its {len(base)} tokens to the ids '
+                           f'0 to {len(base) - 1}, each id once')
     added = _added_tokens(directory, tj)
     n_base = len(base)
     reverse = {i: t for t, i in base.items()}
@@ -622,7 +679,7 @@ def gemma3_vocab_rows(directory: Path, hp: dict) -> int:
     if not p.is_file():
         raise _missing(directory)
     tj = _load_json(p)
-    return len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+    return len((tj.get("model") or {}).get("vocab") or {}) + len(tj.get("added_tokens") or [])
 
 
 # every file of the checkpoint folder the functions above may read (besides config.json)
