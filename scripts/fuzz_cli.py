@@ -205,9 +205,9 @@ def make_signal_inputs(d: Path) -> dict:
 
 def signal_argv(subcommand: str, model: Path, calib: Path, out: Path) -> list[str]:
     if subcommand == "convert":
-        return ["convert", str(model), "-t", "Q4_K_M", "-o", str(out / "o.gguf"), "--threads", "1"]
+        return ["convert", str(model), "--type", "Q4_K_M", "-o", str(out / "o.gguf"), "--threads", "1"]
     if subcommand == "quantize":
-        return ["quantize", str(model), str(out / "o.gguf"), "-t", "Q4_K_M", "--threads", "1"]
+        return ["quantize", str(model), str(out / "o.gguf"), "--type", "Q4_K_M", "--threads", "1"]
     return ["imatrix", str(model), "-f", str(calib), "-o", str(out / "o.gguf"), "--ctx", "64", "--chunks", "12",
             "-t", "1", "-q"]
 

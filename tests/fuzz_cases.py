@@ -811,7 +811,7 @@ POLICY_ARGS = [
     ["--include-weights", "a", "--exclude-weights", "b"], ["--pure"], ["--leave-output-tensor"], ["--stats"],
     ["--dry-run"],
 ]
-TYPE_ARGS = [["-t", v] for v in ["Q9_K", "", "q4_k_m ", "IQ2_XXS", "TQ1_0", "Q4_K", "F64", "COPY", "auto", "7",
+TYPE_ARGS = [["--type", v] for v in ["Q9_K", "", "q4_k_m ", "IQ2_XXS", "TQ1_0", "Q4_K", "F64", "COPY", "auto", "7",
                                  "-1", "q8_0", "BF16", "Q2_K_S", "Q3_K_L", "q6_k"]]
 THREAD_ARGS = [["--threads", v] for v in ["0", "-1", "x", "1", "1000", ""]]
 

@@ -266,7 +266,7 @@ GGUF_CASES = [
 def test_gguf_split_keys(tmp_path, sets, message):
     src = _gguf_with(tmp_path, *sets)
     out = tmp_path / "out.gguf"
-    _refused(["quantize", src, out, "-t", "Q8_0"], src.parent, out, "model.gguf", message)
+    _refused(["quantize", src, out, "--type", "Q8_0"], src.parent, out, "model.gguf", message)
 
 
 @pytest.mark.parametrize("value,message", [("2147483648", "too large"), ("131072", "too large"),
@@ -306,7 +306,7 @@ def test_tensor_type_file(tmp_path, content, message):
     shutil.copy(TINY_GGUF, src)
     (d / "types.txt").write_bytes(content)
     out = tmp_path / "out.gguf"
-    _refused(["quantize", src, out, "-t", "Q4_0", "--tensor-type-file", d / "types.txt"], d, out,
+    _refused(["quantize", src, out, "--type", "Q4_0", "--tensor-type-file", d / "types.txt"], d, out,
              "--tensor-type-file", "types.txt", message)
 
 
