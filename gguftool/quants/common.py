@@ -61,8 +61,3 @@ def fp16_bits_to_fp32(h):
         v = (1024 + mant) * 2.0 ** (exp - 25)
     return np.float32(math.copysign(v, sign))          # keeps the sign of NaN too
 
-
-@njit(cache=True, inline="always")
-def fp16_round(f):
-    """f rounded through fp16 and back: what GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f)) gives."""
-    return fp16_bits_to_fp32(fp32_to_fp16_bits(f))

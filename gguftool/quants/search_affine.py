@@ -15,16 +15,16 @@ raising; call them from other numba code, or from Python with float32 arrays):
     release builds): the low 23 mantissa bits of ``f + 12582912.f`` minus 0x400000. NaN gives 0, +-Inf gives
     -4194304. Inside the range it is round-half-even (``rint``). Branch-free (a float32 -> int32 bitcast).
 
-``make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None) -> (scale, the_min)``
-    x, weights: float32[n] (weights required); L: uint8[>=n] output levels in [0, nmax]; Laux: uint8[>=n]
-    scratch. rmin, rdelta: the float32 search parameters (cast to float32 inside, so -0.9 means -0.9f);
-    nstep: int; use_mad: bool. fs: optional float32 scratch of at least ``SCRATCH_PER_ELEM * n`` elements
-    (allocated when omitted; pass one from a hot loop). Returns float32 ``scale`` (the C return value) and
-    float32 ``the_min`` (what C writes to ``*the_min``: minus the fitted offset, >= 0).
-    Reconstruction: x ~= scale * L - the_min.
-
 ``make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None) -> (scale, the_min)``
-    Same contract. ``weights.size == 0`` stands for the C ``weights == NULL`` (weights x[i]*x[i]).
+    x, weights: float32[n] (``weights.size == 0`` stands for the C ``weights == NULL``: weights x[i]*x[i]);
+    L: uint8[>=n] output levels in [0, nmax]; Laux: uint8[>=n] scratch. rmin, rdelta: the float32 search
+    parameters (cast to float32 inside, so -0.9 means -0.9f); nstep: int; use_mad: bool. fs: optional float32
+    scratch of at least ``SCRATCH_PER_ELEM * n`` elements (allocated when omitted; pass one from a hot loop).
+    Returns float32 ``scale`` (the C return value) and float32 ``the_min`` (what C writes to ``*the_min``:
+    minus the fitted offset, >= 0). Reconstruction: x ~= scale * L - the_min.
+
+``_qkx_search(...)``: the shared body, on offsets into larger arrays; with ``le_check`` False it is
+    ``make_qkx2_quants`` (which the K-types' reference paths call through it directly).
 
 ``make_qp_quants(n, nmax, x, L, quant_weights) -> scale``
     x, quant_weights: float32[n]; L: uint8[>=n] output. Returns the float32 scale (``sumlx / suml2`` or 0).
@@ -177,15 +177,6 @@ def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, u
                 for i in range(n):      # the reference recomputes x[i] - min with the new min
                     fs[om + i] = x[xo + i] - mn
     return scale, -mn
-
-
-@njit(cache=True, error_model="numpy")
-def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None):
-    if fs is None:
-        scratch = np.empty(SCRATCH_PER_ELEM * n, np.float32)
-    else:
-        scratch = fs
-    return _qkx_search(n, nmax, x, 0, weights, 0, L, 0, Laux, rmin, rdelta, nstep, use_mad, False, scratch)
 
 
 @njit(cache=True, error_model="numpy")
