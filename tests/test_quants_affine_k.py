@@ -136,7 +136,7 @@ def test_thread_count_does_not_change_bytes():
 
 
 def test_nearest_int_c_matches_the_bit_trick():
-    from gguftool.quants.search_affine import nearest_int_c
+    from gguftool.quants.bits import nearest_int_c
 
     rng = np.random.default_rng(3)
     vals = np.concatenate([

@@ -17,8 +17,8 @@ import pytest
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants import q3_k, q6_k
-from gguftool.quants.search_symmetric import (NT, make_q3_quants, make_q3_quants_rmse, make_qx_quants,
-                                              make_qx_quants_w, nearest_int_c)
+from gguftool.quants.bits import nearest_int_c
+from gguftool.quants.search_symmetric import NT, make_q3_quants, make_q3_quants_rmse, make_qx_quants, make_qx_quants_w
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
 MODULES = {"Q6_K": q6_k, "Q3_K": q3_k}
@@ -70,7 +70,7 @@ def test_module_contract(name):
     assert mod.GGML_TYPE == GGMLType[name]
     assert mod.USES_IMATRIX is True
     assert mod.BLOCK_BYTES == GGMLType[name].type_size
-    for attr in ("quantize_rows", "dequantize_rows", "quantize_ref", "quantize_impl", "dequantize_block"):
+    for attr in ("quantize_rows", "dequantize_rows", "make_scratch", "prepare_row", "quantize_block", "dequantize_block"):
         assert callable(getattr(mod, attr))
 
 
@@ -94,14 +94,13 @@ def test_block_functions_match_driver():
         x, imatrix = z["x"], z["imatrix"]
         refs = {t: (z["q_" + t], z["qi_" + t]) for t in MODULES}
     for t, mod in MODULES.items():
-        L = np.empty(256, np.int8)
-        sc = np.empty(16, np.float32)
+        s = mod.make_scratch()
         out = np.empty(mod.BLOCK_BYTES, np.uint8)
         for r, b in ((0, 0), (3, 5), (15, 7)):
             xb = np.ascontiguousarray(x[r, 256 * b:256 * (b + 1)])
-            mod.quantize_ref(xb, out, L, sc)
+            mod.quantize_block(xb, NO_IMATRIX, out, s)
             assert np.array_equal(out, refs[t][0][r, b * mod.BLOCK_BYTES:(b + 1) * mod.BLOCK_BYTES]), (t, r, b)
-            mod.quantize_impl(xb, np.ascontiguousarray(imatrix[256 * b:256 * (b + 1)]), out, L, sc)
+            mod.quantize_block(xb, np.ascontiguousarray(imatrix[256 * b:256 * (b + 1)]), out, s)
             assert np.array_equal(out, refs[t][1][r, b * mod.BLOCK_BYTES:(b + 1) * mod.BLOCK_BYTES]), (t, r, b)
 
 
