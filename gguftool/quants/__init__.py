@@ -21,7 +21,9 @@ from numba import njit
 
 from ..errors import QuantError
 from ..gguf.constants import GGMLType
-from . import registry
+from . import cache, registry
+
+cache.configure()  # before the first cached kernel is defined (this module's own, then every type module's)
 
 __all__ = ["quantize", "dequantize", "SUPPORTED_TYPES", "can_dequantize", "QuantError"]
 

@@ -4,9 +4,6 @@ ggml-quants.c's reference quantizers convert floats to small integers with C cas
 `(uint8_t)(x + 0.5f)`) and `roundf`; the importance paths weight each element by
 `qw[j] * sqrtf(sigma2 + x[j]*x[j])`. These helpers reproduce exactly what the x86-64 build computes, including
 the out-of-range cases that only arise with extreme inputs (a block scale so small that 1/d overflows).
-
-Numba's on-disk cache keys a function on its own source file only: after editing this module (or bits.py),
-delete the cached kernels of q4_0/q4_1/q5_0/q5_1/q8_0 (gguftool/quants/__pycache__/*.nbi|nbc).
 """
 from __future__ import annotations
 

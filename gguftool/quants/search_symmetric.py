@@ -36,8 +36,6 @@ views so the compiled loops vectorize; inline="always"):
         = make_q3_quants(n, nmax, x[xo:], L[lo:], True); work: float32[>= 2*n] scratch.
 
 All functions use error_model="numpy" (IEEE division: x/0 -> inf/NaN like C, not ZeroDivisionError).
-Numba's on-disk cache keys a function on its own source file only: after editing this module, delete the
-cached kernels of the modules that call it (gguftool/quants/__pycache__/*.nbi|nbc) or they keep the old code.
 """
 from __future__ import annotations
 
