@@ -1,7 +1,7 @@
 """F16, BF16, Q8_0 and the legacy 32-block types: conversions, dequantization, error bounds, live llama.cpp.
 
-Byte-exactness on the golden vectors is in test_quants_golden.py; here:
-- dequantize() against gguf-py (an independent implementation) on every golden output, bit for bit;
+Byte-exactness on the golden vectors, and dequantize() against gguf-py on them, are in test_quants_golden.py;
+here:
 - the bitwise F16/BF16 converters against an arithmetic scalar reference (below) / ggml's formula;
 - round-trip error bounds on random data, and the importance path lowering the weighted error;
 - fresh random and adversarial rows against llama.cpp's own ggml_quantize_chunk (skipped without it).
@@ -9,7 +9,6 @@ Byte-exactness on the golden vectors is in test_quants_golden.py; here:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,35 +17,8 @@ from numba import njit
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants import SUPPORTED_TYPES, bf16, dequantize, f16, quantize
 
-GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
 LEGACY = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 NO_W = np.empty(0, np.float32)
-
-
-# --- dequantization against gguf-py on the golden outputs
-def _golden_outputs():
-    params = []
-    for path in sorted(GOLDEN.glob("*.npz")):
-        with np.load(path) as d:
-            for k in sorted(d.files):
-                if k.startswith("q_") or k.startswith("qi_"):
-                    params.append(pytest.param(path.name, k, id=f"{path.stem}-{k}"))
-    return params
-
-
-@pytest.mark.parametrize("fname,key", _golden_outputs())
-def test_dequantize_matches_gguf_py(fname, key):
-    gguf_quants = pytest.importorskip("gguf.quants", reason="gguf-py (pip install gguf) is the independent "
-                                                             "dequantizer this test compares with")
-    from gguf import GGMLQuantizationType
-
-    with np.load(GOLDEN / fname) as d:
-        q, n = d[key], d["x"].shape[1]
-    tname = key.split("_", 1)[1]
-    ours = dequantize(q, tname, n)
-    theirs = gguf_quants.dequantize(q, GGMLQuantizationType[tname]).astype(np.float32).reshape(ours.shape)
-    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), \
-        f"{key}: max |diff| {np.nanmax(np.abs(ours - theirs))}"
 
 
 # --- F16 / BF16 converters
