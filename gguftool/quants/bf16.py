@@ -45,7 +45,7 @@ def quantize_block(x, qw, y, s):
 
 @njit(cache=True)
 def dequantize_block(y, out):
-    out[0] = u32_as_f32((U32(y[0]) | (U32(y[1]) << U32(8))) << U32(16))
+    out[0] = u32_as_f32(U32((U32(y[0]) | (U32(y[1]) << U32(8))) << U32(16)))  # (numba widens the shift)
 
 
 # --- row drivers
