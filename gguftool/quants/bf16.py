@@ -11,6 +11,7 @@ from numba import njit, prange
 
 from ..gguf.constants import GGMLType
 from .bits import U32, f32_as_u32, u32_as_f32
+from .blocks import no_row_state, no_scratch
 
 GGML_TYPE = GGMLType.BF16
 USES_IMATRIX = False
@@ -26,14 +27,8 @@ def f32_bits_to_bf16_bits(u):
 
 
 # --- block functions (the registry's convention; the row drivers below convert whole rows instead)
-@njit(cache=True)
-def make_scratch():
-    return ()
-
-
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+make_scratch = no_scratch
+prepare_row = no_row_state
 
 
 @njit(cache=True)

@@ -12,6 +12,7 @@ from numba import njit, prange
 
 from ..gguf.constants import GGMLType
 from .bits import U32, f16_bits_to_f32_bits, fp16_bits_from_f32, get_fp16, put_fp16
+from .blocks import no_row_state, no_scratch
 
 GGML_TYPE = GGMLType.F16
 USES_IMATRIX = False
@@ -19,14 +20,8 @@ BLOCK_BYTES = 2
 
 
 # --- block functions (the registry's convention; the row drivers below convert whole rows instead)
-@njit(cache=True)
-def make_scratch():
-    return ()
-
-
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+make_scratch = no_scratch
+prepare_row = no_row_state
 
 
 @njit(cache=True)

@@ -14,6 +14,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16, select_f32
+from gguftool.quants.blocks import no_row_state
 from gguftool.quants.search_affine import SCRATCH_PER_ELEM, make_qp_quants
 
 GGML_TYPE = GGMLType.Q2_K
@@ -286,9 +287,7 @@ def _quantize_block_impl(x, qw, y, s):
     _pack_q2(y, L)
 
 
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+prepare_row = no_row_state
 
 
 @njit(cache=True, error_model="numpy")

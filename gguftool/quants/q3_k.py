@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16
+from gguftool.quants.blocks import no_row_state
 from gguftool.quants.search_symmetric import NT, make_q3_quants_rmse, make_qx_quants, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q3_K
@@ -162,9 +163,7 @@ def make_scratch():
             np.empty(16, np.int8), np.empty(3 * NT, np.float32))
 
 
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+prepare_row = no_row_state
 
 
 @njit(cache=True, error_model="numpy")

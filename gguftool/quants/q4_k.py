@@ -16,6 +16,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16
+from gguftool.quants.blocks import no_row_state
 from gguftool.quants.k_scales import get_scale_min_k4, pack_scale_min_k4
 from gguftool.quants.search_affine import SCRATCH_PER_ELEM, make_qp_quants, qkx_search
 
@@ -142,9 +143,7 @@ def _quantize_block_impl(x, qw, y, s):
     _pack_q4(y, s[0])
 
 
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+prepare_row = no_row_state
 
 
 @njit(cache=True, error_model="numpy")

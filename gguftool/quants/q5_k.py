@@ -14,6 +14,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.bits import get_fp16
+from gguftool.quants.blocks import no_row_state
 from gguftool.quants.k_scales import get_scale_min_k4
 from gguftool.quants.q4_k import affine_k_scales_impl, affine_k_scales_ref, make_scratch
 
@@ -57,9 +58,7 @@ def _quantize_block_impl(x, qw, y, s):
     _pack_q5(y, s[0])
 
 
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+prepare_row = no_row_state
 
 
 @njit(cache=True, error_model="numpy")

@@ -23,6 +23,7 @@ from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.bits import GROUP_MAX_EPS, get_fp16, nearest_int_c, put_fp16
+from gguftool.quants.blocks import no_row_state
 from gguftool.quants.search_symmetric import NT, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q6_K
@@ -112,9 +113,7 @@ def make_scratch():
     return np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(3 * NT, np.float32)
 
 
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+prepare_row = no_row_state
 
 
 @njit(cache=True, error_model="numpy")

@@ -14,6 +14,7 @@ from numba import njit, prange
 
 from ..gguf.constants import GGMLType
 from .bits import F32, U32, U64, get_fp16, put_fp16, u32_as_f32
+from .blocks import no_row_state, no_scratch
 from .legacy import QK, ROWS_PER_TASK, c_int8, has_nonfinite, roundf
 
 GGML_TYPE = GGMLType.Q8_0
@@ -88,14 +89,8 @@ def _dequantize_block_at(data, o, y, off):
 
 # --- block functions (the registry's convention). The row drivers call the offset forms above directly on
 # whole rows, which saves a view per 32-element block.
-@njit(cache=True)
-def make_scratch():
-    return ()
-
-
-@njit(cache=True)
-def prepare_row(x, qw, s):
-    return None
+make_scratch = no_scratch
+prepare_row = no_row_state
 
 
 @njit(cache=True, error_model="numpy")
