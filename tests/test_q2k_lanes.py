@@ -1,12 +1,12 @@
 """Q2_K's lane search (16 sub-blocks side by side) against the per-sub-block scalar search it replaced
-(search_affine._qkx_search, the generic make_qkx2/3_quants port), on edge cases the golden vectors do not
+(search_affine.qkx_search, the generic make_qkx2/3_quants port), on edge cases the golden vectors do not
 reach: flat, one-signed, single-spike, tiny (subnormal), huge and non-finite sub-blocks, zero weights."""
 import numpy as np
 import pytest
 from numba import njit
 
 from gguftool.quants import q2_k
-from gguftool.quants.search_affine import SCRATCH_PER_ELEM, _qkx_search
+from gguftool.quants.search_affine import SCRATCH_PER_ELEM, qkx_search
 
 
 @njit(cache=False, error_model="numpy")
@@ -27,11 +27,11 @@ def _scalar_searches(x, qw, use_imatrix, L, scales, mins):
             else:
                 w[l] = abs(x[16 * j + l])
         if use_imatrix:
-            sc, mn = _qkx_search(16, 3, x, 16 * j, w, 0, L, 16 * j, Laux, np.float32(-0.9), np.float32(0.05),
-                                 36, False, True, fs)
+            sc, mn = qkx_search(16, 3, x, 16 * j, w, 0, L, 16 * j, Laux, np.float32(-0.9), np.float32(0.05),
+                                36, False, True, fs)
         else:
-            sc, mn = _qkx_search(16, 3, x, 16 * j, w, 0, L, 16 * j, Laux, np.float32(-0.5), np.float32(0.1),
-                                 15, True, False, fs)
+            sc, mn = qkx_search(16, 3, x, 16 * j, w, 0, L, 16 * j, Laux, np.float32(-0.5), np.float32(0.1),
+                                15, True, False, fs)
         scales[j] = sc
         mins[j] = mn
 

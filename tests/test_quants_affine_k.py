@@ -1,7 +1,6 @@
 """Q4_K, Q5_K, Q2_K kernels (gguftool.quants.q4_k / q5_k / q2_k) and the affine searches they use.
 
-- every q_<TYPE> / qi_<TYPE> array of fixtures/golden reproduced byte for byte (first differing block reported);
-- dequantization identical to gguf-py's numpy implementation on the golden outputs;
+(The golden vectors, and dequantization against gguf-py on them, are compared in test_quants_golden.py.)
 - round-trip error bounds on Gaussian data, with and without an imatrix;
 - live comparison with llama.cpp's ggml_quantize_chunk (llama-cpp-python's libggml-base.so) on fresh random and
   adversarial rows and several imatrices (skipped with the reason when llama-cpp-python is absent).
@@ -17,7 +16,6 @@ import pytest
 
 from llama_oracle import adversarial_rows, first_diff_block, oracle_or_skip
 
-GOLDEN = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "golden").glob("*.npz"))
 TYPES = ["Q4_K", "Q5_K", "Q2_K"]
 NO_IMATRIX = np.zeros(0, dtype=np.float32)
 
@@ -47,57 +45,6 @@ def _assert_same(t, got, want, what):
         bb = _mod(t).BLOCK_BYTES
         pytest.fail(f"{what}: {t} first differing block: row {r}, block {b}\n"
                     f"got  {got[r, b * bb:(b + 1) * bb].tolist()}\nwant {want[r, b * bb:(b + 1) * bb].tolist()}")
-
-
-def test_module_contract():
-    from gguftool.gguf.constants import GGMLType
-    for t in TYPES:
-        mod = _mod(t)
-        assert mod.GGML_TYPE == GGMLType[t]
-        assert mod.USES_IMATRIX is True
-        assert mod.BLOCK_BYTES == GGMLType[t].type_size
-        assert callable(mod.quantize_rows) and callable(mod.dequantize_rows)
-
-
-# K-type vectors exist only where n_per_row is a multiple of 256 (test_golden_files_present checks which)
-_CASES = [(f, p, t) for f in GOLDEN for t in TYPES for p in ("q_", "qi_") if p + t in np.load(f).files]
-
-
-@pytest.mark.parametrize("path,prefix,qtype", _CASES, ids=[f"{f.stem}-{p}{t}" for f, p, t in _CASES])
-def test_golden(path, prefix, qtype):
-    d = np.load(path)
-    key = prefix + qtype
-    got = _quantize(qtype, d["x"], d["imatrix"] if prefix == "qi_" else None)
-    _assert_same(qtype, got, d[key], f"{path.name}:{key}")
-
-
-def test_golden_files_present():
-    assert len(GOLDEN) >= 7
-    n = sum(1 for f in GOLDEN for t in TYPES for p in ("q_", "qi_") if p + t in np.load(f))
-    assert n == 36
-    for f in GOLDEN:  # a file without K vectors must be one whose rows K types cannot take
-        d = np.load(f)
-        assert ("q_Q4_K" in d.files) == (d["x"].shape[1] % 256 == 0), f.name
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("qtype", TYPES)
-def test_dequantize_matches_gguf_py(qtype):
-    gguf = pytest.importorskip("gguf", reason="gguf-py (pip install gguf) is the independent dequantizer")
-    from gguf.quants import dequantize as gdeq
-
-    checked = 0
-    for f in GOLDEN:
-        d = np.load(f)
-        for p in ("q_", "qi_"):
-            if p + qtype not in d:
-                continue
-            data = d[p + qtype]
-            want = gdeq(data, gguf.GGMLQuantizationType[qtype]).reshape(data.shape[0], -1)
-            got = _dequantize(qtype, data, d["x"].shape[1])
-            np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"{f.name} {p}{qtype}")
-            checked += 1
-    assert checked == 12
 
 
 # rmse / std bounds for Gaussian rows (measured: Q4_K ~0.071-0.073, Q5_K ~0.036, Q2_K ~0.28-0.30)
@@ -137,7 +84,7 @@ def test_thread_count_does_not_change_bytes():
 
 
 def test_nearest_int_c_matches_the_bit_trick():
-    from gguftool.quants.search_affine import nearest_int_c
+    from gguftool.quants.bits import nearest_int_c
 
     rng = np.random.default_rng(3)
     vals = np.concatenate([

@@ -8,7 +8,7 @@ import pytest
 import gguftool
 from gguftool.errors import QuantError
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants import SUPPORTED_TYPES, can_dequantize, dequantize, quantize
+from gguftool.quants import SUPPORTED_TYPES, can_dequantize, dequantize, quantize, registry
 
 ALL_PRODUCED = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -63,6 +63,19 @@ def test_unsupported_type():
         quantize(np.zeros((1, 256), np.float32), "iq2_xxs")
     with pytest.raises(QuantError, match=r"^cannot dequantize IQ4_NL tensors"):
         dequantize(np.zeros(18, np.uint8), "IQ4_NL", 32)
+
+
+@pytest.mark.parametrize("qtype", registry.KERNEL_TYPES, ids=lambda t: t.name)
+def test_type_module_interface(qtype):
+    """Every type module has registry.py's interface (the block functions are exercised in test_quants_golden)."""
+    mod = registry.kernels(qtype)
+    assert mod.GGML_TYPE == qtype
+    assert mod.USES_IMATRIX is (qtype not in (GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0))
+    assert mod.BLOCK_BYTES == qtype.type_size
+    for name in ("make_scratch", "prepare_row", "quantize_block", "dequantize_block", "quantize_rows",
+                 "dequantize_rows"):
+        assert callable(getattr(mod, name)), name
+    assert mod.quantize_rows_screened is None or callable(mod.quantize_rows_screened)
 
 
 # --- shapes and dtypes

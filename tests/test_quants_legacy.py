@@ -1,57 +1,47 @@
 """F16, BF16, Q8_0 and the legacy 32-block types: conversions, dequantization, error bounds, live llama.cpp.
 
-Byte-exactness on the golden vectors is in test_quants_golden.py; here:
-- dequantize() against gguf-py (an independent implementation) on every golden output, bit for bit;
-- the bitwise F16/BF16 converters against the scalar reference in quants.common / ggml's formula;
+Byte-exactness on the golden vectors, and dequantize() against gguf-py on them, are in test_quants_golden.py;
+here:
+- the bitwise F16/BF16 converters against an arithmetic scalar reference (below) / ggml's formula;
 - round-trip error bounds on random data, and the importance path lowering the weighted error;
 - fresh random and adversarial rows against llama.cpp's own ggml_quantize_chunk (skipped without it).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import numpy as np
 import pytest
 from numba import njit
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants import SUPPORTED_TYPES, dequantize, quantize
-from gguftool.quants.common import fp32_to_fp16_bits
-from gguftool.quants.float_types import (bf16_dequantize_rows, bf16_quantize_rows, f16_dequantize_rows,
-                                         f16_quantize_rows)
+from gguftool.quants import SUPPORTED_TYPES, bf16, dequantize, f16, quantize
 
-GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
 LEGACY = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 NO_W = np.empty(0, np.float32)
 
 
-# --- dequantization against gguf-py on the golden outputs
-def _golden_outputs():
-    params = []
-    for path in sorted(GOLDEN.glob("*.npz")):
-        with np.load(path) as d:
-            for k in sorted(d.files):
-                if k.startswith("q_") or k.startswith("qi_"):
-                    params.append(pytest.param(path.name, k, id=f"{path.stem}-{k}"))
-    return params
-
-
-@pytest.mark.parametrize("fname,key", _golden_outputs())
-def test_dequantize_matches_gguf_py(fname, key):
-    gguf_quants = pytest.importorskip("gguf.quants", reason="gguf-py (pip install gguf) is the independent "
-                                                             "dequantizer this test compares with")
-    from gguf import GGMLQuantizationType
-
-    with np.load(GOLDEN / fname) as d:
-        q, n = d[key], d["x"].shape[1]
-    tname = key.split("_", 1)[1]
-    ours = dequantize(q, tname, n)
-    theirs = gguf_quants.dequantize(q, GGMLQuantizationType[tname]).astype(np.float32).reshape(ours.shape)
-    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), \
-        f"{key}: max |diff| {np.nanmax(np.abs(ours - theirs))}"
-
-
 # --- F16 / BF16 converters
+@njit(cache=True)
+def fp32_to_fp16_bits(f):
+    """float32 -> binary16 bits by arithmetic (frexp and rint; independent of quants.bits' bit manipulation):
+    round to nearest even, NaN -> 0x7E00 with its sign."""
+    f = np.float32(f)
+    sign = 0x8000 if math.copysign(1.0, f) < 0 else 0     # sign bit, also of -0.0 and of NaN
+    if f != f:
+        return np.uint16(sign | 0x7E00)
+    a = abs(f)
+    if a >= np.float32(65520.0):            # halfway between 65504 and 65536 rounds (to even) up: inf
+        return np.uint16(sign | 0x7C00)
+    if a < np.float32(6.103515625e-05):     # below 2^-14: subnormal, unit 2^-24 (q == 1024 is the smallest normal)
+        q = int(np.rint(a * np.float32(16777216.0)))
+        return np.uint16(sign | q)
+    m, e = math.frexp(a)                    # a = m * 2^e, m in [0.5, 1): unbiased exponent E = e - 1
+    E = e - 1
+    q = int(np.rint(a * np.float32(2.0 ** (10 - E))))  # in [1024, 2048]; 2048 carries into the exponent
+    return np.uint16(sign | (((E + 14) << 10) + q))
+
+
 @njit(cache=True)
 def _scalar_f16(u32):
     out = np.empty(u32.size, np.uint16)
@@ -76,7 +66,7 @@ def _interesting_bits(rng) -> np.ndarray:
 def test_f16_bitwise_matches_scalar_reference():
     u = _interesting_bits(np.random.default_rng(7))
     out = np.empty((1, 2 * u.size), np.uint8)
-    f16_quantize_rows(u.view(np.float32).reshape(1, -1), NO_W, out)
+    f16.quantize_rows(u.view(np.float32).reshape(1, -1), NO_W, out)
     assert np.array_equal(out.view(np.uint16)[0], _scalar_f16(u))
     # and with numpy's own (round-to-nearest-even) conversion for every non-NaN value
     x = u.view(np.float32)
@@ -88,14 +78,14 @@ def test_f16_bitwise_matches_scalar_reference():
 def test_f16_dequantize_all_patterns():
     h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     out = np.empty((1, h.size), np.float32)
-    f16_dequantize_rows(h.view(np.uint8).reshape(1, -1), out)
+    f16.dequantize_rows(h.view(np.uint8).reshape(1, -1), out)
     assert np.array_equal(out[0].view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
 
 
 def test_bf16_both_directions():
     u = _interesting_bits(np.random.default_rng(8))
     out = np.empty((1, 2 * u.size), np.uint8)
-    bf16_quantize_rows(u.view(np.float32).reshape(1, -1), NO_W, out)
+    bf16.quantize_rows(u.view(np.float32).reshape(1, -1), NO_W, out)
     # ggml_compute_fp32_to_bf16, vectorised in 64-bit integers
     w = u.astype(np.uint64)
     expect = ((w + 0x7FFF + ((w >> 16) & 1)) >> 16) & 0xFFFF
@@ -104,7 +94,7 @@ def test_bf16_both_directions():
     assert np.array_equal(out.view(np.uint16)[0], expect.astype(np.uint16))
     h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     back = np.empty((1, h.size), np.float32)
-    bf16_dequantize_rows(h.view(np.uint8).reshape(1, -1), back)
+    bf16.dequantize_rows(h.view(np.uint8).reshape(1, -1), back)
     assert np.array_equal(back[0].view(np.uint32), h.astype(np.uint32) << 16)
 
 

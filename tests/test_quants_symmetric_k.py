@@ -1,8 +1,7 @@
 """Q6_K and Q3_K kernels (and the signed symmetric searches they use) against llama.cpp.
 
-- golden vectors (fixtures/golden, made by llama.cpp's ggml_quantize_chunk): every q_/qi_ array of Q6_K and
-  Q3_K reproduced byte for byte, with and without imatrix;
-- dequantization bit-identical with gguf-py's independent implementation on the golden outputs;
+(The golden vectors, dequantization against gguf-py on them and the block functions are compared in
+test_quants_golden.py.)
 - round-trip error bounds on random data;
 - live comparison with llama-cpp-python's libggml-base.so on fresh random and adversarial rows;
 - make_qx_quants / make_q3_quants compiled vs interpreted (catches numba int/float promotion slips in the
@@ -10,34 +9,16 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gguftool.gguf.constants import GGMLType
 from gguftool.quants import q3_k, q6_k
-from gguftool.quants.search_symmetric import (NT, make_q3_quants, make_q3_quants_rmse, make_qx_quants,
-                                              make_qx_quants_w, nearest_int_c)
+from gguftool.quants.bits import nearest_int_c
+from gguftool.quants.search_symmetric import NT, make_q3_quants, make_q3_quants_rmse, make_qx_quants, make_qx_quants_w
 
-GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
 MODULES = {"Q6_K": q6_k, "Q3_K": q3_k}
 NO_IMATRIX = np.zeros(0, np.float32)
-
-
-def _golden_arrays():
-    params = []
-    for f in sorted(GOLDEN.glob("*.npz")):
-        with np.load(f) as z:
-            keys = set(z.files)
-        for t in MODULES:
-            for prefix in ("q_", "qi_"):
-                if prefix + t in keys:
-                    params.append(pytest.param(f.name, t, prefix, id=f"{f.stem}-{prefix}{t}"))
-    return params
-
-
-GOLDEN_PARAMS = _golden_arrays()
 
 
 def _quantize(mod, x, imatrix=None):
@@ -61,63 +42,6 @@ def _assert_same_blocks(ours, ref, block_bytes, what):
         sl = slice(b * block_bytes, (b + 1) * block_bytes)
         raise AssertionError(f"{what}: {int(diff.sum())} differing blocks; first at row {r} block {b}\n"
                              f"  ours {ours[r, sl].tolist()}\n  ref  {ref[r, sl].tolist()}")
-
-
-# --- module contract
-@pytest.mark.parametrize("name", list(MODULES))
-def test_module_contract(name):
-    mod = MODULES[name]
-    assert mod.GGML_TYPE == GGMLType[name]
-    assert mod.USES_IMATRIX is True
-    assert mod.BLOCK_BYTES == GGMLType[name].type_size
-    for attr in ("quantize_rows", "dequantize_rows", "quantize_ref", "quantize_impl", "dequantize_block"):
-        assert callable(getattr(mod, attr))
-
-
-def test_golden_present():
-    # 6 cases with n_per_row % 256 == 0, two types, with and without imatrix
-    assert len(GOLDEN_PARAMS) == 24
-
-
-# --- golden vectors
-@pytest.mark.parametrize("fname,qtype,prefix", GOLDEN_PARAMS)
-def test_golden(fname, qtype, prefix):
-    mod = MODULES[qtype]
-    with np.load(GOLDEN / fname) as z:
-        x, imatrix, ref = z["x"], z["imatrix"], z[prefix + qtype]
-    ours = _quantize(mod, x, imatrix if prefix == "qi_" else None)
-    _assert_same_blocks(ours, ref, mod.BLOCK_BYTES, f"{fname} {prefix}{qtype}")
-
-
-@pytest.mark.slow
-def test_block_functions_match_driver():
-    with np.load(GOLDEN / "gauss_2048.npz") as z:
-        x, imatrix = z["x"], z["imatrix"]
-        refs = {t: (z["q_" + t], z["qi_" + t]) for t in MODULES}
-    for t, mod in MODULES.items():
-        L = np.empty(256, np.int8)
-        sc = np.empty(16, np.float32)
-        out = np.empty(mod.BLOCK_BYTES, np.uint8)
-        for r, b in ((0, 0), (3, 5), (15, 7)):
-            xb = np.ascontiguousarray(x[r, 256 * b:256 * (b + 1)])
-            mod.quantize_ref(xb, out, L, sc)
-            assert np.array_equal(out, refs[t][0][r, b * mod.BLOCK_BYTES:(b + 1) * mod.BLOCK_BYTES]), (t, r, b)
-            mod.quantize_impl(xb, np.ascontiguousarray(imatrix[256 * b:256 * (b + 1)]), out, L, sc)
-            assert np.array_equal(out, refs[t][1][r, b * mod.BLOCK_BYTES:(b + 1) * mod.BLOCK_BYTES]), (t, r, b)
-
-
-# --- dequantization
-@pytest.mark.parametrize("fname,qtype,prefix", GOLDEN_PARAMS)
-def test_dequantize_matches_gguf_py(fname, qtype, prefix):
-    gq = pytest.importorskip("gguf.quants", reason="gguf-py (pip install gguf) is the independent dequantizer")
-    from gguf import GGMLQuantizationType
-
-    mod = MODULES[qtype]
-    with np.load(GOLDEN / fname) as z:
-        data, n = z[prefix + qtype], z["x"].shape[1]
-    ref = gq.dequantize(data, GGMLQuantizationType[qtype]).reshape(data.shape[0], n)
-    ours = _dequantize(mod, data, n)
-    assert np.array_equal(ours.view(np.uint32), np.asarray(ref, np.float32).view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype,bound,bound_i", [("Q6_K", 0.021, 0.021), ("Q3_K", 0.17, 0.165)])

@@ -512,10 +512,6 @@ class GGUFReader:
         """Everything from the start of the data section to the end of the file (uint8 view)."""
         return self._array_buffer()[min(self.data_offset, self.file_size):]
 
-    def header_bytes(self) -> np.ndarray:
-        """The header (magic .. end of tensor infos, without the padding) as a uint8 view."""
-        return self._array_buffer()[:self.header_end]
-
 
 # --- helpers
 def _pad(n: int, alignment: int) -> int:

@@ -37,10 +37,6 @@ def kv_u32(key: str, value: int) -> KV:
     return KV(key, GGUFValueType.UINT32, int(value))
 
 
-def kv_i32(key: str, value: int) -> KV:
-    return KV(key, GGUFValueType.INT32, int(value))
-
-
 def kv_f32(key: str, value: float) -> KV:
     return KV(key, GGUFValueType.FLOAT32, float(value))
 

@@ -551,7 +551,6 @@ class Arch:
     # ^ generate_extra_tensors: (KVs it adds, which land right after general.architecture; computed tensors)
     fused_qkv_ffn: bool = False            # attn_qkv and ffn_up = gate|up stacked (Phi-3)
     aliases: dict = field(default_factory=dict)  # config class attribute_map: config.json key -> to_dict key
-    extra: dict = field(default_factory=dict)
 
     def map_name(self, hf_name: str) -> str | None:
         """GGUF name for an HF tensor name, or None when the table has no entry."""

@@ -22,14 +22,13 @@ import numpy as np
 from ..errors import ConvertError
 from ..gguf.constants import GGMLType
 from ..gguf.values import KV
+from ..pipeline.policy import FTYPES
 from ..pipeline.source import SourceTensor, TensorSource
 from . import archs as A
 from .checkpoint import SUPPORTED_DTYPES, Checkpoint, SafetensorsTensor
 from .vocab import VocabInfo, gemma3_vocab_rows, tokenizer_files, vocab_kvs
 
 GGML_QUANT_VERSION = 2
-# llama_ftype values llama.cpp writes as general.file_type for the float conversions
-FTYPE_OF = {"f32": 0, "f16": 1, "bf16": 32}
 _OUT_TYPE = {"f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16}
 
 
@@ -428,7 +427,7 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     kv = A.KVList()
     kv.extend(metadata_kvs(arch, label, tensors, early_kvs))
     kv.extend(A.hyperparameters(arch, hp))
-    kv.u32("general.file_type", FTYPE_OF[outtype])
+    kv.u32("general.file_type", FTYPES[outtype.upper()].id)  # llama_ftype, as llama.cpp writes it
     kv.u32("general.quantization_version", GGML_QUANT_VERSION)
     kv.extend(voc_kvs)
     src = HFSource(kvs=kv.items(), tensors=[] if vocab_only else tensors, checkpoint=ck, arch=arch, hparams=hp,

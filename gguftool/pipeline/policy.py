@@ -81,13 +81,6 @@ def parse_ftype(name: str | int) -> FileType:
                       f"aliases {', '.join(sorted(FTYPE_ALIASES))})")
 
 
-def ftype_by_id(ftype_id: int) -> FileType | None:
-    for f in FTYPES.values():
-        if f.id == ftype_id:
-            return f
-    return None
-
-
 def parse_target_type(name: str, what: str = "type") -> GGMLType:
     """A ggml type name for the override options ('q8_0', 'F16'); must be one gguftool can write."""
     try:

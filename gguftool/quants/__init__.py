@@ -5,8 +5,9 @@
     SUPPORTED_TYPES           the types quantize can produce
     can_dequantize(qtype)     whether dequantize handles a type
 
-The numerics live in one module per type (see registry.py); this module validates input (shape, dtype, row
-length, NaN/Inf, imatrix) and runs the type's numba driver with the requested number of threads. As in
+The numerics live in one module per type, all with the same interface (block functions and row drivers,
+documented in registry.py); this module validates input (shape, dtype, row length, NaN/Inf, imatrix) and
+runs the type's numba row driver with the requested number of threads. As in
 llama.cpp's ggml_quantize_chunk, an imatrix selects the importance-weighted path (quantize_row_*_impl) of the
 types that have one and is ignored by F16, BF16 and Q8_0.
 """
@@ -20,7 +21,9 @@ from numba import njit
 
 from ..errors import QuantError
 from ..gguf.constants import GGMLType
-from . import registry
+from . import cache, registry
+
+cache.configure()  # before the first cached kernel is defined (this module's own, then every type module's)
 
 __all__ = ["quantize", "dequantize", "SUPPORTED_TYPES", "can_dequantize", "QuantError"]
 
@@ -175,8 +178,8 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
         w = _EMPTY_IMATRIX
     # One screen over the whole tensor, then one parallel call. (Screening and quantizing in cache-sized
     # chunks saves a trip to memory but costs a thread barrier per chunk, which a busy machine punishes.)
-    # quantize_rows_screened(x, out, bad): an optional variant (no imatrix) with the screen fused in
-    screened = getattr(mod, "quantize_rows_screened", None) if w.size == 0 else None
+    # quantize_rows_screened(x, out, bad): the reference path with the screen fused in, where a type has one
+    screened = mod.quantize_rows_screened if w.size == 0 else None
     with _threads(threads):
         if screened is not None:  # the legacy and float types: the screen is fused into the conversion
             bad = np.zeros(rows, dtype=np.bool_)

@@ -4,20 +4,14 @@ ggml-quants.c's reference quantizers convert floats to small integers with C cas
 `(uint8_t)(x + 0.5f)`) and `roundf`; the importance paths weight each element by
 `qw[j] * sqrtf(sigma2 + x[j]*x[j])`. These helpers reproduce exactly what the x86-64 build computes, including
 the out-of-range cases that only arise with extreme inputs (a block scale so small that 1/d overflows).
-
-Numba's on-disk cache keys a function on its own source file only: after editing this module (or
-float_types.py), delete the cached kernels of q4_0/q4_1/q5_0/q5_1/q8_0 (gguftool/quants/__pycache__/*.nbi|nbc).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .float_types import fp16_to_fp32_fast, fp32_to_fp16_fast
+from .bits import F32, FLT_MAX, U64
 
-F32 = np.float32
-U32 = np.uint32
-U64 = np.uint64  # unsigned indices: numba then drops its negative-index wraparound, and the loops vectorise
 QK = 32          # elements per block of every legacy type
 ROWS_PER_TASK = 4  # rows per parallel task of the row drivers (each task allocates its scratch once)
 
@@ -53,36 +47,6 @@ def roundf(f):
     return F32(t)
 
 
-# --- block header fields
-@njit(cache=True, inline="always")
-def put_fp16(out, off, f):
-    """Store GGML_FP32_TO_FP16(f) little-endian at out[off:off+2]."""
-    h = fp32_to_fp16_fast(f)
-    out[off] = h & 0xFF
-    out[off + 1] = (h >> 8) & 0xFF
-
-
-@njit(cache=True, inline="always")
-def get_fp16(data, off):
-    """GGML_FP16_TO_FP32 of the little-endian half at data[off:off+2] (exact)."""
-    return fp16_to_fp32_fast(np.uint32(data[off]) | (np.uint32(data[off + 1]) << np.uint32(8)))
-
-
-@njit(cache=True, inline="always")
-def put_u32(out, off, v):
-    """Store a uint32 little-endian (memcpy of qh on x86-64)."""
-    out[off] = v & 0xFF
-    out[off + 1] = (v >> 8) & 0xFF
-    out[off + 2] = (v >> 16) & 0xFF
-    out[off + 3] = (v >> 24) & 0xFF
-
-
-@njit(cache=True, inline="always")
-def get_u32(data, off):
-    return (np.uint32(data[off]) | (np.uint32(data[off + 1]) << np.uint32(8))
-            | (np.uint32(data[off + 2]) << np.uint32(16)) | (np.uint32(data[off + 3]) << np.uint32(24)))
-
-
 # --- block scans of the reference paths, in forms that vectorise
 @njit(cache=True, inline="always")
 def first_absmax(xr, base):
@@ -96,9 +60,6 @@ def first_absmax(xr, base):
             amax = abs(v)
             mx = v
     return mx, amax
-
-
-FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 # Not inline="always": numba-level inlining would compile the body with the caller's (strict) flags. As a

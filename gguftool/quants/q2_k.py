@@ -4,22 +4,18 @@ sub-block and fp16 super-scales. Byte-exact port of ggml-quants.c quantize_row_q
 Block layout (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64] (four 2-bit levels each),
 d (fp16), dmin (fp16).
 
-Module contract (registry): ``quantize_rows(x, imatrix, out)`` (imatrix.size == 0 -> reference path, as
-llama.cpp's quantize_q2_K does with a NULL imatrix), ``dequantize_rows(data, out)``, ``GGML_TYPE``,
-``USES_IMATRIX``. Per-block kernels: ``quantize_block_ref(x, y, s)``, ``quantize_block_impl(x, qw, y, s)``
-(x, qw: float32[256]; y: uint8[84]; s from ``make_scratch()``), ``dequantize_block(y, out)``.
+The type-module interface of registry.py (an empty imatrix selects the reference path, as llama.cpp's
+quantize_q2_K does with a NULL imatrix).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants.common import fp32_to_fp16_bits
-from gguftool.quants.k_scales import get_fp16, put_fp16
-from gguftool.quants.search_affine import (SCRATCH_PER_ELEM, make_qp_quants,
-                                           nearest_int_c)
+from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16, select_f32
+from gguftool.quants.blocks import no_row_state
+from gguftool.quants.search_affine import SCRATCH_PER_ELEM, make_qp_quants
 
 GGML_TYPE = GGMLType.Q2_K
 USES_IMATRIX = True
@@ -44,18 +40,6 @@ def make_scratch():
             np.zeros(SCRATCH_PER_ELEM * 16, np.float32), np.zeros(_NW, np.float32))
 
 
-@intrinsic
-def _sel(typingctx, c, a, b):
-    """``a if c else b`` for float32 as one LLVM select (branch-free, so the lane loops vectorise)."""
-    if a != types.float32 or b != types.float32 or c != types.boolean:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.select(args[0], args[1], args[2])
-
-    return types.float32(types.boolean, types.float32, types.float32), codegen
-
-
 @njit(cache=True, inline="always", error_model="numpy")
 def _levels(X, isc, mn, LA, nl):
     """LA[16*i + j] = clamp(nearest_int(isc[j] * (X[16*i + j] - mn[j])), 0, 3) for every lane j (as float32)."""
@@ -71,7 +55,7 @@ def _levels(X, isc, mn, LA, nl):
 def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
     """The 16 make_qkx2/3_quants(16, 3, ...) searches of one super-block, side by side as SIMD lanes.
 
-    Bit-identical with ``search_affine._qkx_search`` run on each sub-block: the sub-blocks' searches are
+    Bit-identical with ``search_affine.qkx_search`` run on each sub-block: the sub-blocks' searches are
     independent, so lane j carries sub-block j through exactly the reference's float32 operations, every sum
     accumulated element after element in the reference's order; branches become per-lane selects. Steps whose
     levels repeat are evaluated too (their error equals one already compared, so under the strict < they
@@ -122,15 +106,15 @@ def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
         for j in range(nl):
             xi = X[np.uint64(16 * i + j)]
             a = mn[np.uint64(j)]
-            mn[np.uint64(j)] = _sel(xi < a, xi, a)
+            mn[np.uint64(j)] = select_f32(xi < a, xi, a)
             b = mx[np.uint64(j)]
-            mx[np.uint64(j)] = _sel(xi > b, xi, b)
+            mx[np.uint64(j)] = select_f32(xi > b, xi, b)
             w = W[np.uint64(16 * i + j)]
             sw[np.uint64(j)] = sw[np.uint64(j)] + w
             sx[np.uint64(j)] = sx[np.uint64(j)] + w * xi
     for j in range(nl):
         a = mn[np.uint64(j)]
-        a = _sel(a > zero, zero, a)
+        a = select_f32(a > zero, zero, a)
         mn[np.uint64(j)] = a
         mn0[np.uint64(j)] = a
         c = fnmax / (mx[np.uint64(j)] - a)
@@ -176,8 +160,8 @@ def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
             tm = (b * sx_ - a * c) / D
             alt = c / b
             pos = tm > zero
-            tsc[np.uint64(j)] = _sel(pos, alt, ts)
-            tmn[np.uint64(j)] = _sel(pos, zero, tm)
+            tsc[np.uint64(j)] = select_f32(pos, alt, ts)
+            tmn[np.uint64(j)] = select_f32(pos, zero, tm)
         for i in range(16):
             for j in range(nl):
                 k = np.uint64(16 * i + j)
@@ -190,11 +174,11 @@ def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
             c = ce[np.uint64(j)]
             upd = (D > zero) & (c < best[np.uint64(j)])
             m = mn[np.uint64(j)]
-            best[np.uint64(j)] = _sel(upd, c, best[np.uint64(j)])
-            scale[np.uint64(j)] = _sel(upd, tsc[np.uint64(j)], scale[np.uint64(j)])
-            wisc[np.uint64(j)] = _sel(upd, isc[np.uint64(j)], wisc[np.uint64(j)])
-            wmn[np.uint64(j)] = _sel(upd, m, wmn[np.uint64(j)])
-            mn[np.uint64(j)] = _sel(upd, tmn[np.uint64(j)], m)
+            best[np.uint64(j)] = select_f32(upd, c, best[np.uint64(j)])
+            scale[np.uint64(j)] = select_f32(upd, tsc[np.uint64(j)], scale[np.uint64(j)])
+            wisc[np.uint64(j)] = select_f32(upd, isc[np.uint64(j)], wisc[np.uint64(j)])
+            wmn[np.uint64(j)] = select_f32(upd, m, wmn[np.uint64(j)])
+            mn[np.uint64(j)] = select_f32(upd, tmn[np.uint64(j)], m)
     for j in range(16):
         a = mn0[j]
         b = mx[j]
@@ -241,7 +225,7 @@ def _pack_q2(y, L):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, y, s):
+def _quantize_block_ref(x, y, s):
     L, Laux, Ls, Lm, weights, sw, mins, scales, fs, ws = s
     q4scale = np.float32(15.0)
     for j in range(16):
@@ -261,25 +245,25 @@ def quantize_block_ref(x, y, s):
         iscale = q4scale / max_scale
         for j in range(16):
             y[j] = nearest_int_c(iscale * scales[j]) & 0xFF
-        put_fp16(y, _OFF_D, fp32_to_fp16_bits(max_scale / q4scale))
+        put_fp16(y, _OFF_D, max_scale / q4scale)
     else:
         for j in range(16):
             y[j] = 0
-        put_fp16(y, _OFF_D, fp32_to_fp16_bits(np.float32(0.0)))
+        put_fp16(y, _OFF_D, np.float32(0.0))
     if max_min > np.float32(0.0):
         iscale = q4scale / max_min
         for j in range(16):
             l = nearest_int_c(iscale * mins[j])
             y[j] = (int(y[j]) | (l << 4)) & 0xFF
-        put_fp16(y, _OFF_DMIN, fp32_to_fp16_bits(max_min / q4scale))
+        put_fp16(y, _OFF_DMIN, max_min / q4scale)
     else:
-        put_fp16(y, _OFF_DMIN, fp32_to_fp16_bits(np.float32(0.0)))
+        put_fp16(y, _OFF_DMIN, np.float32(0.0))
     _requantize(x, y, L, get_fp16(y, _OFF_D), get_fp16(y, _OFF_DMIN))
     _pack_q2(y, L)
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_impl(x, qw, y, s):
+def _quantize_block_impl(x, qw, y, s):
     L, Laux, Ls, Lm, weight, sw, mins, scales, fs, ws = s
     sumx2 = np.float32(0.0)
     for j in range(QK_K):
@@ -295,12 +279,24 @@ def quantize_block_impl(x, qw, y, s):
     _qkx_lanes(x, ws, L, scales, mins, np.float32(-0.9), np.float32(0.05), 36, False, True)
     dm = make_qp_quants(16, 15, scales, Ls, sw)
     mm = make_qp_quants(16, 15, mins, Lm, sw)
-    put_fp16(y, _OFF_D, fp32_to_fp16_bits(dm))
-    put_fp16(y, _OFF_DMIN, fp32_to_fp16_bits(mm))
+    put_fp16(y, _OFF_D, dm)
+    put_fp16(y, _OFF_DMIN, mm)
     for j in range(16):
         y[j] = (int(Ls[j]) | (int(Lm[j]) << 4)) & 0xFF
     _requantize(x, y, L, get_fp16(y, _OFF_D), get_fp16(y, _OFF_DMIN))
     _pack_q2(y, L)
+
+
+prepare_row = no_row_state
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    """One block (the registry's convention): the importance path when qw is not empty, else the reference."""
+    if qw.size > 0:
+        _quantize_block_impl(x, qw, y, s)
+    else:
+        _quantize_block_ref(x, y, s)
 
 
 @njit(cache=True, error_model="numpy")
@@ -333,9 +329,12 @@ def quantize_rows(x, imatrix, out):
             xb = x[r, QK_K * i:QK_K * (i + 1)]
             yb = out[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)]
             if use_imatrix:
-                quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
+                _quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
             else:
-                quantize_block_ref(xb, yb, s)
+                _quantize_block_ref(xb, yb, s)
+
+
+quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

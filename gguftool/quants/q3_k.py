@@ -13,8 +13,7 @@ Block layout (110 bytes):
                 nibbles of bytes 0..7; the top 2 bits of s[j] in byte 8 + j%4 at bit 2*(j/4)
     d           fp16 super-block scale;     x ~= d * (s[i/16] - 32) * (q[i] - 4)
 
-API: quantize_ref(x, out, L, scales), quantize_impl(x, qw, out, L, scales), dequantize_block(blk, y) for one
-block; quantize_rows(x, imatrix, out) / dequantize_rows(data, out) row drivers (registry contract).
+The type-module interface of registry.py.
 x must be finite (the API layer rejects NaN/Inf): the fast searches round with plain rint where the
 reference's nearest_int is exact for finite input. Overflowing intermediates (|x| > ~1e19) are handled as in C.
 """
@@ -26,8 +25,9 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants.common import fp16_bits_to_fp32, fp32_to_fp16_bits
-from gguftool.quants.search_symmetric import NT, make_q3_quants_rmse, make_qx_quants, make_qx_quants_w, nearest_int_c
+from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16
+from gguftool.quants.blocks import no_row_state
+from gguftool.quants.search_symmetric import NT, make_q3_quants_rmse, make_qx_quants, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q3_K
 USES_IMATRIX = True
@@ -51,9 +51,9 @@ def _pack_scale(out, j, l):
 
 
 @njit(cache=True, error_model="numpy")
-def _finish_block(x, out, L, dh, tmp):
+def _finish_block(x, out, L, tmp):
     """Requantize every sub-block against d*sc (the stored fp16 d), then write hmask and qs. tmp: float32[16]."""
-    dd = fp16_bits_to_fp32(dh)
+    dd = get_fp16(out, _OFF_D)
     for j in range(16):
         if j < 8:
             lo = np.int64(out[_OFF_SC + j]) & 0xF
@@ -92,12 +92,6 @@ def _finish_block(x, out, L, dh, tmp):
 
 # --- one block
 @njit(cache=True, error_model="numpy")
-def quantize_ref(x, out, L, scales):
-    """quantize_row_q3_K_ref for one block: x float32[256] -> out uint8[110]. L int8[256], scales float32[16]."""
-    _quantize_ref(x, out, L, scales, np.empty(3 * NT, np.float32))
-
-
-@njit(cache=True, error_model="numpy")
 def _quantize_ref(x, out, L, scales, tmp):
     """Scratch: L int8[256], scales float32[16], tmp float32[>= 32]."""
     max_scale = np.float32(0.0)
@@ -122,12 +116,10 @@ def _quantize_ref(x, out, L, scales, tmp):
             elif l < -32:
                 l = -32
             _pack_scale(out, j, l + 32)
-        dh = fp32_to_fp16_bits(np.float32(np.float32(1.0) / iscale))
+        put_fp16(out, _OFF_D, np.float32(np.float32(1.0) / iscale))
     else:
-        dh = np.uint16(0)
-    out[_OFF_D] = dh & 0xFF
-    out[_OFF_D + 1] = dh >> 8
-    _finish_block(x, out, L, dh, tmp)
+        put_fp16(out, _OFF_D, np.float32(0.0))
+    _finish_block(x, out, L, tmp)
 
 
 @njit(cache=True, error_model="numpy")
@@ -160,23 +152,35 @@ def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls, work):
         d_block = make_qx_quants(16, 32, scales, Ls, 1, sw)
     for j in range(16):
         _pack_scale(out, j, np.int64(Ls[j]))
-    dh = fp32_to_fp16_bits(d_block)
-    out[_OFF_D] = dh & 0xFF
-    out[_OFF_D + 1] = dh >> 8
-    _finish_block(x, out, L, dh, work)
+    put_fp16(out, _OFF_D, d_block)
+    _finish_block(x, out, L, work)
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_impl(x, qw, out, L, scales):
-    """quantize_row_q3_K_impl for one block with the block's 256 importance weights qw."""
-    _quantize_impl(x, qw, out, L, scales, np.empty(16, np.float32), np.empty(16, np.float32),
-                   np.empty(16, np.int8), np.empty(3 * NT, np.float32))
+def make_scratch():
+    """L int8[256], scales/weight/sw float32[16], Ls int8[16], work float32[3*NT]."""
+    return (np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
+            np.empty(16, np.int8), np.empty(3 * NT, np.float32))
+
+
+prepare_row = no_row_state
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    """quantize_row_q3_K_impl for one block when qw (the block's 256 importance weights) is not empty, else
+    quantize_row_q3_K_ref: x float32[256] -> y uint8[110]."""
+    L, scales, weight, sw, Ls, work = s
+    if qw.size > 0:
+        _quantize_impl(x, qw, y, L, scales, weight, sw, Ls, work)
+    else:
+        _quantize_ref(x, y, L, scales, work)
 
 
 @njit(cache=True, error_model="numpy")
 def dequantize_block(blk, y):
     """dequantize_row_q3_K for one block: blk uint8[110] -> y float32[256]."""
-    d_all = fp16_bits_to_fp32(np.int64(blk[_OFF_D]) | (np.int64(blk[_OFF_D + 1]) << 8))
+    d_all = get_fp16(blk, _OFF_D)
     for h in range(2):
         for j in range(4):
             m = 1 << (4 * h + j)
@@ -216,6 +220,9 @@ def quantize_rows(x, imatrix, out):
                 _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, weight, sw, Ls, work)
             else:
                 _quantize_ref(xb, ob, L, scales, work)
+
+
+quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -13,8 +13,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import (F32, QK, ROWS_PER_TASK, U64, has_nonfinite, block_weights, c_int8, first_absmax, get_fp16, put_fp16,
-                     row_sigma2)
+from .bits import F32, U64, get_fp16, put_fp16
+from .legacy import QK, ROWS_PER_TASK, block_weights, c_int8, first_absmax, has_nonfinite, row_sigma2
 from .search_symmetric import NT, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q4_0
@@ -24,7 +24,7 @@ BLOCK_BYTES = 18
 
 # --- reference path
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, off, out, o):
+def _quantize_block_ref(x, off, out, o):
     """quantize_row_q4_0_ref for one block, every C conversion emulated (any input, including NaN/Inf)."""
     amax = F32(0.0)
     mx = F32(0.0)
@@ -45,7 +45,7 @@ def quantize_block_ref(x, off, out, o):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, q):
+def _quantize_row_ref(xr, orow, q):
     """quantize_row_q4_0_ref over a whole row in loops that vectorise: per block the scale, then the 32 levels
     x*id + 8.5 truncated into q (int32 row scratch); nibble packing last.
 
@@ -79,7 +79,7 @@ def quantize_row_ref(xr, orow, q):
 
 # --- importance path
 @njit(cache=True, inline="always", error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
+def _quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
     """One block of quantize_row_q4_0_impl: weights qw*sqrt(sigma2 + x^2), make_qx_quants(32, 8, rmse 1)."""
     block_weights(x, qw, off, sigma2, weight)
     d = make_qx_quants_w(QK, 8, x, off, L, 0, weight, work)
@@ -90,12 +90,42 @@ def quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
 
 # --- dequantization
 @njit(cache=True, inline="always", error_model="numpy")
-def dequantize_block(data, o, y, off):
+def _dequantize_block_at(data, o, y, off):
     d = get_fp16(data, o)
     for j in range(QK // 2):
         q = np.int32(data[U64(o + 2 + j)])
         y[U64(off + j)] = F32((q & 0x0F) - 8) * d
         y[U64(off + j + QK // 2)] = F32((q >> 4) - 8) * d
+
+
+# --- block functions (the registry's convention). The row drivers call the offset forms above directly on
+# whole rows, which saves a view per 32-element block.
+@njit(cache=True, error_model="numpy")
+def make_scratch():
+    """weight float32[32], L int8[32], work float32[3*NT] (the importance search), row float32[1] (sigma2)."""
+    return (np.empty(QK, np.float32), np.empty(QK, np.int8), np.empty(3 * NT, np.float32),
+            np.zeros(1, np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def prepare_row(x, qw, s):
+    """sigma2 = mean of x^2 over the row, which quantize_row_q4_0_impl weights every element with."""
+    if qw.size > 0:
+        s[3][0] = row_sigma2(x)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    weight, L, work, row = s
+    if qw.size > 0:
+        _quantize_block_impl(x, 0, qw, row[0], weight, L, work, y, 0)
+    else:
+        _quantize_block_ref(x, 0, y, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_block(y, out):
+    _dequantize_block_at(y, 0, out, 0)
 
 
 # --- row drivers
@@ -117,10 +147,10 @@ def quantize_rows(x, imatrix, out):
             if use_w:
                 sigma2 = row_sigma2(xr)
                 for b in range(nb):
-                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, q):
+                    _quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
+            elif not _quantize_row_ref(xr, orow, q):
                 for b in range(nb):
-                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+                    _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -136,12 +166,12 @@ def quantize_rows_screened(x, out, bad):
         for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
             xr = x[r]
             orow = out[r]
-            if not quantize_row_ref(xr, orow, q):
+            if not _quantize_row_ref(xr, orow, q):
                 if has_nonfinite(xr):
                     bad[r] = True
                 else:
                     for b in range(nb):
-                        quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+                        _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -151,4 +181,4 @@ def dequantize_rows(data, out):
         dr = data[r]
         yr = out[r]
         for b in range(nb):
-            dequantize_block(dr, b * BLOCK_BYTES, yr, b * QK)
+            _dequantize_block_at(dr, b * BLOCK_BYTES, yr, b * QK)

@@ -14,19 +14,18 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import (F32, QK, ROWS_PER_TASK, U64, has_nonfinite, block_minmax, block_weights, c_int8, get_fp16, put_fp16,
-                     row_sigma2)
+from .bits import F32, FLT_MAX, U64, get_fp16, put_fp16
+from .legacy import QK, ROWS_PER_TASK, block_minmax, block_weights, c_int8, has_nonfinite, row_sigma2
 from .search_affine import SCRATCH_PER_ELEM, make_qkx3_quants
 
 GGML_TYPE = GGMLType.Q4_1
 USES_IMATRIX = True
 BLOCK_BYTES = 20
-FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 # --- reference path
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, off, out, o):
+def _quantize_block_ref(x, off, out, o):
     """quantize_row_q4_1_ref for one block, every C conversion emulated (any input, including NaN/Inf)."""
     mn = FLT_MAX
     mx = -FLT_MAX
@@ -49,7 +48,7 @@ def quantize_block_ref(x, off, out, o):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, q):
+def _quantize_row_ref(xr, orow, q):
     """quantize_row_q4_1_ref over a whole row in one pass that vectorises: per block min/max and scale, then
     the 32 levels (x - min)*id + 0.5 truncated and packed straight into the nibbles (q: unused scratch, kept
     for the drivers' signature).
@@ -82,7 +81,7 @@ def quantize_row_ref(xr, orow, q):
 
 # --- importance path
 @njit(cache=True, inline="always", error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
+def _quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
     """One block of quantize_row_q4_1_impl: make_qkx3_quants(32, 15, -0.9, 0.05, 36 steps, squared error)."""
     block_weights(x, qw, off, sigma2, weight)
     d, the_min = make_qkx3_quants(QK, 15, x[off:off + QK], weight, L, Laux, -0.9, 0.05, 36, False, fs)
@@ -94,13 +93,43 @@ def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
 
 # --- dequantization
 @njit(cache=True, inline="always", error_model="numpy")
-def dequantize_block(data, o, y, off):
+def _dequantize_block_at(data, o, y, off):
     d = get_fp16(data, o)
     m = get_fp16(data, o + 2)
     for j in range(QK // 2):
         q = np.int32(data[U64(o + 4 + j)])
         y[U64(off + j)] = F32(q & 0x0F) * d + m
         y[U64(off + j + QK // 2)] = F32(q >> 4) * d + m
+
+
+# --- block functions (the registry's convention). The row drivers call the offset forms above directly on
+# whole rows, which saves a view per 32-element block.
+@njit(cache=True, error_model="numpy")
+def make_scratch():
+    """weight float32[32], L and Laux uint8[32], fs float32 (the importance search), row float32[1] (sigma2)."""
+    return (np.empty(QK, np.float32), np.empty(QK, np.uint8), np.empty(QK, np.uint8),
+            np.empty(SCRATCH_PER_ELEM * QK, np.float32), np.zeros(1, np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def prepare_row(x, qw, s):
+    """sigma2 = mean of x^2 over the row, which quantize_row_q4_1_impl weights every element with."""
+    if qw.size > 0:
+        s[4][0] = row_sigma2(x)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    weight, L, Laux, fs, row = s
+    if qw.size > 0:
+        _quantize_block_impl(x, 0, qw, row[0], weight, L, Laux, fs, y, 0)
+    else:
+        _quantize_block_ref(x, 0, y, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_block(y, out):
+    _dequantize_block_at(y, 0, out, 0)
 
 
 # --- row drivers
@@ -123,11 +152,11 @@ def quantize_rows(x, imatrix, out):
             if use_w:
                 sigma2 = row_sigma2(xr)
                 for b in range(nb):
-                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
+                    _quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
                                         b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, q):
+            elif not _quantize_row_ref(xr, orow, q):
                 for b in range(nb):
-                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+                    _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -143,12 +172,12 @@ def quantize_rows_screened(x, out, bad):
         for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
             xr = x[r]
             orow = out[r]
-            if not quantize_row_ref(xr, orow, q):
+            if not _quantize_row_ref(xr, orow, q):
                 if has_nonfinite(xr):
                     bad[r] = True
                 else:
                     for b in range(nb):
-                        quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
+                        _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -158,4 +187,4 @@ def dequantize_rows(data, out):
         dr = data[r]
         yr = out[r]
         for b in range(nb):
-            dequantize_block(dr, b * BLOCK_BYTES, yr, b * QK)
+            _dequantize_block_at(dr, b * BLOCK_BYTES, yr, b * QK)

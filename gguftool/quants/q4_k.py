@@ -3,11 +3,8 @@ sub-block and fp16 super-scales. Byte-exact port of ggml-quants.c quantize_row_q
 
 Block layout (144 bytes): d (fp16), dmin (fp16), scales[12] (6-bit packed), qs[128] (two 4-bit levels each).
 
-Module contract (registry): ``quantize_rows(x, imatrix, out)`` (imatrix.size == 0 -> reference path, as
-llama.cpp's quantize_q4_K does with a NULL imatrix), ``dequantize_rows(data, out)``, ``GGML_TYPE``,
-``USES_IMATRIX``. Per-block kernels: ``quantize_block_ref(x, y, s)``, ``quantize_block_impl(x, qw, y, s)``
-(x: float32[256], qw: float32[256] importance of these columns, y: uint8[144] output, s: the scratch tuple of
-``make_scratch()``), ``dequantize_block(y, out)``.
+The type-module interface of registry.py (an empty imatrix selects the reference path, as llama.cpp's
+quantize_q4_K does with a NULL imatrix).
 
 The shared part of Q4_K and Q5_K (the sub-block searches and the 6-bit scale/min quantization, which only
 differ by nmax and search parameters) is ``affine_k_scales_ref`` / ``affine_k_scales_impl``; Q5_K imports them.
@@ -18,10 +15,10 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants.common import fp32_to_fp16_bits
-from gguftool.quants.k_scales import get_fp16, get_scale_min_k4, pack_scale_min_k4, put_fp16
-from gguftool.quants.search_affine import (SCRATCH_PER_ELEM, _qkx_search, make_qp_quants,
-                                           nearest_int_c)
+from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16
+from gguftool.quants.blocks import no_row_state
+from gguftool.quants.k_scales import get_scale_min_k4, pack_scale_min_k4
+from gguftool.quants.search_affine import SCRATCH_PER_ELEM, make_qp_quants, qkx_search
 
 GGML_TYPE = GGMLType.Q4_K
 USES_IMATRIX = True
@@ -71,7 +68,7 @@ def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
         av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
         for l in range(32):
             weights[l] = av_x + abs(x[32 * j + l])
-        sc, mn = _qkx_search(32, nmax, x, 32 * j, weights, 0, L, 32 * j, Laux, rmin, rdelta, nstep,
+        sc, mn = qkx_search(32, nmax, x, 32 * j, weights, 0, L, 32 * j, Laux, rmin, rdelta, nstep,
                              False, False, fs)
         scales[j] = sc
         mins[j] = mn
@@ -88,8 +85,8 @@ def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
         ls = 63 if 63 < ls else ls
         lm = 63 if 63 < lm else lm
         pack_scale_min_k4(q, j, ls, lm)
-    put_fp16(y, 0, fp32_to_fp16_bits(max_scale / np.float32(63.0)))
-    put_fp16(y, 2, fp32_to_fp16_bits(max_min / np.float32(63.0)))
+    put_fp16(y, 0, max_scale / np.float32(63.0))
+    put_fp16(y, 2, max_min / np.float32(63.0))
     _requantize(x, y, L, nmax)
 
 
@@ -108,7 +105,7 @@ def affine_k_scales_impl(x, qw, y, s, nmax, clamp63):
         for l in range(32):
             sumw += weights[l]
         sw[j] = sumw
-        sc, mn = _qkx_search(32, nmax, x, 32 * j, weights, 0, L, 32 * j, Laux,
+        sc, mn = qkx_search(32, nmax, x, 32 * j, weights, 0, L, 32 * j, Laux,
                              np.float32(-0.9), np.float32(0.05), 36, False, True, fs)
         scales[j] = sc
         mins[j] = mn
@@ -122,8 +119,8 @@ def affine_k_scales_impl(x, qw, y, s, nmax, clamp63):
             ls = 63 if 63 < ls else ls
             lm = 63 if 63 < lm else lm
         pack_scale_min_k4(q, j, ls, lm)
-    put_fp16(y, 0, fp32_to_fp16_bits(d_block))
-    put_fp16(y, 2, fp32_to_fp16_bits(m_block))
+    put_fp16(y, 0, d_block)
+    put_fp16(y, 2, m_block)
     _requantize(x, y, L, nmax)
 
 
@@ -135,15 +132,27 @@ def _pack_q4(y, L):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, y, s):
+def _quantize_block_ref(x, y, s):
     affine_k_scales_ref(x, y, s, 15, np.float32(-1.0), np.float32(0.1), 20)
     _pack_q4(y, s[0])
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_impl(x, qw, y, s):
+def _quantize_block_impl(x, qw, y, s):
     affine_k_scales_impl(x, qw, y, s, 15, False)
     _pack_q4(y, s[0])
+
+
+prepare_row = no_row_state
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    """One block (the registry's convention): the importance path when qw is not empty, else the reference."""
+    if qw.size > 0:
+        _quantize_block_impl(x, qw, y, s)
+    else:
+        _quantize_block_ref(x, y, s)
 
 
 @njit(cache=True, error_model="numpy")
@@ -175,9 +184,12 @@ def quantize_rows(x, imatrix, out):
             xb = x[r, QK_K * i:QK_K * (i + 1)]
             yb = out[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)]
             if use_imatrix:
-                quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
+                _quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
             else:
-                quantize_block_ref(xb, yb, s)
+                _quantize_block_ref(xb, yb, s)
+
+
+quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

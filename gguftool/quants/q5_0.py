@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import (F32, QK, ROWS_PER_TASK, U64, block_weights, c_int8, first_absmax, get_fp16, get_u32,
-                     has_nonfinite, put_fp16, put_u32, row_sigma2)
+from .bits import F32, U64, get_fp16, get_u32, put_fp16, put_u32
+from .legacy import QK, ROWS_PER_TASK, block_weights, c_int8, first_absmax, has_nonfinite, row_sigma2
 from .search_symmetric import NT, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q5_0
@@ -39,7 +39,7 @@ def pack_block(q, qo, out, o):
 
 # --- reference path
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, off, out, o, qb):
+def _quantize_block_ref(x, off, out, o, qb):
     """quantize_row_q5_0_ref for one block, every C conversion emulated (any input, including NaN/Inf).
     qb: int32[32] scratch."""
     amax = F32(0.0)
@@ -59,8 +59,8 @@ def quantize_block_ref(x, off, out, o, qb):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, q):
-    """quantize_row_q5_0_ref over a whole row in vectorisable passes (see q4_0.quantize_row_ref): valid while
+def _quantize_row_ref(xr, orow, q):
+    """quantize_row_q5_0_ref over a whole row in vectorisable passes (see q4_0._quantize_row_ref): valid while
     1/d is finite, so that x*id + 16.5 lies in (0, 33) and the C cast truncates. False: use the scalar path;
     also returned for every row holding a NaN or an Inf (quantize_rows_screened relies on it)."""
     n = xr.size
@@ -87,7 +87,7 @@ def quantize_row_ref(xr, orow, q):
 
 # --- importance path
 @njit(cache=True, inline="always", error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
+def _quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
     """One block of quantize_row_q5_0_impl: weights qw*sqrt(sigma2 + x^2), make_qx_quants(32, 16, rmse 1)."""
     block_weights(x, qw, off, sigma2, weight)
     d = make_qx_quants_w(QK, 16, x, off, L, 0, weight, work)
@@ -97,7 +97,7 @@ def quantize_block_impl(x, off, qw, sigma2, weight, L, work, out, o):
 
 # --- dequantization
 @njit(cache=True, inline="always", error_model="numpy")
-def dequantize_block(data, o, y, off):
+def _dequantize_block_at(data, o, y, off):
     d = get_fp16(data, o)
     qh = np.int64(get_u32(data, o + 2))
     for j in range(QK // 2):
@@ -106,6 +106,37 @@ def dequantize_block(data, o, y, off):
         xh1 = (qh >> (j + 12)) & 0x10
         y[U64(off + j)] = F32(((q & 0x0F) | xh0) - 16) * d
         y[U64(off + j + QK // 2)] = F32(((q >> 4) | xh1) - 16) * d
+
+
+# --- block functions (the registry's convention). The row drivers call the offset forms above directly on
+# whole rows, which saves a view per 32-element block.
+@njit(cache=True, error_model="numpy")
+def make_scratch():
+    """weight float32[32], L int8[32], work float32[3*NT] (the importance search), row float32[1] (sigma2),
+    qb int32[32] (the reference levels)."""
+    return (np.empty(QK, np.float32), np.empty(QK, np.int8), np.empty(3 * NT, np.float32),
+            np.zeros(1, np.float32), np.empty(QK, np.int32))
+
+
+@njit(cache=True, error_model="numpy")
+def prepare_row(x, qw, s):
+    """sigma2 = mean of x^2 over the row, which quantize_row_q5_0_impl weights every element with."""
+    if qw.size > 0:
+        s[3][0] = row_sigma2(x)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    weight, L, work, row, qb = s
+    if qw.size > 0:
+        _quantize_block_impl(x, 0, qw, row[0], weight, L, work, y, 0)
+    else:
+        _quantize_block_ref(x, 0, y, 0, qb)
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_block(y, out):
+    _dequantize_block_at(y, 0, out, 0)
 
 
 # --- row drivers
@@ -127,10 +158,10 @@ def quantize_rows(x, imatrix, out):
             if use_w:
                 sigma2 = row_sigma2(xr)
                 for b in range(nb):
-                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, q):
+                    _quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, work, orow, b * BLOCK_BYTES)
+            elif not _quantize_row_ref(xr, orow, q):
                 for b in range(nb):
-                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
+                    _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -146,12 +177,12 @@ def quantize_rows_screened(x, out, bad):
         for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
             xr = x[r]
             orow = out[r]
-            if not quantize_row_ref(xr, orow, q):
+            if not _quantize_row_ref(xr, orow, q):
                 if has_nonfinite(xr):
                     bad[r] = True
                 else:
                     for b in range(nb):
-                        quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
+                        _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -161,4 +192,4 @@ def dequantize_rows(data, out):
         dr = data[r]
         yr = out[r]
         for b in range(nb):
-            dequantize_block(dr, b * BLOCK_BYTES, yr, b * QK)
+            _dequantize_block_at(dr, b * BLOCK_BYTES, yr, b * QK)

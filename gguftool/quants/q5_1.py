@@ -15,14 +15,13 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .legacy import (F32, QK, ROWS_PER_TASK, U64, has_nonfinite, block_minmax, block_weights, c_uint8, get_fp16, get_u32,
-                     put_fp16, put_u32, row_sigma2)
+from .bits import F32, FLT_MAX, U64, get_fp16, get_u32, put_fp16, put_u32
+from .legacy import QK, ROWS_PER_TASK, block_minmax, block_weights, c_uint8, has_nonfinite, row_sigma2
 from .search_affine import SCRATCH_PER_ELEM, make_qkx3_quants
 
 GGML_TYPE = GGMLType.Q5_1
 USES_IMATRIX = True
 BLOCK_BYTES = 24
-FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 # --- packing shared by both paths
@@ -41,7 +40,7 @@ def pack_block(q, qo, out, o):
 
 # --- reference path
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, off, out, o, qb):
+def _quantize_block_ref(x, off, out, o, qb):
     """quantize_row_q5_1_ref for one block, every C conversion emulated (any input, including NaN/Inf).
     Note: the reference has no MIN(31, ...) clamp here. qb: int32[32] scratch."""
     mn = FLT_MAX
@@ -62,8 +61,8 @@ def quantize_block_ref(x, off, out, o, qb):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_ref(xr, orow, q):
-    """quantize_row_q5_1_ref over a whole row in one pass that vectorises (see q4_1.quantize_row_ref): per
+def _quantize_row_ref(xr, orow, q):
+    """quantize_row_q5_1_ref over a whole row in one pass that vectorises (see q4_1._quantize_row_ref): per
     block min/max and scale, then the levels (x - min)*id + 0.5 truncated and packed straight into qs and qh
     (q: unused scratch, kept for the drivers' signature). Valid while d and 1/d are finite, so the levels lie
     in [0, 32) and the C cast truncates, no block has a zero as its min or max, and no level is negative
@@ -95,7 +94,7 @@ def quantize_row_ref(xr, orow, q):
 
 # --- importance path
 @njit(cache=True, inline="always", error_model="numpy")
-def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
+def _quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
     """One block of quantize_row_q5_1_impl: make_qkx3_quants(32, 31, -0.9, 0.05, 36 steps, squared error)."""
     block_weights(x, qw, off, sigma2, weight)
     d, the_min = make_qkx3_quants(QK, 31, x[off:off + QK], weight, L, Laux, -0.9, 0.05, 36, False, fs)
@@ -106,7 +105,7 @@ def quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
 
 # --- dequantization
 @njit(cache=True, inline="always", error_model="numpy")
-def dequantize_block(data, o, y, off):
+def _dequantize_block_at(data, o, y, off):
     d = get_fp16(data, o)
     m = get_fp16(data, o + 2)
     qh = np.int64(get_u32(data, o + 4))
@@ -116,6 +115,37 @@ def dequantize_block(data, o, y, off):
         xh1 = (qh >> (j + 12)) & 0x10
         y[U64(off + j)] = F32((q & 0x0F) | xh0) * d + m
         y[U64(off + j + QK // 2)] = F32((q >> 4) | xh1) * d + m
+
+
+# --- block functions (the registry's convention). The row drivers call the offset forms above directly on
+# whole rows, which saves a view per 32-element block.
+@njit(cache=True, error_model="numpy")
+def make_scratch():
+    """weight float32[32], L and Laux uint8[32], fs float32 (the importance search), row float32[1] (sigma2),
+    qb int32[32] (the reference levels)."""
+    return (np.empty(QK, np.float32), np.empty(QK, np.uint8), np.empty(QK, np.uint8),
+            np.empty(SCRATCH_PER_ELEM * QK, np.float32), np.zeros(1, np.float32), np.empty(QK, np.int32))
+
+
+@njit(cache=True, error_model="numpy")
+def prepare_row(x, qw, s):
+    """sigma2 = mean of x^2 over the row, which quantize_row_q5_1_impl weights every element with."""
+    if qw.size > 0:
+        s[4][0] = row_sigma2(x)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    weight, L, Laux, fs, row, qb = s
+    if qw.size > 0:
+        _quantize_block_impl(x, 0, qw, row[0], weight, L, Laux, fs, y, 0)
+    else:
+        _quantize_block_ref(x, 0, y, 0, qb)
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_block(y, out):
+    _dequantize_block_at(y, 0, out, 0)
 
 
 # --- row drivers
@@ -138,11 +168,11 @@ def quantize_rows(x, imatrix, out):
             if use_w:
                 sigma2 = row_sigma2(xr)
                 for b in range(nb):
-                    quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
+                    _quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
                                         b * BLOCK_BYTES)
-            elif not quantize_row_ref(xr, orow, q):
+            elif not _quantize_row_ref(xr, orow, q):
                 for b in range(nb):
-                    quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
+                    _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -158,12 +188,12 @@ def quantize_rows_screened(x, out, bad):
         for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
             xr = x[r]
             orow = out[r]
-            if not quantize_row_ref(xr, orow, q):
+            if not _quantize_row_ref(xr, orow, q):
                 if has_nonfinite(xr):
                     bad[r] = True
                 else:
                     for b in range(nb):
-                        quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
+                        _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -173,4 +203,4 @@ def dequantize_rows(data, out):
         dr = data[r]
         yr = out[r]
         for b in range(nb):
-            dequantize_block(dr, b * BLOCK_BYTES, yr, b * QK)
+            _dequantize_block_at(dr, b * BLOCK_BYTES, yr, b * QK)

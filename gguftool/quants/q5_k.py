@@ -4,10 +4,8 @@ sub-block and fp16 super-scales. Byte-exact port of ggml-quants.c quantize_row_q
 Block layout (176 bytes): d (fp16), dmin (fp16), scales[12] (6-bit packed), qh[32] (high bits), qs[128]
 (low 4 bits, two levels each).
 
-Module contract (registry): ``quantize_rows(x, imatrix, out)`` (imatrix.size == 0 -> reference path),
-``dequantize_rows(data, out)``, ``GGML_TYPE``, ``USES_IMATRIX``. Per-block kernels: ``quantize_block_ref(x, y, s)``,
-``quantize_block_impl(x, qw, y, s)``, ``dequantize_block(y, out)``; ``s`` from ``q4_k.make_scratch()``.
-The scale search is shared with Q4_K (``q4_k.affine_k_scales_ref`` / ``affine_k_scales_impl``).
+The type-module interface of registry.py; the scratch and the scale search are Q4_K's
+(``q4_k.make_scratch``, ``q4_k.affine_k_scales_ref`` / ``affine_k_scales_impl``).
 """
 from __future__ import annotations
 
@@ -15,7 +13,9 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants.k_scales import get_fp16, get_scale_min_k4
+from gguftool.quants.bits import get_fp16
+from gguftool.quants.blocks import no_row_state
+from gguftool.quants.k_scales import get_scale_min_k4
 from gguftool.quants.q4_k import affine_k_scales_impl, affine_k_scales_ref, make_scratch
 
 GGML_TYPE = GGMLType.Q5_K
@@ -47,15 +47,27 @@ def _pack_q5(y, L):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_ref(x, y, s):
+def _quantize_block_ref(x, y, s):
     affine_k_scales_ref(x, y, s, 31, np.float32(-0.5), np.float32(0.1), 15)
     _pack_q5(y, s[0])
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block_impl(x, qw, y, s):
+def _quantize_block_impl(x, qw, y, s):
     affine_k_scales_impl(x, qw, y, s, 31, True)
     _pack_q5(y, s[0])
+
+
+prepare_row = no_row_state
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    """One block (the registry's convention): the importance path when qw is not empty, else the reference."""
+    if qw.size > 0:
+        _quantize_block_impl(x, qw, y, s)
+    else:
+        _quantize_block_ref(x, y, s)
 
 
 @njit(cache=True, error_model="numpy")
@@ -95,9 +107,12 @@ def quantize_rows(x, imatrix, out):
             xb = x[r, QK_K * i:QK_K * (i + 1)]
             yb = out[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)]
             if use_imatrix:
-                quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
+                _quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
             else:
-                quantize_block_ref(xb, yb, s)
+                _quantize_block_ref(xb, yb, s)
+
+
+quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

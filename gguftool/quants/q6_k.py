@@ -12,8 +12,7 @@ Block layout (210 bytes):
     scales[16]  int8 sub-block scales
     d           fp16 super-block scale;     x ~= d * scales[i/16] * (q[i] - 32)
 
-API: quantize_ref(x, out, L, scales), quantize_impl(x, qw, out, L, scales), dequantize_block(blk, y) for one
-block; quantize_rows(x, imatrix, out) / dequantize_rows(data, out) row drivers (registry contract).
+The type-module interface of registry.py.
 x must be finite (the API layer rejects NaN/Inf): the fast searches round with plain rint where the
 reference's nearest_int is exact for finite input. Overflowing intermediates (|x| > ~1e19) are handled as in C.
 """
@@ -23,8 +22,9 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants.common import fp16_bits_to_fp32, fp32_to_fp16_bits
-from gguftool.quants.search_symmetric import NT, GROUP_MAX_EPS, make_qx_quants_w, nearest_int_c
+from gguftool.quants.bits import GROUP_MAX_EPS, get_fp16, nearest_int_c, put_fp16
+from gguftool.quants.blocks import no_row_state
+from gguftool.quants.search_symmetric import NT, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q6_K
 USES_IMATRIX = True
@@ -67,16 +67,14 @@ def _quantize_block(x, qw, out, L, scales, w, work):
         return
 
     iscale = np.float32(np.float32(-128.0) / max_scale)
-    dh = fp32_to_fp16_bits(np.float32(np.float32(1.0) / iscale))
-    out[_OFF_D] = dh & 0xFF
-    out[_OFF_D + 1] = dh >> 8
+    put_fp16(out, _OFF_D, np.float32(np.float32(1.0) / iscale))
     for ib in range(16):
         v = nearest_int_c(np.float32(iscale * scales[ib]))
         if v > 127:
             v = 127
         out[_OFF_SC + ib] = v & 0xFF        # stored as int8_t
 
-    dd = fp16_bits_to_fp32(dh)
+    dd = get_fp16(out, _OFF_D)
     for j in range(16):
         sc = np.int64(out[_OFF_SC + j])
         sci = sc - 256 if sc > 127 else sc
@@ -110,26 +108,26 @@ def _quantize_block(x, qw, out, L, scales, w, work):
 
 
 @njit(cache=True, error_model="numpy")
-def _scratch16():
-    return np.empty(16, np.float32), np.empty(3 * NT, np.float32)
+def make_scratch():
+    """L int8[256], scales float32[16], w float32[16], work float32[3*NT]."""
+    return np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(3 * NT, np.float32)
+
+
+prepare_row = no_row_state
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_ref(x, out, L, scales):
-    """quantize_row_q6_K_ref for one block: x float32[256] -> out uint8[210]."""
-    _quantize_block(x, np.empty(0, np.float32), out, L, scales, *_scratch16())
-
-
-@njit(cache=True, error_model="numpy")
-def quantize_impl(x, qw, out, L, scales):
-    """quantize_row_q6_K_impl for one block with the block's 256 importance weights qw."""
-    _quantize_block(x, qw, out, L, scales, *_scratch16())
+def quantize_block(x, qw, y, s):
+    """quantize_row_q6_K_impl for one block when qw (the block's 256 importance weights) is not empty, else
+    quantize_row_q6_K_ref: x float32[256] -> y uint8[210]."""
+    L, scales, w, work = s
+    _quantize_block(x, qw, y, L, scales, w, work)
 
 
 @njit(cache=True, error_model="numpy")
 def dequantize_block(blk, y):
     """dequantize_row_q6_K for one block: blk uint8[210] -> y float32[256]."""
-    d = fp16_bits_to_fp32(np.int64(blk[_OFF_D]) | (np.int64(blk[_OFF_D + 1]) << 8))
+    d = get_fp16(blk, _OFF_D)
     for h in range(2):
         for l in range(32):
             isc = 8 * h + l // 16
@@ -165,6 +163,9 @@ def quantize_rows(x, imatrix, out):
                 _quantize_block(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, w, work)
             else:
                 _quantize_block(xb, imatrix[0:0], ob, L, scales, w, work)
+
+
+quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -13,8 +13,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .float_types import u32_as_f32
-from .legacy import F32, QK, ROWS_PER_TASK, U32, U64, c_int8, get_fp16, has_nonfinite, put_fp16, roundf
+from .bits import F32, U32, U64, get_fp16, put_fp16, u32_as_f32
+from .blocks import no_row_state, no_scratch
+from .legacy import QK, ROWS_PER_TASK, c_int8, has_nonfinite, roundf
 
 GGML_TYPE = GGMLType.Q8_0
 USES_IMATRIX = False
@@ -23,7 +24,7 @@ BLOCK_BYTES = 34
 
 # --- per block: every C conversion emulated (any input, including NaN/Inf)
 @njit(cache=True, error_model="numpy")
-def quantize_block(x, off, out, o):
+def _quantize_block_at(x, off, out, o):
     amax = F32(0.0)
     for j in range(QK):
         a = abs(x[off + j])
@@ -48,7 +49,7 @@ def block_absmax_bits(xu, base):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_row_fast(xr, orow):
+def _quantize_row_fast(xr, orow):
     """quantize_row_q8_0_ref over a whole row in loops that vectorise: amax as an integer max over the bits,
     roundf as trunc plus a select on the (exact) fraction, the int8 conversion as a plain int32 truncation.
 
@@ -77,13 +78,30 @@ def quantize_row_fast(xr, orow):
 
 
 @njit(cache=True, error_model="numpy")
-def dequantize_block(data, o, y, off):
+def _dequantize_block_at(data, o, y, off):
     d = get_fp16(data, o)
     for j in range(QK):
         q = np.int32(data[o + 2 + j])
         if q >= 128:
             q -= 256
         y[off + j] = F32(q) * d
+
+
+# --- block functions (the registry's convention). The row drivers call the offset forms above directly on
+# whole rows, which saves a view per 32-element block.
+make_scratch = no_scratch
+prepare_row = no_row_state
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, y, s):
+    """quantize_row_q8_0_ref for one block (qw ignored: Q8_0 has no importance path)."""
+    _quantize_block_at(x, 0, y, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_block(y, out):
+    _dequantize_block_at(y, 0, out, 0)
 
 
 # --- row drivers
@@ -98,12 +116,12 @@ def quantize_rows_screened(x, out, bad):
         for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
             xr = x[r]
             orow = out[r]
-            if not quantize_row_fast(xr, orow):
+            if not _quantize_row_fast(xr, orow):
                 if has_nonfinite(xr):
                     bad[r] = True
                 else:
                     for b in range(nb):
-                        quantize_block(xr, b * QK, orow, b * BLOCK_BYTES)
+                        _quantize_block_at(xr, b * QK, orow, b * BLOCK_BYTES)
 
 
 def quantize_rows(x, imatrix, out):
@@ -119,4 +137,4 @@ def dequantize_rows(data, out):
         dr = data[r]
         yr = out[r]
         for b in range(nb):
-            dequantize_block(dr, b * BLOCK_BYTES, yr, b * QK)
+            _dequantize_block_at(dr, b * BLOCK_BYTES, yr, b * QK)

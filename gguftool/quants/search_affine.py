@@ -4,27 +4,22 @@ These mirror llama.cpp's ``make_qkx2_quants``, ``make_qkx3_quants`` and ``make_q
 operation: the same float32 expressions evaluated in the same order, sequential float32 sums, the same
 branches (including the C ``MIN``/``MAX`` ternaries, which matter when NaN/Inf appear) and the same uint8
 truncation where the reference stores an ``int`` into a ``uint8_t``. Two exact shortcuts make them faster than
-the C loops (see ``_qkx_search``): search steps whose levels repeat the previous step's are skipped, and for
+the C loops (see ``qkx_search``): search steps whose levels repeat the previous step's are skipped, and for
 32-element groups the per-step products go through scratch so the sequential sums do not wait on them.
 
 API (all ``@njit(cache=True, error_model="numpy")``: float division by zero gives inf/NaN as in C instead of
 raising; call them from other numba code, or from Python with float32 arrays):
 
-``nearest_int_c(f) -> int``
-    ggml's ``nearest_int`` bit for bit, also outside |f| <= 4194303 (the assert is compiled out in llama.cpp
-    release builds): the low 23 mantissa bits of ``f + 12582912.f`` minus 0x400000. NaN gives 0, +-Inf gives
-    -4194304. Inside the range it is round-half-even (``rint``). Branch-free (a float32 -> int32 bitcast).
-
-``make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None) -> (scale, the_min)``
-    x, weights: float32[n] (weights required); L: uint8[>=n] output levels in [0, nmax]; Laux: uint8[>=n]
-    scratch. rmin, rdelta: the float32 search parameters (cast to float32 inside, so -0.9 means -0.9f);
-    nstep: int; use_mad: bool. fs: optional float32 scratch of at least ``SCRATCH_PER_ELEM * n`` elements
-    (allocated when omitted; pass one from a hot loop). Returns float32 ``scale`` (the C return value) and
-    float32 ``the_min`` (what C writes to ``*the_min``: minus the fitted offset, >= 0).
-    Reconstruction: x ~= scale * L - the_min.
-
 ``make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None) -> (scale, the_min)``
-    Same contract. ``weights.size == 0`` stands for the C ``weights == NULL`` (weights x[i]*x[i]).
+    x, weights: float32[n] (``weights.size == 0`` stands for the C ``weights == NULL``: weights x[i]*x[i]);
+    L: uint8[>=n] output levels in [0, nmax]; Laux: uint8[>=n] scratch. rmin, rdelta: the float32 search
+    parameters (cast to float32 inside, so -0.9 means -0.9f); nstep: int; use_mad: bool. fs: optional float32
+    scratch of at least ``SCRATCH_PER_ELEM * n`` elements (allocated when omitted; pass one from a hot loop).
+    Returns float32 ``scale`` (the C return value) and float32 ``the_min`` (what C writes to ``*the_min``:
+    minus the fitted offset, >= 0). Reconstruction: x ~= scale * L - the_min.
+
+``qkx_search(...)``: the shared body, on offsets into larger arrays; with ``le_check`` False it is
+    ``make_qkx2_quants`` (which the K-types' reference paths call through it directly).
 
 ``make_qp_quants(n, nmax, x, L, quant_weights) -> scale``
     x, quant_weights: float32[n]; L: uint8[>=n] output. Returns the float32 scale (``sumlx / suml2`` or 0).
@@ -32,36 +27,15 @@ raising; call them from other numba code, or from Python with float32 arrays):
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
-F32 = np.float32
-GROUP_MAX_EPS = np.float32(1e-15)
+from .bits import GROUP_MAX_EPS, nearest_int_c
+
 SCRATCH_PER_ELEM = 5
 
 
-@intrinsic
-def _f32_bits(typingctx, f):
-    """The int32 bit pattern of a float32 (a register bitcast)."""
-    if f != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
 @njit(cache=True, inline="always", error_model="numpy")
-def nearest_int_c(f):
-    """ggml nearest_int, bit-exact for every float32 input (see module docstring)."""
-    b = _f32_bits(np.float32(np.float32(f) + np.float32(12582912.0)))
-    return (int(b) & 0x7FFFFF) - 0x400000
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, use_mad, le_check, fs):
+def qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, use_mad, le_check, fs):
     """Shared body of make_qkx2_quants (le_check False: ``max == min``) and make_qkx3_quants (``max <= min``).
 
     Works on x[xo:xo+n], weights[wo:wo+n], L[lo:lo+n] through offsets (no array views, so no reference
@@ -180,25 +154,16 @@ def _qkx_search(n, nmax, x, xo, weights, wo, L, lo, Laux, rmin, rdelta, nstep, u
 
 
 @njit(cache=True, error_model="numpy")
-def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None):
-    if fs is None:
-        scratch = np.empty(SCRATCH_PER_ELEM * n, np.float32)
-    else:
-        scratch = fs
-    return _qkx_search(n, nmax, x, 0, weights, 0, L, 0, Laux, rmin, rdelta, nstep, use_mad, False, scratch)
-
-
-@njit(cache=True, error_model="numpy")
 def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, fs=None):
     if fs is None:
         scratch = np.empty(SCRATCH_PER_ELEM * n, np.float32)
     else:
         scratch = fs
     if weights.size > 0:
-        return _qkx_search(n, nmax, x, 0, weights, 0, L, 0, Laux, rmin, rdelta, nstep, use_mad, True, scratch)
+        return qkx_search(n, nmax, x, 0, weights, 0, L, 0, Laux, rmin, rdelta, nstep, use_mad, True, scratch)
     for i in range(n):                     # C: weights == NULL -> x[i]*x[i], kept in scratch[4n:5n]
         scratch[4 * n + i] = x[i] * x[i]
-    return _qkx_search(n, nmax, x, 0, scratch, 4 * n, L, 0, Laux, rmin, rdelta, nstep, use_mad, True, scratch)
+    return qkx_search(n, nmax, x, 0, scratch, 4 * n, L, 0, Laux, rmin, rdelta, nstep, use_mad, True, scratch)
 
 
 @njit(cache=True, error_model="numpy")

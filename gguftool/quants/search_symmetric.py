@@ -22,9 +22,8 @@ API (all arrays 1-D, at least n long; slices of bigger arrays are fine, they are
         ggml's make_q3_quants (Q3_K reference path, n=16, nmax=4, do_rmse=True): rounding followed by up
         to 5 passes of coordinate descent on the weighted (w = x*x) error. Writes L[0:n], returns the scale.
 
-    nearest_int_c(fval) -> int
-        ggml's nearest_int including its behaviour outside |fval| <= 2^22 (low mantissa bits of
-        fval + 12582912.f; NaN -> 0), which the searches reach when sums are tiny, overflowed or NaN.
+    (rounding: quants.bits.nearest_int_c, ggml's nearest_int including its behaviour outside |fval| <= 2^22,
+    which the searches reach when sums are tiny, overflowed or NaN.)
 
 Fast variants used by the Q6_K / Q3_K kernels (bit-identical to the above for FINITE x; offsets instead of
 views so the compiled loops vectorize; inline="always"):
@@ -37,8 +36,6 @@ views so the compiled loops vectorize; inline="always"):
         = make_q3_quants(n, nmax, x[xo:], L[lo:], True); work: float32[>= 2*n] scratch.
 
 All functions use error_model="numpy" (IEEE division: x/0 -> inf/NaN like C, not ZeroDivisionError).
-Numba's on-disk cache keys a function on its own source file only: after editing this module, delete the
-cached kernels of the modules that call it (gguftool/quants/__pycache__/*.nbi|nbc) or they keep the old code.
 """
 from __future__ import annotations
 
@@ -47,34 +44,10 @@ import math
 import numpy as np
 from numba import njit
 
-from gguftool.quants.common import nearest_int
-
-F32 = np.float32
-GROUP_MAX_EPS = np.float32(1e-15)
-_MAGIC = np.float32(12582912.0)         # 1.5 * 2^23
+from .bits import GROUP_MAX_EPS, nearest_int_c
 
 
-# --- rounding with the reference's out-of-range behaviour
-@njit(cache=True, error_model="numpy")
-def _nearest_int_bits(fval):
-    """Low 23 mantissa bits of float32(fval + 12582912.f) minus 2^22, as the C code computes them."""
-    val = np.float32(np.float32(fval) + _MAGIC)
-    if val != val:
-        return 0                        # x86 default NaN 0x7FC00000: mantissa 0x400000
-    a = abs(val)
-    if a == np.inf or a == 0:
-        return -0x400000                # mantissa field 0
-    m, e = math.frexp(float(a))         # a = m * 2^e, m in [0.5, 1): mantissa field = m*2^24 - 2^23
-    return int(m * 16777216.0) - 8388608 - 0x400000
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def nearest_int_c(fval):
-    if abs(fval) <= np.float32(4194303.0):
-        return nearest_int(fval)
-    return _nearest_int_bits(fval)
-
-
+# --- helpers
 @njit(cache=True, inline="always", error_model="numpy")
 def _clamp(l, lo, hi):
     if l > hi:
