@@ -191,13 +191,20 @@ def _inode(path: str) -> "tuple[int, int] | None":
 
 
 def complete_gguf(path: Path) -> bool:
-    """The file is a whole GGUF file (its header parses and every tensor's data lies inside the file)."""
+    """The file is a whole GGUF file (its header parses and every tensor's data lies inside the file), or a whole
+    legacy .dat imatrix (imatrix --output-format dat writes one under whatever name -o gives)."""
     from gguftool.errors import GGUFError
     from gguftool.gguf.reader import GGUFReader
+    from gguftool.importance.files import read_imatrix
     try:
-        with GGUFReader(path):
-            return True
-    except GGUFError:
+        with open(path, "rb") as f:
+            is_gguf = f.read(4) == b"GGUF"
+        if is_gguf:
+            with GGUFReader(path):
+                return True
+        read_imatrix(path)
+        return True
+    except (GGUFError, OSError):
         return False
 
 

@@ -64,6 +64,10 @@ class SafetensorsTensor:
         """The stored values as a read-only view of the memory map (uint16 words for BF16)."""
         np_dtype = SUPPORTED_DTYPES[self.dtype][1]
         buf = self.file.buffer()
+        if self.offset + self.nbytes > len(buf):   # checked against the header when opened: shrunk since then
+            raise ConvertError(f"{self.file.path}: the file is {len(buf)} bytes now, too short for tensor "
+                               f"{self.name!r} (bytes {self.offset}..{self.offset + self.nbytes}): "
+                               f"was it truncated or replaced while being read?")
         arr = np.frombuffer(buf, dtype=np_dtype, count=self.n_elements, offset=self.offset)
         return arr.reshape(self.shape)
 

@@ -166,6 +166,12 @@ def chunk_nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
     return float(v.sum()), float((v * v).sum())
 
 
+def _exp(mean_nll: float) -> float:
+    """exp() of a mean negative log-likelihood: a model whose weights make the logits explode has an infinite
+    perplexity (printed as inf, as llama.cpp prints it), not an OverflowError."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+
+
 # --- inputs
 
 
@@ -288,7 +294,7 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
                 nll += a
                 nll2 += b
                 count += n_ctx - first - 1
-                running.append(math.exp(nll / count))
+                running.append(_exp(nll / count))
             if on_chunk is not None:
                 on_chunk(i + j + 1, collector)
             if progress is not None:
@@ -297,7 +303,7 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
     if compute_ppl and count:
         m1 = nll / count
         m2 = nll2 / count - m1 * m1
-        ppl = math.exp(m1)
-        ppl_err = math.sqrt(m2 / (count - 1)) * ppl if m2 > 0 and count > 1 else float("nan")
+        ppl = _exp(m1)
+        ppl_err = math.sqrt(m2 / (count - 1)) * ppl if m2 > 0 and count > 1 and ppl < math.inf else float("nan")
     im = collector.result(dataset)
     return ImatrixRun(im, len(tokens), n_chunk, ppl, ppl_err, running, time.time() - t_start)

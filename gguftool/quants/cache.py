@@ -47,7 +47,7 @@ def configure() -> None:
     """Point numba's cache at cache_dir(), unless NUMBA_CACHE_DIR is set or the folder is not writable."""
     import numba
 
-    if os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR:  # type: ignore[attr-defined]  (set at run time)
+    if os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR:  # type: ignore[attr-defined]
         return
     try:
         path = cache_dir()

@@ -202,12 +202,16 @@ def _tokenizer_lines(reader: GGUFReader) -> list[str]:
     if model is None:
         return []
     tokens = reader.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):    # absent, or (in a damaged file) not an array: shown as it is, not used
+        tokens = None
     n_vocab = len(tokens) if tokens is not None else 0
+    merges = reader.get("tokenizer.ggml.merges")
     lines = ["Tokenizer:",
              f"  model {model!s}, pre-tokenizer {reader.get('tokenizer.ggml.pre', '(none)')!s}, "
-             f"vocabulary {n_vocab} tokens"
-             + (f", {len(reader.get('tokenizer.ggml.merges'))} merges" if "tokenizer.ggml.merges" in reader
-                else "")]
+             + (f"vocabulary {n_vocab} tokens" if tokens is not None or "tokenizer.ggml.tokens" not in reader
+                else "vocabulary not an array")
+             + ("" if "tokenizer.ggml.merges" not in reader
+                else f", {len(merges)} merges" if isinstance(merges, list) else ", merges not an array")]
     ids = []
     for label, key in _TOKEN_ID_KEYS:
         tid = reader.get(key)
