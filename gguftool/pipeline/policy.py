@@ -19,8 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from ..errors import PolicyError
 from ..gguf.constants import GGMLType
+from ..gguf.values import GGUFArray
 
 # --- file types (llama.h enum llama_ftype; the value is what general.file_type holds)
 
@@ -142,15 +145,16 @@ class ModelParams:
             v = get(key)
             if v is None:
                 return default
-            values = getattr(v, "values", None)  # GGUFArray (per-layer values): llama.cpp uses layer 0 here
-            if values is not None:
-                if len(values) == 0:
+            if isinstance(v, GGUFArray):   # per-layer values: llama.cpp uses layer 0 here
+                if len(v.values) == 0:
                     raise PolicyError(f"metadata key {key} is an empty array")
-                v = values[0]
-            try:
-                return int(v)
-            except (TypeError, ValueError):
-                raise PolicyError(f"metadata key {key} is not an integer: {v!r}") from None
+                v = v.values[0]
+            # integers only (a string, float or bool is a damaged file, not a count), within llama.cpp's int32
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise PolicyError(f"metadata key {key} is not an integer: {v!r}")
+            if not 0 <= int(v) < 2**31:
+                raise PolicyError(f"metadata key {key} is out of range: {int(v)}")
+            return int(v)
 
         n_layer = first(f"{arch}.block_count", None)
         if n_layer is None or n_layer <= 0:
