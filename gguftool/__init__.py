@@ -1,7 +1,7 @@
 """gguftool: convert, quantize, inspect and edit GGUF files, byte-identical to llama.cpp.
 
 The jobs (gguftool.api): ``convert`` (Hugging Face checkpoint -> GGUF), ``quantize_file`` (GGUF -> GGUF),
-``edit_file`` (metadata), ``GGUFReader`` (reading); ``plan_convert`` / ``plan_quantize`` give the plan before
+``edit_file`` (metadata), ``imatrix`` (importance matrix from calibration text), ``GGUFReader`` (reading); ``plan_convert`` / ``plan_quantize`` give the plan before
 anything is written. Arrays: ``quantize`` / ``dequantize`` (float32 rows <-> ggml blocks).
 
 The public API is imported lazily so that light commands (``gguftool inspect``) never load numba.
@@ -20,10 +20,12 @@ if TYPE_CHECKING:   # what the lazy names are, for type checkers and editors
     from .gguf.reader import GGUFReader
     from .gguf.values import KV, GGUFArray
     from .gguf.writer import GGUFWriter
+    from .importance.run import ImatrixResult
+    from .importance.run import compute_imatrix_file as imatrix
     from .quants import dequantize, quantize
     from .tools.edit import EditResult, edit_file
 
-# public name -> module that defines it
+# public name -> module that defines it ("module:name" where the module calls it otherwise)
 _LAZY = {
     "convert": "gguftool.api",
     "quantize_file": "gguftool.api",
@@ -33,7 +35,8 @@ _LAZY = {
     "Job": "gguftool.api",
     "edit_file": "gguftool.tools.edit",
     "EditResult": "gguftool.tools.edit",
-    # "imatrix": the integrator wires gguftool.importance.run.compute_imatrix here, in __all__ and in TYPE_CHECKING
+    "imatrix": "gguftool.importance.run:compute_imatrix_file",
+    "ImatrixResult": "gguftool.importance.run",
     "quantize": "gguftool.quants",
     "dequantize": "gguftool.quants",
     "GGUFReader": "gguftool.gguf.reader",
@@ -49,7 +52,7 @@ _LAZY = {
 
 __all__ = [
     "convert", "quantize_file", "plan_convert", "plan_quantize", "QuantizeOptions", "Job", "edit_file", "EditResult",
-    "GGUFReader", "GGUFWriter", "GGMLType", "GGUFValueType", "KV", "GGUFArray", "quantize", "dequantize",
+    "imatrix", "ImatrixResult", "GGUFReader", "GGUFWriter", "GGMLType", "GGUFValueType", "KV", "GGUFArray", "quantize", "dequantize",
     "GGUFError", "FormatError", "QuantError", "__version__",
 ]
 
@@ -58,6 +61,7 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'gguftool' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attr = module.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
     globals()[name] = value
     return value

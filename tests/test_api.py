@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import gguftool
-from conftest import ROOT, TINY_GGUF, TINY_LLAMA, run_cli
+from conftest import CALIB, ROOT, TINY_GGUF, TINY_LLAMA, run_cli
 from gguftool.errors import PolicyError
 
 
@@ -29,6 +29,17 @@ def test_quantize_file_through_the_api_equals_the_cli(tmp_path):
     assert r.exit_code == 0, r.stderr
     options = gguftool.QuantizeOptions(tensor_types=["attn_v=q8_0"], override_kv=["general.name=str:x"])
     gguftool.quantize_file(TINY_GGUF, api_out, type="Q4_0", allow_requantize=True, options=options)
+    assert api_out.read_bytes() == cli_out.read_bytes()
+
+
+@pytest.mark.slow
+def test_imatrix_through_the_api_equals_the_cli(tmp_path):
+    cli_out, api_out = tmp_path / "cli.gguf", tmp_path / "api.gguf"
+    r = run_cli("imatrix", TINY_LLAMA, "-f", CALIB, "-o", cli_out, "-c", "64", "--chunks", "3", "-t", "1", "-q")
+    assert r.exit_code == 0, r.stderr
+    result = gguftool.imatrix(TINY_LLAMA, CALIB, api_out, n_ctx=64, n_chunks=3, threads=1)
+    assert isinstance(result, gguftool.ImatrixResult) and result.n_chunks == 3
+    assert f"Final estimate: PPL = {result.ppl:.4f}" in r.stdout
     assert api_out.read_bytes() == cli_out.read_bytes()
 
 
