@@ -11,6 +11,7 @@ and within each shard the tensor names sorted (as gguf-py's ``SafetensorsLocal``
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -55,10 +56,7 @@ class SafetensorsTensor:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def array(self) -> np.ndarray:
         """The stored values as a read-only view of the memory map (uint16 words for BF16)."""

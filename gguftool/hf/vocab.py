@@ -447,8 +447,9 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
     return [t.decode("utf-8", errors="surrogateescape") for t in tokens], scores, types
 
 
-def _spm_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo, phi3: bool = False) -> None:
-    tokens, scores, types = sentencepiece_vocab(directory, hp.get("vocab_size"), info, phi3)
+def _llama_vocab(directory: Path, kv: KVList, info: VocabInfo, tokens: list, scores: list, types: list,
+                 source: str) -> None:
+    """The metadata of a SentencePiece-style ("llama") vocabulary with its special tokens, read from ``source``."""
     kv.string("tokenizer.ggml.model", "llama")
     kv.string("tokenizer.ggml.pre", "default")
     kv.extend([_str_array("tokenizer.ggml.tokens", tokens),
@@ -457,8 +458,13 @@ def _spm_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo, phi3: bool 
     sv = SpecialVocab(directory, n_vocab=len(tokens))
     sv.add_to(kv)
     info.warnings += sv.warnings
-    info.model, info.pre, info.n_tokens, info.source = "llama", "default", len(tokens), "tokenizer.model"
+    info.model, info.pre, info.n_tokens, info.source = "llama", "default", len(tokens), source
     info.special = dict(sv.ids)
+
+
+def _spm_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo, phi3: bool = False) -> None:
+    tokens, scores, types = sentencepiece_vocab(directory, hp.get("vocab_size"), info, phi3)
+    _llama_vocab(directory, kv, info, tokens, scores, types, "tokenizer.model")
 
 
 # --- tokenizer.json
@@ -582,16 +588,7 @@ def _llama_hf_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo) -> Non
         tokens.append(t)
         scores.append(-1000.0)
         types.append(CONTROL if t in special_texts and vocab_all.get(t) in special_ids else USER_DEFINED)
-    kv.string("tokenizer.ggml.model", "llama")
-    kv.string("tokenizer.ggml.pre", "default")
-    kv.extend([_str_array("tokenizer.ggml.tokens", tokens),
-               _array("tokenizer.ggml.scores", GGUFValueType.FLOAT32, scores),
-               _array("tokenizer.ggml.token_type", GGUFValueType.INT32, types)])
-    sv = SpecialVocab(directory, n_vocab=len(tokens))
-    sv.add_to(kv)
-    info.warnings += sv.warnings
-    info.model, info.pre, info.n_tokens, info.source = "llama", "default", len(tokens), "tokenizer.json"
-    info.special = dict(sv.ids)
+    _llama_vocab(directory, kv, info, tokens, scores, types, "tokenizer.json")
 
 
 # --- per-architecture set_vocab

@@ -15,6 +15,7 @@ llama.cpp can never fire for ours and are left out.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -466,10 +467,7 @@ class TensorPlan:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def src_nbytes(self) -> int:

@@ -7,6 +7,7 @@ time, on demand, so nothing holds the whole model in memory.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,10 +25,7 @@ class SourceTensor(abc.ABC):
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @abc.abstractmethod
     def read_f32(self) -> np.ndarray:
