@@ -87,8 +87,10 @@ def _check_output(out: str, inputs: dict[tuple[int, int], str], overwrite: bool)
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise OutputError(f"{out}: output directory {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: cannot write to the output directory {folder} (permission denied)")
+    try:   # a real file made and dropped at once: os.access says yes to root even on a read-only filesystem
+        OutputFile(out, overwrite=True).abort()
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write to the output directory {folder} ({e.strerror})") from None
 
 
 # --- writing
