@@ -144,6 +144,7 @@ def _convert_args(big, out):
     return ["convert", big["hf"], "-o", out, "--type", "Q4_K_M", "--threads", "1"]
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 @pytest.mark.parametrize("command", ["quantize", "convert"])
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT", "SIGKILL"])
 def test_signal_mid_run_leaves_nothing(big, tmp_path, command, sig):
@@ -166,6 +167,7 @@ def test_signal_mid_run_leaves_nothing(big, tmp_path, command, sig):
     assert {**tree_hash(inputs), **{f"hf/{k}": v for k, v in tree_hash(big["hf"]).items()}} == before
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_signal_during_imatrix(big, tmp_path, sig):
     # interrupted while computing (the checkpoint is mapped once the weights are loaded): no output, and the
@@ -197,6 +199,7 @@ def test_signal_during_imatrix(big, tmp_path, sig):
         assert read_imatrix(out_dir / name).entries
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_signal_with_named_temp_file_fallback(big, tmp_path, sig):
     # where O_TMPFILE is refused the file has a name while it is written: the signal handlers remove it
@@ -211,6 +214,7 @@ def test_signal_with_named_temp_file_fallback(big, tmp_path, sig):
     assert os.listdir(out_dir) == [], err
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 def test_input_truncated_underneath(big, tmp_path):
     # the input shrinks while it is read: SIGBUS (memory map) or a read error; either way nothing is left
     src = tmp_path / "in.gguf"
@@ -227,6 +231,7 @@ def test_input_truncated_underneath(big, tmp_path):
     assert os.listdir(out_dir) == []
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 def test_completed_run_leaves_only_the_output(big, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gguftool.quants import cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +40,7 @@ def test_digest_follows_every_source_file(tmp_path):
     assert cache.sources_digest(pkg) != before
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 def test_cache_folder_outside_the_package_and_shared(tmp_path):
     """Two processes starting at once both compile into the same user cache folder and both succeed."""
     env = _env(tmp_path)
@@ -54,6 +57,7 @@ def test_cache_folder_outside_the_package_and_shared(tmp_path):
     assert list(folder.rglob("*.nbc")), "no compiled code written"
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 def test_user_setting_wins(tmp_path):
     env = _env(tmp_path)
     env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
@@ -63,6 +67,7 @@ def test_user_setting_wins(tmp_path):
     assert not (tmp_path / "xdg" / "gguftool").exists()
 
 
+@pytest.mark.slow   # subprocesses: a second or more
 def test_unusable_cache_root_falls_back_to_numba_default(tmp_path):
     env = _env(tmp_path)
     (tmp_path / "xdg").write_text("a file where the cache root should be")
