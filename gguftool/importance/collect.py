@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from ..errors import ImatrixError
+from ..model.forward import ExpertHook
 from .files import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ __all__ = ["ImatrixCollector", "ImatrixRun", "check_run_options", "compute_imatr
 # --- the collector
 
 
-class ImatrixCollector:
+class ImatrixCollector(ExpertHook):
     """Accumulates per-weight column sums of squared inputs (float64) and row counts; the forward pass hook."""
 
     def __init__(self, chunk_size: int, process_output: bool = False, output_name: str = "output.weight"):

@@ -39,10 +39,22 @@ from .weights import WeightStore, layer_of
 if TYPE_CHECKING:
     from ..pipeline.source import TensorSource
 
-__all__ = ["Hook", "Model", "ModelConfig", "rms_norm", "rope_cache"]
+__all__ = ["ExpertHook", "Hook", "Model", "ModelConfig", "rms_norm", "rope_cache"]
 
 # hook(weight_names, x): x is the (n_tokens, n_in) float32 input of a matmul by each of the named weights
 Hook = Callable[[Sequence[str], np.ndarray], None]
+
+
+class ExpertHook:
+    """A hook that also wants the experts' matmul inputs of a mixture-of-experts layer (llama-imatrix collects
+    MUL_MAT_ID inputs per expert). A plain Hook callable sees only the dense matmuls."""
+
+    def __call__(self, names: Sequence[str], x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def experts(self, names: Sequence[str], expert: int, x: np.ndarray, n_expert: int) -> None:
+        """x: the (n_routed_tokens, n_in) input of expert ``expert`` of ``n_expert`` for each of the named weights."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -481,7 +493,7 @@ class Model:
     def _moe_ffn(self, h: np.ndarray, p: str, hook) -> np.ndarray:
         """llm_graph_context::build_moe_ffn with softmax gating, normalized weights, SiLU experts: the router picks
         n_expert_used experts per token (top probabilities), each runs its gate/up/down FFN, and the outputs are
-        summed with the renormalized router probabilities. ``hook.experts(names, e, x, n_expert)`` (if the hook has it)
+        summed with the renormalized router probabilities. ``hook.experts(names, e, x, n_expert)`` (an ExpertHook)
         receives each expert's matmul inputs, as llama-imatrix collects MUL_MAT_ID inputs."""
         cfg = self.cfg
         logits = self._matmul(h, p + "ffn_gate_inp.weight")
@@ -494,7 +506,7 @@ class Model:
         weights /= np.maximum(weights.sum(axis=1, keepdims=True), np.float32(6.103515625e-5))
         if cfg.expert_weights_scale not in (0.0, 1.0):
             weights *= np.float32(cfg.expert_weights_scale)
-        collect = getattr(hook, "experts", None) if hook is not None else None
+        collect = hook.experts if isinstance(hook, ExpertHook) else None
         out = np.zeros_like(h)
         for res in self.workers.map(partial(self._expert_ffn, h, p, sel, weights), range(cfg.n_expert)):
             if res is None:
