@@ -92,7 +92,7 @@ def report_errors(func):
         except BrokenPipeError:
             raise    # stdout's reader went away (`gguftool ... | head`): the entry point ends quietly (cli/__init__)
         except OSError as e:
-            where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+            where = f" {e.filename!r}" if e.filename else ""
             fail(f"{e.strerror or e}{':' if where else ''}{where}")
         except KeyboardInterrupt:
             fail("interrupted")
