@@ -380,8 +380,9 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
-    except (OSError, RuntimeError) as e:
-        raise ConvertError(f"{path}: cannot load SentencePiece model ({str(e).splitlines()[0]})") from None
+    except (OSError, RuntimeError, ValueError) as e:   # ValueError: UnicodeDecodeError of a damaged piece
+        raise ConvertError(f"{path}: cannot load SentencePiece model ({(str(e).splitlines() or [type(e).__name__])[0]})"
+                           ) from None
     n = vocab_size or sp.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(n)]
     scores = [-10000.0] * n
@@ -399,7 +400,10 @@ def sentencepiece_vocab(directory: Path, vocab_size: int | None, info: VocabInfo
             t = UNUSED
         elif sp.IsByte(i):
             t = BYTE
-        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        try:
+            tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        except UnicodeDecodeError:
+            raise ConvertError(f"{path}: token {i} is not valid UTF-8 (a damaged SentencePiece model)") from None
         scores[i] = sp.GetScore(i)
         types[i] = t
     added = directory / "added_tokens.json"
