@@ -200,6 +200,7 @@ def test_cli_ppl_and_json(models, tmp_path):
     j = run_cli("perplexity", "-m", models["f32"], "-f", TEXT, "-c", CTX, "--chunks", 2, "--json", "-q")
     doc = json.loads(j.stdout)
     assert doc["mode"] == "perplexity" and doc["ppl"] == api.ppl and doc["kl_divergence"] is None
+    assert "NaN" not in j.stdout and "Infinity" not in j.stdout
 
 
 def test_cli_kld_base_and_statistics(models, tmp_path):

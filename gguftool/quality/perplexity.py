@@ -13,6 +13,7 @@ file is opened, the base file's path before the model is evaluated.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -64,7 +65,18 @@ class PerplexityResult:
                                            "seconds")}
         d["tokens_per_second"] = self.tokens_per_second
         d["kl_divergence"] = self.kld.to_dict() if self.kld is not None else None
-        return d
+        return _finite_or_none(d)
+
+
+def _finite_or_none(x):
+    """JSON has no NaN or infinity: an undefined figure (an error estimate from one token) is null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 def _check_options(n_ctx: int | None, n_chunks: int, batch: int, threads: int | None, kl_divergence: bool,
