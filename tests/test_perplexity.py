@@ -1,11 +1,15 @@
 """gguftool perplexity: llama-perplexity's perplexity, its base logits file and its KL-divergence statistics.
 
-Agreement with llama.cpp: the same chunks are evaluated by llama-cpp-python (``logits_all``) and the perplexity
-is computed in the test with perplexity.cpp's rule (BOS in place of each chunk's first token, positions
-n_ctx/2 .. n_ctx-2 scored, float exp, double sums). Ours must be within 0.1 %: the logits of both forward passes
-differ by float32 summation order (and, for quantized weights, by what activations.py emulates of ggml's
-activation rounding), ~1e-4 relative per logit; an error ε per token's log-probability moves the perplexity by
-exp(mean ε) - 1, so 0.1 % (1e-3 in the mean log-probability) is ten times the expected scatter.
+Agreement with llama.cpp: the same chunks are evaluated by llama-cpp-python (``logits_all``, flash attention as
+llama-perplexity's default ``-fa auto`` picks on CPU) and the perplexity is computed in the test with
+perplexity.cpp's rule (BOS in place of each chunk's first token when the vocabulary adds one, positions
+n_ctx/2 .. n_ctx-2 scored, float exp, double sums). Ours must be within 0.1 %, the issue's bound. The two forward
+passes differ per token (float32 summation order; for quantized weights what activations.py does not emulate), and
+on a small quantized model that scatter is large per chunk: on SmolLM2-135M Q4_1, 2 chunks of 512 differ by 0.29 %
+(llama.cpp without flash attention) and 0.74 % (with it) - llama.cpp's own two attention paths differ by 0.45 % there
+- while over the whole text (21 chunks, 5355 scored tokens) the differences are 0.046 % and 0.066 %. So the SmolLM2
+test evaluates every chunk of the text (slow: ~3.5 minutes at 2 threads); the F32 tiny-llama agreed to 2e-5
+(measured on 8 chunks of 128).
 """
 from __future__ import annotations
 
@@ -89,8 +93,9 @@ def test_ppl_matches_llama_cpp_tiny_llama(models):
 
 @pytest.mark.slow
 def test_ppl_matches_llama_cpp_smollm2(smollm2_gguf):
-    ref, tokens = _llama_cpp_ppl(smollm2_gguf, CALIB, 512, 2)
-    ours = gguftool.perplexity(smollm2_gguf, CALIB, n_ctx=512, n_chunks=2, threads=2)
+    ours = gguftool.perplexity(smollm2_gguf, CALIB, n_ctx=512, threads=2)
+    assert ours.n_chunks == 21
+    ref, tokens = _llama_cpp_ppl(smollm2_gguf, CALIB, 512, ours.n_chunks)
     assert ours.n_tokens == len(tokens)
     assert abs(ours.ppl / ref - 1) < 1e-3, (ours.ppl, ref)
 
