@@ -1,7 +1,8 @@
 """gguftool: convert, quantize, inspect and edit GGUF files, byte-identical to llama.cpp.
 
 The jobs (gguftool.api): ``convert`` (Hugging Face checkpoint -> GGUF), ``quantize_file`` (GGUF -> GGUF),
-``edit_file`` (metadata), ``imatrix`` (importance matrix from calibration text), ``GGUFReader`` (reading); ``plan_convert`` / ``plan_quantize`` give the plan before
+``edit_file`` (metadata), ``imatrix`` (importance matrix from calibration text), ``perplexity``
+(perplexity and KL-divergence on a text), ``GGUFReader`` (reading); ``plan_convert`` / ``plan_quantize`` give the plan before
 anything is written. Arrays: ``quantize`` / ``dequantize`` (float32 rows <-> ggml blocks).
 
 The public API is imported lazily so that light commands (``gguftool inspect``) never load numba.
@@ -22,6 +23,8 @@ if TYPE_CHECKING:   # what the lazy names are, for type checkers and editors
     from .gguf.writer import GGUFWriter
     from .importance.run import ImatrixResult
     from .importance.run import compute_imatrix_file as imatrix
+    from .quality.perplexity import PerplexityResult
+    from .quality.perplexity import compute_perplexity as perplexity
     from .quants import dequantize, quantize
     from .tools.edit import EditResult, edit_file
 
@@ -37,6 +40,8 @@ _LAZY = {
     "EditResult": "gguftool.tools.edit",
     "imatrix": "gguftool.importance.run:compute_imatrix_file",
     "ImatrixResult": "gguftool.importance.run",
+    "perplexity": "gguftool.quality.perplexity:compute_perplexity",
+    "PerplexityResult": "gguftool.quality.perplexity",
     "quantize": "gguftool.quants",
     "dequantize": "gguftool.quants",
     "GGUFReader": "gguftool.gguf.reader",
@@ -52,7 +57,7 @@ _LAZY = {
 
 __all__ = [
     "convert", "quantize_file", "plan_convert", "plan_quantize", "QuantizeOptions", "Job", "edit_file", "EditResult",
-    "imatrix", "ImatrixResult", "GGUFReader", "GGUFWriter", "GGMLType", "GGUFValueType", "KV", "GGUFArray", "quantize", "dequantize",
+    "imatrix", "ImatrixResult", "perplexity", "PerplexityResult", "GGUFReader", "GGUFWriter", "GGMLType", "GGUFValueType", "KV", "GGUFArray", "quantize", "dequantize",
     "GGUFError", "FormatError", "QuantError", "__version__",
 ]
 

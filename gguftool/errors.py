@@ -32,3 +32,7 @@ class ImatrixError(GGUFError):
 
 class OutputError(GGUFError):
     """An output file cannot be written where asked (an input file, a directory, exists without --force ...)."""
+
+
+class PerplexityError(GGUFError):
+    """A perplexity or KL-divergence run cannot be done, or its base logits file is unusable."""

@@ -25,6 +25,7 @@ COMMANDS = {
     "inspect": ("gguftool.cli.inspect_cmd", "Show what a GGUF file holds: metadata, tokenizer, tensors."),
     "edit": ("gguftool.cli.edit_cmd", "Change a GGUF file's metadata without touching its tensors."),
     "imatrix": ("gguftool.cli.imatrix_cmd", "Compute an importance matrix from calibration text."),
+    "perplexity": ("gguftool.cli.perplexity_cmd", "Perplexity and KL-divergence on a text, as llama-perplexity."),
 }
 
 

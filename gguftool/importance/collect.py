@@ -19,8 +19,6 @@ The result is an :class:`gguftool.importance.files.Imatrix`, written with ``writ
 """
 from __future__ import annotations
 
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -29,6 +27,8 @@ import numpy as np
 
 from ..errors import ImatrixError
 from ..model.forward import ExpertHook
+from ..model.chunks import (chunk_batches, chunk_count, chunk_nll, open_model, ppl_estimate, read_text, safe_exp,
+                            scored_range, tokenize_text)
 from .files import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
 
 if TYPE_CHECKING:
@@ -153,61 +153,17 @@ class ImatrixCollector(ExpertHook):
         return Imatrix(entries, datasets, self.chunk_count, self.chunk_size, is_legacy=False, has_metadata=True)
 
 
-# --- perplexity
-
-
-def chunk_nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
-    """Sum of -log p(target) and of its square over rows (llama-imatrix's log_softmax: float exp, double sum)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    mx = logits.max(axis=1, keepdims=True)
-    sh = logits - mx
-    sum_exp = np.exp(sh).sum(axis=1, dtype=np.float64)
-    lp = sh[np.arange(len(targets)), targets].astype(np.float64) - np.log(sum_exp)
-    v = -lp
-    return float(v.sum()), float((v * v).sum())
-
-
-def _exp(mean_nll: float) -> float:
-    """exp() of a mean negative log-likelihood: a model whose weights make the logits explode has an infinite
-    perplexity (printed as inf, as llama.cpp prints it), not an OverflowError."""
-    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
-
-
-# --- inputs
+# --- inputs (the shared pieces live in gguftool.model.chunks)
 
 
 def read_calibration_text(path: str) -> str:
     """The file as UTF-8 text, without one trailing newline (llama.cpp's ``-f`` drops it too)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ImatrixError(f"{path}: no such calibration file") from None
-    except IsADirectoryError:
-        raise ImatrixError(f"{path}: is a directory, not a calibration text file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ImatrixError(f"{path}: calibration text is not valid UTF-8 (byte {e.start}: "
-                           f"0x{raw[e.start]:02x})") from None
-    return text[:-1] if text.endswith("\n") else text
+    return read_text(path, ImatrixError, "calibration")
 
 
 def load_model(path: str) -> "GGUFSource | HFSource":
     """Open a GGUF file or a Hugging Face checkpoint (directory or .safetensors) as a TensorSource."""
-    if not os.path.exists(path):
-        raise ImatrixError(f"{path}: no such model file or directory")
-    is_gguf = False
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            is_gguf = f.read(4) == b"GGUF"
-    if is_gguf:
-        from ..gguf.source import open_gguf_source
-        return open_gguf_source(path)
-    if os.path.isdir(path) or path.endswith(".safetensors"):
-        from ..hf.source import open_hf_source
-        return open_hf_source(path, outtype="f32")
-    raise ImatrixError(f"{path}: not a GGUF file nor a Hugging Face checkpoint")
+    return open_model(path, ImatrixError)
 
 
 def merge_imatrix_files(collector: ImatrixCollector, paths: Sequence[str]) -> None:
@@ -267,25 +223,18 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
     collector = ImatrixCollector(n_ctx, process_output)
     for p in in_files:
         collector.merge(read_imatrix(p))
-    tokens = np.asarray(tokenizer.tokenize(text, add_special=True, parse_special=False), dtype=np.int64)
-    if len(tokens) < 2 * n_ctx:
-        raise ImatrixError(f"the calibration text tokenizes to only {len(tokens)} tokens; a context of {n_ctx} "
-                           f"needs at least {2 * n_ctx}")
-    n_chunk_max = len(tokens) // n_ctx
-    n_chunk = n_chunk_max if n_chunks is None or n_chunks < 0 else min(n_chunks, n_chunk_max)
+    tokens = tokenize_text(tokenizer, text, n_ctx, ImatrixError, "calibration")
+    n_chunk = chunk_count(len(tokens), n_ctx, n_chunks)
     n_seq = max(1, batch_tokens // n_ctx)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    first = n_ctx // 2
+    first, last = scored_range(n_ctx)
     nll = nll2 = 0.0
     count = 0
     running: list[float] = []
     hook = collector
-    for i in range(0, n_chunk, n_seq):
-        nb = min(n_seq, n_chunk - i)
-        batch = tokens[i * n_ctx:(i + nb) * n_ctx].reshape(nb, n_ctx).copy()
-        if bos is not None:
-            batch[:, 0] = bos
-        lo, hi = (first, n_ctx - 1) if compute_ppl else (0, 0)
+    for i, batch in chunk_batches(tokens, n_ctx, n_chunk, n_seq, bos):
+        nb = batch.shape[0]
+        lo, hi = (first, last) if compute_ppl else (0, 0)
         logits = model.forward(batch, hook=hook, logits_from=lo, logits_to=hi, process_output=process_output)
         for j in range(nb):
             if compute_ppl:
@@ -294,17 +243,14 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
                 a, b = chunk_nll(logits[j], targets)
                 nll += a
                 nll2 += b
-                count += n_ctx - first - 1
-                running.append(_exp(nll / count))
+                count += last - first
+                running.append(safe_exp(nll / count))
             if on_chunk is not None:
                 on_chunk(i + j + 1, collector)
             if progress is not None:
                 progress(i + j + 1, n_chunk, running[-1] if running else float("nan"))
     ppl = ppl_err = float("nan")
     if compute_ppl and count:
-        m1 = nll / count
-        m2 = nll2 / count - m1 * m1
-        ppl = _exp(m1)
-        ppl_err = math.sqrt(m2 / (count - 1)) * ppl if m2 > 0 and count > 1 and ppl < math.inf else float("nan")
+        ppl, ppl_err = ppl_estimate(nll, nll2, count)
     im = collector.result(dataset)
     return ImatrixRun(im, len(tokens), n_chunk, ppl, ppl_err, running, time.time() - t_start)
