@@ -45,7 +45,7 @@ TINY_GGUF = FIXTURES / "tiny.gguf"
 IMATRIX_GGUF = FIXTURES / "quantize_reference" / "llama_imatrix" / "tiny.imatrix.gguf"
 IMATRIX_DAT = FIXTURES / "quantize_reference" / "llama_imatrix" / "tiny.imatrix.dat"
 
-SUBCOMMANDS = ("convert", "quantize", "inspect", "edit", "imatrix")
+SUBCOMMANDS = ("convert", "quantize", "inspect", "edit", "imatrix", "perplexity")
 MAX_SECONDS = 60.0          # a hang guard: a case that runs longer is stopped and reported as "resources"
                             # (not counting a kernel's first numba compilation, which is let finish)
 MEMORY_HEADROOM = 1 << 30   # address space a case may add to the process before MemoryError
@@ -844,6 +844,15 @@ IMATRIX_ARGS = [[flag, v] for flag, vs in [
     ["-f", _file("calib-empty.txt", b"")], ["-f", _file("calib-one-word.txt", b"the")],
     ["-f", lambda ws: str(ws.gguf)], ["--in-file", lambda ws: str(ws.calib)], ["--in-file", _missing],
     ["-m", lambda ws: str(ws.ckpt)], ["-m", _missing]]
+PERPLEXITY_ARGS = [[flag, v] for flag, vs in [
+    ("--ctx", ["1", "2", "3", "0", "-5", "100000", "x"]), ("--chunks", ["0", "-2", "1", "100000"]),
+    ("-t", ["0", "-3", "1000"]), ("-b", ["1", "0", "3", "-1"])] for v in vs] + [
+    ["--json"], ["--kl-divergence"], ["--kl-divergence", "--kl-divergence-base", _missing],
+    ["--kl-divergence", "--kl-divergence-base", lambda ws: str(ws.calib)],
+    ["--kl-divergence", "--kl-divergence-base", lambda ws: str(ws.gguf)],
+    ["--kl-divergence-base", lambda ws: str(ws.out / "base.kld")],
+    ["-f", _missing], ["-f", _file("calib-bad-utf8.txt", b"the fox \xff\xfe\x80 the")],
+    ["-f", _file("calib-empty.txt", b"")], ["-f", _file("calib-one-word.txt", b"the")], ["-f", lambda ws: str(ws.gguf)]]
 
 
 def _label(a) -> str:
@@ -880,12 +889,16 @@ def base_argv(subcommand: str, model: str, type_name: str = "Q8_0"):
     if subcommand == "imatrix":
         return (lambda ws: ["imatrix", model_path(ws), "-f", str(ws.calib), "-o", str(ws.out / "im.gguf"),
                             "--ctx", "16", "--chunks", "2", "-t", "1", "-q"], _out("im.gguf"))
+    if subcommand == "perplexity":   # writes nothing unless --kl-divergence-base names a file to write
+        return (lambda ws: ["perplexity", model_path(ws), "-f", str(ws.calib), "--ctx", "16", "--chunks", "2",
+                            "-t", "1", "-q"], _out("base.kld"))
     raise ValueError(subcommand)
 
 
 ARGS_POOL = {"convert": CONVERT_ARGS, "quantize": QUANTIZE_ARGS, "inspect": INSPECT_ARGS, "edit": EDIT_ARGS,
-             "imatrix": IMATRIX_ARGS}
-ARGS_MODEL = {"convert": "ckpt", "quantize": "im_model", "inspect": "gguf", "edit": "gguf", "imatrix": "im_model"}
+             "imatrix": IMATRIX_ARGS, "perplexity": PERPLEXITY_ARGS}
+ARGS_MODEL = {"convert": "ckpt", "quantize": "im_model", "inspect": "gguf", "edit": "gguf", "imatrix": "im_model",
+              "perplexity": "im_model"}
 
 
 @st.composite
@@ -1023,4 +1036,9 @@ STRATEGIES = {
     ("imatrix", "imatrix-file"): imatrix_case("imatrix", _imatrix_with_in_file, _out("im.gguf")),
     ("imatrix", "args"): args_case("imatrix"),
     ("imatrix", "paths"): paths_case("imatrix"),
+    ("perplexity", "gguf-metadata"): _gguf_for("perplexity"),
+    ("perplexity", "config"): _hf_for("perplexity", config_case),
+    ("perplexity", "tokenizer"): _hf_for("perplexity", tokenizer_case),
+    ("perplexity", "safetensors"): _hf_for("perplexity", safetensors_case),
+    ("perplexity", "args"): args_case("perplexity"),
 }
