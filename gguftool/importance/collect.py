@@ -27,8 +27,8 @@ import numpy as np
 
 from ..errors import ImatrixError
 from ..model.forward import ExpertHook
-from ..model.chunks import (chunk_batches, chunk_count, chunk_nll, open_model, ppl_estimate, read_text, safe_exp,
-                            scored_range, tokenize_text)
+from ..model.chunks import (NLLTotals, chunk_batches, chunk_count, chunk_nll, open_model, read_text, scored_range,
+                            tokenize_text)
 from .files import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf, write_imatrix_legacy
 
 if TYPE_CHECKING:
@@ -228,9 +228,7 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
     n_seq = max(1, batch_tokens // n_ctx)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     first, last = scored_range(n_ctx)
-    nll = nll2 = 0.0
-    count = 0
-    running: list[float] = []
+    totals = NLLTotals()
     hook = collector
     for i, batch in chunk_batches(tokens, n_ctx, n_chunk, n_seq, bos):
         nb = batch.shape[0]
@@ -240,17 +238,11 @@ def compute_imatrix(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int
             if compute_ppl:
                 start = (i + j) * n_ctx
                 targets = tokens[start + first + 1:start + n_ctx]
-                a, b = chunk_nll(logits[j], targets)
-                nll += a
-                nll2 += b
-                count += last - first
-                running.append(safe_exp(nll / count))
+                totals.add(*chunk_nll(logits[j], targets), last - first)
             if on_chunk is not None:
                 on_chunk(i + j + 1, collector)
             if progress is not None:
-                progress(i + j + 1, n_chunk, running[-1] if running else float("nan"))
-    ppl = ppl_err = float("nan")
-    if compute_ppl and count:
-        ppl, ppl_err = ppl_estimate(nll, nll2, count)
+                progress(i + j + 1, n_chunk, totals.running[-1] if totals.running else float("nan"))
+    ppl, ppl_err = totals.estimate()      # (NaN, NaN) without compute_ppl: no token was added
     im = collector.result(dataset)
-    return ImatrixRun(im, len(tokens), n_chunk, ppl, ppl_err, running, time.time() - t_start)
+    return ImatrixRun(im, len(tokens), n_chunk, ppl, ppl_err, totals.running, time.time() - t_start)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 __all__ = ["read_text", "open_model", "tokenize_text", "chunk_count", "chunk_batches", "scored_range", "chunk_nll",
-           "safe_exp", "ppl_estimate"]
+           "safe_exp", "NLLTotals"]
 
 
 def read_text(path: str, error: type[GGUFError], what: str) -> str:
@@ -115,12 +115,29 @@ def safe_exp(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
 
 
-def ppl_estimate(nll: float, nll2: float, count: int) -> tuple[float, float]:
-    """(PPL, its +/- error) from the sums of nll and nll² over ``count`` tokens, as llama-perplexity's final line."""
-    if count <= 0:
-        return float("nan"), float("nan")
-    m1 = nll / count
-    m2 = nll2 / count - m1 * m1
-    ppl = safe_exp(m1)
-    err = math.sqrt(m2 / (count - 1)) * ppl if m2 > 0 and count > 1 and ppl < math.inf else float("nan")
-    return ppl, err
+class NLLTotals:
+    """Sums of the negative log-likelihoods of the scored tokens: the running perplexity after each chunk and
+    the final ``PPL = X +/- Y`` estimate, as llama-perplexity (and llama-imatrix) print them."""
+
+    def __init__(self) -> None:
+        self.nll = self.nll2 = 0.0
+        self.count = 0
+        self.running: list[float] = []      # the perplexity after each chunk
+
+    def add(self, nll: float, nll2: float, n_tokens: int) -> float:
+        """One chunk's sums of nll and nll² over its ``n_tokens`` scored tokens; returns the running perplexity."""
+        self.nll += nll
+        self.nll2 += nll2
+        self.count += n_tokens
+        self.running.append(safe_exp(self.nll / self.count))
+        return self.running[-1]
+
+    def estimate(self) -> tuple[float, float]:
+        """(PPL, its +/- error) over every token added (NaN, NaN before any)."""
+        if self.count <= 0:
+            return float("nan"), float("nan")
+        m1 = self.nll / self.count
+        m2 = self.nll2 / self.count - m1 * m1
+        ppl = safe_exp(m1)
+        ok = m2 > 0 and self.count > 1 and ppl < math.inf
+        return ppl, (math.sqrt(m2 / (self.count - 1)) * ppl if ok else float("nan"))

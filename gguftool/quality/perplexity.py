@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import PerplexityError
-from ..model.chunks import (chunk_batches, chunk_count, chunk_nll, open_model, ppl_estimate, read_text, safe_exp,
-                            scored_range, tokenize_text)
+from ..model.chunks import (NLLTotals, chunk_batches, chunk_count, chunk_nll, open_model, read_text, scored_range,
+                            tokenize_text)
 from ..model.config import ModelConfig
 from ..model.forward import Model
 from ..model.tokenizer import Tokenizer
@@ -160,9 +160,7 @@ def _perplexity(model: Model, tokenizer: Tokenizer, origin: str, text: str, n_ct
     if base is not None:
         writer = LogitsFileWriter(base, n_ctx, tokenizer.n_vocab, tokens, n_chunk, overwrite=overwrite)
     try:
-        nll = nll2 = 0.0
-        count = 0
-        running: list[float] = []
+        totals = NLLTotals()
         for i, chunks in chunk_batches(tokens, n_ctx, n_chunk, max(1, batch // n_ctx), bos):
             logits = model.forward(chunks, logits_from=first, logits_to=last)
             _n_vocab(tokenizer, logits, origin)
@@ -173,25 +171,20 @@ def _perplexity(model: Model, tokenizer: Tokenizer, origin: str, text: str, n_ct
                     rows, v = encode_log_probs(logits[j], targets)
                     writer.write_chunk(rows)
                     v64 = v.astype(np.float64)
-                    nll += float(v64.sum())
-                    nll2 += float((v64 * v64).sum())
+                    ppl = totals.add(float(v64.sum()), float((v64 * v64).sum()), last - first)
                 else:
-                    a, b = chunk_nll(logits[j], targets)
-                    nll += a
-                    nll2 += b
-                count += last - first
-                running.append(safe_exp(nll / count))
+                    ppl = totals.add(*chunk_nll(logits[j], targets), last - first)
                 if progress is not None:
-                    progress((i + j + 1) * n_ctx, n_chunk * n_ctx, running[-1])
+                    progress((i + j + 1) * n_ctx, n_chunk * n_ctx, ppl)
         if writer is not None:
             writer.commit()
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    ppl, err = ppl_estimate(nll, nll2, count)
+    ppl, err = totals.estimate()
     return PerplexityResult("kl-divergence-base" if base else "perplexity", origin, n_ctx, n_chunk,
-                            tokenizer.n_vocab, len(tokens), count, ppl, err, running, base_path=base)
+                            tokenizer.n_vocab, len(tokens), totals.count, ppl, err, totals.running, base_path=base)
 
 
 def _kl_divergence(model: Model, tokenizer: Tokenizer, origin: str, text: str | None, base: LogitsFile,
