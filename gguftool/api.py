@@ -118,7 +118,7 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
     try:
         type_name = type.strip().upper()
         if type_name == "AUTO":
-            type_name = "BF16" if src.outtype == "bf16" else "F16"
+            type_name = src.auto_type()
         ftype = P.parse_ftype(type_name)
         cfg = _config(ftype, options or QuantizeOptions())
         cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order

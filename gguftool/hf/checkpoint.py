@@ -28,12 +28,15 @@ SUPPORTED_DTYPES = {
     "F32": (4, np.dtype("<f4")),
     "F16": (2, np.dtype("<f2")),
     "BF16": (2, np.dtype("<u2")),  # viewed as raw 16-bit words, widened to float32 by shifting
+    "F8_E4M3": (1, np.dtype("u1")),  # FP8 codes, widened to float32 through a table (fp8_table)
+    "F8_E5M2": (1, np.dtype("u1")),
+    "I8": (1, np.dtype("i1")),     # int8 weights of compressed-tensors int-quantized checkpoints
 }
 # Every dtype the safetensors format defines, with its element size, so that an unsupported one can be named
 # (and its byte length still checked) instead of being reported as garbage.
 _OTHER_DTYPES = {
-    "F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F6_E2M3": 1, "F6_E3M2": 1, "F4": 1,
+    "F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "U8": 1, "BOOL": 1,
+    "F8_E8M0": 1, "F6_E2M3": 1, "F6_E3M2": 1, "F4": 1,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
@@ -43,12 +46,55 @@ def bf16_to_f32(words: np.ndarray) -> np.ndarray:
     return (words.astype(np.uint32) << 16).view(np.float32)
 
 
+def fp8_table(exp_bits: int, man_bits: int, has_inf: bool) -> np.ndarray:
+    """float32 value of each of the 256 codes of an 8-bit float (sign, exp_bits, man_bits), as torch widens them.
+
+    E4M3 (``float8_e4m3fn``: bias 7, no infinities, S.1111.111 is NaN) and E5M2 (bias 15, IEEE-like: exponent all
+    ones is infinity with a zero mantissa, NaN otherwise). Subnormals (exponent 0) are mantissa * 2^(1-bias-man).
+    NaN keeps its sign and mantissa bits, moved to the top of the float32 mantissa, with the quiet bit set (the
+    bit patterns torch's conversion gives; checked code for code in tests/test_hf_prequant.py)."""
+    bias = (1 << (exp_bits - 1)) - 1
+    emax = (1 << exp_bits) - 1
+    bits = np.zeros(256, np.uint32)
+    for code in range(256):
+        sign, e, m = code >> 7, (code >> man_bits) & emax, code & ((1 << man_bits) - 1)
+        if e == emax and (has_inf or m == (1 << man_bits) - 1):
+            if has_inf and m == 0:
+                v = np.uint32(0x7F800000)
+            else:
+                v = np.uint32(0x7F800000 | (m << (23 - man_bits)) | 0x00400000)
+            bits[code] = v | np.uint32(sign << 31)
+            continue
+        mag = (m * 2.0 ** (1 - bias - man_bits) if e == 0 else (1 + m / (1 << man_bits)) * 2.0 ** (e - bias))
+        bits[code] = np.array([-mag if sign else mag], np.float32).view(np.uint32)[0]
+    return bits.view(np.float32)
+
+
+FP8_TABLES = {"F8_E4M3": fp8_table(4, 3, False), "F8_E5M2": fp8_table(5, 2, True)}
+
+
+def widen_f32(dtype: str, a: np.ndarray) -> np.ndarray:
+    """Stored values of a safetensors ``dtype`` (as SafetensorsTensor.array() gives them) -> float32 values; may
+    return ``a`` itself for F32."""
+    if dtype == "BF16":
+        return bf16_to_f32(a)
+    if dtype in FP8_TABLES:
+        return FP8_TABLES[dtype][a]
+    return a.astype(np.float32, copy=False)
+
+
+def widen_compute(dtype: str, a: np.ndarray) -> np.ndarray:
+    """Stored values -> the dtype llama.cpp's converter computes with: F16 and F32 stay, every other dtype is
+    widened to float32 (``data_torch.to(torch.float32)`` in ModelBase.prepare_tensors)."""
+    return a if dtype in ("F16", "F32") else widen_f32(dtype, a)
+
+
 @dataclass(frozen=True)
 class SafetensorsTensor:
     """One tensor of a safetensors file: where its bytes are, not the bytes themselves."""
 
     name: str
-    dtype: str                 # a safetensors dtype name; only BF16 / F16 / F32 can be read (array())
+    dtype: str                 # a safetensors dtype name; those of SUPPORTED_DTYPES can be read (array())
     shape: tuple[int, ...]     # as stored (PyTorch order: slowest dimension first)
     file: "SafetensorsFile"
     offset: int                # absolute byte offset in the file
@@ -59,7 +105,7 @@ class SafetensorsTensor:
         return math.prod(self.shape)
 
     def array(self) -> np.ndarray:
-        """The stored values as a read-only view of the memory map (uint16 words for BF16)."""
+        """The stored values as a read-only view of the memory map (uint16 words for BF16, codes for FP8)."""
         np_dtype = SUPPORTED_DTYPES[self.dtype][1]
         buf = self.file.buffer()
         if self.offset + self.nbytes > len(buf):   # checked against the header when opened: shrunk since then
@@ -71,10 +117,7 @@ class SafetensorsTensor:
 
     def read_f32(self) -> np.ndarray:
         """The tensor as a new float32 array in its stored shape."""
-        a = self.array()
-        if self.dtype == "BF16":
-            return bf16_to_f32(a)
-        return a.astype(np.float32)
+        return np.array(widen_f32(self.dtype, self.array()), dtype=np.float32, copy=True)
 
 
 class SafetensorsFile:

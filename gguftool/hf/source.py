@@ -25,7 +25,8 @@ from ..gguf.values import KV
 from ..pipeline.policy import FTYPES
 from ..pipeline.source import SourceTensor, TensorSource
 from . import archs as A
-from .checkpoint import SUPPORTED_DTYPES, Checkpoint, SafetensorsTensor
+from .checkpoint import SUPPORTED_DTYPES, Checkpoint, SafetensorsTensor, widen_compute, widen_f32
+from .prequant import Prequant, ScaledWeight, find_prequantized
 from .vocab import VocabInfo, gemma3_vocab_rows, tokenizer_files, vocab_kvs
 
 GGML_QUANT_VERSION = 2
@@ -38,15 +39,20 @@ class HFTensor(SourceTensor):
 
     Of SourceTensor's slab-reading interface it has its own read_rows and keeps the defaults for the rest: no
     background reads (concurrent_reads: a shard is mapped on first use, by whichever thread gets there) and no
-    raw_location (what it reads is converted from the checkpoint's bytes, not stored as they are)."""
+    raw_location (what it reads is converted from the checkpoint's bytes, not stored as they are).
+
+    ``scaled``: the tensor is a pre-quantized weight (FP8 ...) and its scale; it is dequantized to float32 (one slab
+    of rows at a time when no transform moves rows) before any transform, as llama.cpp's converter does."""
 
     def __init__(self, name: str, st: SafetensorsTensor, out_type: GGMLType,
-                 transform: Callable[[np.ndarray], np.ndarray] | None = None, rows: int | None = None):
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None, rows: int | None = None,
+                 scaled: ScaledWeight | None = None):
         self.name = name
         self.st = st
         self.type = out_type
         self.transform = transform
         self.rows = rows  # keep only the first `rows` rows (Gemma3 vocabulary trim)
+        self.scaled = scaled
         hf_shape = list(st.shape)
         if rows is not None:
             hf_shape[0] = rows
@@ -54,13 +60,17 @@ class HFTensor(SourceTensor):
         self.shape = tuple(reversed(hf_shape)) if hf_shape else (1,)
 
     def _values(self) -> np.ndarray:
-        """The transformed values in the dtype llama.cpp transforms them in (F16 stays F16, BF16 -> F32)."""
-        a = self.st.array()
-        if self.rows is not None:
-            a = a[: self.rows]
-        if self.st.dtype == "BF16":
-            from .checkpoint import bf16_to_f32
-            a = bf16_to_f32(a)
+        """The transformed values in the dtype llama.cpp transforms them in (F16 and F32 stay, other dtypes and
+        dequantized weights are float32)."""
+        if self.scaled is not None:
+            a = self.scaled.full()
+            if self.rows is not None:
+                a = a[: self.rows]
+        else:
+            a = self.st.array()
+            if self.rows is not None:
+                a = a[: self.rows]
+            a = widen_compute(self.st.dtype, a)
         if self.transform is not None:
             a = self.transform(a)
         return a
@@ -78,17 +88,15 @@ class HFTensor(SourceTensor):
         """
         if len(self.hf_shape) != 2 or self.transform is not None:
             return self.read_f32()[start:stop]
-        a = self.st.array()[start:stop]
-        if self.st.dtype == "BF16":
-            from .checkpoint import bf16_to_f32
-            return bf16_to_f32(a)
-        return np.ascontiguousarray(a, dtype=np.float32)
+        if self.scaled is not None:
+            return self.scaled.rows(start, stop)
+        return np.ascontiguousarray(widen_f32(self.st.dtype, self.st.array()[start:stop]), dtype=np.float32)
 
     def read_raw(self) -> np.ndarray:
         if self.type == GGMLType.F32:
             return self.read_f32().reshape(-1).view(np.uint8)
         if self.type == GGMLType.BF16:
-            if self.st.dtype != "BF16":
+            if self.st.dtype != "BF16" or self.scaled is not None:
                 raise ConvertError(f"{self.name}: BF16 output needs a BF16 checkpoint tensor")
             a = self.st.array()  # raw words: every transform applied to BF16 weights is a pure permutation
             if self.rows is not None:
@@ -158,6 +166,19 @@ class HFSource(TensorSource):
     vocab: VocabInfo | None = None
     outtype: str = "f32"
     name: str = ""
+    prequant: Prequant = field(default_factory=Prequant)    # FP8 ... weights and their scales, if any
+
+    def auto_type(self) -> str:
+        """What ``--type auto`` means for this checkpoint: BF16 for a BF16 checkpoint, else F16; for a
+        pre-quantized one, llama.cpp's --outtype auto heuristic (the first 2-D BF16 or F16 tensor, FP8 weights and
+        scales skipped, else F16)."""
+        if not self.prequant.active:
+            return "BF16" if self.outtype == "bf16" else "F16"
+        assert self.checkpoint is not None
+        for t in self.checkpoint.tensors.values():
+            if len(t.shape) >= 2 and t.dtype in ("BF16", "F16"):
+                return t.dtype
+        return "F16"
 
     def input_files(self) -> list[str]:
         """config.json, the safetensors shards (and their index) and the tokenizer files of the folder."""
@@ -269,7 +290,7 @@ def _stored_type(gname: str, st: SafetensorsTensor, n_dims: int, out_type: GGMLT
     (ffn_gate_inp), else the output type."""
     if n_dims <= 1 or gname.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not gname.endswith(".weight"):
         return GGMLType.F32
-    if out_type == GGMLType.BF16 and st.dtype != "BF16":
+    if out_type == GGMLType.BF16 and st.dtype != "BF16":   # (a pre-quantized checkpoint's outtype is f32)
         raise ConvertError(f"outtype bf16 needs a BF16 checkpoint; tensor {hf_name!r} is {st.dtype}")
     return out_type
 
@@ -320,7 +341,7 @@ def open_hf_source(path: str | os.PathLike, outtype: str = "auto", name: str | N
         raise
 
 
-def _index(ck: Checkpoint, arch: A.Arch, hp: dict) -> list[tuple[str, str, object]]:
+def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[str, str, object]]:
     """Pass 1, headers only: every checkpoint tensor the converter writes as (GGUF name, HF name, its
     SafetensorsTensor or, for a MoE projection, {(proj, expert): SafetensorsTensor}), in llama.cpp's order.
 
@@ -338,6 +359,8 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict) -> list[tuple[str, str, objec
     for hf_name, st in ck.tensors.items():
         fname = _filtered_name(hf_name)
         if fname is None or fname.endswith(A.SKIPPED_SUFFIXES) or (arch.skip_lm_head and fname == "lm_head.weight"):
+            continue
+        if pq.skipped(hf_name):   # a scale (applied to its weight) or an unused activation scale
             continue
         if st.dtype not in SUPPORTED_DTYPES:
             raise ConvertError(f"{st.file.path}: tensor {hf_name!r} has dtype {st.dtype}, which gguftool cannot "
@@ -390,12 +413,13 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict) -> list[tuple[str, str, objec
 def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> HFSource:
     arch = A.arch_for_config(ck.config)
     hp = A.normalized_config(arch, ck.config)
-    if outtype == "auto":
-        outtype = "bf16" if ck.dominant_dtype() == "BF16" else "f32"
+    pq = find_prequantized(ck)
+    if outtype == "auto":   # dequantized FP8 weights are exact in float32 only
+        outtype = "bf16" if ck.dominant_dtype() == "BF16" and not pq.active else "f32"
     if outtype not in _OUT_TYPE:
         raise ConvertError(f"unknown outtype {outtype!r}")
     out_type = _OUT_TYPE[outtype]
-    entries = _index(ck, arch, hp)
+    entries = _index(ck, arch, hp, pq)
 
     voc_kvs, vinfo = vocab_kvs(arch.vocab, ck.directory, hp)
     vocab_rows = gemma3_vocab_rows(ck.directory, hp) if arch.trim_vocab_rows else None
@@ -406,7 +430,8 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     tensors.extend(GeneratedTensor(n, a) for n, a in generated)
     for gname, hf_name, st in entries:
         if isinstance(st, dict):   # a MoE projection: one tensor per expert, stacked
-            parts = [HFTensor(gname, t, _stored_type(gname, t, 2, out_type, hf_name)) for t in st.values()]
+            parts = [HFTensor(gname, t, _stored_type(gname, t, 2, out_type, hf_name), scaled=pq.scaled.get(t.name))
+                     for t in st.values()]
             tensors.append(ExpertsTensor(gname, parts))
             continue
         fname = _filtered_name(hf_name)
@@ -421,7 +446,7 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
         if arch.trim_vocab_rows and "embed_tokens.weight" in fname and vocab_rows is not None:
             rows = min(vocab_rows, st.shape[0])
         tensors.append(HFTensor(gname, st, _stored_type(gname, st, len(st.shape), out_type, hf_name), transform,
-                                rows))
+                                rows, pq.scaled.get(hf_name)))
 
     label = name or _default_name(ck.directory)
     kv = A.KVList()
@@ -431,5 +456,5 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     kv.u32("general.quantization_version", GGML_QUANT_VERSION)
     kv.extend(voc_kvs)
     src = HFSource(kvs=kv.items(), tensors=[] if vocab_only else tensors, checkpoint=ck, arch=arch, hparams=hp,
-                   vocab=vinfo, outtype=outtype, name=label)
+                   vocab=vinfo, outtype=outtype, name=label, prequant=pq)
     return src
