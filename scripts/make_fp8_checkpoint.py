@@ -179,8 +179,9 @@ def _tensors(cfg: dict, wdtype: str, sdtype: str, kind: str, seed: int) -> list[
 
         entries.append((name, wdtype, shape, lambda quantize=quantize: quantize()[0].tobytes()))
         sshape = {"block": (-(-shape[0] // 128), -(-shape[1] // 128)), "channel": (shape[0], 1)}.get(kind, ())
-        sname = {"block": name + "_scale_inv", "channel": name + "_scale", "tensor": name + "_scale",
-                 "mistral": name.removesuffix("weight") + "qscale_weight"}[kind]
+        method = cfg["quantization_config"]["quant_method"]
+        sname = (name.removesuffix("weight") + "qscale_weight" if kind == "mistral"
+                 else name + "_scale_inv" if method == "fp8" else name + "_scale")
 
         def scale_bytes(quantize=quantize, sdtype=sdtype, cache=cache):
             s = quantize()[1]

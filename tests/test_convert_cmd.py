@@ -217,7 +217,7 @@ def test_bad_unsupported_dtype(tmp_path):
         hb += b" " * (n - len(hb)) if len(hb) <= n else b""
         assert len(hb) == n
         p.write_bytes(raw[:8] + hb + raw[8 + n:])
-    assert "has dtype I16, which gguftool cannot convert (supported: BF16, F16, F32)" in _bad(tmp_path, m)
+    assert "has dtype I16, which gguftool cannot convert (supported: BF16, F16, F32, F8_E4M3, F8_E5M2, I8)" in _bad(tmp_path, m)
 
 
 def test_bad_unsupported_architecture(tmp_path):

@@ -28,8 +28,10 @@ def _print_model(src) -> None:
     click.echo(f"tokenizer: {v.model} from {v.source}, pre {v.pre}, {v.n_tokens} tokens"
                + (f", {v.n_merges} merges" if v.n_merges else "") + f"; special: {special}; chat template: "
                + ("yes" if v.chat_template else "no"))
-    click.echo(f"checkpoint: {len(src.checkpoint.files)} safetensors file(s), dtype "
+    click.echo(f"checkpoint: {len(src.checkpoint.files)} safetensors file(s) in {src.checkpoint.directory}, dtype "
                f"{src.checkpoint.dominant_dtype()}, reference conversion --outtype {src.outtype}")
+    for line in src.prequant.summary():
+        click.echo(line)
 
 
 @click.command("convert")
@@ -37,7 +39,9 @@ def _print_model(src) -> None:
 @click.option("--type", "type_", metavar="TYPE", default="auto", show_default=True,
               help=f"Output type: {TYPES_HELP}; or auto = BF16 for a BF16 checkpoint, else F16.")
 @output_option("outfile", "Output file (default: <checkpoint dir>/<name>-<TYPE>.gguf).", aliases=("--outfile",))
-@click.option("--name", metavar="NAME", help="general.name (default: the checkpoint folder's name).")
+@click.option("--revision", metavar="REV", help="With a Hub repo id: the branch, tag or commit to convert "
+                                                "(default: main).")
+@click.option("--name", metavar="NAME", help="general.name (default: the checkpoint folder's name, or the repo id).")
 @policy_options
 @click.option("--vocab-only", is_flag=True, help="Write only the metadata and tokenizer, no tensors.")
 @click.option("--dry-run", is_flag=True, help="Print the architecture, hyperparameters, tokenizer and the "
@@ -47,10 +51,19 @@ def _print_model(src) -> None:
 @threads_option
 @force_option
 @report_errors
-def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_size, split_max_tensors, threads, force,
+def command(model, type_, outfile, revision, name, vocab_only, dry_run, stats, split_max_size, split_max_tensors, threads, force,
             **policy):
     """Convert the Hugging Face checkpoint MODEL (a .safetensors file or its folder, with config.json and
     tokenizer files; sharded checkpoints through model.safetensors.index.json) to GGUF.
+
+    MODEL may also be a Hugging Face Hub repo id (Qwen/Qwen3-0.6B): when no local path of that name exists (a path
+    that exists always wins), the config, tokenizer and safetensors files are fetched into the Hub's cache
+    (HF_HUB_CACHE; a token from HF_TOKEN; HF_HUB_OFFLINE=1 uses the cache only) and the output goes to the current
+    directory.
+
+    Pre-quantized checkpoints (FP8 E4M3/E5M2 or int8 weights with weight_scale_inv block scales, compressed-tensors
+    or ModelOpt weight_scale, Mistral qscale_weight) are dequantized to float32 exactly as convert_hf_to_gguf.py
+    does; --dry-run lists what was found.
 
     The output equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
     llama-quantize TYPE: same metadata (but the descriptive general.* keys), byte-identical tensors.
@@ -63,7 +76,8 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
     from ..outfile import check_outputs
 
     options = api.QuantizeOptions(split_max_size=split_max_size, split_max_tensors=split_max_tensors, **policy)
-    with api.plan_convert(model, outfile, type=type_, name=name, vocab_only=vocab_only, options=options) as job:
+    with api.plan_convert(model, outfile, type=type_, name=name, vocab_only=vocab_only, options=options,
+                          revision=revision) as job:
         if not dry_run:
             check_outputs(job.output_paths(), job.inputs, overwrite=force)
         for w in job.warnings:

@@ -56,8 +56,9 @@ class QuantScheme:
     notes: tuple[str, ...] = ()                  # what gguftool does differently from llama.cpp's converter
 
     def describe(self) -> str:
-        block = "x".join(map(str, self.block)) + " blocks" if self.block else "per tensor/row (broadcast)"
-        return f"quant_method {self.method}, scales {', '.join(s for s, _ in self.rules)}, {block}"
+        block = ("weight_block_size " + "x".join(map(str, self.block)) if self.block
+                 else "no block size (scales broadcast)")
+        return f"quant_method {self.method}, {block}"
 
 
 _SCALE_SUFFIXES = ("_scale_inv", ".weight_scale", ".qscale_weight")
@@ -153,7 +154,7 @@ def _compressed_tensors(qc: dict) -> QuantScheme:
     if weights.get("group_size") is not None:
         raise ConvertError(f"compressed-tensors group_size {weights.get('group_size')!r} is not supported")
     block = _positive_ints(weights.get("block_structure"), "compressed-tensors weights.block_structure")
-    notes = ["input_scale tensors dropped (llama.cpp's converter stops at them)"]
+    notes = []
     if strategy == "tensor":
         notes.append("strategy 'tensor' dequantized by broadcasting the scalar scale (llama.cpp's converter "
                      "refuses this strategy)")
@@ -281,8 +282,10 @@ class Prequant:
             lines.append(f"  {len(self.widened)} {'/'.join(sorted(set(self.widened.values())))} "
                          f"tensor(s) without a scale -> widened to float32")
         if self.dropped:
+            ct = self.scheme is not None and self.scheme.method == "compressed-tensors"
             lines.append(f"  {len(self.dropped)} activation scale tensor(s) dropped "
-                         f"({', '.join(sorted({_suffix(n, self.scheme) for n in self.dropped}))})")
+                         f"({', '.join(sorted({_suffix(n, self.scheme) for n in self.dropped}))})"
+                         + ("; llama.cpp's converter stops at these" if ct else ""))
         for note in self.scheme.notes if self.scheme else ():
             lines.append(f"  note: {note}")
         return lines
