@@ -137,9 +137,14 @@ def checkpoints(tmp_path_factory):
     return {v: make_checkpoint(v, root / v) for v in VARIANTS}
 
 
+# every convention as the converter's own F32 file (the dequantized values) and through llama-quantize (Q4_K_M);
+# the two DeepSeek/Qwen block layouts at every type the reference holds (the converter's own F16/BF16/Q8_0 too)
+CASES = [(v, t) for v in VARIANTS for t in ("F32", "Q4_K_M")] + [
+    (v, t) for v in ("llama-block", "qwen3-block") for t in ("F16", "BF16", "Q8_0")]
+
+
 @pytest.mark.parametrize("variant,type_", [
-    pytest.param(v, t, marks=() if (v, t) in FAST else pytest.mark.slow)
-    for v in VARIANTS for t in ("F32", "F16", "BF16", "Q8_0", "Q4_K_M")])
+    pytest.param(v, t, marks=() if (v, t) in FAST else pytest.mark.slow) for v, t in CASES])
 def test_identical_to_llama_cpp(checkpoints, tmp_path, variant, type_):
     ref = json.loads((CONVERT_REF / f"{VARIANTS[variant]}.json").read_text())
     out = tmp_path / "out.gguf"

@@ -50,9 +50,13 @@ def read_text(path: str, error: type[GGUFError], what: str) -> str:
 
 
 def open_model(path: str, error: type[GGUFError]) -> "GGUFSource | HFSource":
-    """Open a GGUF file or a Hugging Face checkpoint (directory or .safetensors) as a TensorSource."""
+    """Open a GGUF file or a Hugging Face checkpoint (directory or .safetensors; or a Hub repo id when no such path
+    exists, from huggingface_hub's cache) as a TensorSource."""
     if not os.path.exists(path):
-        raise error(f"{path}: no such model file or directory")
+        from ..hf.hub import looks_like_repo_id, resolve_model
+        if not looks_like_repo_id(path):
+            raise error(f"{path}: no such model file or directory")
+        path = resolve_model(path)[0]
     is_gguf = False
     if os.path.isfile(path):
         with open(path, "rb") as f:
