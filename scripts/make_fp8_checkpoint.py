@@ -136,7 +136,7 @@ def _plan(cfg: dict) -> list[tuple[str, tuple[int, ...], bool]]:
 Entry = tuple[str, tuple[int, ...], Callable[[], bytes]]
 
 
-def _tensors(cfg: dict, wdtype: str, sdtype: str, kind: str, seed: int) -> list[Entry]:
+def _tensors(cfg: dict, wdtype: str, sdtype: str, kind: str, seed: int, random_codes: bool = False) -> list[Entry]:
     """Every tensor as (name, (dtype, shape), make bytes). A weight and its scale come from one quantization of the
     same seeded values (cached between the two calls), so they agree whatever order they are written in."""
     entries: list[tuple[str, str, tuple[int, ...], Callable[[], bytes]]] = []
@@ -156,7 +156,13 @@ def _tensors(cfg: dict, wdtype: str, sdtype: str, kind: str, seed: int) -> list[
             continue
         cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-        def quantize(values=values, shape=shape, cache=cache):
+        def quantize(values=values, shape=shape, cache=cache, i=i):
+            if "q" not in cache and random_codes:   # big checkpoints for memory figures: any codes and scales
+                rng = np.random.default_rng([seed, i, 1])
+                q = rng.integers(0, 256, shape, dtype=np.uint8)
+                q[(q & 0x7F) >= 0x7C] &= 0xBB        # no NaN / infinity codes
+                sshape = {"block": (-(-shape[0] // 128), -(-shape[1] // 128)), "channel": (shape[0], 1)}.get(kind, ())
+                cache["q"], cache["s"] = q, (rng.random(sshape) * 1e-3 + 1e-4).astype(np.float32)
             if "q" not in cache:
                 w = values().astype(np.float64)
                 if kind == "block":
@@ -221,13 +227,14 @@ def write_safetensors(path: Path, entries: list) -> None:
             f.write(data)
 
 
-def make(variant: str, out: Path, overrides: dict | None = None) -> Path:
+def make(variant: str, out: Path, overrides: dict | None = None, random_codes: bool = False) -> Path:
     arch, qc, wdtype, sdtype, kind = VARIANTS[variant]
     cfg = {**arch, **(overrides or {}), "quantization_config": qc}
     if "head_dim" in arch and overrides and "hidden_size" in overrides:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     out.mkdir(parents=True, exist_ok=True)
-    entries = _tensors(cfg, wdtype, sdtype, kind, seed=sum(map(ord, variant.split("-")[0])))
+    entries = _tensors(cfg, wdtype, sdtype, kind, seed=sum(map(ord, variant.split("-")[0])),
+                       random_codes=random_codes)
     if variant == "llama-block":   # two shards; every second layer's scales in the other shard than their weight
         second = [e for e in entries if ".layers.1." in e[0] and not e[0].endswith("_scale_inv")]
         shards = {"model-00001-of-00002.safetensors": [e for e in entries if e not in second],
@@ -261,11 +268,13 @@ def main() -> None:
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int)
     ap.add_argument("--vocab", type=int)
+    ap.add_argument("--random-codes", action="store_true", help="random FP8 codes and scales instead of quantized "
+                                                                "values (fast: for multi-GB memory benchmarks)")
     a = ap.parse_args()
     over = {k: v for k, v in (("num_hidden_layers", a.layers), ("hidden_size", a.hidden), ("intermediate_size", a.ffn),
                               ("num_attention_heads", a.heads), ("num_key_value_heads", a.kv_heads),
                               ("vocab_size", a.vocab)) if v is not None}
-    print(f"wrote {make(a.variant, a.out, over)}")
+    print(f"wrote {make(a.variant, a.out, over, a.random_codes)}")
 
 
 if __name__ == "__main__":

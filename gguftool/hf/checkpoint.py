@@ -24,7 +24,7 @@ from .schema import Obj, Str, checked
 
 # --- safetensors dtypes
 # dtype name -> (bytes per element, numpy dtype used to view the stored bytes)
-SUPPORTED_DTYPES = {
+SUPPORTED_DTYPES: dict[str, tuple[int, np.dtype]] = {
     "F32": (4, np.dtype("<f4")),
     "F16": (2, np.dtype("<f2")),
     "BF16": (2, np.dtype("<u2")),  # viewed as raw 16-bit words, widened to float32 by shifting
