@@ -160,7 +160,8 @@ def test_dry_run_reports_what_was_found(checkpoints):
     r = run_cli("convert", checkpoints["llama-block"], "--type", "Q4_K_M", "--dry-run")
     assert r.exit_code == 0, r.output
     assert "pre-quantized: quant_method fp8, weight_block_size 128x128" in r.stdout
-    assert "14 F8_E4M3 weight(s) x scale_inv (F32, 128x128 blocks) -> dequantized to float32" in r.stdout
+    assert "14 F8_E4M3 weight(s) x weight_scale_inv (F32, 128x128 blocks) -> dequantized to float32" in r.stdout
+    assert "blk.0.attn_k.weight          <- F8_E4M3 [64, 320] x weight_scale_inv F32 [1, 3] (128x128 blocks)" in r.stdout
     r = run_cli("convert", checkpoints["llama-tensor"], "--dry-run")
     assert "quant_method modelopt, no block size" in r.stdout
     assert "14 F8_E4M3 weight(s) x weight_scale (F32, per tensor)" in r.stdout

@@ -32,6 +32,8 @@ def _print_model(src) -> None:
                f"{src.checkpoint.dominant_dtype()}, reference conversion --outtype {src.outtype}")
     for line in src.prequant.summary():
         click.echo(line)
+    for name, what in src.prequant_report():
+        click.echo(f"    {name:<28} <- {what}")
 
 
 @click.command("convert")

@@ -273,8 +273,7 @@ class Prequant:
                  "quantization_config"]
         groups: dict[tuple, int] = {}
         for sw in self.scaled.values():
-            suffix = next(s for s, _ in self.scheme.rules if sw.scale.name.endswith(s)) if self.scheme else "?"
-            key = (sw.weight.dtype, suffix.lstrip("._"), sw.scale.dtype, sw.kind())
+            key = (sw.weight.dtype, sw.scale.name.rsplit(".", 1)[-1], sw.scale.dtype, sw.kind())
             groups[key] = groups.get(key, 0) + 1
         for (wd, sname, sd, kind), n in sorted(groups.items()):
             lines.append(f"  {n} {wd} weight(s) x {sname} ({sd}, {kind}) -> dequantized to float32")

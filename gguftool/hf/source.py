@@ -168,6 +168,19 @@ class HFSource(TensorSource):
     name: str = ""
     prequant: Prequant = field(default_factory=Prequant)    # FP8 ... weights and their scales, if any
 
+    def prequant_report(self) -> list[tuple[str, str]]:
+        """(GGUF tensor name, what it is dequantized from) for every tensor made from a pre-quantized weight."""
+        out = []
+        for t in self.tensors:
+            parts = t.parts if isinstance(t, ExpertsTensor) else [t] if isinstance(t, HFTensor) else []
+            sw = parts[0].scaled if parts else None
+            if sw is None:
+                continue
+            what = (f"{sw.weight.dtype} {list(sw.weight.shape)} x {sw.scale.name.rsplit('.', 1)[-1]} "
+                    f"{sw.scale.dtype} {list(sw.scale.shape)} ({sw.kind()})")
+            out.append((t.name, what + (f", {len(parts)} experts" if len(parts) > 1 else "")))
+        return out
+
     def auto_type(self) -> str:
         """What ``--type auto`` means for this checkpoint: BF16 for a BF16 checkpoint, else F16; for a
         pre-quantized one, llama.cpp's --outtype auto heuristic (the first 2-D BF16 or F16 tensor, FP8 weights and
