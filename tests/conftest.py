@@ -46,6 +46,19 @@ def run_cli(*args, **kwargs) -> Result:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_hub_network():
+    """No test reaches the Hugging Face Hub: a repo id resolves from the local cache or fails (tests/test_hf_hub.py
+    builds the caches it needs)."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def fixtures_are_never_written():
     """Tests write to tmp_path, never into fixtures/ (a clean clone must pass, and pass again)."""
     def snapshot():

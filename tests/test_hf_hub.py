@@ -91,10 +91,10 @@ def test_local_path_wins_over_a_repo_id(cache):
 
 def test_offline_not_cached(cache):
     msg = _error(run_cli("convert", "org/other", "--dry-run"))
-    assert "org/other is not (completely) in the Hugging Face cache" in msg
-    assert "HF_HUB_OFFLINE is set: download it once without HF_HUB_OFFLINE" in msg
+    assert "org/other: no such local path, and as a Hugging Face repo id it is not (completely) in the cache" in msg
+    assert "while HF_HUB_OFFLINE is set: download it once without HF_HUB_OFFLINE" in msg
     msg = _error(run_cli("convert", "org/tiny", "--revision", "v2", "--dry-run"))
-    assert "org/tiny at revision 'v2' is not (completely) in the Hugging Face cache" in msg
+    assert "as a Hugging Face repo id at revision 'v2' it is not (completely) in the cache" in msg
 
 
 def test_cached_copy_missing_a_shard(cache):

@@ -124,11 +124,11 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], offline: 
                            f"private, {token_hint})") from None
     except E.LocalEntryNotFoundError:   # (also IncompleteSnapshotError: a cached copy missing files)
         if offline:
-            raise ConvertError(f"{repo_id}{rev} is not (completely) in the Hugging Face cache ({_cache_dir()}) and "
-                               f"HF_HUB_OFFLINE is set: download it once without HF_HUB_OFFLINE, or give a local "
-                               f"folder") from None
-        raise ConvertError(f"{repo_id}{rev}: the Hugging Face Hub cannot be reached and the model is not in the cache "
-                           f"({_cache_dir()}); check the network connection") from None
+            raise ConvertError(f"{repo_id}: no such local path, and as a Hugging Face repo id{rev} it is not "
+                               f"(completely) in the cache ({_cache_dir()}) while HF_HUB_OFFLINE is set: download it "
+                               f"once without HF_HUB_OFFLINE") from None
+        raise ConvertError(f"{repo_id}: no such local path, and as a Hugging Face repo id{rev} it is not in the cache "
+                           f"({_cache_dir()}) and the Hub cannot be reached: check the network connection") from None
     except E.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         hint = token_hint if status in (401, 403) else "try again later"
