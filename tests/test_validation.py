@@ -209,7 +209,7 @@ SAFETENSORS_CASES = [
     (_overlap, ["overlap", UP, DOWN]),
     (_as_dtype(UP, "I32", 4), [UP, "dtype I32"]),
     (_as_dtype(UP, "F64", 8), [UP, "dtype F64"]),
-    (_as_dtype(UP, "I8", 1), [UP, "dtype I8"]),
+    (_as_dtype(UP, "F8_E8M0", 1), [UP, "dtype F8_E8M0"]),   # (I8 and FP8 are read: pre-quantized weights)
     (_as_dtype("model.norm.weight", "U8", 1), ["model.norm.weight", "dtype U8"]),
     (_setter(UP, "dtype", 5), [UP, "dtype 5, not a name"]),
     (_setter(UP, "dtype", ["F32"]), [UP, "dtype ['F32'], not a name"]),
