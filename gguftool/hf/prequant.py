@@ -277,6 +277,8 @@ class Prequant:
             groups[key] = groups.get(key, 0) + 1
         for (wd, sname, sd, kind), n in sorted(groups.items()):
             lines.append(f"  {n} {wd} weight(s) x {sname} ({sd}, {kind}) -> dequantized to float32")
+        if not self.active:
+            lines.append("  no quantized weight found: the tensors are read as they are")
         if self.widened:
             lines.append(f"  {len(self.widened)} {'/'.join(sorted(set(self.widened.values())))} "
                          f"tensor(s) without a scale -> widened to float32")
