@@ -20,7 +20,7 @@ from test_convert_cmd import expected_file
 from test_hf_source import source_digest, strip_descriptive
 
 NAMES = [n for n in ("llama3-rope", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "mixtral", "phi3",
-                     "phi3-longrope", "gemma2") if (REF / f"{n}.json").is_file()]
+                     "phi3-longrope", "gemma2", "deepseek2-lite", "deepseek3") if (REF / f"{n}.json").is_file()]
 
 
 @pytest.fixture(scope="module", params=NAMES)
