@@ -416,6 +416,10 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict) -> list[tuple[str, str, objec
         if arch.mla and fname.endswith("self_attn.kv_b_proj.weight"):   # split into attn_k_b and attn_v_b
             bid = int(fname.split(".")[2])
             layers.add(bid)
+            kv_lora, nope, _, v_dim = A.mla_dims(hp)
+            want = [hp["num_key_value_heads"] * (nope + v_dim), kv_lora]
+            if list(st.shape) != want:
+                raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies {want}")
             for part in ("k_b_proj", "v_b_proj"):
                 gname = arch.map_name(fname.replace("kv_b_proj", part))
                 assert gname is not None
@@ -489,10 +493,6 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
             kv_lora, nope, _, v_dim = A.mla_dims(hp)
             # the checkpoint's kv_b_proj is split with its own head count (the config's, before the MQA rewrite)
             transform = (lambda a, n=nkv, d=(nope, v_dim), p=part: A.split_kv_b(a, n, d[0], d[1], p))
-            n_rows = st.shape[0] // nkv if st.shape[0] % nkv == 0 else 0
-            if n_rows != nope + v_dim or st.shape[1] != kv_lora:
-                raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies "
-                                   f"{[nkv * (nope + v_dim), kv_lora]}")
             out_shape = (nkv, kv_lora, nope) if part == "k" else (nkv, v_dim, kv_lora)
         rows = None
         if arch.trim_vocab_rows and "embed_tokens.weight" in fname and vocab_rows is not None:

