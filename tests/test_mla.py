@@ -175,6 +175,31 @@ def test_imatrix_from_checkpoint_and_its_conversion(checkpoints, tmp_path):
 
 
 @pytest.mark.slow
+def test_imatrix_matches_llama_imatrix(checkpoints, tmp_path):
+    """Against llama-imatrix's own file for the deepseek3 F32 conversion (fixtures/imatrix_reference/README.md):
+    the same 48 entries with the same shapes (attn_k_b / attn_v_b as one row of n_head * n_in), the same counts per
+    weight and per expert, sums within 1e-3 relative L2 (measured: 1.7e-5), the same perplexity (175353.1679)."""
+    from gguftool.importance.files import read_imatrix
+
+    f32 = _convert(checkpoints["deepseek3"], "F32", tmp_path / "f32.gguf")
+    out = tmp_path / "im.gguf"
+    r = run_cli("imatrix", f32, "-f", CALIB, "-o", out, "-c", "128", "--chunks", "4")
+    assert r.exit_code == 0, r.output
+    ppl = float(r.output.split("PPL = ")[1].split()[0])
+    assert abs(ppl / 175353.1679 - 1) < 1e-4, ppl
+    ours, ref = read_imatrix(out), read_imatrix(ROOT / "fixtures" / "imatrix_reference" / "deepseek3_ctx128.gguf")
+    assert sorted(ours.entries) == sorted(ref.entries) and len(ref.entries) == 48
+    assert ours.chunk_count == ref.chunk_count and ours.chunk_size == ref.chunk_size
+    for name, e in ref.entries.items():
+        o = ours.entries[name]
+        assert o.in_sum2.shape == e.in_sum2.shape and o.counts.tolist() == e.counts.tolist(), name
+        for x in np.flatnonzero(e.counts):     # per expert for the _exps weights, else the one matrix
+            rel = np.linalg.norm(o.in_sum2[x] - e.in_sum2[x]) / np.linalg.norm(e.in_sum2[x])
+            assert rel < 1e-3, (name, x, rel)
+    assert ref.entries["blk.1.attn_k_b.weight"].in_sum2.shape == (1, 4 * 32)
+
+
+@pytest.mark.slow
 def test_perplexity_runs_and_agrees_with_llama_cpp(checkpoints, tmp_path):
     """gguftool perplexity on a deepseek3 F32 file: the per-chunk figures llama.cpp's logits give (the same
     scoring, computed here from llama-cpp-python's logits for the same chunks)."""
