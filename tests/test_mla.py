@@ -257,3 +257,23 @@ def test_bad_mla_shapes(checkpoints, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     r = run_cli("convert", d, "--type", "Q8_0")
     assert r.exit_code == 1 and "q_a_layernorm.weight' has shape [64] but config.json implies [48]" in r.output
+
+
+# --- DeepSeek-V3's pre-tokenizer
+
+
+@pytest.mark.slow
+def test_deepseek_v3_pretokenizer_matches_llama_cpp(smollm2_gguf, tmp_path):
+    """tokenizer.ggml.pre = "deepseek-v3" (DeepSeek-V3/R1 GGUFs): SmolLM2's vocabulary split by DeepSeek-V3's
+    regexes, against llama.cpp's tokenizer for the same file (its own regex engine) on the calibration text and
+    digit / CJK / punctuation cases."""
+    from test_tokenizer import TRICKY, _llama_tokens, _ours
+
+    path = tmp_path / "dsv3-vocab.gguf"
+    r = run_cli("edit", smollm2_gguf, path, "--set", "tokenizer.ggml.pre=deepseek-v3")
+    assert r.exit_code == 0, r.output
+    tok = _ours(path)
+    text = CALIB.read_text(encoding="utf-8")
+    assert tok.tokenize(text) == _llama_tokens(path, text)
+    for s in TRICKY + ["中文测试，日本語のテキストとカタカナ、12345678", "a1b22c333d4444", "x!!Hello ??what", "a\r\nb\r\n\r\n"]:
+        assert tok.tokenize(s) == _llama_tokens(path, s), repr(s)

@@ -65,6 +65,9 @@ for _names, _exprs in [
       "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion",
       "granite-docling", "exaone4"), [_GPT2]),
     (("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"), [_QWEN2]),
+    (("deepseek-v3",), [r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",          # DeepSeek-V3 / R1 (DEEPSEEK3_LLM)
+                        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]),
 ]:
     for _n in _names:
         _PRE_REGEXES[_n] = _exprs
