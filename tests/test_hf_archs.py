@@ -1,5 +1,5 @@
 """The other architectures (Llama 3 rope, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3 with and without LongRoPE,
-and the MoE ones: Qwen3-MoE, Mixtral) against llama.cpp's converter.
+and the MoE ones: Qwen3-MoE, Mixtral, DeepSeek-V2-Lite and DeepSeek-V3 with MLA) against llama.cpp's converter.
 
 Each small random checkpoint is rebuilt deterministically by scripts/make_tiny_model.py --variant and compared
 with fixtures/convert_reference/<variant>.json: the converted metadata and tensors (in memory), then the file
@@ -149,7 +149,7 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope", "gemma2"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope", "gemma2", "deepseek3"])
 def test_runs_in_llama_cpp(tmp_path, name):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
     if VARIANTS[name][3] == "bpe":
