@@ -227,12 +227,18 @@ def test_perplexity_runs_and_agrees_with_llama_cpp(checkpoints, tmp_path):
 # --- bad input
 
 
-def test_kimi_tiktoken_tokenizer_is_refused_clearly(checkpoints, tmp_path):
+def test_kimi_tiktoken_tokenizer_is_refused_clearly(tmp_path):
+    from make_tiny_model import make_mla_weights, write_safetensors
+
     d = tmp_path / "kimi"
     d.mkdir()
-    src = checkpoints["deepseek3"]
-    (d / "config.json").write_text((src / "config.json").read_text())
-    (d / "model.safetensors").symlink_to(src / "model.safetensors")
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 32, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 64, "intermediate_size": 64,
+           "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+           "first_k_dense_replace": 1, "moe_intermediate_size": 16, "n_routed_experts": 4, "n_shared_experts": 1,
+           "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "scoring_func": "sigmoid"}
+    write_safetensors(d / "model.safetensors", make_mla_weights(cfg), "BF16")
+    (d / "config.json").write_text(json.dumps(cfg))
     (d / "tiktoken.model").write_text("IQ== 0\n")   # Kimi-K2 ships this (and tokenization_kimi.py), no tokenizer.json
     r = run_cli("convert", d, "--type", "Q8_0")
     lines = r.output.strip().splitlines()
@@ -277,3 +283,48 @@ def test_deepseek_v3_pretokenizer_matches_llama_cpp(smollm2_gguf, tmp_path):
     assert tok.tokenize(text) == _llama_tokens(path, text)
     for s in TRICKY + ["中文测试，日本語のテキストとカタカナ、12345678", "a1b22c333d4444", "x!!Hello ??what", "a\r\nb\r\n\r\n"]:
         assert tok.tokenize(s) == _llama_tokens(path, s), repr(s)
+
+
+# --- the converter's pieces, without a checkpoint
+
+
+def test_kv_b_split_per_head():
+    """attn_k_b[h] = (the key rows of head h)^T, attn_v_b[h] = its value rows (DeepseekV2Model.modify_tensors)."""
+    from gguftool.errors import ConvertError
+    from gguftool.hf.archs import split_kv_b
+
+    H, nope, vd, r = 3, 4, 2, 5
+    w = np.arange(H * (nope + vd) * r, dtype=np.float32).reshape(H * (nope + vd), r)
+    k, v = split_kv_b(w, H, nope, vd, "k"), split_kv_b(w, H, nope, vd, "v")
+    assert k.shape == (H, r, nope) and v.shape == (H, vd, r)
+    for h in range(H):
+        rows = w[h * (nope + vd):(h + 1) * (nope + vd)]
+        assert np.array_equal(k[h], rows[:nope].T) and np.array_equal(v[h], rows[nope:])
+    with pytest.raises(ConvertError, match="kv_b_proj has 18 rows, but config.json implies 2 heads"):
+        split_kv_b(w, 2, nope, vd, "k")
+
+
+def test_deepseek_keys_as_llama_cpp_writes_them():
+    from gguftool.hf import archs as A
+
+    base = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4, "vocab_size": 1000,
+            "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32,
+            "moe_intermediate_size": 64, "n_routed_experts": 16, "num_experts_per_tok": 4,
+            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                             "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}}
+    for arch, extra, q_lora in ((A.DEEPSEEK3, {}, 1536), (A.DEEPSEEK2, {"q_lora_rank": None}, None)):
+        cfg = {"architectures": list(arch.hf_names), **base, **extra}
+        kv = {k.key: k.value for k in A.hyperparameters(arch, A.normalized_config(arch, cfg))}
+        a = "deepseek2."
+        assert kv[a + "attention.head_count_kv"] == 1                       # MLA as MQA
+        assert kv[a + "attention.key_length"] == 128 + 32 and kv[a + "attention.value_length"] == 128
+        assert kv[a + "attention.key_length_mla"] == 64 and kv[a + "attention.value_length_mla"] == 32
+        assert kv.get(a + "attention.q_lora_rank") == q_lora   # the class default unless config.json says null
+        assert abs(kv[a + "rope.scaling.yarn_log_multiplier"] - 0.0707) < 1e-9
+        assert kv[a + "rope.dimension_count"] == 32 and kv[a + "expert_feed_forward_length"] == 64
+        # transformers' class defaults: V3 1 shared expert, 3 dense layers, 8 groups; V2 2 shared, none
+        v3 = arch is A.DEEPSEEK3
+        assert kv[a + "expert_shared_count"] == (1 if v3 else 2)
+        assert kv[a + "leading_dense_block_count"] == (3 if v3 else 0)
+        assert kv.get(a + "expert_group_count") == (8 if v3 else None)
+        assert kv.get(a + "expert_weights_norm") == (True if v3 else None)

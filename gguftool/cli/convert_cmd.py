@@ -57,7 +57,8 @@ def command(model, type_, outfile, name, vocab_only, dry_run, stats, split_max_s
 
     Architectures: LlamaForCausalLM (Llama 1-3, with Llama 3 rope scaling), MistralForCausalLM,
     MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
-    Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
+    Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors), DeepseekV2ForCausalLM,
+    DeepseekV3ForCausalLM (DeepSeek-V2/V3, Kimi-K2 with a tokenizer.json; multi-head latent attention).
     """
     from .. import api
     from ..outfile import check_outputs
