@@ -22,6 +22,12 @@ def _print_model(src) -> None:
     click.echo(f"hyperparameters: layers {hp['num_hidden_layers']}, hidden {hp['hidden_size']}, ffn "
                f"{hp.get('intermediate_size')}, heads {hp['num_attention_heads']} (kv {hp['num_key_value_heads']}),"
                f" head_dim {A.head_dim(hp)}, context {hp.get('max_position_embeddings')}, vocab {hp['vocab_size']}")
+    if arch.mla:
+        kv_lora, nope, rope_dim, v_dim = A.mla_dims(hp)
+        click.echo(f"latent attention: q_lora_rank {hp.get('q_lora_rank')}, kv_lora_rank {kv_lora}, head dims "
+                   f"{nope} + rope {rope_dim} (value {v_dim}); experts {hp.get('n_routed_experts')} "
+                   f"({hp.get('num_experts_per_tok')} used, {hp.get('n_shared_experts')} shared), "
+                   f"{A.dense_lead_layers(hp)} dense lead layer(s), routing {hp.get('scoring_func', 'softmax')}")
     rope = hp["rope_parameters"]
     click.echo(f"rope: {rope}")
     special = ", ".join(f"{k} {i}" for k, i in v.special.items()) or "none"
