@@ -417,9 +417,10 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict) -> list[tuple[str, str, objec
             bid = int(fname.split(".")[2])
             layers.add(bid)
             kv_lora, nope, _, v_dim = A.mla_dims(hp)
-            want = [hp["num_key_value_heads"] * (nope + v_dim), kv_lora]
-            if list(st.shape) != want:
-                raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies {want}")
+            kv_b_shape = [hp["num_key_value_heads"] * (nope + v_dim), kv_lora]
+            if list(st.shape) != kv_b_shape:
+                raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies "
+                                   f"{kv_b_shape}")
             for part in ("k_b_proj", "v_b_proj"):
                 gname = arch.map_name(fname.replace("kv_b_proj", part))
                 assert gname is not None
