@@ -269,14 +269,15 @@ def test_bad_mla_shapes(checkpoints, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepseek_v3_pretokenizer_matches_llama_cpp(smollm2_gguf, tmp_path):
-    """tokenizer.ggml.pre = "deepseek-v3" (DeepSeek-V3/R1 GGUFs): SmolLM2's vocabulary split by DeepSeek-V3's
-    regexes, against llama.cpp's tokenizer for the same file (its own regex engine) on the calibration text and
-    digit / CJK / punctuation cases."""
+@pytest.mark.parametrize("pre", ["deepseek-v3", "deepseek-llm"])
+def test_deepseek_pretokenizers_match_llama_cpp(smollm2_gguf, tmp_path, pre):
+    """tokenizer.ggml.pre = "deepseek-v3" (DeepSeek-V3/R1 GGUFs) or "deepseek-llm" (DeepSeek-V2): SmolLM2's
+    vocabulary split by DeepSeek's regexes, against llama.cpp's tokenizer for the same file (its own regex engine)
+    on the calibration text and digit / CJK / punctuation cases."""
     from test_tokenizer import TRICKY, _llama_tokens, _ours
 
-    path = tmp_path / "dsv3-vocab.gguf"
-    r = run_cli("edit", smollm2_gguf, path, "--set", "tokenizer.ggml.pre=deepseek-v3")
+    path = tmp_path / "ds-vocab.gguf"
+    r = run_cli("edit", smollm2_gguf, path, "--set", f"tokenizer.ggml.pre={pre}")
     assert r.exit_code == 0, r.output
     tok = _ours(path)
     text = CALIB.read_text(encoding="utf-8")
