@@ -169,6 +169,68 @@ def make_weights(cfg: dict, seed: int = 0, biases: bool = False, qk_norm: bool =
     return t
 
 
+def make_mla_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A DeepSeek-V2/V3 checkpoint: multi-head latent attention (q_proj, or q_a_proj + q_a_layernorm + q_b_proj
+    when q_lora_rank is set; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), first_k_dense_replace dense
+    MLP layers, then MoE layers (mlp.gate router, e_score_correction_bias for sigmoid routing, per-expert
+    projections, shared_experts), and num_nextn_predict_layers multi-token-prediction layers past
+    num_hidden_layers (llama.cpp's converter drops them)."""
+    rng = np.random.default_rng(seed)
+    h, v, nh = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
+    nope, rope, vd, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    qr, E, eff = cfg.get("q_lora_rank"), cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    sff = cfg["n_shared_experts"] * eff
+
+    def w(*shape, std=0.08):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(v, h, std=1.0), "model.norm.weight": norm(h)}
+    if not cfg.get("tie_word_embeddings"):
+        t["lm_head.weight"] = w(v, h, std=0.1)
+    for b in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{b}."
+        t[p + "input_layernorm.weight"] = norm(h)
+        t[p + "post_attention_layernorm.weight"] = norm(h)
+        if qr is None:
+            t[p + "self_attn.q_proj.weight"] = w(nh * (nope + rope), h)
+        else:
+            t[p + "self_attn.q_a_proj.weight"] = w(qr, h)
+            t[p + "self_attn.q_a_layernorm.weight"] = norm(qr)
+            t[p + "self_attn.q_b_proj.weight"] = w(nh * (nope + rope), qr)
+        t[p + "self_attn.kv_a_proj_with_mqa.weight"] = w(kvr + rope, h)
+        t[p + "self_attn.kv_a_layernorm.weight"] = norm(kvr)
+        t[p + "self_attn.kv_b_proj.weight"] = w(nh * (nope + vd), kvr)
+        t[p + "self_attn.o_proj.weight"] = w(h, nh * vd)
+        if b < cfg["first_k_dense_replace"]:
+            ff = cfg["intermediate_size"]
+            t[p + "mlp.gate_proj.weight"] = w(ff, h)
+            t[p + "mlp.up_proj.weight"] = w(ff, h)
+            t[p + "mlp.down_proj.weight"] = w(h, ff)
+            continue
+        t[p + "mlp.gate.weight"] = w(E, h, std=0.3)
+        if cfg.get("scoring_func") == "sigmoid":
+            t[p + "mlp.gate.e_score_correction_bias"] = w(E, std=0.2)
+        for x in range(E):
+            t[p + f"mlp.experts.{x}.gate_proj.weight"] = w(eff, h)
+            t[p + f"mlp.experts.{x}.up_proj.weight"] = w(eff, h)
+            t[p + f"mlp.experts.{x}.down_proj.weight"] = w(h, eff)
+        t[p + "mlp.shared_experts.gate_proj.weight"] = w(sff, h)
+        t[p + "mlp.shared_experts.up_proj.weight"] = w(sff, h)
+        t[p + "mlp.shared_experts.down_proj.weight"] = w(h, sff)
+    for b in range(cfg["num_hidden_layers"], cfg["num_hidden_layers"] + cfg.get("num_nextn_predict_layers", 0)):
+        p = f"model.layers.{b}."   # a multi-token-prediction layer (a few of its tensors)
+        t[p + "enorm.weight"] = norm(h)
+        t[p + "hnorm.weight"] = norm(h)
+        t[p + "eh_proj.weight"] = w(h, 2 * h)
+        t[p + "input_layernorm.weight"] = norm(h)
+        t[p + "mlp.experts.0.gate_proj.weight"] = w(eff, h)
+        t[p + "shared_head.norm.weight"] = norm(h)
+    return t
+
+
 # --- small checkpoints of the other supported architectures (for the converter tests; not committed)
 _BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
@@ -225,6 +287,37 @@ VARIANTS = {
                                         "short_factor": [1.0 + 0.01 * i for i in range(32)]},
                        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
                        "pad_token_id": 32000}, {}, "BF16", "spm"),
+    # DeepSeek: multi-head latent attention, first_k_dense_replace, shared experts, YaRN with mscale_all_dim; BPE
+    # tokenizer.json (SmolLM2's: DeepseekV2Model.set_vocab reads only tokenizer.json or Kimi's tiktoken).
+    # "deepseek2-lite" as DeepSeek-V2-Lite: no q_lora_rank, softmax routing without normalization, 27 layers
+    # (llama.cpp reads q_lora_rank from any deepseek2 model but one of 26 or 27 layers), tied embeddings, F16.
+    # "deepseek3" as DeepSeek-V3 / Kimi-K2: q_lora_rank, sigmoid routing with e_score_correction_bias in
+    # expert groups (n_group / topk_group), normalized and scaled weights, a multi-token-prediction layer, BF16.
+    "deepseek2-lite": ({"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 49152,
+                        "num_hidden_layers": 27, "num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 128,
+                        "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32, "first_k_dense_replace": 1,
+                        "moe_intermediate_size": 64, "n_routed_experts": 6, "n_shared_experts": 2,
+                        "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "topk_method": "greedy",
+                        "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+                        "moe_layer_freq": 1, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+                        "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40,
+                                                              "mscale": 0.707, "mscale_all_dim": 0.707,
+                                                              "original_max_position_embeddings": 4096,
+                                                              "type": "yarn"},
+                        "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0},
+                       {"moe": "mla"}, "F16", "bpe"),
+    "deepseek3": ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 49152,
+                   "num_hidden_layers": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 128,
+                   "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32, "first_k_dense_replace": 1,
+                   "moe_intermediate_size": 64, "n_routed_experts": 16, "n_shared_experts": 1,
+                   "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "topk_method": "noaux_tc",
+                   "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                   "num_nextn_predict_layers": 1, "moe_layer_freq": 1, "max_position_embeddings": 163840,
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000,
+                   "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                    "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+                   "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0},
+                  {"moe": "mla"}, "BF16", "bpe"),
     "mixtral": ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
                  "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
                  "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
@@ -238,7 +331,9 @@ def make_variant(out: Path, name: str) -> Path:
     cfg = {**_BASE, **extra}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", make_weights(cfg, seed=sum(map(ord, name)), **wopts), dtype)
+    seed = sum(map(ord, name))
+    weights = make_mla_weights(cfg, seed) if wopts.get("moe") == "mla" else make_weights(cfg, seed=seed, **wopts)
+    write_safetensors(out / "model.safetensors", weights, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     src = ROOT / "fixtures" / "tiny-llama"
     if tok == "spm":

@@ -225,7 +225,7 @@ def test_bad_unsupported_architecture(tmp_path):
         cfg = json.loads((d / "config.json").read_text())
         cfg["architectures"] = ["FalconForCausalLM"]
         (d / "config.json").write_text(json.dumps(cfg))
-    assert "unsupported architecture 'FalconForCausalLM'; supported: Gemma2ForCausalLM" in _bad(tmp_path, m)
+    assert "unsupported architecture 'FalconForCausalLM'; supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2" in _bad(tmp_path, m)
 
 
 # --- the real client

@@ -1,5 +1,5 @@
 """The other architectures (Llama 3 rope, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3 with and without LongRoPE,
-and the MoE ones: Qwen3-MoE, Mixtral) against llama.cpp's converter.
+and the MoE ones: Qwen3-MoE, Mixtral, DeepSeek-V2-Lite and DeepSeek-V3 with MLA) against llama.cpp's converter.
 
 Each small random checkpoint is rebuilt deterministically by scripts/make_tiny_model.py --variant and compared
 with fixtures/convert_reference/<variant>.json: the converted metadata and tensors (in memory), then the file
@@ -20,7 +20,7 @@ from test_convert_cmd import expected_file
 from test_hf_source import source_digest, strip_descriptive
 
 NAMES = [n for n in ("llama3-rope", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "mixtral", "phi3",
-                     "phi3-longrope", "gemma2") if (REF / f"{n}.json").is_file()]
+                     "phi3-longrope", "gemma2", "deepseek2-lite", "deepseek3") if (REF / f"{n}.json").is_file()]
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -51,7 +51,8 @@ def test_quantized_file(variant, tmp_path):
     pytest.importorskip("gguf", reason="gguf-py reads the written file")
     from make_convert_reference import file_digest
     name, d, ref = variant
-    for t in ("Q8_0", "Q4_K_M"):
+    # (deepseek2-lite's 27 layers: Q4_K_M only, the mix with the most rules; Q8_0 as deepseek3's)
+    for t in ("Q4_K_M",) if name == "deepseek2-lite" else ("Q8_0", "Q4_K_M"):
         out = tmp_path / f"{name}-{t}.gguf"
         r = CliRunner().invoke(main, ["convert", str(d), "--type", t, "-o", str(out)], catch_exceptions=False)
         assert r.exit_code == 0, r.output
@@ -149,7 +150,7 @@ def test_imatrix_from_checkpoint_equals_from_gguf(tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope", "gemma2"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe", "phi3", "phi3-longrope", "gemma2"])  # deepseek: test_mla
 def test_runs_in_llama_cpp(tmp_path, name):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
     if VARIANTS[name][3] == "bpe":

@@ -90,6 +90,7 @@ def test_tensor_names_match_gguf_py_mapping():
 
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(ConvertError, match="unsupported architecture 'GPT2LMHeadModel'; supported: "
+                                           "DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, "
                                            "Gemma2ForCausalLM, Gemma3ForCausalLM, LLaMAForCausalLM, "
                                            "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
                                            "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM$"):

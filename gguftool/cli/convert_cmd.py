@@ -22,6 +22,12 @@ def _print_model(src) -> None:
     click.echo(f"hyperparameters: layers {hp['num_hidden_layers']}, hidden {hp['hidden_size']}, ffn "
                f"{hp.get('intermediate_size')}, heads {hp['num_attention_heads']} (kv {hp['num_key_value_heads']}),"
                f" head_dim {A.head_dim(hp)}, context {hp.get('max_position_embeddings')}, vocab {hp['vocab_size']}")
+    if arch.mla:
+        kv_lora, nope, rope_dim, v_dim = A.mla_dims(hp)
+        click.echo(f"latent attention: q_lora_rank {hp.get('q_lora_rank')}, kv_lora_rank {kv_lora}, head dims "
+                   f"{nope} + rope {rope_dim} (value {v_dim}); experts {hp.get('n_routed_experts')} "
+                   f"({hp.get('num_experts_per_tok')} used, {hp.get('n_shared_experts')} shared), "
+                   f"{A.dense_lead_layers(hp)} dense lead layer(s), routing {hp.get('scoring_func', 'softmax')}")
     rope = hp["rope_parameters"]
     click.echo(f"rope: {rope}")
     special = ", ".join(f"{k} {i}" for k, i in v.special.items()) or "none"
@@ -72,7 +78,8 @@ def command(model, type_, outfile, revision, name, vocab_only, dry_run, stats, s
 
     Architectures: LlamaForCausalLM (Llama 1-3, with Llama 3 rope scaling), MistralForCausalLM,
     MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
-    Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors).
+    Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors), DeepseekV2ForCausalLM,
+    DeepseekV3ForCausalLM (DeepSeek-V2/V3, Kimi-K2 with a tokenizer.json; multi-head latent attention).
     """
     from .. import api
     from ..outfile import check_outputs

@@ -112,13 +112,16 @@ _CONFIG_SCHEMA = Obj({
         "max_sequence_length", "model_max_length", "prefix_dense_intermediate_size", "dense_intermediate_size",
         "n_inner", "hidden_dim", "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
         "num_experts_per_token", "top_k_experts", "n_group", "topk_group", "moe_intermediate_size",
-        "shared_expert_intermediate_size", "original_max_position_embeddings", "sliding_window_pattern")},
-    "sliding_window": Int(min=0, max=U32_MAX),
+        "shared_expert_intermediate_size", "original_max_position_embeddings", "sliding_window_pattern",
+        "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
+    **{k: Int(min=0, max=U32_MAX) for k in ("sliding_window", "first_k_dense_replace", "n_shared_experts")},
+    "routed_scaling_factor": Num(),
     **{k: _POSITIVE for k in ("rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",
                               "rope_theta", "rope_local_base_freq", "attn_logit_softcapping",
                               "final_logit_softcapping")},
     "partial_rotary_factor": Num(gt=0, le=1),
-    **{k: Bool() for k in ("is_causal", "use_sliding_window", "tie_word_embeddings", "use_bidirectional_attention")},
+    **{k: Bool() for k in ("is_causal", "use_sliding_window", "tie_word_embeddings", "use_bidirectional_attention",
+                           "norm_topk_prob")},
     **{k: Str(tuple(_GATING_FUNCS)) for k in ("score_function", "scoring_func", "score_func", "moe_router_activation",
                                               "moe_router_activation_func", "expert_selection_fn")},
     **{k: Obj() for k in ("text_config", "rope_scaling", "rope_parameters")},
@@ -455,6 +458,58 @@ def _gemma3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     kv.u32(f"{a}.attention.head_count_kv", hp.get("num_key_value_heads", 4))
 
 
+def _deepseek2_post(hp: dict) -> None:
+    """DeepseekV2Config / DeepseekV3Config as to_dict() presents them: head_dim is qk_rope_head_dim (so TextModel
+    writes a key/value length that DeepseekV2Model then overwrites in place); q_lora_rank keeps an explicit null
+    (DeepSeek-V2-Lite: no query compression) and takes the class default only when config.json leaves it out."""
+    if "q_lora_rank" not in hp:
+        hp["q_lora_rank"] = 1536
+    hp["head_dim"] = hp["qk_rope_head_dim"]
+
+
+def mla_dims(hp: dict) -> tuple[int, int, int, int]:
+    """(kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim) of a DeepSeek-V2/V3 config."""
+    return (hp.get("kv_lora_rank") or 512, hp["qk_nope_head_dim"], hp["qk_rope_head_dim"], hp["v_head_dim"])
+
+
+def dense_lead_layers(hp: dict) -> int:
+    """first_k_dense_replace: the leading layers with a dense FFN (all of them for a model without experts)."""
+    k = hp.get("first_k_dense_replace")
+    if k is None:
+        return hp["num_hidden_layers"] if hp.get("n_routed_experts") is None else 0
+    return k
+
+
+def _deepseek2_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # DeepseekV2Model.set_gguf_parameters (conversion/deepseek.py): MLA is written as MQA (one KV head) whose key
+    # is the compressed KV plus the rope part, decompressed per head by attn_k_b / attn_v_b
+    a = arch.gguf_arch
+    _text_model_params(arch, HParams({**hp, "num_key_value_heads": 1}), kv)
+    kv.u32(f"{a}.leading_dense_block_count", dense_lead_layers(hp))
+    kv_lora, nope, rope, v_dim = mla_dims(hp)
+    kv.u32(f"{a}.vocab_size", hp["vocab_size"])
+    if hp.get("q_lora_rank") is not None:
+        kv.u32(f"{a}.attention.q_lora_rank", hp["q_lora_rank"])
+    kv.u32(f"{a}.attention.kv_lora_rank", kv_lora)
+    kv.u32(f"{a}.attention.key_length", kv_lora + rope)
+    kv.u32(f"{a}.attention.value_length", kv_lora)
+    kv.u32(f"{a}.attention.key_length_mla", nope + rope)
+    kv.u32(f"{a}.attention.value_length_mla", v_dim)
+    kv.u32(f"{a}.expert_feed_forward_length", _find_required(hp, ["moe_intermediate_size", "intermediate_size"]))
+    if hp.get("n_routed_experts") is not None:
+        kv.u32(f"{a}.expert_count", hp["n_routed_experts"])
+    kv.u32(f"{a}.expert_shared_count", hp.get("n_shared_experts") or 0)
+    if hp.get("routed_scaling_factor") is not None:
+        kv.f32(f"{a}.expert_weights_scale", hp["routed_scaling_factor"])
+    if hp.get("norm_topk_prob"):
+        kv.boolean(f"{a}.expert_weights_norm", True)
+    kv.u32(f"{a}.rope.dimension_count", rope)
+    mscale_all = hp["rope_parameters"].get("mscale_all_dim")
+    if mscale_all is not None:
+        # stored as 0.1 * mscale_all_dim, which llama.cpp divides back (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX)
+        kv.f32(f"{a}.rope.scaling.yarn_log_multiplier", 0.1 * mscale_all)
+
+
 # --- tensor name tables (gguf-py tensor_mapping for each architecture)
 _COMMON_TENSORS = {
     "model.embed_tokens": "token_embd",
@@ -499,6 +554,23 @@ PHI3_TENSORS = {
 }
 MIXTRAL_TENSORS = {**LLAMA_TENSORS, "model.layers.{bid}.block_sparse_moe.gate": "blk.{bid}.ffn_gate_inp"}
 QWEN3MOE_TENSORS = {**QWEN3_TENSORS, "model.layers.{bid}.mlp.gate": "blk.{bid}.ffn_gate_inp"}
+
+
+DEEPSEEK2_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if ".self_attn." not in k or k.endswith(("q_proj", "o_proj"))},
+    "model.layers.{bid}.self_attn.q_a_proj": "blk.{bid}.attn_q_a",
+    "model.layers.{bid}.self_attn.q_a_layernorm": "blk.{bid}.attn_q_a_norm",
+    "model.layers.{bid}.self_attn.q_b_proj": "blk.{bid}.attn_q_b",
+    "model.layers.{bid}.self_attn.kv_a_proj_with_mqa": "blk.{bid}.attn_kv_a_mqa",
+    "model.layers.{bid}.self_attn.kv_a_layernorm": "blk.{bid}.attn_kv_a_norm",
+    "model.layers.{bid}.self_attn.k_b_proj": "blk.{bid}.attn_k_b",      # the two halves of kv_b_proj
+    "model.layers.{bid}.self_attn.v_b_proj": "blk.{bid}.attn_v_b",
+    "model.layers.{bid}.mlp.gate": "blk.{bid}.ffn_gate_inp",
+    "model.layers.{bid}.mlp.gate.e_score_correction": "blk.{bid}.exp_probs_b",   # DeepSeek-V3 routing bias
+    "model.layers.{bid}.mlp.shared_experts.gate_proj": "blk.{bid}.ffn_gate_shexp",
+    "model.layers.{bid}.mlp.shared_experts.up_proj": "blk.{bid}.ffn_up_shexp",
+    "model.layers.{bid}.mlp.shared_experts.down_proj": "blk.{bid}.ffn_down_shexp",
+}
 
 
 @dataclass(frozen=True)
@@ -551,6 +623,9 @@ class Arch:
     # ^ generate_extra_tensors: (KVs it adds, which land right after general.architecture; computed tensors)
     fused_qkv_ffn: bool = False            # attn_qkv and ffn_up = gate|up stacked (Phi-3)
     aliases: dict = field(default_factory=dict)  # config class attribute_map: config.json key -> to_dict key
+    mla: bool = False                      # DeepSeek-V2/V3: kv_b_proj split into attn_k_b (transposed) / attn_v_b;
+    #                                        layers past num_hidden_layers (multi-token prediction) and a tied
+    #                                        lm_head are dropped; first_k_dense_replace dense layers, then MoE
 
     def map_name(self, hf_name: str) -> str | None:
         """GGUF name for an HF tensor name, or None when the table has no entry."""
@@ -652,6 +727,28 @@ PHI3 = _register(Arch(
     derive_head_dim=False, generated=phi3_rope_factors, fused_qkv_ffn=True))
 
 
+_DEEPSEEK_DEFAULTS = dict(  # the defaults DeepseekV2Config and DeepseekV3Config share (transformers 5.x)
+    intermediate_size=None, rms_norm_eps=1e-6, tie_word_embeddings=False, kv_lora_rank=512, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, v_head_dim=128)
+DEEPSEEK2 = _register(Arch(
+    name="deepseek2", hf_names=("DeepseekV2ForCausalLM",), gguf_arch="deepseek2",
+    defaults=dict(_DEEPSEEK_DEFAULTS, vocab_size=102400, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048, first_k_dense_replace=0,
+                  n_routed_experts=64, n_shared_experts=2, routed_scaling_factor=1.0, norm_topk_prob=False,
+                  moe_intermediate_size=1407, num_key_value_heads=None),
+    tensors=DEEPSEEK2_TENSORS, params=_deepseek2_params, post_config=_deepseek2_post, vocab="deepseek",
+    experts=QWEN_MOE_EXPERTS, aliases={"num_experts": "n_routed_experts"}, mla=True))
+
+DEEPSEEK3 = _register(Arch(
+    name="deepseek3", hf_names=("DeepseekV3ForCausalLM",), gguf_arch="deepseek2",
+    defaults=dict(_DEEPSEEK_DEFAULTS, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                  num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, max_position_embeddings=4096,
+                  first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1, routed_scaling_factor=2.5,
+                  norm_topk_prob=True, moe_intermediate_size=2048, n_group=8, topk_group=4, num_experts_per_tok=8),
+    tensors=DEEPSEEK2_TENSORS, params=_deepseek2_params, post_config=_deepseek2_post, vocab="deepseek",
+    experts=QWEN_MOE_EXPERTS, aliases={"num_local_experts": "n_routed_experts"}, mla=True))
+
+
 def supported_names() -> list[str]:
     return sorted(ARCHS)
 
@@ -689,6 +786,21 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
     return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
             .swapaxes(1, 2)
             .reshape(w.shape))
+
+
+def split_kv_b(w: np.ndarray, n_head_kv: int, nope: int, v_dim: int, part: str) -> np.ndarray:
+    """DeepseekV2Model.modify_tensors: kv_b_proj (n_head_kv * (nope + v_dim), kv_lora_rank) holds per head the
+    decompression of the latent KV into the head's key (nope rows) then value (v_dim rows). llama.cpp stores the
+    key half transposed, (n_head, kv_lora_rank, nope) = attn_k_b, so that it absorbs into the query, and the value
+    half as it is, (n_head, v_dim, kv_lora_rank) = attn_v_b. A pure reshuffle of elements (any dtype)."""
+    rows, kv_lora = w.shape
+    if rows != n_head_kv * (nope + v_dim):
+        raise ConvertError(f"kv_b_proj has {rows} rows, but config.json implies {n_head_kv} heads x "
+                           f"({nope} + {v_dim}) = {n_head_kv * (nope + v_dim)}")
+    kv = w.reshape(n_head_kv, nope + v_dim, kv_lora)
+    if part == "k":
+        return np.ascontiguousarray(kv[:, :nope, :].transpose(0, 2, 1))
+    return np.ascontiguousarray(kv[:, nope:, :])
 
 
 def _llama3_generated(hp: dict) -> tuple[list[KV], list[tuple[str, np.ndarray]]]:

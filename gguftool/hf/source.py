@@ -46,14 +46,14 @@ class HFTensor(SourceTensor):
 
     def __init__(self, name: str, st: SafetensorsTensor, out_type: GGMLType,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None, rows: int | None = None,
-                 scaled: ScaledWeight | None = None):
+                 scaled: ScaledWeight | None = None, out_shape: tuple[int, ...] | None = None):
         self.name = name
         self.st = st
         self.type = out_type
         self.transform = transform
         self.rows = rows  # keep only the first `rows` rows (Gemma3 vocabulary trim)
         self.scaled = scaled
-        hf_shape = list(st.shape)
+        hf_shape = list(out_shape if out_shape is not None else st.shape)  # out_shape: the transform reshapes
         if rows is not None:
             hf_shape[0] = rows
         self.hf_shape = tuple(hf_shape)
@@ -273,7 +273,40 @@ def size_label(n: int) -> str:
     return f"{v:.{fix}f}{suffix}"
 
 
+def _mla_shapes(hp: dict) -> list[tuple[str, tuple]]:
+    """DeepSeek-V2/V3 (HF shapes of the GGUF-named tensors; kv_b_proj is checked by split_kv_b)."""
+    h, nh = hp["hidden_size"], hp["num_attention_heads"]
+    kv_lora, nope, rope, v_dim = A.mla_dims(hp)
+    q_lora = hp.get("q_lora_rank")
+    rules = [(r"blk\.\d+\.attn_q\.weight", (nh * (nope + rope), h)),
+             (r"blk\.\d+\.attn_kv_a_mqa\.weight", (kv_lora + rope, h)),
+             (r"blk\.\d+\.attn_kv_a_norm\.weight", (kv_lora,)),
+             (r"blk\.\d+\.attn_output\.weight", (h, nh * v_dim))]
+    if q_lora is not None:
+        rules += [(r"blk\.\d+\.attn_q_a\.weight", (q_lora, h)), (r"blk\.\d+\.attn_q_a_norm\.weight", (q_lora,)),
+                  (r"blk\.\d+\.attn_q_b\.weight", (nh * (nope + rope), q_lora))]
+    ff = hp.get("intermediate_size")
+    if isinstance(ff, int):
+        rules += [(r"blk\.\d+\.ffn_(gate|up)\.weight", (ff, h)), (r"blk\.\d+\.ffn_down\.weight", (h, ff))]
+    shared = (hp.get("n_shared_experts") or 0) * (hp.get("moe_intermediate_size") or 0)
+    if shared:
+        rules += [(r"blk\.\d+\.ffn_(gate|up)_shexp\.weight", (shared, h)),
+                  (r"blk\.\d+\.ffn_down_shexp\.weight", (h, shared))]
+    n_expert = A.expert_count(hp)
+    if isinstance(n_expert, int):
+        rules.append((r"blk\.\d+\.exp_probs_b\.bias", (n_expert,)))
+    return rules
+
+
 def _expected_shapes(arch: A.Arch, hp: dict, vocab_rows: int | None) -> list[tuple[re.Pattern, tuple]]:
+    if arch.mla:
+        h, n_expert = hp["hidden_size"], A.expert_count(hp)
+        rules = _mla_shapes(hp) + [
+            (r"token_embd\.weight", (hp["vocab_size"], h)), (r"output\.weight", (hp["vocab_size"], h)),
+            (r"output_norm\.weight", (h,)), (r"blk\.\d+\.(attn_norm|ffn_norm)\.weight", (h,))]
+        if isinstance(n_expert, int):
+            rules.append((r"blk\.\d+\.ffn_gate_inp\.weight", (n_expert, h)))
+        return [(re.compile(p + "$"), s) for p, s in rules]
     h, hd = hp["hidden_size"], A.head_dim(hp)
     nh, nkv = hp["num_attention_heads"], hp["num_key_value_heads"]
     ff = hp.get("intermediate_size")
@@ -322,7 +355,24 @@ def _check_expert(hf_name: str, st: SafetensorsTensor, bid: int, xid: int, proj:
         raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies {list(want)}")
 
 
-def _required(arch: A.Arch, n_layers: int) -> list[str]:
+def _required_mla(hp: dict, n_layers: int) -> list[str]:
+    attn = ["attn_q"] if hp.get("q_lora_rank") is None else ["attn_q_a", "attn_q_a_norm", "attn_q_b"]
+    per_layer = ["attn_norm", *attn, "attn_kv_a_mqa", "attn_kv_a_norm", "attn_k_b", "attn_v_b", "attn_output",
+                 "ffn_norm"]
+    moe = ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+    if hp.get("n_shared_experts"):
+        moe += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+    names = ["token_embd.weight", "output_norm.weight"]
+    n_dense = A.dense_lead_layers(hp)
+    for b in range(n_layers):
+        ffn = ["ffn_gate", "ffn_up", "ffn_down"] if b < n_dense else moe
+        names += [f"blk.{b}.{p}.weight" for p in per_layer + ffn]
+    return names
+
+
+def _required(arch: A.Arch, n_layers: int, hp: dict) -> list[str]:
+    if arch.mla:
+        return _required_mla(hp, n_layers)
     attn = ["attn_qkv"] if arch.fused_qkv_ffn else ["attn_q", "attn_k", "attn_v"]
     if arch.fused_qkv_ffn:
         ffn = ["ffn_up", "ffn_down"]
@@ -375,6 +425,12 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[s
             continue
         if pq.skipped(hf_name):   # a scale (applied to its weight) or an unused activation scale
             continue
+        if arch.mla:   # DeepseekV2Model.modify_tensors drops a tied lm_head and the multi-token-prediction layers
+            if fname in ("lm_head.weight", "model.lm_head.weight") and hp.get("tie_word_embeddings"):
+                continue
+            m = re.match(r"model\.layers\.(\d+)", fname)
+            if m and int(m.group(1)) >= n_layers:
+                continue
         if st.dtype not in SUPPORTED_DTYPES:
             raise ConvertError(f"{st.file.path}: tensor {hf_name!r} has dtype {st.dtype}, which gguftool cannot "
                                f"convert (supported: {', '.join(sorted(SUPPORTED_DTYPES))})")
@@ -391,6 +447,20 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[s
                     entries.append((gname, hf_name, {x: group[(p, x)] for x in range(n_expert)}))
                     seen[gname] = hf_name
                 del pending[bid]
+            continue
+        if arch.mla and fname.endswith("self_attn.kv_b_proj.weight"):   # split into attn_k_b and attn_v_b
+            bid = int(fname.split(".")[2])
+            layers.add(bid)
+            kv_lora, nope, _, v_dim = A.mla_dims(hp)
+            kv_b_shape = [hp["num_key_value_heads"] * (nope + v_dim), kv_lora]
+            if list(st.shape) != kv_b_shape:
+                raise ConvertError(f"tensor {hf_name!r} has shape {list(st.shape)} but config.json implies "
+                                   f"{kv_b_shape}")
+            for part in ("k_b_proj", "v_b_proj"):
+                gname = arch.map_name(fname.replace("kv_b_proj", part))
+                assert gname is not None
+                seen[gname] = hf_name
+                entries.append((gname, hf_name, st))
             continue
         gname = arch.map_name(fname)
         if gname is None:
@@ -415,7 +485,7 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[s
                            f"({n_expert} experts x 3 projections)")
 
     # every layer below n_layers holds tensors, so the names listed are bounded by the tensors present
-    missing = [n for n in _required(arch, min(n_layers, len(layers) + 1)) if n not in seen]
+    missing = [n for n in _required(arch, min(n_layers, len(layers) + 1), hp) if n not in seen]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ConvertError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more} "
@@ -455,11 +525,19 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
             transform = (lambda a, h=nh, k=nkv: A.permute_qk(a, h, k))
         elif arch.norm_shift and fname.endswith("norm.weight"):
             transform = (lambda a, s=arch.norm_shift: a + a.dtype.type(s))
+        out_shape = None
+        if arch.mla and gname.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+            part = "k" if gname.endswith("attn_k_b.weight") else "v"
+            kv_lora, nope, _, v_dim = A.mla_dims(hp)
+            # the checkpoint's kv_b_proj is split with its own head count (the config's, before the MQA rewrite)
+            transform = (lambda a, n=nkv, d=(nope, v_dim), p=part: A.split_kv_b(a, n, d[0], d[1], p))
+            out_shape = (nkv, kv_lora, nope) if part == "k" else (nkv, v_dim, kv_lora)
         rows = None
         if arch.trim_vocab_rows and "embed_tokens.weight" in fname and vocab_rows is not None:
             rows = min(vocab_rows, st.shape[0])
-        tensors.append(HFTensor(gname, st, _stored_type(gname, st, len(st.shape), out_type, hf_name), transform,
-                                rows, pq.scaled.get(hf_name)))
+        n_dims = len(out_shape) if out_shape is not None else len(st.shape)
+        tensors.append(HFTensor(gname, st, _stored_type(gname, st, n_dims, out_type, hf_name), transform,
+                                rows, pq.scaled.get(hf_name), out_shape))
 
     label = name or _default_name(ck.directory)
     kv = A.KVList()

@@ -641,6 +641,15 @@ def vocab_kvs(vocab_style: str, directory: Path, hp: dict) -> tuple[list[KV], Vo
             _bpe_kvs(directory, hp, kv, info)
         else:
             raise _missing(directory, "tokenizer.json")
+    elif vocab_style == "deepseek":  # DeepseekV2Model.set_vocab: tokenizer.json, else Kimi's tiktoken (kimi-k2)
+        if tjson:
+            _bpe_kvs(directory, hp, kv, info)
+        elif (directory / "tiktoken.model").is_file():
+            raise ConvertError(f"{directory}: a tiktoken tokenizer (tiktoken.model, as Kimi-K2's) is not supported; "
+                               "llama.cpp's converter rebuilds its merges through transformers with remote code. "
+                               "Convert with convert_hf_to_gguf.py, or provide a tokenizer.json")
+        else:
+            raise _missing(directory, "tokenizer.json")
     elif vocab_style == "phi3":  # Phi3MiniModel.set_vocab: GPT2Tokenizer (Phi-4) -> tokenizer.json, else SPM
         tc = directory / "tokenizer_config.json"
         if tc.is_file() and _load_json(tc).get("tokenizer_class") == "GPT2Tokenizer":

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metadata import Metadata, MetadataReader
+from .mla import MLAConfig, mla_config
 from .ops import yarn_corr_dims
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "deepseek2")
 QK_NORM_ARCHS = ("qwen3", "qwen3moe", "gemma3")
 GEMMA_ARCHS = ("gemma2", "gemma3")   # scaled embeddings, post norms, GELU, Q pre-scaled
 _MAX_INT = 2**31 - 1                 # context lengths, vocabulary size, enum values: int32 in llama.cpp
@@ -44,6 +45,7 @@ class ModelConfig:
     n_expert_used: int = 0
     n_ff_exp: int = 0         # expert FFN width
     expert_weights_scale: float = 0.0   # 0: none
+    mla: MLAConfig | None = None        # deepseek2: multi-head latent attention and DeepSeek routing (model.mla)
 
     @classmethod
     def from_metadata(cls, meta: Metadata, n_vocab: int | None = None, *, origin: str = "") -> "ModelConfig":
@@ -128,6 +130,9 @@ class ModelConfig:
             if not cfg.rope_orig_ctx:
                 md.fail(f"YaRN scaling without {a}rope.scaling.original_context_length")
             cfg.yarn_corr = yarn_corr_dims(rope_dims, cfg.rope_orig_ctx, base)
+        if arch == "deepseek2":
+            cfg.mla = mla_config(md, cfg)
+            return cfg
         if n_expert:
             cfg.n_expert = n_expert
             cfg.n_expert_used = md.get_int(a + "expert_used_count", 0)

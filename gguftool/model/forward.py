@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ImatrixError
+from . import mla
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
 from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
@@ -92,6 +93,8 @@ class Model:
 
     # required tensors per layer, by architecture
     def _layer_names(self, il: int) -> list[str]:
+        if self.cfg.mla is not None:
+            return mla.layer_names(self.cfg, il)
         p = f"blk.{il}."
         names = [p + "attn_norm.weight", p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight",
                  p + "attn_output.weight", p + "ffn_norm.weight"]
@@ -146,6 +149,12 @@ class Model:
         for name, shape in single.items():
             if name in self.w:
                 self._check_shape(name, shape)
+        if cfg.mla is not None:
+            for il in range(cfg.n_layer):
+                for name, shape in mla.expected_shapes(cfg, il).items():
+                    if name in self.w:
+                        self._check_shape(name, shape)
+            return
         expect = {
             "attn_norm.weight": (cfg.n_embd,), "ffn_norm.weight": (cfg.n_embd,),
             "attn_q.weight": (cfg.n_head * cfg.head_dim, cfg.n_embd),
@@ -201,7 +210,8 @@ class Model:
         cfg = ModelConfig.from_metadata(source, origin=origin)
         where = f"{origin}: " if origin else ""
         for t in source.tensors:
-            if len(t.shape) > 3 or (len(t.shape) == 3 and not t.name.endswith("_exps.weight")):
+            per_head = cfg.mla is not None and t.name.endswith(("attn_k_b.weight", "attn_v_b.weight"))
+            if len(t.shape) > 3 or (len(t.shape) == 3 and not t.name.endswith("_exps.weight") and not per_head):
                 raise ImatrixError(f"{where}tensor {t.name} has {len(t.shape)} dimensions: not a weight gguftool "
                                    "can evaluate")
         model = cls(cfg, WeightStore(source.tensors, weight_budget), kv_f16=kv_f16, n_threads=n_threads,
@@ -346,6 +356,9 @@ class Model:
     def _layer(self, st: _PassState, il: int, ranges: list[tuple[int, int]], hook: Hook | None) -> None:
         """Layer il: attention block, then the FFN (dense or MoE), each added to the residual stream st.x."""
         cfg = self.cfg
+        if cfg.mla is not None:
+            mla.layer(self, st, il, ranges, hook)
+            return
         p = f"blk.{il}."
         fused = cfg.arch == "phi3"     # attn_qkv = Q|K|V, ffn_up = gate|up
         B, T, N = st.B, st.T, st.B * st.T
