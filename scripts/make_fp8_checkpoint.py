@@ -258,10 +258,58 @@ def make(variant: str, out: Path, overrides: dict | None = None, random_codes: b
     return out
 
 
+def _read_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return {name: (h["dtype"], tuple(h["shape"]), raw[8 + n + h["data_offsets"][0]: 8 + n + h["data_offsets"][1]])
+            for name, h in header.items()}
+
+
+def _widen(dtype: str, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    if dtype == "BF16":
+        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return np.frombuffer(data, {"F16": "<f2", "F32": "<f4"}[dtype]).astype(np.float32).reshape(shape)
+
+
+def fp8_copy(src: Path, out: Path) -> Path:
+    """An existing BF16/F16/F32 checkpoint (one model.safetensors) as DeepSeek-V3 ships it: every 2-D ``*_proj``
+    weight (attention, MLA, dense, shared and routed experts) F8_E4M3 with F32 128x128 ``weight_scale_inv`` blocks;
+    embeddings, lm_head, norms and the router unchanged. Used for DeepSeek-V3-style tiny models."""
+    enc = _fp8_encoder("F8_E4M3")
+    entries: list = []
+    for name, (dtype, shape, data) in _read_safetensors(src / "model.safetensors").items():
+        if not (len(shape) == 2 and name.endswith("_proj.weight") and "embed" not in name):
+            entries.append((name, (dtype, shape), lambda data=data: data))
+            continue
+        w = _widen(dtype, shape, data).astype(np.float64)
+        r, c = -(-shape[0] // 128), -(-shape[1] // 128)
+        pad = np.zeros((r * 128, c * 128))
+        pad[: shape[0], : shape[1]] = np.abs(w)
+        amax = np.maximum(pad.reshape(r, 128, c, 128).max(axis=(1, 3)), 1e-12)
+        full = np.repeat(np.repeat(amax, 128, 0), 128, 1)[: shape[0], : shape[1]] / E4M3_MAX
+        q, scale = enc(w / full), (amax / E4M3_MAX).astype("<f4")
+        entries.append((name, ("F8_E4M3", shape), lambda q=q: q.tobytes()))
+        entries.append((name + "_scale_inv", ("F32", (r, c)), lambda scale=scale: scale.tobytes()))
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", entries)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = FP8_BLOCK
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("variant", choices=sorted(VARIANTS))
+    ap.add_argument("variant", help=f"one of {', '.join(sorted(VARIANTS))}, or with --from-checkpoint the source "
+                                    "checkpoint folder")
     ap.add_argument("out", type=Path)
+    ap.add_argument("--from-checkpoint", action="store_true", help="VARIANT is a BF16/F16/F32 checkpoint folder: "
+                    "write it with FP8 128x128-block projections, as DeepSeek-V3 ships (fp8_copy)")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--ffn", type=int)
@@ -271,6 +319,11 @@ def main() -> None:
     ap.add_argument("--random-codes", action="store_true", help="random FP8 codes and scales instead of quantized "
                                                                 "values (fast: for multi-GB memory benchmarks)")
     a = ap.parse_args()
+    if a.from_checkpoint:
+        print(f"wrote {fp8_copy(Path(a.variant), a.out)}")
+        return
+    if a.variant not in VARIANTS:
+        ap.error(f"unknown variant {a.variant!r}")
     over = {k: v for k, v in (("num_hidden_layers", a.layers), ("hidden_size", a.hidden), ("intermediate_size", a.ffn),
                               ("num_attention_heads", a.heads), ("num_key_value_heads", a.kv_heads),
                               ("vocab_size", a.vocab)) if v is not None}

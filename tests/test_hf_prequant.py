@@ -242,3 +242,26 @@ def test_generator_is_deterministic(tmp_path):
     a = make_checkpoint("llama-mistral", tmp_path / "a")
     b = make_checkpoint("llama-mistral", tmp_path / "b")
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+# --- a DeepSeek-V3-style checkpoint in FP8 (MLA, routed and shared experts), as DeepSeek-V3/R1 and Kimi-K2 ship:
+# the 128x128 block dequantization runs before the kv_b_proj split into attn_k_b / attn_v_b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("type_", ["F32", "Q8_0", "Q4_K_M"])
+def test_deepseek3_fp8_identical_to_llama_cpp(tmp_path_factory, tmp_path, type_):
+    from make_fp8_checkpoint import fp8_copy
+    from make_tiny_model import make_variant
+
+    root = tmp_path_factory.getbasetemp() / "deepseek3-fp8"
+    if not (root / "fp8" / "config.json").is_file():
+        fp8_copy(make_variant(root / "bf16", "deepseek3"), root / "fp8")
+    ref = json.loads((CONVERT_REF / "fp8-deepseek3.json").read_text())
+    out = tmp_path / "out.gguf"
+    r = run_cli("convert", root / "fp8", "--type", type_, "-o", out)
+    assert r.exit_code == 0, r.output
+    if type_ == "F32":
+        assert _digest(out)["tensors"] == ref["convert"]["tensors"]
+    else:
+        _assert_same_as_reference(out, expected_file(ref, type_))
