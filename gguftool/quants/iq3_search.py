@@ -88,6 +88,8 @@ def search_sub_block(xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, km
     IQ3_S). all_second_pass: IQ3_S re-rounds every group against the chosen scale; IQ3_XXS only the groups
     that were off the grid (and starts with them marked on it). L (int8[32]) gets the coordinates, which are
     all grid points on return. Returns (scale, ok)."""
+    for i in range(32):
+        L[i] = 0                # memset(L, 0, ...): kept when no trial scale improves (all weights zero)
     mx = xval[0]
     for i in range(1, 32):
         v = xval[i]
