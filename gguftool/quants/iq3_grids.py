@@ -16,7 +16,8 @@ llama.cpp's; (distance, index) pairs are unique, so the sort is fully determined
 
 The dequantization tables of ggml-common.h (iq3xxs_grid, iq3s_grid) are the same points with each coordinate
 mapped through a per-type value table (DEQUANT_VALUES_*; scripts/make_iq3_grids.py checks this against
-ggml-common.h): decoded here as uint8[n, 4].
+ggml-common.h): decoded here as uint8[n, 4]. SEARCH_* lay the neighbour lists out for the
+searches (search_tables).
 """
 from __future__ import annotations
 
@@ -64,6 +65,31 @@ def build_tables(kgrid, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return grid, kmap, neighbours
 
 
+def search_tables(grid: np.ndarray, kmap: np.ndarray, neighbours: np.ndarray, lanes: int = 8):
+    """The same lists laid out for the searches (iq3_search.py): (kmap, index, values).
+
+    kmap int32[4096] as llama.cpp's, but an off-grid u points (-(start + 1)) into these arrays; index[start] is
+    the list's length padded up to a multiple of `lanes`, index[start + 1 + j] its j-th grid index; values
+    float32[4, len]: row i holds coordinate i's value (2l+1) of each entry, so the distance search reads the
+    candidates as four contiguous columns, `lanes` at a time with no remainder loop. Padding entries have NaN
+    values: their distance is NaN, which never compares below the best, so they are never chosen."""
+    off = np.flatnonzero(kmap < 0)
+    starts = -kmap[off] - 1
+    counts = neighbours[starts].astype(np.int64)
+    padded = -(-counts // lanes) * lanes
+    new_starts = np.concatenate([[0], np.cumsum(1 + padded)[:-1]])
+    skmap = kmap.copy()
+    skmap[off] = -(new_starts + 1)
+    index = np.zeros(int((1 + padded).sum()), np.int32)
+    values = np.full((4, index.size), np.nan, np.float32)
+    index[new_starts] = padded
+    for s_old, s_new, c in zip(starts, new_starts, counts):
+        idx = neighbours[s_old + 1:s_old + 1 + c].astype(np.int64)
+        index[s_new + 1:s_new + 1 + c] = idx
+        values[:, s_new + 1:s_new + 1 + c] = grid[idx].T
+    return skmap, index, np.ascontiguousarray(values)
+
+
 def dequant_grid(kgrid, values: np.ndarray) -> np.ndarray:
     """uint8[n, 4]: the points' coordinates mapped through `values` (ggml-common.h's tables, decoded)."""
     return np.ascontiguousarray(values[_coords(np.asarray(kgrid, dtype=np.int64))])
@@ -71,5 +97,7 @@ def dequant_grid(kgrid, values: np.ndarray) -> np.ndarray:
 
 GRID_XXS, KMAP_XXS, NEIGHBOURS_XXS = build_tables(KGRID_256, 2)
 GRID_S, KMAP_S, NEIGHBOURS_S = build_tables(KGRID_512, 3)
+SEARCH_XXS = search_tables(GRID_XXS, KMAP_XXS, NEIGHBOURS_XXS)
+SEARCH_S = search_tables(GRID_S, KMAP_S, NEIGHBOURS_S)
 DEQUANT_GRID_XXS = dequant_grid(KGRID_256, DEQUANT_VALUES_XXS)
 DEQUANT_GRID_S = dequant_grid(KGRID_512, DEQUANT_VALUES_S)

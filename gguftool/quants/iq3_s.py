@@ -29,8 +29,8 @@ from ..errors import QuantError
 from ..gguf.constants import GGMLType
 from .bits import F32, get_fp16, nearest_int_c, put_fp16
 from .blocks import no_row_state
-from .iq3_grids import DEQUANT_GRID_S, GRID_S, KMAP_S, NEIGHBOURS_S
-from .iq3_search import search_sub_block
+from .iq3_grids import DEQUANT_GRID_S, GRID_S, SEARCH_S
+from .iq3_search import make_search_scratch, search_sub_block
 
 GGML_TYPE = GGMLType.IQ3_S
 USES_IMATRIX = True
@@ -45,8 +45,7 @@ _OFF_SCALES = 106
 
 # --- one block
 @njit(cache=True, error_model="numpy")
-def _quantize_block(x, qw, y, weight, waux, xval, L, Laux, on_grid, on_grid_aux, scales, signs,
-                    grid, kmap, neighbours):
+def _quantize_block(x, qw, y, weight, waux, xval, w, scales, signs, grid, kmap, neighbours, nvalues):
     """quantize_row_iq3_s_impl on one 256-block: x float32[256], qw float32[256] or empty (no imatrix),
     y uint8[110]. Returns False where llama.cpp aborts (y is then meaningless)."""
     for i in range(BLOCK_BYTES):
@@ -87,10 +86,10 @@ def _quantize_block(x, qw, y, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
         if not mx:
             scales[ib] = 0
             continue
-        scale, ok = search_sub_block(xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kmap, neighbours,
-                                     9, True)
+        scale, ok = search_sub_block(xval, weight, waux, w, grid, kmap, neighbours, nvalues, 9, True)
         if not ok:
             return False
+        L = w.L
         if scale < 0:
             scale = -scale
             for k in range(4):
@@ -126,10 +125,9 @@ def _quantize_block(x, qw, y, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
 
 
 def make_scratch():
-    """One thread's scratch: the working arrays of a block, then the lattice tables."""
-    return (np.empty(32, np.float32), np.empty(32, np.float32), np.empty(32, np.float32), np.empty(32, np.int8),
-            np.empty(32, np.int8), np.empty(8, np.bool_), np.empty(8, np.bool_), np.empty(8, np.float32),
-            np.empty(4, np.uint8), GRID_S, KMAP_S, NEIGHBOURS_S)
+    """One thread's scratch: the block's working arrays, the search's (iq3_search.SearchScratch), the tables."""
+    return (np.empty(32, np.float32), np.empty(32, np.float32), np.empty(32, np.float32), make_search_scratch(),
+            np.empty(8, np.float32), np.empty(4, np.uint8), GRID_S, *SEARCH_S)
 
 
 prepare_row = no_row_state
@@ -137,9 +135,8 @@ prepare_row = no_row_state
 
 @njit(cache=True, error_model="numpy")
 def _quantize_block_s(x, qw, y, s):
-    weight, waux, xval, L, Laux, on_grid, on_grid_aux, scales, signs, grid, kmap, neighbours = s
-    return _quantize_block(x, qw, y, weight, waux, xval, L, Laux, on_grid, on_grid_aux, scales, signs,
-                           grid, kmap, neighbours)
+    weight, waux, xval, w, scales, signs, grid, kmap, neighbours, nvalues = s
+    return _quantize_block(x, qw, y, weight, waux, xval, w, scales, signs, grid, kmap, neighbours, nvalues)
 
 
 def quantize_block(x, qw, y, s):
@@ -174,7 +171,7 @@ def dequantize_block(blk, y):
 
 # --- row drivers
 @njit(cache=True, parallel=True, error_model="numpy")
-def _quantize_rows(x, imatrix, out, failed, grid, kmap, neighbours):
+def _quantize_rows(x, imatrix, out, failed, grid, kmap, neighbours, nvalues):
     nrows = x.shape[0]
     nb = x.shape[1] // QK_K
     use_w = imatrix.size > 0
@@ -182,17 +179,14 @@ def _quantize_rows(x, imatrix, out, failed, grid, kmap, neighbours):
         weight = np.empty(32, np.float32)
         waux = np.empty(32, np.float32)
         xval = np.empty(32, np.float32)
-        L = np.empty(32, np.int8)
-        Laux = np.empty(32, np.int8)
-        on_grid = np.empty(8, np.bool_)
-        on_grid_aux = np.empty(8, np.bool_)
+        w = make_search_scratch()
         scales = np.empty(8, np.float32)
         signs = np.empty(4, np.uint8)
         for b in range(nb):
             xb = x[r, b * QK_K:(b + 1) * QK_K]
             qw = imatrix[b * QK_K:(b + 1) * QK_K] if use_w else imatrix
-            if not _quantize_block(xb, qw, out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES], weight, waux, xval, L,
-                                   Laux, on_grid, on_grid_aux, scales, signs, grid, kmap, neighbours):
+            if not _quantize_block(xb, qw, out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES], weight, waux, xval, w,
+                                   scales, signs, grid, kmap, neighbours, nvalues):
                 failed[r] = True
 
 
@@ -200,7 +194,7 @@ def quantize_rows(x, imatrix, out):
     """quantize_iq3_s: x float32 (rows, n) -> out uint8 (rows, n/256*110); imatrix empty for none.
     QuantError naming the first row on which llama.cpp's search aborts."""
     failed = np.zeros(x.shape[0], np.bool_)
-    _quantize_rows(x, imatrix, out, failed, GRID_S, KMAP_S, NEIGHBOURS_S)
+    _quantize_rows(x, imatrix, out, failed, GRID_S, *SEARCH_S)
     if failed.any():
         r = int(np.argmax(failed))
         raise QuantError(f"row {r}: llama.cpp aborts quantizing it to IQ3_S (its lattice search overflows "
