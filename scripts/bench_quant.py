@@ -89,7 +89,7 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock):
     print(f"1-thread columns timed with {'process CPU time' if cpu_clock else 'wall time'}, "
           f"all-thread column with wall time; best of {repeat}")
     clock1 = time.process_time if cpu_clock else time.perf_counter
-    head = f"{'type':6} {'imatrix':12} {'ours 1T':>9} {'ours {}T'.format(threads_all):>9} {'llama 1T':>9} " \
+    head = f"{'type':7} {'imatrix':12} {'ours 1T':>9} {'ours {}T'.format(threads_all):>9} {'llama 1T':>9} " \
            f"{'1T ratio':>8}  bytes"
     print(head)
     print("-" * len(head))
@@ -111,7 +111,7 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock):
                 ratio = f"{tl / t1:8.2f}"
             else:
                 tl, same, llama, ratio = None, "-", f"{'-':>9}", f"{'-':>8}"
-            print(f"{t.name:6} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
+            print(f"{t.name:7} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
                   f"{ratio}  {same}", flush=True)
             results.append(dict(type=t.name, imatrix=use_w, ours_1t=mb / t1, ours_all=mb / tn,
                                 llama_1t=None if tl is None else mb / tl, bytes=same))
