@@ -13,6 +13,7 @@ cache is populated.
     python scripts/bench_quant.py                  # full size
     python scripts/bench_quant.py --rows 1024      # smaller
     python scripts/bench_quant.py --types q4_k,q8_0 --no-warmup
+    python scripts/bench_quant.py --types iq3_xxs,iq3_s --ggml-lib LLAMA_CPP/build/bin/libggml-base.so
 """
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ def make_data(rows: int, seed: int = 0):
 
 
 # --- llama.cpp through ctypes
-def load_ggml():
-    try:
-        import llama_cpp
-    except Exception as e:  # not installed or broken build
-        return None, f"llama-cpp-python not importable: {e}"
-    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
+def load_ggml(path=None):
+    """libggml-base.so: `path` (e.g. a native build's build/bin/libggml-base.so), else llama-cpp-python's."""
+    if path is None:
+        try:
+            import llama_cpp
+        except Exception as e:  # not installed or broken build
+            return None, f"llama-cpp-python not importable: {e}"
+        path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
     try:
         lib = ctypes.CDLL(path)
     except OSError as e:
@@ -78,18 +81,18 @@ def best_time(fn, repeat: int, clock=time.perf_counter) -> "tuple[float, np.ndar
     return best, out
 
 
-def run_throughput(types, rows, repeat, threads_all, cpu_clock):
+def run_throughput(types, rows, repeat, threads_all, cpu_clock, ggml_lib=None):
     from gguftool.quants import quantize, registry
 
     x, imatrix = make_data(rows)
     mb = x.nbytes / 1e6
-    lib, why = load_ggml()
+    lib, why = load_ggml(ggml_lib)
     print(f"data: {rows} x {N_PER_ROW} float32 = {mb:.1f} MB; all threads = {threads_all}; "
-          f"llama.cpp: {'libggml-base.so (1 thread)' if lib else why}")
+          f"llama.cpp: {(ggml_lib or 'libggml-base.so') + ' (1 thread)' if lib else why}")
     print(f"1-thread columns timed with {'process CPU time' if cpu_clock else 'wall time'}, "
           f"all-thread column with wall time; best of {repeat}")
     clock1 = time.process_time if cpu_clock else time.perf_counter
-    head = f"{'type':6} {'imatrix':12} {'ours 1T':>9} {'ours {}T'.format(threads_all):>9} {'llama 1T':>9} " \
+    head = f"{'type':7} {'imatrix':12} {'ours 1T':>9} {'ours {}T'.format(threads_all):>9} {'llama 1T':>9} " \
            f"{'1T ratio':>8}  bytes"
     print(head)
     print("-" * len(head))
@@ -111,7 +114,7 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock):
                 ratio = f"{tl / t1:8.2f}"
             else:
                 tl, same, llama, ratio = None, "-", f"{'-':>9}", f"{'-':>8}"
-            print(f"{t.name:6} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
+            print(f"{t.name:7} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
                   f"{ratio}  {same}", flush=True)
             results.append(dict(type=t.name, imatrix=use_w, ours_1t=mb / t1, ours_all=mb / tn,
                                 llama_1t=None if tl is None else mb / tl, bytes=same))
@@ -176,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wall", action="store_true",
                     help="time the 1-thread runs with wall time (default: process CPU time, which a busy "
                          "machine disturbs less)")
+    ap.add_argument("--ggml-lib", help="the libggml-base.so to compare with (default: llama-cpp-python's; e.g. a "
+                                       "native build's build/bin/libggml-base.so)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -185,7 +190,8 @@ def main(argv=None) -> int:
         types = [t for t in SUPPORTED_TYPES if t != GGMLType.F32]
     res = {}
     if not args.warmup_only:
-        res["throughput"] = run_throughput(types, args.rows, args.repeat, args.threads, not args.wall)
+        res["throughput"] = run_throughput(types, args.rows, args.repeat, args.threads, not args.wall,
+                                           args.ggml_lib)
     if not args.no_warmup:
         res["warmup"] = run_warmup(types)
     if args.json:

@@ -2,6 +2,7 @@
 """Time gguftool quantize against llama-quantize on the same F32 file at the same thread count.
 
     python scripts/bench_quantize.py [--model M.gguf] [--types Q4_K_M,Q6_K,Q2_K,Q8_0] [--threads N] [--repeat K]
+    python scripts/bench_quantize.py --model M-Q4_K_M.gguf --allow-requantize --types Q3_K_M   # requantization
 
 Without --model the ~2.4 GB synthetic llama model (scripts/make_synthetic_llama.py --large) is made in
 --work-dir first. Each tool runs as a child process; its wall time is measured and its peak anonymous resident
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each tool per type, alternating; the median wall time is reported")
     ap.add_argument("--keep", action="store_true", help="keep the output files")
+    ap.add_argument("--allow-requantize", action="store_true",
+                    help="the model is already quantized (e.g. Q4_K_M): requantize it (both tools' flag)")
     a = ap.parse_args(argv)
 
     os.makedirs(a.work_dir, exist_ok=True)
@@ -110,10 +113,11 @@ def main(argv=None) -> int:
             for p in (ref, out):
                 if os.path.exists(p):
                     os.remove(p)        # (replacing a big file costs the unlink; llama-quantize never does)
-            dt, m = timed([a.llama_quantize, model, ref, t, str(a.threads)])
+            req = ["--allow-requantize"] if a.allow_requantize else []
+            dt, m = timed([a.llama_quantize, *req, model, ref, t, str(a.threads)])
             walls_ref.append(dt)
             m_ref = max(m_ref, m)
-            dt, m = timed([a.gguftool, "quantize", model, out, "--type", t, "--threads", str(a.threads)])
+            dt, m = timed([a.gguftool, "quantize", *req, model, out, "--type", t, "--threads", str(a.threads)])
             walls_our.append(dt)
             m_our = max(m_our, m)
         t_ref, t_our = statistics.median(walls_ref), statistics.median(walls_our)

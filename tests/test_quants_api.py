@@ -11,7 +11,7 @@ from gguftool.gguf.constants import GGMLType
 from gguftool.quants import SUPPORTED_TYPES, can_dequantize, dequantize, quantize, registry
 
 ALL_PRODUCED = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_XXS", "IQ3_S"]
 
 
 @pytest.fixture(scope="module")

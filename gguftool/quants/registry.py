@@ -57,6 +57,8 @@ _ENTRIES: dict[GGMLType, str] = {
     GGMLType.Q4_K: "gguftool.quants.q4_k",
     GGMLType.Q5_K: "gguftool.quants.q5_k",
     GGMLType.Q6_K: "gguftool.quants.q6_k",
+    GGMLType.IQ3_XXS: "gguftool.quants.iq3_xxs",
+    GGMLType.IQ3_S: "gguftool.quants.iq3_s",
 }
 
 # the types with a kernel, in the order llama.cpp's enum lists them
