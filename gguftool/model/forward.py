@@ -79,6 +79,8 @@ class Model:
 
     query_block = 128   # attention rows computed at once
     block_values = 1 << 20      # at most this many weight values per product job (4 MiB of float32 scratch)
+    small_product = 1 << 16     # weights of at most this many values are multiplied in one job
+    product_blocks = 16         # bigger ones in this many jobs (or more, smaller ones, see block_values)
     slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], kv_f16: bool = True,
@@ -307,7 +309,6 @@ class Model:
             kind = self.act_kinds.get(n)
             if kind not in conv:
                 conv[kind] = self._convert(x, kind, parallel)
-        threads = self.workers.n_threads if parallel else 1
         ys: list[np.ndarray] = []
         jobs: list[tuple] = []
         for n in names:
@@ -317,8 +318,7 @@ class Model:
             y = np.empty((N, C), dtype=np.float32)
             ys.append(y)
             xq = conv[self.act_kinds.get(n)][0]
-            blk = -(-C // (4 * threads)) if threads > 1 else C
-            blk = max(16, min(-(-blk // 16) * 16, max(16, (self.block_values // max(K, 1)) // 16 * 16)))
+            blk = self._block_rows(C, K)
             if self._slab_first(n):
                 slab = max(blk, (self.slab_values // max(K, 1)) // blk * blk)
                 scratch = self._slab_scratch if parallel else None
@@ -338,6 +338,18 @@ class Model:
                 m = self.block_minima[n]
                 y += corr @ (m[expert] if expert is not None else m).T
         return ys
+
+    def _block_rows(self, C: int, K: int) -> int:
+        """Weight rows per product job: a product of at most ``small_product`` values is one job, a bigger one
+        ``product_blocks`` jobs (fewer when a block would exceed ``block_values``). The blocks depend on the
+        shapes only, never on the thread count: BLAS may round a block differently from the whole product, and
+        the activation rounding downstream can amplify a last-bit difference, so the same model gives the same
+        numbers with any number of threads."""
+        if C * K <= self.small_product:
+            return C
+        blk = -(-C // self.product_blocks)
+        blk = min(-(-blk // 16) * 16, self.block_values // max(K, 1) // 16 * 16)
+        return max(16, blk)
 
     def _product_job(self, job: tuple) -> None:
         xq, w, y, c0 = job
