@@ -9,6 +9,8 @@ tokens present only (:meth:`WeightStore.gather`).
 - F32 matrices of a GGUF file are read-only views of its memory map: no copy at all, the page cache holds them;
 - F16 and BF16 rows are widened by the nogil kernels of :mod:`.widen` (several threads at once);
 - quantized rows are dequantized by gguftool's own kernels (:mod:`gguftool.quants`);
+- a Hugging Face checkpoint's tensors (converted on the fly, no stored form) are read whole as float32 and kept
+  while the forward pass is in their layer;
 - small tensors (norm weights, biases, RoPE factors: 1-D, or at most ``SMALL_ELEMENTS`` values) are read once
   as float32 and kept.
 
@@ -48,6 +50,8 @@ class WeightStore(Mapping):
         self._src = {t.name: t for t in tensors}
         self._small: dict[str, np.ndarray] = {}
         self._raw: dict[str, np.ndarray] = {}
+        self._layer_cache: dict[str, np.ndarray] = {}    # see _converted
+        self._cache_layer = -2
         self._lock = threading.Lock()
 
     # --- Mapping
@@ -117,10 +121,25 @@ class WeightStore(Mapping):
         ne0 = t.shape[0]
         raw = self._raw_rows(name)
         if raw is None:
-            a = np.asarray(t.read_rows(r0, r1), dtype=np.float32)
-            return a.reshape(r1 - r0, ne0)
+            return self._converted(name)[r0:r1]
         out = None if scratch is None else scratch[:(r1 - r0) * ne0].reshape(r1 - r0, ne0)
         return decode_rows(t.type, raw[r0:r1], ne0, out, name)
+
+    def _converted(self, name: str) -> np.ndarray:
+        """A tensor with no stored form of its own (a Hugging Face checkpoint's, converted on the fly) as float32
+        rows, read whole (its conversion may move rows, as the Q/K permutation does) and kept while the forward
+        pass is in its layer: at most one layer's matrices as float32."""
+        with self._lock:
+            a = self._layer_cache.get(name)
+            if a is None:
+                layer = layer_of(name)
+                if layer != self._cache_layer:
+                    self._layer_cache = {}
+                    self._cache_layer = layer
+                t = self._src[name]
+                a = np.ascontiguousarray(t.read_f32(), dtype=np.float32).reshape(-1, t.shape[0])
+                self._layer_cache[name] = a
+        return a
 
     def gather(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of matrix ``name`` as a new float32 (len(ids), ne0) array (the token embeddings): only
@@ -130,8 +149,7 @@ class WeightStore(Mapping):
         raw = self._raw_rows(name)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if raw is None:
-            full = self[name].reshape(-1, ne0)
-            return np.ascontiguousarray(full[ids], dtype=np.float32)
+            return np.ascontiguousarray(self._converted(name)[ids], dtype=np.float32)
         uniq, inv = np.unique(ids, return_inverse=True)
         rows = decode_rows(t.type, raw[uniq], ne0, None, name)
         return rows[inv.reshape(-1)]
