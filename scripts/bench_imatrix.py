@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--llama-bin", default=LLAMA_BIN)
+    ap.add_argument("--keep", metavar="DIR", help="also copy both imatrix files (ours.gguf, ref.gguf) to DIR")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-imatrix-") as tmp:
         model = a.model
@@ -78,6 +79,11 @@ def main(argv=None) -> int:
                 if name not in best or r.wall < best[name].wall:
                     best[name] = r
         same, worst, where = compare(out_ours, out_ref)
+        if a.keep:
+            import shutil
+            os.makedirs(a.keep, exist_ok=True)
+            for f in (out_ours, out_ref):
+                shutil.copy(f, a.keep)
     size = os.path.getsize(model) if a.model else 0
     tokens = a.chunks * a.ctx
     print(f"{model if a.model else 'SmolLM2-135M F32'} ({size / 2**20:.0f} MiB), ctx {a.ctx}, {a.chunks} chunks "
