@@ -286,3 +286,31 @@ def test_float32_weights_of_a_mapped_file_are_views(tmp_path):
         del model, rows
     finally:
         src.close()
+
+
+def test_f16_bf16_rounding_and_widening_kernels_match_numpy():
+    # every float32 class: random bit patterns (NaN, inf, subnormals, huge), plus the rounding edges of F16
+    from gguftool.model.activations import activations_as
+    from gguftool.model.widen import bf16_rows, f16_rows, round_bf16, round_f16
+
+    bits = np.random.default_rng(5).integers(0, 2**32, size=(64, 512), dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    x[0, :8] = [65504.0, 65519.99, 65520.0, 6e-8, 2.98e-8, -0.0, 6.1035156e-05, 1.0009766]
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).astype(np.float32)
+    got = round_f16(x)
+    nan = np.isnan(ref)
+    assert np.array_equal(nan, np.isnan(got))
+    assert np.array_equal(ref.view(np.uint32)[~nan], got.view(np.uint32)[~nan])
+    u = x.view(np.uint32)
+    want = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    want = np.where(np.isnan(x), ((u >> 16) | np.uint32(64)) << 16, want)
+    assert np.array_equal(round_bf16(x).view(np.uint32), want)
+    assert np.array_equal(activations_as(x, "bf16")[0].view(np.uint32), want)
+    words = bits[:, :256].astype(np.uint16)
+    out = np.empty(words.shape, np.float32)
+    f16_rows(words, out.view(np.uint32))
+    h = words.view(np.float16).astype(np.float32)
+    assert np.array_equal(np.isnan(h), np.isnan(out)) and np.array_equal(h[~np.isnan(h)], out[~np.isnan(h)])
+    bf16_rows(words, out.view(np.uint32))
+    assert np.array_equal(out.view(np.uint32), words.astype(np.uint32) << 16)
