@@ -35,6 +35,8 @@ class Shape:
 
 SMALL = Shape()
 LARGE = Shape(n_embd=2048, n_ff=5632, n_layer=10, n_head=16, n_head_kv=4, n_vocab=32000)
+# the forward-pass benchmark model (scripts/bench_perplexity.py, bench_imatrix.py): 1.47e9 parameters
+BENCH_1_5B = Shape(n_embd=2048, n_ff=8192, n_layer=22, n_head=16, n_head_kv=4, n_vocab=32000)
 
 # --- deterministic float32 data
 
@@ -209,6 +211,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="output .gguf path")
     ap.add_argument("--large", action="store_true", help="the ~2.4 GB benchmark model instead of the small one")
+    ap.add_argument("--bench", action="store_true", help="the 1.5B-parameter forward-pass benchmark model "
+                                                         "(about 5.9 GB as F32)")
     ap.add_argument("--tied", action="store_true", help="no output.weight (tied embeddings)")
     ap.add_argument("--layers", type=int, help="override the layer count")
     ap.add_argument("--seed", type=int, default=0)
@@ -218,7 +222,7 @@ def main(argv=None) -> int:
     if a.imatrix:
         write_synthetic_imatrix(a.imatrix, a.out, legacy=a.out.endswith(".dat"))
         return 0
-    shape = LARGE if a.large else SMALL
+    shape = BENCH_1_5B if a.bench else LARGE if a.large else SMALL
     if a.tied or a.layers:
         shape = Shape(**{**shape.__dict__, "tied": a.tied or shape.tied, "n_layer": a.layers or shape.n_layer})
     size = write_model(a.out, shape, a.seed)

@@ -38,7 +38,7 @@ def test_library_call_writes_the_cli_file_and_prints_nothing(tiny, calib, tmp_pa
     assert capfd.readouterr() == ("", "")
     assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)] and all(math.isfinite(s[2]) for s in seen)
     assert res.output_path == str(out) and res.n_chunks == 3 and res.n_ctx == 64 and res.n_tokens > 3 * 64
-    assert math.isclose(res.ppl, seen[-1][2]) and res.streamed_weights == 0
+    assert math.isclose(res.ppl, seen[-1][2])
     assert read_imatrix(str(out) + ".at_2").chunk_count == 2
     cli_out = tmp_path / "cli.gguf"
     r = CliRunner().invoke(main, ["imatrix", str(tiny), "--calib", str(calib), "-o", str(cli_out), "--ctx", "64",

@@ -33,9 +33,9 @@ from .common import fail, force_option, output_option, report_errors, text_file_
 @click.option("--no-ppl", is_flag=True, help="Do not compute perplexity.")
 @click.option("-b", "--batch-size", "batch", default=2048, show_default=True, type=int,
               help="Tokens evaluated together (several chunks at once when larger than --ctx).")
-@click.option("--max-weight-memory", "weight_gib", type=click.FloatRange(min=0), metavar="GIB",
-              help="Memory for the model's float32 weights, in GiB (default: half the available memory). Weights "
-                   "that do not fit are read again from MODEL for every batch: slower, same results.")
+@click.option("--max-weight-memory", "weight_gib", type=click.FloatRange(min=0), metavar="GIB", hidden=True,
+              help="Obsolete and ignored: the weights stay in their stored form (peak memory about the model "
+                   "file's size), widened to float32 a slab at a time.")
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
@@ -88,7 +88,3 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
     click.echo(f"{output}: {len(result.imatrix.entries)} entries, {result.n_chunks} chunks of {n_ctx} tokens "
                f"({result.n_tokens} tokens in the text), {result.seconds:.1f} s")
-    if result.streamed_weights:
-        click.echo(f"note: {result.streamed_weights} weights ({result.streamed_bytes / 2**30:.2f} GiB as float32) "
-                   f"did not fit the weight memory ({result.weight_budget / 2**30:.2f} GiB, --max-weight-memory) "
-                   "and were read again for every batch", err=True)

@@ -17,7 +17,6 @@ from ..errors import ImatrixError
 from ..model.config import ModelConfig
 from ..model.forward import Model
 from ..model.tokenizer import Tokenizer
-from ..model.weights import WeightStore, default_weight_budget
 from .collect import (ImatrixCollector, ProgressFn, check_run_options, compute_imatrix, load_model,
                       merge_imatrix_files, read_calibration_text, save_imatrix)
 from ..outfile import check_outputs
@@ -40,9 +39,6 @@ class ImatrixResult:
     ppl_err: float = float("nan")
     seconds: float = 0.0
     n_in_files: int = 0             # imatrix files merged in
-    weight_budget: int = 0          # bytes of float32 weights kept in memory
-    streamed_weights: int = 0       # weights that did not fit it, read again for every batch
-    streamed_bytes: int = 0         # their float32 size
 
 
 def _check_options(n_ctx: int, n_chunks: int, threads: int | None, output_format: str, save_frequency: int,
@@ -72,8 +68,8 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
     evaluated together (several chunks when larger than ``n_ctx``); ``threads``: worker threads (None: all CPUs);
     ``output_format``: "gguf" or llama.cpp's legacy "dat"; ``process_output``: also collect output.weight;
     ``in_files``: imatrix files (either format) merged into the result; ``save_frequency``: also write
-    ``OUTPUT.at_N`` every N chunks (0: never); ``max_weight_memory``: bytes of float32 weights kept in memory
-    (None: half the available memory; the others are read again for every batch: slower, same result);
+    ``OUTPUT.at_N`` every N chunks (0: never); ``max_weight_memory``: obsolete, checked and ignored (the weights stay in
+    their stored form and are widened to float32 a slab at a time, see gguftool.model.weights);
     ``compute_ppl``: compute the perplexity; ``overwrite``: replace an existing output (and snapshots; never a
     file the run reads); ``progress(done, total, running_ppl)`` after each chunk.
 
@@ -106,9 +102,7 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
                       overwrite=overwrite)
         ModelConfig.from_metadata(source, origin=model_file)          # architecture first: the cheapest check
         tokenizer = Tokenizer.from_metadata(source, origin=model_file)
-        budget = default_weight_budget() if max_weight_memory is None else max_weight_memory
-        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1, weight_budget=budget,
-                                  origin=model_file)
+        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1, origin=model_file)
 
         def save_snapshot(done: int, collector: ImatrixCollector) -> None:
             if save_frequency > 0 and done % save_frequency == 0:
@@ -124,8 +118,5 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
     finally:
         source.close()
     result = ImatrixResult(output, run.imatrix, n_ctx, n_chunks=run.n_chunks, n_tokens=run.n_tokens, ppl=run.ppl,
-                           ppl_err=run.ppl_err, seconds=run.seconds, n_in_files=len(in_paths), weight_budget=budget)
-    store = model.w
-    if isinstance(store, WeightStore):   # always, from Model.from_source (Model itself takes any Mapping)
-        result.streamed_weights, result.streamed_bytes = len(store.streamed_names), store.streamed_bytes
+                           ppl_err=run.ppl_err, seconds=run.seconds, n_in_files=len(in_paths))
     return result

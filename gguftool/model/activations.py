@@ -6,6 +6,21 @@ scale max|x|/127 stored as fp16, round half to even as the AVX2 quantize_row_q8_
 -127/max with the signed extreme value, quantize_row_q8_K_ref). The integer dot products that follow are exact,
 so the dequantized weights times the dequantized activations in float32 give the same result - except for
 Q4_1/Q5_1, whose block minimum multiplies Q8_1's block sum stored as fp16: that rounding is added separately.
+
+What is emulated, and what is not (checked against ggml-cpu of llama.cpp 0.3.36's vendored source, x86 AVX2):
+- F32 weights: no conversion (llamafile's tinyBLAS F32 kernel, or ggml's F32 dot product).
+- BF16 / F16 weights: the activations are rounded to BF16 / F16 (src1 converted to vec_dot_type), then tinyBLAS
+  on AVX2 widens both operands to float32 and sums with FMAs: emulated exactly, up to the summation order.
+- Q4_0/Q5_0/Q8_0/IQ4_NL/MXFP4 -> Q8_0, Q4_1/Q5_1 -> Q8_1, K-quants and IQ types -> Q8_K blocks. The repacked
+  CPU paths (CPU_REPACK on AVX2: Q4_0, Q4_K, Q5_K, Q6_K, Q2_K, IQ4_NL, MXFP4 in 8-row interleaved form) quantize
+  the activations with ggml_quantize_mat_q8_K_4x8 / q8_0_4x8: the same values as quantize_row_q8_K / q8_0 (the
+  scale's sign convention differs, the dequantized activations do not), so the same conversion serves.
+- Not emulated: the order of the sums (ggml multiplies block scales d_w * d_a in float and adds per block; here
+  dequantized values enter one float32 GEMM) - last-bit differences, which the activation rounding of the next
+  product amplifies into the noise the tolerances allow (BF16 most: a last-bit change of a GEMM alone moves
+  llama-imatrix-style in_sum2 by ~1e-3 relative on SmolLM2 BF16).
+- The importance matrix is collected from the activations before this conversion, as llama-imatrix collects
+  the (float32) src1 of each matmul.
 """
 from __future__ import annotations
 
@@ -28,13 +43,9 @@ def activations_as(x: np.ndarray, kind: str | None) -> tuple[np.ndarray, np.ndar
     fp16(d * sum(q)) - fp16(d) * sum(q) (rows, k/32) that the weights' block minima multiply."""
     if kind is None:
         return x, None
-    if kind == "f16":
-        return x.astype(np.float16).astype(np.float32), None
-    if kind == "bf16":
-        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        r = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
-        r = np.where(np.isnan(x), (bits | np.uint32(0x00400000)) & np.uint32(0xFFFF0000), r)
-        return r.astype(np.uint32).view(np.float32), None
+    if kind in ("f16", "bf16"):   # numba kernels (numpy's float16 cast is ~10 ns a value), bit-identical to it
+        from .widen import round_bf16, round_f16
+        return (round_f16(x) if kind == "f16" else round_bf16(x)).reshape(x.shape), None
     n, k = x.shape
     if kind in ("q8_0", "q8_1"):
         if k % 32:

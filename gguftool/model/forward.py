@@ -23,6 +23,7 @@ attention by (sequence, KV head, query block). The buffers of a pass are a ``_Pa
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -78,6 +79,10 @@ class Model:
     """Weights (float32: a dict or a WeightStore) and the forward pass. Build with ``Model.from_source(source)``."""
 
     query_block = 128   # attention rows computed at once
+    block_values = 1 << 20      # at most this many weight values per product job (4 MiB of float32 scratch)
+    small_product = 1 << 16     # weights of at most this many values are multiplied in one job
+    product_blocks = 16         # bigger ones in this many jobs (or more, smaller ones, see block_values)
+    slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], kv_f16: bool = True,
                  n_threads: int = 1, *, origin: str = ""):
@@ -86,6 +91,8 @@ class Model:
         self.workers = WorkerPool(n_threads)
         self.w = weights
         self.kv_f16 = kv_f16
+        self._tls = threading.local()                # each thread's scratch for widened weight rows
+        self._slab_scratch = np.empty(0, dtype=np.float32)   # the main thread's dequantized slab
         self.act_kinds: dict[str, str] = {}          # weight -> vec_dot conversion of its activations
         self.block_minima: dict[str, np.ndarray] = {}  # Q4_1/Q5_1 weight -> its block minima
         self._rope: dict = {}
@@ -200,13 +207,12 @@ class Model:
 
     @classmethod
     def from_source(cls, source: TensorSource, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True,
-                    weight_budget: int | None = None, *, origin: str = "") -> "Model":
-        """A model over the tensors of a TensorSource, read as float32 on first use (see model.weights).
+                    *, origin: str = "") -> "Model":
+        """A model over the tensors of a TensorSource, kept in their stored form (see model.weights).
 
-        ``weight_budget``: bytes of float32 weights to keep in memory (None: all; the model's F32 size at most);
-        the others are read again from the source at each forward pass. ``as_stored``: convert matmul
-        activations for each weight's stored type as llama.cpp does (see ``activations_as``); False evaluates the
-        model as its F32 dequantization. ``origin``: the model file, named in error messages."""
+        ``as_stored``: convert matmul activations for each weight's stored type as llama.cpp does (see
+        ``activations_as``); False evaluates the model as its F32 dequantization. ``origin``: the model file,
+        named in error messages."""
         cfg = ModelConfig.from_metadata(source, origin=origin)
         where = f"{origin}: " if origin else ""
         for t in source.tensors:
@@ -214,7 +220,7 @@ class Model:
             if len(t.shape) > 3 or (len(t.shape) == 3 and not t.name.endswith("_exps.weight") and not per_head):
                 raise ImatrixError(f"{where}tensor {t.name} has {len(t.shape)} dimensions: not a weight gguftool "
                                    "can evaluate")
-        model = cls(cfg, WeightStore(source.tensors, weight_budget), kv_f16=kv_f16, n_threads=n_threads,
+        model = cls(cfg, WeightStore(source.tensors), kv_f16=kv_f16, n_threads=n_threads,
                     origin=origin)   # checks the configuration against the tensors before anything is read
         kinds: dict[str, str] = {}
         minima: dict[str, np.ndarray] = {}
@@ -258,28 +264,129 @@ class Model:
             self._rope[key] = tab
         return tab
 
+    # --- matrix products
+    def _out_rows(self, name: str) -> int:
+        """Rows of weight ``name`` (of one expert's matrix for a 3-D tensor): the product's output columns."""
+        return self._shape(name)[-2]
+
+    def _weight_rows(self, name: str, r0: int, r1: int, scratch: np.ndarray | None) -> np.ndarray:
+        """Rows [r0, r1) of a weight (experts stacked: expert e's rows start at e * rows) as float32."""
+        if isinstance(self.w, WeightStore):
+            return self.w.rows_into(name, r0, r1, scratch)
+        a = self.w[name]
+        return a.reshape(-1, a.shape[-1])[r0:r1]
+
+    def _slab_first(self, name: str) -> bool:
+        """True for a weight dequantized a slab at a time by numba's own threads (quantized types: those kernels
+        hold the GIL) before the products; False for F32 (views), F16 and BF16 (widened by each job itself)."""
+        return isinstance(self.w, WeightStore) and self.w.type_of(name).name not in ("F32", "F16", "BF16")
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """This thread's float32 scratch buffer, at least n values (reused from product to product)."""
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or buf.size < n:
+            buf = np.empty(n, dtype=np.float32)
+            self._tls.buf = buf
+        return buf
+
+    def _convert(self, x: np.ndarray, kind: str | None, parallel: bool):
+        """activations_as(x, kind), split over the workers by rows."""
+        if kind is None:
+            return x, None
+        if not parallel or x.shape[0] < 64:
+            return activations_as(x, kind)
+        xq = np.empty_like(x)
+        parts = self.workers.map(lambda r: activations_as(x[r[0]:r[1]], kind), self.workers.row_ranges(x.shape[0]))
+        corr = None if parts[0][1] is None else np.concatenate([c for _, c in parts])
+        r0 = 0
+        for q, _ in parts:
+            xq[r0:r0 + q.shape[0]] = q
+            r0 += q.shape[0]
+        return xq, corr
+
+    def _products(self, x: np.ndarray, names: Sequence[str], expert: int | None = None,
+                  parallel: bool = True) -> list[np.ndarray]:
+        """x @ W.T for each named weight (all multiplying the same x), with the activations converted as ggml's
+        CPU matmul converts them for each W's type (see model.activations) and the weights read in their stored
+        form: the output columns are cut in blocks, and each job widens its block of W's rows into its thread's
+        scratch and multiplies (one BLAS GEMM, single-threaded BLAS; M = all the batch's tokens amortizes the
+        widening). Quantized weights are first dequantized a slab at a time (numba's threads), then multiplied
+        by blocks the same way. ``expert``: the expert's matrix of 3-D weights. ``parallel``: False when called
+        from a worker thread (MoE experts): everything runs in the calling thread."""
+        N = x.shape[0]
+        conv: dict = {}
+        for n in names:
+            kind = self.act_kinds.get(n)
+            if kind not in conv:
+                conv[kind] = self._convert(x, kind, parallel)
+        ys: list[np.ndarray] = []
+        jobs: list[tuple] = []
+        for n in names:
+            C = self._out_rows(n)
+            K = self._shape(n)[-1]
+            base = C * expert if expert is not None else 0
+            y = np.empty((N, C), dtype=np.float32)
+            ys.append(y)
+            xq = conv[self.act_kinds.get(n)][0]
+            blk = self._block_rows(C, K)
+            if self._slab_first(n):
+                slab = max(blk, (self.slab_values // max(K, 1)) // blk * blk)
+                scratch = self._slab_scratch if parallel else None
+                for s0 in range(0, C, slab):
+                    s1 = min(C, s0 + slab)
+                    if scratch is not None and scratch.size < (s1 - s0) * K:
+                        scratch = self._slab_scratch = np.empty((s1 - s0) * K, dtype=np.float32)
+                    w = self._weight_rows(n, base + s0, base + s1, scratch)
+                    sjobs = [(xq, w[c0 - s0:min(s1, c0 + blk) - s0], y, c0) for c0 in range(s0, s1, blk)]
+                    self._run(sjobs, parallel)
+            else:
+                jobs += [(xq, (n, base + c0, base + min(C, c0 + blk)), y, c0) for c0 in range(0, C, blk)]
+        self._run(jobs, parallel)
+        for n, y in zip(names, ys):
+            corr = conv[self.act_kinds.get(n)][1]
+            if corr is not None and n in self.block_minima:
+                m = self.block_minima[n]
+                y += corr @ (m[expert] if expert is not None else m).T
+        return ys
+
+    def _block_rows(self, C: int, K: int) -> int:
+        """Weight rows per product job: a product of at most ``small_product`` values is one job, a bigger one
+        ``product_blocks`` jobs (fewer when a block would exceed ``block_values``). The blocks depend on the
+        shapes only, never on the thread count: BLAS may round a block differently from the whole product, and
+        the activation rounding downstream can amplify a last-bit difference, so the same model gives the same
+        numbers with any number of threads."""
+        if C * K <= self.small_product:
+            return C
+        blk = -(-C // self.product_blocks)
+        blk = min(-(-blk // 16) * 16, self.block_values // max(K, 1) // 16 * 16)
+        return max(16, blk)
+
+    def _product_job(self, job: tuple) -> None:
+        xq, w, y, c0 = job
+        if isinstance(w, tuple):          # (name, r0, r1): widened here, into this thread's scratch
+            name, r0, r1 = w
+            w = self._weight_rows(name, r0, r1, self._scratch((r1 - r0) * xq.shape[1]))
+        np.matmul(xq, w.T, out=y[:, c0:c0 + w.shape[0]])
+
+    def _run(self, jobs: list[tuple], parallel: bool) -> None:
+        if parallel:
+            self.workers.map(self._product_job, jobs)
+        else:
+            for j in jobs:
+                self._product_job(j)
+
     def _matmul(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ W.T with the activations converted as ggml's CPU matmul converts them for W's type."""
-        xq, corr = activations_as(x, self.act_kinds.get(name))
-        y = xq @ self.w[name].T
-        if corr is not None and name in self.block_minima:
-            y += corr @ self.block_minima[name].T
-        return y
+        return self._products(x, (name,))[0]
 
-    def _matmul_expert(self, x: np.ndarray, name: str, e: int) -> np.ndarray:
-        """x @ W[e].T for expert e of a 3-D weight (activations converted as for a 2-D one)."""
-        xq, corr = activations_as(x, self.act_kinds.get(name))
-        y = xq @ self.w[name][e].T
-        if corr is not None and name in self.block_minima:
-            y += corr @ self.block_minima[name][e].T
-        return y
-
-    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        y = self._matmul(x, name)
-        b = self.w.get(name[:-len("weight")] + "bias")
-        if b is not None:
-            y += b
-        return y
+    def _linears(self, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """x @ W.T (+ bias) for each named weight."""
+        ys = self._products(x, names)
+        for n, y in zip(names, ys):
+            b = self.w.get(n[:-len("weight")] + "bias")
+            if b is not None:
+                y += b
+        return ys
 
     def _mask(self, T: int, il: int) -> np.ndarray:
         """Additive (T, T) mask: -inf above the diagonal (and outside the sliding window on SWA layers)."""
@@ -328,8 +435,10 @@ class Model:
         if hook is not None and process_output:
             hook((self.output_name,), st.x)
         sel = np.ascontiguousarray(st.x.reshape(B, T, cfg.n_embd)[:, logits_from:logits_to].reshape(-1, cfg.n_embd))
-        logits = np.empty((sel.shape[0], self.w[self.output_name].shape[0]), dtype=np.float32)
-        self.workers.map(partial(self._logit_rows, sel, logits), self.workers.row_ranges(sel.shape[0], 1))
+        logits = self._matmul(sel, self.output_name)
+        if cfg.final_softcap:                       # gemma2/3: soft-capped logits
+            c = np.float32(cfg.final_softcap)
+            self.workers.map(partial(self._softcap_rows, logits, c), self.workers.row_ranges(sel.shape[0], 1))
         return logits.reshape(B, logits_to - logits_from, logits.shape[1])
 
     def _start_pass(self, tokens: np.ndarray) -> _PassState:
@@ -337,10 +446,14 @@ class Model:
         cfg = self.cfg
         B, T = tokens.shape
         N = B * T
-        emb = self.w["token_embd.weight"]
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= emb.shape[0]):
-            raise ImatrixError(f"token id out of range 0..{emb.shape[0] - 1}")
-        x = emb[tokens.reshape(-1)].astype(np.float32)       # (N, n_embd)
+        n_rows = self._shape("token_embd.weight")[0]
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= n_rows):
+            raise ImatrixError(f"token id out of range 0..{n_rows - 1}")
+        ids = tokens.reshape(-1)
+        if isinstance(self.w, WeightStore):   # only the rows of the tokens present are decoded
+            x = self.w.gather("token_embd.weight", ids)
+        else:
+            x = self.w["token_embd.weight"][ids].astype(np.float32)       # (N, n_embd)
         if cfg.arch in GEMMA_ARCHS:
             x *= np.float32(math.sqrt(cfg.n_embd))
         H, Hkv, D, Dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
@@ -354,7 +467,8 @@ class Model:
             m=np.empty((0 if cfg.n_expert else N, cfg.n_ff), dtype=np.float32))
 
     def _layer(self, st: _PassState, il: int, ranges: list[tuple[int, int]], hook: Hook | None) -> None:
-        """Layer il: attention block, then the FFN (dense or MoE), each added to the residual stream st.x."""
+        """Layer il: attention block, then the FFN (dense or MoE), each added to the residual stream st.x. Row-wise
+        stages run on the workers by rows, the products by blocks of output columns (see _products)."""
         cfg = self.cfg
         if cfg.mla is not None:
             mla.layer(self, st, il, ranges, hook)
@@ -362,47 +476,60 @@ class Model:
         p = f"blk.{il}."
         fused = cfg.arch == "phi3"     # attn_qkv = Q|K|V, ffn_up = gate|up
         B, T, N = st.B, st.T, st.B * st.T
-        cos, sin = self._rope_tables(T, il)
-        q_norm = self.w.get(p + "attn_q_norm.weight")
-        k_norm = self.w.get(p + "attn_k_norm.weight")
-        self.workers.map(partial(self._qkv_rows, st, p, cos, sin, q_norm, k_norm), ranges)
-        if hook is not None:
-            hook((p + "attn_qkv.weight",) if fused else (p + "attn_q.weight", p + "attn_k.weight",
-                                                        p + "attn_v.weight"), st.h)
         H, Hkv, D, Dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
+        self.workers.map(partial(self._norm_rows, st.x, st.h, self.w[p + "attn_norm.weight"]), ranges)
+        if fused:
+            names: tuple[str, ...] = (p + "attn_qkv.weight",)
+        else:
+            names = (p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight")
+        if hook is not None:
+            hook(names, st.h)
+        if fused:
+            (qkv,) = self._linears(st.h, names)
+            qkv_parts = (qkv[:, :H * D], qkv[:, H * D:(H + Hkv) * D], qkv[:, (H + Hkv) * D:])
+        else:
+            q, k, v = self._linears(st.h, names)
+            qkv_parts = (q, k, v)
+        cos, sin = self._rope_tables(T, il)
+        self.workers.map(partial(self._rope_rows, st, qkv_parts, cos, sin, self.w.get(p + "attn_q_norm.weight"),
+                                 self.w.get(p + "attn_k_norm.weight")), ranges)
         self._attention(st.q.reshape(B, T, H, D), st.k.reshape(B, T, Hkv, D), st.v.reshape(B, T, Hkv, Dv), il,
                         st.o)
         a_in = st.o.reshape(N, H * Dv)
         if hook is not None:
             hook((p + "attn_output.weight",), a_in)
-        self.workers.map(partial(self._attn_out_rows, st, p, a_in), ranges)
+        (aa,) = self._linears(a_in, (p + "attn_output.weight",))
+        self.workers.map(partial(self._attn_residual_rows, st, p, aa), ranges)
         if cfg.n_expert:
             if hook is not None:
                 hook((p + "ffn_gate_inp.weight",), st.h)
             st.x += self._moe_ffn(st.h, p, hook)
             return
+        names = (p + "ffn_up.weight",) if fused else (p + "ffn_gate.weight", p + "ffn_up.weight")
         if hook is not None:
-            hook((p + "ffn_up.weight",) if fused else (p + "ffn_gate.weight", p + "ffn_up.weight"), st.h)
+            hook(names, st.h)
+        gu = self._linears(st.h, names)
+        g, u = (gu[0][:, :cfg.n_ff], gu[0][:, cfg.n_ff:]) if fused else gu
+        self.workers.map(partial(self._ffn_act_rows, st, g, u), ranges)
+        if hook is not None:
             hook((p + "ffn_down.weight",), st.m)
-        self.workers.map(partial(self._ffn_down_rows, st, p), ranges)
+        (f,) = self._linears(st.m, (p + "ffn_down.weight",))
+        self.workers.map(partial(self._ffn_residual_rows, st, p, f), ranges)
 
-    def _qkv_rows(self, st: _PassState, p: str, cos: np.ndarray, sin: np.ndarray, q_norm: np.ndarray | None,
-                  k_norm: np.ndarray | None, rows: tuple[int, int]) -> None:
-        """Rows r0:r1: attention norm (-> st.h), Q/K/V products, Q/K norms, RoPE (-> st.q, st.k, st.v)."""
+    def _norm_rows(self, x: np.ndarray, out: np.ndarray, w: np.ndarray, rows: tuple[int, int]) -> None:
+        r0, r1 = rows
+        out[r0:r1] = rms_norm(x[r0:r1], w, self.cfg.rms_eps)
+
+    def _rope_rows(self, st: _PassState, qkv: tuple[np.ndarray, np.ndarray, np.ndarray], cos: np.ndarray,
+                   sin: np.ndarray, q_norm: np.ndarray | None, k_norm: np.ndarray | None,
+                   rows: tuple[int, int]) -> None:
+        """Rows r0:r1 of the Q/K/V products: Q/K norms, RoPE (-> st.q, st.k), V (-> st.v); K and V float16."""
         cfg = self.cfg
         r0, r1 = rows
         H, Hkv, D, Dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
-        hh = rms_norm(st.x[r0:r1], self.w[p + "attn_norm.weight"], cfg.rms_eps)
-        st.h[r0:r1] = hh
-        if cfg.arch == "phi3":
-            qkv = self._linear(hh, p + "attn_qkv.weight")
-            qq = qkv[:, :H * D].reshape(-1, H, D)
-            kk = qkv[:, H * D:(H + Hkv) * D].reshape(-1, Hkv, D)
-            vv = qkv[:, (H + Hkv) * D:].reshape(-1, Hkv, Dv)
-        else:
-            qq = self._linear(hh, p + "attn_q.weight").reshape(-1, H, D)
-            kk = self._linear(hh, p + "attn_k.weight").reshape(-1, Hkv, D)
-            vv = self._linear(hh, p + "attn_v.weight").reshape(-1, Hkv, Dv)
+        qq = qkv[0][r0:r1].reshape(-1, H, D)
+        kk = qkv[1][r0:r1].reshape(-1, Hkv, D)
+        vv = qkv[2][r0:r1].reshape(-1, Hkv, Dv)
         if q_norm is not None:
             qq = rms_norm(qq, q_norm, cfg.rms_eps)
             kk = rms_norm(kk, k_norm, cfg.rms_eps)
@@ -416,49 +543,38 @@ class Model:
         st.k[r0:r1] = kk
         st.v[r0:r1] = vv
 
-    def _attn_out_rows(self, st: _PassState, p: str, a_in: np.ndarray, rows: tuple[int, int]) -> None:
-        """Rows r0:r1: attention output product (+ gemma's post-norm) added to st.x, FFN norm (-> st.h) and, for a
-        dense FFN, the gate/up products and activation (-> st.m)."""
+    def _attn_residual_rows(self, st: _PassState, p: str, aa: np.ndarray, rows: tuple[int, int]) -> None:
+        """Rows r0:r1: the attention output (gemma: post-normed) added to st.x, then the FFN norm (-> st.h)."""
         cfg = self.cfg
         r0, r1 = rows
-        gemma = cfg.arch in GEMMA_ARCHS
-        aa = self._linear(a_in[r0:r1], p + "attn_output.weight")
-        if gemma:
-            aa = rms_norm(aa, self.w[p + "post_attention_norm.weight"], cfg.rms_eps)
-        xx = st.x[r0:r1] + aa
-        st.x[r0:r1] = xx
-        hh = rms_norm(xx, self.w[p + "ffn_norm.weight"], cfg.rms_eps)
-        st.h[r0:r1] = hh
-        if cfg.n_expert:
-            return
-        if cfg.arch == "phi3":
-            gu = self._linear(hh, p + "ffn_up.weight")
-            g, u = gu[:, :cfg.n_ff], gu[:, cfg.n_ff:]
-        else:
-            g = self._linear(hh, p + "ffn_gate.weight")
-            u = self._linear(hh, p + "ffn_up.weight")
-        st.m[r0:r1] = (gelu_f16_table(g) if gemma else silu(g)) * u
+        a = aa[r0:r1]
+        if cfg.arch in GEMMA_ARCHS:
+            a = rms_norm(a, self.w[p + "post_attention_norm.weight"], cfg.rms_eps)
+        xx = st.x[r0:r1]
+        xx += a
+        st.h[r0:r1] = rms_norm(xx, self.w[p + "ffn_norm.weight"], cfg.rms_eps)
 
-    def _ffn_down_rows(self, st: _PassState, p: str, rows: tuple[int, int]) -> None:
-        """Rows r0:r1: FFN down product (+ gemma's post-norm) added to st.x."""
+    def _ffn_act_rows(self, st: _PassState, g: np.ndarray, u: np.ndarray, rows: tuple[int, int]) -> None:
+        """Rows r0:r1 of the FFN activation (SiLU, gemma: GELU) of the gate times up (-> st.m)."""
         r0, r1 = rows
-        f = self._linear(st.m[r0:r1], p + "ffn_down.weight")
+        gg = g[r0:r1]
+        st.m[r0:r1] = (gelu_f16_table(gg) if self.cfg.arch in GEMMA_ARCHS else silu(gg)) * u[r0:r1]
+
+    def _ffn_residual_rows(self, st: _PassState, p: str, f: np.ndarray, rows: tuple[int, int]) -> None:
+        """Rows r0:r1: the FFN output (gemma: post-normed) added to st.x."""
+        r0, r1 = rows
+        ff = f[r0:r1]
         if self.cfg.arch in GEMMA_ARCHS:
-            f = rms_norm(f, self.w[p + "post_ffw_norm.weight"], self.cfg.rms_eps)
-        st.x[r0:r1] += f
+            ff = rms_norm(ff, self.w[p + "post_ffw_norm.weight"], self.cfg.rms_eps)
+        st.x[r0:r1] += ff
 
     def _final_norm_rows(self, x: np.ndarray, rows: tuple[int, int]) -> None:
         r0, r1 = rows
         x[r0:r1] = rms_norm(x[r0:r1], self.w["output_norm.weight"], self.cfg.rms_eps)
 
-    def _logit_rows(self, sel: np.ndarray, logits: np.ndarray, rows: tuple[int, int]) -> None:
-        """Rows r0:r1 of the logits of the selected positions (gemma2/3: soft-capped)."""
+    def _softcap_rows(self, logits: np.ndarray, c: np.float32, rows: tuple[int, int]) -> None:
         r0, r1 = rows
-        lg = self._matmul(sel[r0:r1], self.output_name)
-        if self.cfg.final_softcap:
-            c = np.float32(self.cfg.final_softcap)
-            lg = np.tanh(lg / c) * c
-        logits[r0:r1] = lg
+        logits[r0:r1] = np.tanh(logits[r0:r1] / c) * c
 
     # --- attention
     def _attention(self, q, k, v, il: int, out: np.ndarray) -> None:
@@ -538,8 +654,8 @@ class Model:
         if rows.size == 0:
             return None
         xe = h[rows]
-        g = self._matmul_expert(xe, p + "ffn_gate_exps.weight", e)
-        u = self._matmul_expert(xe, p + "ffn_up_exps.weight", e)
+        g, u = self._products(xe, (p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"), e, parallel=False)
         a = silu(g) * u
-        y = self._matmul_expert(a, p + "ffn_down_exps.weight", e) * weights[rows, slots][:, None]
+        (y,) = self._products(a, (p + "ffn_down_exps.weight",), e, parallel=False)
+        y *= weights[rows, slots][:, None]
         return e, rows, xe, a, y

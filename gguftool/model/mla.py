@@ -25,7 +25,7 @@ expert (``hook.experts``), and for the per-head 3-D weights attn_k_b / attn_v_b 
 per token) the inputs of all heads side by side in one row of n_head * n_in columns, as llama-imatrix stores them.
 
 :class:`gguftool.model.forward.Model` calls :func:`layer` for a ``deepseek2`` model; the weights are read with the
-model's own matmul helpers (``_matmul``, ``_matmul_expert``), so quantized weights see their activation conversion.
+model's own product helpers (``_products``, ``_linears``), so quantized weights see their activation conversion.
 """
 from __future__ import annotations
 
@@ -224,22 +224,25 @@ def layer(model: "Model", st: "_PassState", il: int, ranges: list[tuple[int, int
     model.workers.map(partial(_v_b_rows, model, p, latent, a_in), ranges)
     if hook is not None:
         hook((p + "attn_output.weight",), a_in)
-    model.workers.map(partial(model._attn_out_rows, st, p, a_in), ranges)   # + residual, ffn_norm -> st.h
+    (aa,) = model._linears(a_in, (p + "attn_output.weight",))
+    model.workers.map(partial(model._attn_residual_rows, st, p, aa), ranges)   # + residual, ffn_norm -> st.h
     if hook is not None:
         hook((p + "ffn_gate.weight", p + "ffn_up.weight") if il < m.n_dense else (p + "ffn_gate_inp.weight",), st.h)
     if il < m.n_dense:
-        act = silu(model._linear(st.h, p + "ffn_gate.weight")) * model._linear(st.h, p + "ffn_up.weight")
+        g, u = model._linears(st.h, (p + "ffn_gate.weight", p + "ffn_up.weight"))
+        act = silu(g) * u
         if hook is not None:
             hook((p + "ffn_down.weight",), act)
-        st.x += model._linear(act, p + "ffn_down.weight")
+        st.x += model._linears(act, (p + "ffn_down.weight",))[0]
         return
     out = moe(model, st.h, p, hook)
     if m.n_shared:
-        act = silu(model._linear(st.h, p + "ffn_gate_shexp.weight")) * model._linear(st.h, p + "ffn_up_shexp.weight")
+        g, u = model._linears(st.h, (p + "ffn_gate_shexp.weight", p + "ffn_up_shexp.weight"))
+        act = silu(g) * u
         if hook is not None:
             hook((p + "ffn_gate_shexp.weight", p + "ffn_up_shexp.weight"), st.h)
             hook((p + "ffn_down_shexp.weight",), act)
-        out += model._linear(act, p + "ffn_down_shexp.weight")
+        out += model._linears(act, (p + "ffn_down_shexp.weight",))[0]
     st.x += out
 
 
@@ -255,14 +258,14 @@ def _qkv_rows(model: "Model", st: "_PassState", p: str, cos: np.ndarray, sin: np
     hh = rms_norm(st.x[r0:r1], model.w[p + "attn_norm.weight"], cfg.rms_eps)
     st.h[r0:r1] = hh
     if m.q_lora:
-        qc = rms_norm(model._linear(hh, p + "attn_q_a.weight"), model.w[p + "attn_q_a_norm.weight"], cfg.rms_eps)
+        qc = rms_norm(_linear_here(model, hh, p + "attn_q_a.weight"), model.w[p + "attn_q_a_norm.weight"], cfg.rms_eps)
         qa[r0:r1] = qc
-        q = model._linear(qc, p + "attn_q_b.weight")
+        q = _linear_here(model, qc, p + "attn_q_b.weight")
     else:
-        q = model._linear(hh, p + "attn_q.weight")
+        q = _linear_here(model, hh, p + "attn_q.weight")
     q = q.reshape(n, H, m.nope + m.rope)
     q_nope[r0:r1] = q[:, :, :m.nope]
-    kv = model._linear(hh, p + "attn_kv_a_mqa.weight")
+    kv = _linear_here(model, hh, p + "attn_kv_a_mqa.weight")
     c = cos[st.pos[r0:r1]][:, None, :]
     s = sin[st.pos[r0:r1]][:, None, :]
     q_pe = apply_rope(np.ascontiguousarray(q[:, :, m.nope:]), c, s, m.rope, False)
@@ -270,13 +273,27 @@ def _qkv_rows(model: "Model", st: "_PassState", p: str, cos: np.ndarray, sin: np
     latent = rms_norm(kv[:, :m.kv_lora], model.w[p + "attn_kv_a_norm.weight"], cfg.rms_eps)
     qq = st.q[r0:r1]
     for h in range(H):   # attn_k_b: one (nope -> kv_lora) matrix per head
-        qq[:, h, :m.kv_lora] = model._matmul_expert(np.ascontiguousarray(q_nope[r0:r1, h]), p + "attn_k_b.weight", h)
+        qq[:, h, :m.kv_lora] = _per_head(model, np.ascontiguousarray(q_nope[r0:r1, h]), p + "attn_k_b.weight", h)
     qq[:, :, m.kv_lora:] = q_pe
     k = np.concatenate([latent, k_pe], axis=1)
     if model.kv_f16:   # llama.cpp's KV cache is float16; the value is a view of the key's latent part
         k = k.astype(np.float16).astype(np.float32)
     st.k[r0:r1, 0] = k
     st.v[r0:r1, 0] = k[:, :m.kv_lora]
+
+
+def _linear_here(model: "Model", x: np.ndarray, name: str) -> np.ndarray:
+    """x @ W.T (+ bias) computed in the calling worker thread (the row-wise stages run on the workers already)."""
+    (y,) = model._products(x, (name,), parallel=False)
+    b = model.w.get(name[:-len("weight")] + "bias")
+    if b is not None:
+        y += b
+    return y
+
+
+def _per_head(model: "Model", x: np.ndarray, name: str, h: int) -> np.ndarray:
+    """x @ W[h].T for head h's matrix of a per-head 3-D weight (attn_k_b / attn_v_b), in the calling thread."""
+    return model._products(x, (name,), h, parallel=False)[0]
 
 
 def _v_b_rows(model: "Model", p: str, latent: np.ndarray, out: np.ndarray, rows: tuple[int, int]) -> None:
@@ -287,7 +304,7 @@ def _v_b_rows(model: "Model", p: str, latent: np.ndarray, out: np.ndarray, rows:
     r0, r1 = rows
     o = out[r0:r1].reshape(r1 - r0, -1, m.v_dim)
     for h in range(latent.shape[1]):
-        o[:, h] = model._matmul_expert(np.ascontiguousarray(latent[r0:r1, h]), p + "attn_v_b.weight", h)
+        o[:, h] = _per_head(model, np.ascontiguousarray(latent[r0:r1, h]), p + "attn_v_b.weight", h)
 
 
 # --- mixture of experts

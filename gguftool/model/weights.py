@@ -1,17 +1,21 @@
-"""The float32 weights of a model for the forward pass, read from its TensorSource on first use, within a budget.
+"""The weights of a model for the forward pass, kept in their stored form and widened to float32 in slabs.
 
-llama.cpp multiplies by quantized / F16 weights directly; the numpy forward pass needs float32, which for a 7B
-model is ~28 GB, more than the quantized file and often more than the machine has. A ``WeightStore`` keeps what
-fits a memory budget and re-reads the rest from the source each time it is needed:
+llama.cpp multiplies by F16 / BF16 / quantized weights directly. Holding them as float32 instead would need twice
+(BF16) to eight times (Q4_K) the file's size: a 7B BF16 model ~28 GB. A ``WeightStore`` therefore never keeps a
+float32 copy of a matrix: the forward pass asks for a slab of a matrix's rows just before the product that uses
+it, into a scratch buffer it reuses (:meth:`WeightStore.rows_into`), and the token embedding for the rows of the
+tokens present only (:meth:`WeightStore.gather`).
 
-- float32 data that is a view of a memory-mapped file (F32 GGUF tensors, plain F32 safetensors) costs no
-  memory of its own (the page cache holds it) and is always kept;
-- other tensors are dequantized/widened on first use and kept while the budget allows ("resident");
-- a tensor that does not fit is "streamed": read again at each use and kept only until a tensor of another
-  layer is streamed (the forward pass uses a layer's weights together, from several threads).
+- F32 matrices of a GGUF file are read-only views of its memory map: no copy at all, the page cache holds them;
+- F16 and BF16 rows are widened by the nogil kernels of :mod:`.widen` (several threads at once);
+- quantized rows are dequantized by gguftool's own kernels (:mod:`gguftool.quants`);
+- a Hugging Face checkpoint's tensors (converted on the fly, no stored form) are read whole as float32 and kept
+  while the forward pass is in their layer;
+- small tensors (norm weights, biases, RoPE factors: 1-D, or at most ``SMALL_ELEMENTS`` values) are read once
+  as float32 and kept.
 
-The first forward pass therefore decides, in the order the weights are used, which are resident. With the
-budget at least the model's float32 size, every weight is read once, as before.
+Peak memory is then the mapped file (as much of it as the page cache keeps resident) plus the scratch buffers
+and the activations of a batch.
 """
 from __future__ import annotations
 
@@ -22,7 +26,11 @@ from typing import Iterator
 
 import numpy as np
 
+from ..gguf.constants import GGMLType
+
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+
+SMALL_ELEMENTS = 1 << 16      # tensors up to this many values are kept as float32 (norms, biases, factors)
 
 
 def layer_of(name: str) -> int:
@@ -31,57 +39,31 @@ def layer_of(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def float32_nbytes(tensor) -> int:
-    """Bytes of tensor's float32 form."""
-    n = 1
-    for d in tensor.shape:
-        n *= int(d)
-    return 4 * n
-
-
-def default_weight_budget() -> int:
-    """Half the memory the system reports available (MemAvailable), or 4 GiB when it cannot tell."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except (OSError, ValueError, IndexError):
-        pass
-    return 4 << 30
-
-
 class WeightStore(Mapping):
-    """name -> float32 array (numpy order: a 2-D ggml tensor (ne0, ne1) is (ne1, ne0)); see the module docstring.
+    """name -> weight, numpy order (a 2-D ggml tensor (ne0, ne1) is (ne1, ne0) rows of ne0 values).
 
-    tensors: the source's tensors. budget_bytes: memory for resident weights (None: no limit)."""
+    ``store[name]`` is a float32 array: kept for small tensors, a view of the file map for F32 data, and for any
+    other matrix a new full-size array (tests use it; the forward pass reads matrices with :meth:`rows_into`).
+    """
 
-    def __init__(self, tensors, budget_bytes: int | None = None):
+    def __init__(self, tensors):
         self._src = {t.name: t for t in tensors}
-        self._budget = budget_bytes
-        self._resident: dict[str, np.ndarray] = {}
-        self._streamed: dict[str, np.ndarray] = {}
-        self._streamed_layer: int | None = None
-        self.streamed_names: set[str] = set()     # tensors that did not fit (decided on first use)
-        self.resident_bytes = 0
-        self.stream_reads = 0                     # how many times a streamed tensor was read
+        self._small: dict[str, np.ndarray] = {}
+        self._raw: dict[str, np.ndarray] = {}
+        self._layer_cache: dict[str, np.ndarray] = {}    # see _converted
+        self._cache_layer = -2
         self._lock = threading.Lock()
 
     # --- Mapping
     def __getitem__(self, name: str) -> np.ndarray:
-        a = self._resident.get(name)
-        if a is None:
-            a = self._streamed.get(name)
+        a = self._small.get(name)
         if a is not None:
             return a
-        if name not in self._src:
-            raise KeyError(name)
-        with self._lock:  # one read per tensor even when several threads ask at once
-            a = self._resident.get(name)
-            if a is None:
-                a = self._streamed.get(name)
-            if a is None:
-                a = self._load(name)
+        t = self._src[name]          # KeyError for an unknown name
+        a = self._read(name)
+        if len(t.shape) == 1 or t.n_elements <= SMALL_ELEMENTS:
+            with self._lock:
+                self._small[name] = a
         return a
 
     def __contains__(self, name) -> bool:
@@ -93,39 +75,102 @@ class WeightStore(Mapping):
     def __len__(self) -> int:
         return len(self._src)
 
-    # --- shapes without reading
+    # --- shapes and types without reading
     def shape(self, name: str) -> tuple[int, ...]:
-        """The numpy shape tensor ``name`` has once read (reversed ggml shape; a 1-D tensor stays 1-D)."""
+        """The numpy shape of tensor ``name`` (reversed ggml shape; a 1-D tensor stays 1-D)."""
         return tuple(int(d) for d in reversed(self._src[name].shape))
+
+    def type_of(self, name: str) -> GGMLType:
+        return self._src[name].type
+
+    def is_mapped_f32(self, name: str) -> bool:
+        """True when rows of ``name`` are views of the file (no scratch needed)."""
+        return self._raw_rows(name) is not None and self._src[name].type == GGMLType.F32
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the weights as stored (what the forward pass maps, not counting the small float32 copies)."""
+        return sum(int(getattr(t, "nbytes", 0)) for t in self._src.values())
 
     # --- reading
     def _read(self, name: str) -> np.ndarray:
         t = self._src[name]
-        a = t.read_f32()
-        a = a.reshape(-1) if len(t.shape) == 1 else a.reshape(self.shape(name))
-        return np.ascontiguousarray(a, dtype=np.float32)
+        rows = self.rows_into(name, 0, t.n_elements // t.shape[0], None)
+        a = rows.reshape(-1) if len(t.shape) == 1 else rows.reshape(self.shape(name))
+        return a if not a.flags.writeable else np.ascontiguousarray(a, dtype=np.float32)
 
-    def _load(self, name: str) -> np.ndarray:
-        if name in self.streamed_names:
-            return self._stream(name, self._read(name))
-        a = self._read(name)
-        cost = a.nbytes if a.flags.writeable else 0  # a read-only array is a view of a file map
-        if self._budget is not None and cost and self.resident_bytes + cost > self._budget:
-            self.streamed_names.add(name)
-            return self._stream(name, a)
-        self._resident[name] = a
-        self.resident_bytes += cost
+    def _raw_rows(self, name: str) -> np.ndarray | None:
+        """The stored bytes as (rows, row_bytes) uint8 (a view of the file map), or None when the source has no
+        stored form of its own (a Hugging Face checkpoint converted on the fly)."""
+        raw = self._raw.get(name)
+        if raw is None:
+            t = self._src[name]
+            if t.raw_location() is None:     # not stored as it is: no raw rows
+                return None
+            raw = t.read_raw()
+            n_rows = t.n_elements // t.shape[0]
+            raw = raw.reshape(n_rows, -1) if n_rows else raw.reshape(0, 0)
+            self._raw[name] = raw
+        return raw
+
+    def rows_into(self, name: str, r0: int, r1: int, scratch: np.ndarray | None) -> np.ndarray:
+        """Rows [r0, r1) of matrix ``name`` (a 3-D tensor: of its (n_expert * ne1, ne0) row view) as float32
+        (r1 - r0, ne0): a view of the file for F32, else widened / dequantized into ``scratch`` (a writeable float32
+        buffer of at least (r1 - r0) * ne0 values; None: a new array). Safe from several threads at once."""
+        t = self._src[name]
+        ne0 = t.shape[0]
+        raw = self._raw_rows(name)
+        if raw is None:
+            return self._converted(name)[r0:r1]
+        out = None if scratch is None else scratch[:(r1 - r0) * ne0].reshape(r1 - r0, ne0)
+        return decode_rows(t.type, raw[r0:r1], ne0, out, name)
+
+    def _converted(self, name: str) -> np.ndarray:
+        """A tensor with no stored form of its own (a Hugging Face checkpoint's, converted on the fly) as float32
+        rows, read whole (its conversion may move rows, as the Q/K permutation does) and kept while the forward
+        pass is in its layer: at most one layer's matrices as float32."""
+        with self._lock:
+            a = self._layer_cache.get(name)
+            if a is None:
+                layer = layer_of(name)
+                if layer != self._cache_layer:
+                    self._layer_cache = {}
+                    self._cache_layer = layer
+                t = self._src[name]
+                a = np.ascontiguousarray(t.read_f32(), dtype=np.float32).reshape(-1, t.shape[0])
+                self._layer_cache[name] = a
         return a
 
-    def _stream(self, name: str, a: np.ndarray) -> np.ndarray:
-        layer = layer_of(name)
-        if layer != self._streamed_layer:
-            self._streamed = {}   # the previous layer's streamed tensors are no longer needed
-            self._streamed_layer = layer
-        self._streamed[name] = a
-        self.stream_reads += 1
-        return a
+    def gather(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of matrix ``name`` as a new float32 (len(ids), ne0) array (the token embeddings): only
+        the distinct rows asked for are decoded."""
+        t = self._src[name]
+        ne0 = t.shape[0]
+        raw = self._raw_rows(name)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if raw is None:
+            return np.ascontiguousarray(self._converted(name)[ids], dtype=np.float32)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        rows = decode_rows(t.type, raw[uniq], ne0, None, name)
+        return rows[inv.reshape(-1)]
 
-    @property
-    def streamed_bytes(self) -> int:
-        return sum(float32_nbytes(self._src[n]) for n in self.streamed_names)
+
+def decode_rows(ttype: GGMLType, raw: np.ndarray, ne0: int, out: np.ndarray | None, name: str = "") -> np.ndarray:
+    """Stored rows ``raw`` (rows, row_bytes) of type ``ttype`` as float32 (rows, ne0): F32 as a view, the others
+    into ``out`` (None: a new array)."""
+    n = raw.shape[0]
+    if ttype == GGMLType.F32:
+        return raw.view(np.float32).reshape(n, ne0)
+    if out is None:
+        out = np.empty((n, ne0), np.float32)
+    if ttype in (GGMLType.F16, GGMLType.BF16):
+        from .widen import bf16_rows, f16_rows
+        (bf16_rows if ttype == GGMLType.BF16 else f16_rows)(raw.view(np.uint16), out.view(np.uint32))
+        return out
+    from ..errors import QuantError
+    from ..quants import registry
+    if not registry.has_kernel(ttype):
+        raise QuantError(f"tensor {name}: cannot dequantize type {ttype.name}")
+    blocks = np.array(raw)          # numba's kernels take writeable input (one compilation, not two)
+    registry.kernels(ttype).dequantize_rows(blocks, out)
+    return out

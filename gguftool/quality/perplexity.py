@@ -27,7 +27,6 @@ from ..model.chunks import (NLLTotals, chunk_batches, chunk_count, chunk_nll, op
 from ..model.config import ModelConfig
 from ..model.forward import Model
 from ..model.tokenizer import Tokenizer
-from ..model.weights import default_weight_budget
 from ..outfile import check_outputs
 from .kld import KLDAccumulator, KLDStats
 from .logits_file import LogitsFile, LogitsFileWriter, encode_log_probs, read_logits_file
@@ -108,8 +107,8 @@ def compute_perplexity(model_path: str | os.PathLike[str], text_path: str | os.P
     ``n_ctx``: tokens per chunk (None: 512, or the base file's with ``kl_divergence``); ``n_chunks``: chunks to
     evaluate (-1: all); ``batch``: tokens evaluated together; ``threads``: None for all CPUs;
     ``kl_divergence_base``: the base logits file to write (or, with ``kl_divergence``, to compare with);
-    ``overwrite``: replace an existing base file (never an input); ``max_weight_memory``: bytes of float32 weights
-    kept in memory (None: half the available memory); ``progress(tokens done, tokens total, running ppl)``.
+    ``overwrite``: replace an existing base file (never an input); ``max_weight_memory``: obsolete, checked and ignored
+    (the weights stay in their stored form); ``progress(tokens done, tokens total, running ppl)``.
     Raises PerplexityError (or another GGUFError) for bad options or input, before any work where it can tell.
     """
     base = None if kl_divergence_base is None else os.fspath(kl_divergence_base)
@@ -128,9 +127,7 @@ def compute_perplexity(model_path: str | os.PathLike[str], text_path: str | os.P
             check_outputs([base], source.input_files() + ([text_file] if text_file else []), overwrite=overwrite)
         ModelConfig.from_metadata(source, origin=model_file)
         tokenizer = Tokenizer.from_metadata(source, origin=model_file)
-        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1,
-                                  weight_budget=default_weight_budget() if max_weight_memory is None
-                                  else max_weight_memory, origin=model_file)
+        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1, origin=model_file)
         if base_in is not None:
             result = _kl_divergence(model, tokenizer, model_file, text, base_in, n_chunks, batch, progress)
         else:

@@ -1,0 +1,96 @@
+"""F16 and BF16 rows widened to float32: numba kernels that release the GIL, so the forward pass's worker threads
+widen their own slabs of a weight at the same time (numpy's float16 cast runs at ~10 ns a value here, too slow to
+repeat per batch; these run at memory speed).
+
+Both conversions are exact: BF16 is the top half of a float32; an F16 value is looked up in a 65536-entry table
+made by numpy's IEEE conversion (subnormals, infinities and NaN payloads included).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["bf16_rows", "f16_rows", "round_bf16", "round_f16"]
+
+_F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+
+
+@njit(cache=True, nogil=True)
+def _bf16_rows(src, out):
+    for r in range(src.shape[0]):
+        for i in range(src.shape[1]):
+            out[r, i] = np.uint32(src[r, i]) << np.uint32(16)
+
+
+@njit(cache=True, nogil=True)
+def _f16_rows(src, out, table):
+    for r in range(src.shape[0]):
+        for i in range(src.shape[1]):
+            out[r, i] = table[src[r, i]]
+
+
+def bf16_rows(src: np.ndarray, out: np.ndarray) -> None:
+    """src: (rows, n) uint16 BF16 words; out: (rows, n) uint32 view of the float32 result."""
+    _bf16_rows(src, out)
+
+
+def f16_rows(src: np.ndarray, out: np.ndarray) -> None:
+    """src: (rows, n) uint16 F16 words; out: (rows, n) uint32 view of the float32 result."""
+    _f16_rows(src, out, _F16_TABLE)
+
+
+# --- rounding float32 activations to F16 / BF16 and back (what ggml's matmul does to src1 for such weights)
+@njit(cache=True, nogil=True)
+def _round_f16_rows(x, xu, out, table):
+    """out = float32(fp16(x)), fp16 as ggml's fp32_to_fp16 (round to nearest even; NaN -> quiet NaN; overflow ->
+    inf): the float32 arithmetic trick of FP16's reference conversion, then the F16 table back to float32.
+    x: (rows, n) float32, xu: its uint32 view, out: (rows, n) uint32 view of the float32 result."""
+    tmp = np.empty(1, np.float32)
+    tmpu = tmp.view(np.uint32)
+    to_inf = np.float32(5.192296858534828e+33)     # 2^112
+    to_zero = np.float32(7.703719777548943e-34)    # 2^-110
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            f = x[r, i]
+            w = xu[r, i]
+            base = (abs(f) * to_inf) * to_zero
+            shl1_w = np.uint32(w + w)
+            sign = w & np.uint32(0x80000000)
+            bias = shl1_w & np.uint32(0xFF000000)
+            if bias < np.uint32(0x71000000):
+                bias = np.uint32(0x71000000)
+            tmpu[0] = np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))
+            tmp[0] = tmp[0] + base
+            bits = tmpu[0]
+            nonsign = ((bits >> np.uint32(13)) & np.uint32(0x00007C00)) + (bits & np.uint32(0x00000FFF))
+            h = np.uint32(0x7E00) if shl1_w > np.uint32(0xFF000000) else nonsign
+            out[r, i] = table[(sign >> np.uint32(16)) | h]
+
+
+@njit(cache=True, nogil=True)
+def _round_bf16_rows(xu, out):
+    """out = float32(bf16(x)) as ggml_compute_fp32_to_bf16: round to nearest even, NaN kept quiet."""
+    for r in range(xu.shape[0]):
+        for i in range(xu.shape[1]):
+            u = xu[r, i]
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                out[r, i] = ((u >> np.uint32(16)) | np.uint32(64)) << np.uint32(16)
+            else:
+                out[r, i] = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) \
+                    << np.uint32(16)
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """float32 (rows, n) -> float32 rounded to F16 precision (a new array)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = np.empty_like(x)
+    _round_f16_rows(x, x.view(np.uint32), out.view(np.uint32), _F16_TABLE)
+    return out
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 (rows, n) -> float32 rounded to BF16 precision (a new array)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = np.empty_like(x)
+    _round_bf16_rows(x.view(np.uint32), out.view(np.uint32))
+    return out
