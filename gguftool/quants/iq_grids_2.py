@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.quants import iq2_kgrids
-from gguftool.quants.bits import FLT_MAX
+from gguftool.quants.bits import FLT_MAX, nearest_int_c
 
 # --- kinds (iq2_data_index in ggml-quants.c: IQ1_S and IQ1_M share one entry)
 IQ2_XXS = 0
@@ -277,3 +277,84 @@ def iq1_find_best_neighbour2(neighbours, start, grid, xall, xbase, weight, woff,
         for i in range(8):
             L[loff + i] = (int(grid[best, i]) - 1) // 2
     return best
+
+
+@njit(cache=True, error_model="numpy")
+def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_eps):
+    """The scale and lattice search of one 16-value group of quantize_row_iq2_xs_impl and
+    quantize_row_iq2_s_impl (identical in both): xval[16] the magnitudes (signs already taken out), weight and
+    waux = sqrt(weight) their weights. Leaves the two 8-value points' levels in L[16]; returns (scale, status):
+    status -1 for a group whose largest magnitude is below max_eps (the reference skips it), 1 when no
+    neighbour is found (the reference asserts), else 0."""
+    kMaxQ = 3
+    mx = xval[0]
+    for i in range(1, 16):
+        mx = mx if mx > xval[i] else xval[i]
+    for i in range(16):
+        L[i] = 0
+    if mx < max_eps:
+        return np.float32(0.0), -1
+    best = np.float32(0.0)
+    scale = mx / np.float32(2 * kMaxQ - 1)
+    on_grid[0] = True
+    on_grid[1] = True
+    on0 = True
+    on1 = True
+    for is_ in range(-9, 10):
+        id_ = (np.float32(2 * kMaxQ - 1) + np.float32(is_) * np.float32(0.1)) / mx
+        this_scale = np.float32(1.0) / id_
+        for k in range(2):
+            for i in range(8):
+                l = nearest_int_c(np.float32(0.5) * (id_ * xval[8 * k + i] - np.float32(1.0)))
+                l = l if l < kMaxQ - 1 else kMaxQ - 1
+                Laux[8 * k + i] = l if l > 0 else 0
+            u = pack_point(Laux, 8 * k)
+            on = kmap[u] >= 0
+            if k == 0:
+                on0 = on
+            else:
+                on1 = on
+            if not on:
+                g = iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, this_scale, Laux)
+                if g < 0:
+                    return scale, 1
+        sumqx = np.float32(0.0)
+        sumq2 = np.float32(0.0)
+        for i in range(16):
+            w = weight[i]
+            q = np.float32(2 * Laux[i] + 1)
+            sumqx += w * xval[i] * q
+            sumq2 += w * q * q
+        if sumq2 > np.float32(0.0) and sumqx * sumqx > best * sumq2:
+            scale = sumqx / sumq2
+            best = scale * sumqx
+            for i in range(16):
+                L[i] = Laux[i]
+            on_grid[0] = on0
+            on_grid[1] = on1
+    if (not on_grid[0] or not on_grid[1]) and scale > np.float32(0.0):
+        id_ = np.float32(1.0) / scale
+        for k in range(2):
+            if on_grid[k]:
+                continue
+            u = 0
+            for i in range(8):
+                l = nearest_int_c(np.float32(0.5) * (id_ * xval[8 * k + i] - np.float32(1.0)))
+                l = l if l < kMaxQ - 1 else kMaxQ - 1
+                l = l if l > 0 else 0
+                u |= l << (2 * i)
+                L[8 * k + i] = l
+            if kmap[u] < 0:
+                g = iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, scale, L)
+                if g < 0:
+                    return scale, 1
+        sumqx = np.float32(0.0)
+        sumq2 = np.float32(0.0)
+        for i in range(16):
+            w = weight[i]
+            q = np.float32(2 * L[i] + 1)
+            sumqx += w * xval[i] * q
+            sumq2 += w * q * q
+        if sumq2 > np.float32(0.0):
+            scale = sumqx / sumq2
+    return scale, 0
