@@ -358,3 +358,19 @@ def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_e
         if sumq2 > np.float32(0.0):
             scale = sumqx / sumq2
     return scale, 0
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def sort_order(xb, n, idx):
+    """idx[0:n] = the indices of xb[0:n] in increasing value, equal values in increasing index.
+
+    quantize_row_iq1_s/m_impl sort (value, index) pairs with qsort comparing the values only; glibc's qsort
+    is a merge sort for arrays this small (stable), so equal values keep their index order. An insertion
+    sort (stable, and quick for 16 or 32 values) gives the same order."""
+    for j in range(n):
+        v = xb[j]
+        k = j
+        while k > 0 and xb[idx[k - 1]] > v:
+            idx[k] = idx[k - 1]
+            k -= 1
+        idx[k] = j
