@@ -57,6 +57,11 @@ _ENTRIES: dict[GGMLType, str] = {
     GGMLType.Q4_K: "gguftool.quants.q4_k",
     GGMLType.Q5_K: "gguftool.quants.q5_k",
     GGMLType.Q6_K: "gguftool.quants.q6_k",
+    GGMLType.IQ2_XXS: "gguftool.quants.iq2_xxs",
+    GGMLType.IQ2_XS: "gguftool.quants.iq2_xs",
+    GGMLType.IQ1_S: "gguftool.quants.iq1_s",
+    GGMLType.IQ2_S: "gguftool.quants.iq2_s",
+    GGMLType.IQ1_M: "gguftool.quants.iq1_m",
 }
 
 # the types with a kernel, in the order llama.cpp's enum lists them
