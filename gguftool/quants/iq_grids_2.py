@@ -243,7 +243,9 @@ def iq1_find_best_neighbour2(neighbours, start, grid, xall, xbase, weight, woff,
 
     The reference's whole-grid fallback compares point i with xval[i] (its loop index, not the coordinate:
     it reads up to 2047 floats past the 8 values, i.e. further along the tensor). xall is the flat tensor, so
-    those reads are mirrored while they stay inside it; past its end the result is -1."""
+    those reads are mirrored while they stay inside it. Past its end the reference reads whatever memory
+    follows: the result is still determined when a point inside already scored 0 (nothing scores less), and
+    is -1 (undetermined) otherwise."""
     n = int(neighbours[start])
     best_score = FLT_MAX
     best = -1
@@ -260,9 +262,11 @@ def iq1_find_best_neighbour2(neighbours, start, grid, xall, xbase, weight, woff,
             best = g
     if best < 0:
         G = grid.shape[0]
-        if xbase + G > xall.size:
-            return -1
         for i in range(G):
+            if xbase + i >= xall.size:
+                if best >= 0 and best_score == np.float32(0.0):
+                    break
+                return -1
             d2 = np.float32(0.0)
             xi = xall[xbase + i]
             for j in range(8):
