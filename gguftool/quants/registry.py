@@ -64,6 +64,10 @@ _ENTRIES: dict[GGMLType, str] = {
     GGMLType.IQ1_M: "gguftool.quants.iq1_m",
 }
 
+# ggml_quantize_requires_imatrix: ggml_quantize_chunk asserts an importance matrix for these (their modules'
+# quantize_rows raise QuantError without one)
+REQUIRES_IMATRIX: frozenset[GGMLType] = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S})
+
 # the types with a kernel, in the order llama.cpp's enum lists them
 KERNEL_TYPES: tuple[GGMLType, ...] = tuple(sorted(_ENTRIES))
 
