@@ -99,9 +99,11 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock, ggml_lib=None):
     results = []
     for t in types:
         mod = registry.kernels(t) if registry.has_kernel(t) else None
-        quantize(x[:2], t)                 # JIT compile (or load from cache) outside the timings
+        needs_w = t in registry.REQUIRES_IMATRIX   # llama.cpp refuses these without an imatrix
+        if not needs_w:
+            quantize(x[:2], t)             # JIT compile (or load from cache) outside the timings
         quantize(x[:2], t, imatrix)
-        for use_w in (False, True):
+        for use_w in ((True,) if needs_w else (False, True)):
             w = imatrix if use_w else None
             t1, ours = best_time(lambda: quantize(x, t, w, threads=1), repeat, clock1)
             tn, ours_n = best_time(lambda: quantize(x, t, w, threads=threads_all), repeat)
@@ -132,7 +134,10 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((8, 512)).astype(np.float32)
 w = rng.random(512).astype(np.float32)
 t2 = time.perf_counter()
-quantize(x, sys.argv[1])
+from gguftool.quants import registry
+from gguftool.gguf.constants import GGMLType
+if GGMLType.parse(sys.argv[1]) not in registry.REQUIRES_IMATRIX:
+    quantize(x, sys.argv[1])
 t3 = time.perf_counter()
 quantize(x, sys.argv[1], w)
 t4 = time.perf_counter()

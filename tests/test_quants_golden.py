@@ -33,9 +33,10 @@ def _cases():
 
 
 CASES = _cases()
+# the types of these files (the IQ/TQ/MXFP4 types have theirs in fixtures/golden/iq, tests/test_quants_golden_iq.py)
+GOLDEN_TYPES = tuple(GGMLType[n] for n in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                                          "Q4_K", "Q5_K", "Q6_K"))
 # golden arrays per type: 7 files x 2 paths; the K types only in the 6 files whose rows are a multiple of 256
-# (the IQ / TQ / MXFP4 types have golden files of their own, fixtures/golden/iq/<TYPE>.npz: test_quants_golden_iq.py)
-GOLDEN_TYPES = tuple(t for t in registry.KERNEL_TYPES if not (GOLDEN / "iq" / f"{t.name}.npz").exists())
 EXPECTED_ARRAYS = {t: (12 if t.block_size == 256 else 14) for t in GOLDEN_TYPES}
 
 
@@ -43,6 +44,7 @@ def test_golden_files_present():
     files = sorted(GOLDEN.glob("*.npz"))
     assert len(files) >= 7
     assert len(CASES) >= 150
+    assert set(GOLDEN_TYPES) <= set(registry.KERNEL_TYPES)
     counts = {t: 0 for t in GOLDEN_TYPES}
     for f in files:
         with np.load(f) as d:

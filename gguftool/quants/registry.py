@@ -59,7 +59,16 @@ _ENTRIES: dict[GGMLType, str] = {
     GGMLType.Q6_K: "gguftool.quants.q6_k",
     GGMLType.IQ3_XXS: "gguftool.quants.iq3_xxs",
     GGMLType.IQ3_S: "gguftool.quants.iq3_s",
+    GGMLType.IQ2_XXS: "gguftool.quants.iq2_xxs",
+    GGMLType.IQ2_XS: "gguftool.quants.iq2_xs",
+    GGMLType.IQ1_S: "gguftool.quants.iq1_s",
+    GGMLType.IQ2_S: "gguftool.quants.iq2_s",
+    GGMLType.IQ1_M: "gguftool.quants.iq1_m",
 }
+
+# ggml_quantize_requires_imatrix: ggml_quantize_chunk asserts an importance matrix for these (their modules'
+# quantize_rows raise QuantError without one)
+REQUIRES_IMATRIX: frozenset[GGMLType] = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S})
 
 # the types with a kernel, in the order llama.cpp's enum lists them
 KERNEL_TYPES: tuple[GGMLType, ...] = tuple(sorted(_ENTRIES))
