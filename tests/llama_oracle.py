@@ -8,6 +8,7 @@ Use from a test module (tests/ is on sys.path: pyproject.toml's pytest pythonpat
     ggml = oracle_or_skip()                        # pytest.skip with the reason when llama_cpp is absent
     ref = ggml.quantize("Q4_K", x, imatrix)        # uint8 (rows, row_bytes); imatrix None -> NULL
     ggml.row_size("Q4_K", 256)                     # ggml_row_size
+    back = ggml.dequantize("Q4_K", ref, 256)       # the type's to_float (float32 (rows, n_per_row))
 
 ``load_oracle()`` returns ``(oracle, None)`` or ``(None, reason)`` without touching pytest.
 ``adversarial_rows(n_per_row, rng)`` builds float32 rows that stress the searches (tiny, huge, constant, zero
@@ -23,6 +24,16 @@ import numpy as np
 from gguftool.gguf.constants import GGMLType
 
 
+class _TypeTraits(ctypes.Structure):
+    """struct ggml_type_traits (ggml.h): only to_float is used."""
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
 class GGMLOracle:
     """Thin ctypes wrapper around libggml-base.so's ggml_quantize_chunk / ggml_row_size."""
 
@@ -36,6 +47,9 @@ class GGMLOracle:
         g = lib.ggml_row_size
         g.restype = ctypes.c_size_t
         g.argtypes = [ctypes.c_int, ctypes.c_int64]
+        h = lib.ggml_get_type_traits
+        h.restype = ctypes.POINTER(_TypeTraits)
+        h.argtypes = [ctypes.c_int]
 
     def row_size(self, qtype, n_per_row: int) -> int:
         return int(self.lib.ggml_row_size(int(GGMLType.parse(qtype)), int(n_per_row)))
@@ -56,6 +70,24 @@ class GGMLOracle:
             im = imatrix.ctypes.data
         written = self.lib.ggml_quantize_chunk(t, x.ctypes.data, out.ctypes.data, 0, rows, n, im)
         assert written == rows * rb, (written, rows * rb)
+        return out
+
+
+    def dequantize(self, qtype, q: np.ndarray, n_per_row: int) -> np.ndarray:
+        """The type's to_float (dequantize_row_*) on each row of q (uint8 (rows, row_bytes))."""
+        t = int(GGMLType.parse(qtype))
+        traits = self.lib.ggml_get_type_traits(t).contents
+        if not traits.to_float:
+            raise ValueError(f"ggml has no to_float for type {qtype}")
+        fn = _TO_FLOAT(traits.to_float)
+        q = np.ascontiguousarray(q, dtype=np.uint8)
+        if q.ndim == 1:
+            q = q[None, :]
+        rb = self.row_size(t, n_per_row)
+        assert q.shape[1] == rb, (q.shape, rb)
+        out = np.zeros((q.shape[0], n_per_row), dtype=np.float32)
+        for r in range(q.shape[0]):
+            fn(q[r].ctypes.data, out[r].ctypes.data, n_per_row)
         return out
 
 
