@@ -57,6 +57,11 @@ _ENTRIES: dict[GGMLType, str] = {
     GGMLType.Q4_K: "gguftool.quants.q4_k",
     GGMLType.Q5_K: "gguftool.quants.q5_k",
     GGMLType.Q6_K: "gguftool.quants.q6_k",
+    GGMLType.IQ4_NL: "gguftool.quants.iq4_nl",
+    GGMLType.IQ4_XS: "gguftool.quants.iq4_xs",
+    GGMLType.TQ1_0: "gguftool.quants.tq1_0",
+    GGMLType.TQ2_0: "gguftool.quants.tq2_0",
+    GGMLType.MXFP4: "gguftool.quants.mxfp4",
 }
 
 # the types with a kernel, in the order llama.cpp's enum lists them
