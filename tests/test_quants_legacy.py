@@ -101,7 +101,8 @@ def test_bf16_both_directions():
 # --- round-trip error bounds
 # relative RMS error on N(0, 1) rows (measured values are about 60-80% of these)
 RMS_BOUND = {"F32": 0.0, "F16": 4e-4, "BF16": 3e-3, "Q8_0": 8e-3, "Q5_1": 0.05, "Q5_0": 0.06, "Q4_1": 0.1,
-             "Q4_0": 0.11, "Q6_K": 0.025, "Q5_K": 0.05, "Q4_K": 0.1, "Q3_K": 0.2, "Q2_K": 0.38}
+             "Q4_0": 0.11, "Q6_K": 0.025, "Q5_K": 0.05, "Q4_K": 0.1, "Q3_K": 0.2, "Q2_K": 0.38,
+             "IQ4_NL": 0.1, "IQ4_XS": 0.1, "MXFP4": 0.15, "TQ2_0": 0.85, "TQ1_0": 0.85}
 
 
 @pytest.fixture(scope="module")
