@@ -34,6 +34,7 @@ class Shape:
 
 
 SMALL = Shape()
+MOE = Shape(n_layer=4, n_vocab=512, n_expert=4)                                  # 3-D expert tensors
 LARGE = Shape(n_embd=2048, n_ff=5632, n_layer=10, n_head=16, n_head_kv=4, n_vocab=32000)
 
 # --- deterministic float32 data
