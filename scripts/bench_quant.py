@@ -60,6 +60,13 @@ def load_ggml():
     return lib, None
 
 
+def requires_imatrix(lib, qtype) -> bool:
+    f = lib.ggml_quantize_requires_imatrix
+    f.restype = ctypes.c_bool
+    f.argtypes = [ctypes.c_int]
+    return bool(f(int(qtype)))
+
+
 def ggml_quantize(lib, qtype, x, imatrix):
     rows, n = x.shape
     out = np.empty((rows, qtype.row_bytes(n)), np.uint8)
@@ -99,6 +106,8 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock):
         quantize(x[:2], t)                 # JIT compile (or load from cache) outside the timings
         quantize(x[:2], t, imatrix)
         for use_w in (False, True):
+            if not use_w and lib is not None and requires_imatrix(lib, t):
+                continue  # ggml_quantize_chunk aborts without one (IQ2_XXS, IQ2_XS, IQ1_S)
             w = imatrix if use_w else None
             t1, ours = best_time(lambda: quantize(x, t, w, threads=1), repeat, clock1)
             tn, ours_n = best_time(lambda: quantize(x, t, w, threads=threads_all), repeat)
@@ -111,7 +120,7 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock):
                 ratio = f"{tl / t1:8.2f}"
             else:
                 tl, same, llama, ratio = None, "-", f"{'-':>9}", f"{'-':>8}"
-            print(f"{t.name:6} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
+            print(f"{t.name:7} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
                   f"{ratio}  {same}", flush=True)
             results.append(dict(type=t.name, imatrix=use_w, ours_1t=mb / t1, ours_all=mb / tn,
                                 llama_1t=None if tl is None else mb / tl, bytes=same))
