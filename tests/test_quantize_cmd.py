@@ -332,6 +332,9 @@ def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,pattern", [
     (["--type", "Q7_K"], "unknown quantization type 'Q7_K'"),
     (["--type", "Q2_K_S"], "requires an imatrix"),
+    (["--type", "IQ2_XXS"], r"requires an imatrix \(tensor blk\.0\.attn_k\.weight -> IQ2_XXS "),
+    (["--type", "iq3_xs"], r"requires an imatrix \(tensor blk\.0\.attn_k\.weight -> IQ3_XXS "),
+    (["--type", "IQ1_M"], r"requires an imatrix \(tensor blk\.0\.attn_k\.weight -> IQ1_M "),
     (["--type", "Q4_0", "--include-weights", "a", "--exclude-weights", "b"], "cannot be used together"),
     (["--type", "Q4_0", "--tensor-type", "attn_v"], "expected REGEX=TYPE"),
     (["--type", "Q4_0", "--tensor-type", "attn_v=q9_9"], "invalid ggml type 'q9_9'"),
