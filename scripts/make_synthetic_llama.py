@@ -34,6 +34,7 @@ class Shape:
 
 
 SMALL = Shape()
+MOE = Shape(n_layer=4, n_vocab=512, n_expert=4)                                  # 3-D expert tensors
 LARGE = Shape(n_embd=2048, n_ff=5632, n_layer=10, n_head=16, n_head_kv=4, n_vocab=32000)
 # the forward-pass benchmark model (scripts/bench_perplexity.py, bench_imatrix.py): 1.47e9 parameters
 BENCH_1_5B = Shape(n_embd=2048, n_ff=8192, n_layer=22, n_head=16, n_head_kv=4, n_vocab=32000)

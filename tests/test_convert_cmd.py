@@ -77,6 +77,20 @@ def test_tiny_identical_to_llama_cpp(tmp_path, tiny_ref, type_):
     _assert_same_as_reference(out, expected_file(tiny_ref, type_))
 
 
+@pytest.fixture(scope="module")
+def tiny_ref_iq():
+    return json.loads((REF / "tiny-llama-iq.json").read_text())
+
+
+@pytest.mark.parametrize("type_", ["IQ4_XS", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE"])
+def test_tiny_identical_to_llama_cpp_iq(tmp_path, tiny_ref_iq, type_):
+    """convert --type for the non-linear, ternary and MXFP4 mixes: llama_model_quantize's file, byte for byte."""
+    out = tmp_path / "out.gguf"
+    r = _run("convert", TINY, "--type", type_, "--outfile", out)
+    assert r.exit_code == 0, r.output
+    _assert_same_as_reference(out, expected_file(tiny_ref_iq, type_))
+
+
 # convert_hf_to_gguf.py (llama.cpp vendored by llama-cpp-python 0.3.36) writes tensors in the order it reads them:
 # generate_extra_tensors first (rope_freqs; none for this config), then the safetensors files in sorted name order
 # and the tensors of each file in sorted name order (gguf-py's SafetensorsLocal sorts them), renamed by

@@ -43,9 +43,12 @@ def models(tmp_path_factory):
     msl.write_synthetic_imatrix(small, dat, legacy=True)
     tiny = str(d / "tiny.gguf")
     msl.write_model(tiny, TINY)
+    moe, im_moe = str(d / "moe.gguf"), str(d / "im_moe.gguf")
+    msl.write_model(moe, msl.MOE)
+    msl.write_synthetic_imatrix(moe, im_moe)
     llama_im = os.path.join(FIXTURES, "llama_imatrix")
     return {"small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat,
-            "tiny.gguf": tiny, "tiny.imatrix.gguf": os.path.join(llama_im, "tiny.imatrix.gguf"),
+            "tiny.gguf": tiny, "moe.gguf": moe, "im_moe.gguf": im_moe, "tiny.imatrix.gguf": os.path.join(llama_im, "tiny.imatrix.gguf"),
             "tiny.imatrix.dat": os.path.join(llama_im, "tiny.imatrix.dat")}
 
 
@@ -329,11 +332,14 @@ def test_big_tensor_goes_through_in_slabs(models, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,pattern", [
     (["--type", "Q7_K"], "unknown quantization type 'Q7_K'"),
     (["--type", "Q2_K_S"], "requires an imatrix"),
+    (["--type", "IQ2_XXS"], r"requires an imatrix \(tensor blk\.0\.attn_k\.weight -> IQ2_XXS "),
+    (["--type", "iq3_xs"], r"requires an imatrix \(tensor blk\.0\.attn_k\.weight -> IQ3_XXS "),
+    (["--type", "IQ1_M"], r"requires an imatrix \(tensor blk\.0\.attn_k\.weight -> IQ1_M "),
     (["--type", "Q4_0", "--include-weights", "a", "--exclude-weights", "b"], "cannot be used together"),
     (["--type", "Q4_0", "--tensor-type", "attn_v"], "expected REGEX=TYPE"),
     (["--type", "Q4_0", "--tensor-type", "attn_v=q9_9"], "invalid ggml type 'q9_9'"),
     (["--type", "Q4_0", "--tensor-type", "(=q8_0"], "invalid --tensor-type pattern"),
-    (["--type", "Q4_0", "--output-tensor-type", "iq2_xxs"], "IQ2_XXS .*not supported"),
+    (["--type", "Q4_0", "--output-tensor-type", "q8_k"], "Q8_K .*not supported"),
     (["--type", "Q4_0", "--override-kv", "a.b=int"], "invalid type for KV override"),
     (["--type", "Q4_0", "--override-kv", "a.b=int:x"], "invalid int value"),
     (["--type", "Q4_0", "--imatrix", "/nonexistent/im.gguf"], "no such imatrix file"),

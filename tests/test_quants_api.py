@@ -11,7 +11,7 @@ from gguftool.gguf.constants import GGMLType
 from gguftool.quants import SUPPORTED_TYPES, can_dequantize, dequantize, quantize, registry
 
 ALL_PRODUCED = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_XXS", "IQ3_S"]
+                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def test_supported_types():
 
 def test_can_dequantize_other_types():
     assert can_dequantize("f32") and can_dequantize("I8") and can_dequantize(GGMLType.F64)
-    assert not can_dequantize("Q8_K")  # llama.cpp's dot-product scratch type: never in a file
-    assert not can_dequantize(GGMLType.TQ1_0)
+    assert not can_dequantize("Q8_K")
+    assert not can_dequantize(GGMLType.NVFP4)
     assert not can_dequantize("no_such_type")
 
 
@@ -65,6 +65,8 @@ def test_unsupported_type():
         quantize(np.zeros((1, 256), np.float32), "q8_k")
     with pytest.raises(QuantError, match=r"^cannot dequantize Q8_1 tensors"):
         dequantize(np.zeros(36, np.uint8), "Q8_1", 32)
+    with pytest.raises(QuantError, match=r"^cannot dequantize NVFP4 tensors"):
+        dequantize(np.zeros(36, np.uint8), "NVFP4", 64)
 
 
 @pytest.mark.parametrize("qtype", registry.KERNEL_TYPES, ids=lambda t: t.name)
@@ -72,7 +74,9 @@ def test_type_module_interface(qtype):
     """Every type module has registry.py's interface (the block functions are exercised in test_quants_golden)."""
     mod = registry.kernels(qtype)
     assert mod.GGML_TYPE == qtype
-    assert mod.USES_IMATRIX is (qtype not in (GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0))
+    # llama.cpp ignores the imatrix for these (quantize_q8_0, quantize_tq1_0/tq2_0, quantize_mxfp4)
+    ignores = (GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.TQ1_0, GGMLType.TQ2_0, GGMLType.MXFP4)
+    assert mod.USES_IMATRIX is (qtype not in ignores)
     assert mod.BLOCK_BYTES == qtype.type_size
     for name in ("make_scratch", "prepare_row", "quantize_block", "dequantize_block", "quantize_rows",
                  "dequantize_rows"):

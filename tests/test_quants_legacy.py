@@ -15,7 +15,7 @@ import pytest
 from numba import njit
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants import SUPPORTED_TYPES, bf16, dequantize, f16, quantize
+from gguftool.quants import SUPPORTED_TYPES, bf16, dequantize, f16, quantize, registry
 
 LEGACY = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 NO_W = np.empty(0, np.float32)
@@ -102,7 +102,9 @@ def test_bf16_both_directions():
 # relative RMS error on N(0, 1) rows (measured values are about 60-80% of these)
 RMS_BOUND = {"F32": 0.0, "F16": 4e-4, "BF16": 3e-3, "Q8_0": 8e-3, "Q5_1": 0.05, "Q5_0": 0.06, "Q4_1": 0.1,
              "Q4_0": 0.11, "Q6_K": 0.025, "Q5_K": 0.05, "Q4_K": 0.1, "Q3_K": 0.2, "Q2_K": 0.38,
-             "IQ3_XXS": 0.3, "IQ3_S": 0.22}
+             "IQ3_XXS": 0.3, "IQ3_S": 0.22,
+             "IQ4_NL": 0.1, "IQ4_XS": 0.1, "MXFP4": 0.15, "TQ2_0": 0.85, "TQ1_0": 0.85,
+             "IQ2_XXS": 0.6, "IQ2_XS": 0.55, "IQ2_S": 0.45, "IQ1_S": 0.85, "IQ1_M": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,8 @@ def test_every_supported_type_has_a_bound():
 @pytest.mark.parametrize("name", sorted(RMS_BOUND))
 def test_round_trip_error(gaussian, name):
     x, imatrix = gaussian
-    for w in (None, imatrix):
+    needs_imatrix = GGMLType[name] in registry.REQUIRES_IMATRIX   # llama.cpp refuses these without one
+    for w in ((imatrix,) if needs_imatrix else (None, imatrix)):
         y = dequantize(quantize(x, name, w), name, x.shape[1])
         rel = float(np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x ** 2)))
         assert rel <= RMS_BOUND[name], (name, w is not None, rel)

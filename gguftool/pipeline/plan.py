@@ -233,6 +233,12 @@ def make_plan(source: TensorSource, cfg: QuantizeConfig, dry_run: bool = False) 
 
     requantized: dict[str, int] = {}
     missing: list[str] = []
+    if not dry_run and weights is None:
+        # llama.cpp checks every tensor's need of an importance matrix before anything else about it
+        for tp in plans:
+            if tp.requires_imatrix and tp.allows_quantization:
+                raise PolicyError(f"this quantization requires an imatrix (tensor {tp.name} -> {tp.new_type.name} "
+                                  f"in a {cfg.ftype.name} file); give one with --imatrix")
     for tp in plans:
         if dry_run and tp.requires_imatrix and weights is None:
             if not any("will require an imatrix" in w for w in warnings):

@@ -10,8 +10,9 @@ This mirrors llama.cpp's ``src/llama-quant.cpp``:
 - ``llama_model_loader::weights_map`` order -> :func:`llama_tensor_order` (the order tensors are visited and
   written, which matters because the attn_v / ffn_down layer schedules use running counters)
 
-Only the ftypes gguftool can write are in the tables (no IQ*/TQ*/MXFP4 mixes); the rules for those ftypes in
-llama.cpp can never fire for ours and are left out.
+Every ftype llama-quantize offers is in the tables, the IQ/TQ/MXFP4 mixes included. Two of llama.cpp's branches
+take a tensor before the per-category rules and are written out in :func:`_mix_rules`: MXFP4_MOE (expert tensors
+MXFP4, the rest Q8_0) and the very-low-bit family (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from ..errors import PolicyError
 from ..gguf.constants import GGMLType
 from ..gguf.values import GGUFArray
+from ..quants.registry import KERNEL_TYPES
 
 # --- file types (llama.h enum llama_ftype; the value is what general.file_type holds)
 
@@ -60,15 +62,32 @@ FTYPES: dict[str, FileType] = {f.name: f for f in (
     FileType("Q6_K", 18, _T.Q6_K),
     FileType("Q2_K_S", 21, _T.Q2_K),
     FileType("BF16", 32, _T.BF16),
+    FileType("IQ2_XXS", 19, _T.IQ2_XXS),
+    FileType("IQ2_XS", 20, _T.IQ2_XS),
+    FileType("IQ3_XS", 22, _T.IQ3_S),
+    FileType("IQ3_XXS", 23, _T.IQ3_XXS),
+    FileType("IQ1_S", 24, _T.IQ1_S),
+    FileType("IQ4_NL", 25, _T.IQ4_NL),
+    FileType("IQ3_S", 26, _T.IQ3_S),
+    FileType("IQ3_M", 27, _T.IQ3_S),
+    FileType("IQ2_S", 28, _T.IQ2_XS),
+    FileType("IQ2_M", 29, _T.IQ2_S),
+    FileType("IQ4_XS", 30, _T.IQ4_XS),
+    FileType("IQ1_M", 31, _T.IQ1_M),
+    FileType("TQ1_0", 36, _T.TQ1_0),
+    FileType("TQ2_0", 37, _T.TQ2_0),
+    FileType("MXFP4_MOE", 38, _T.MXFP4),
 )}
+
+# the very-low-bit ftypes that llama_tensor_get_type_impl handles in a branch of their own
+IQ2_FAMILY = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"})
 
 # tools/quantize/quantize.cpp QUANT_OPTIONS: these names select another entry's ftype
 FTYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
-# ggml types gguftool can produce (the kernels of gguftool.quants) - the only valid targets of the
+# ggml types gguftool can produce (F32 and the kernels of gguftool.quants) - the only valid targets of the
 # --output-tensor-type / --token-embedding-type / --tensor-type options
-WRITABLE_TYPES = frozenset({_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1,
-                            _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K})
+WRITABLE_TYPES = frozenset({_T.F32, *KERNEL_TYPES})
 
 
 def parse_ftype(name: str | int) -> FileType:
@@ -301,33 +320,66 @@ def _more_bits(c: RuleContext) -> bool:
 
 # output.weight, and token_embd.weight when the model has no output.weight (tied embeddings)
 OUTPUT_RULES: tuple[Rule, ...] = (
+    Rule(_f("MXFP4_MOE"), _T.Q8_0),
     Rule(None, _T.Q8_0, lambda c: _falcon(c) or c.ne0 % c.default.block_size != 0,
          "falcon, or rows that don't fit the default type's block"),
+    Rule(IQ2_FAMILY | {"IQ3_XXS"}, _T.Q5_K),
     Rule(None, _T.Q6_K, lambda c: c.default != _T.Q8_0, "output gets Q6_K unless the mix is Q8_0"),
 )
+
+# token_embd.weight when the model has output.weight (no --token-embedding-type)
+TOKEN_EMBD_RULES: tuple[Rule, ...] = (
+    Rule(_f("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"), _T.Q2_K),
+    Rule(_f("IQ2_S", "IQ2_M", "IQ3_XXS"), _T.IQ3_S),
+    Rule(_f("TQ1_0", "TQ2_0"), _T.Q4_K),
+)
+
+
+def _iq3_xs_middle(c: RuleContext) -> bool:
+    return c.n_layer // 8 <= c.i_layer < 7 * c.n_layer // 8
 
 CATEGORY_RULES: dict[str, tuple[Rule, ...]] = {
     # attn_v, attn_qkv, attn_kv_b; c.i_attn_v counts them in file order
     ATTN_V: (
         Rule(_f("Q2_K"), lambda c: _T.Q4_K if c.model.n_gqa >= 4 else _T.Q3_K),
         Rule(_f("Q2_K_S"), _T.Q4_K, lambda c: c.model.n_gqa >= 4),
+        Rule(_f("IQ3_XXS"), lambda c: _T.Q4_K if c.model.n_gqa >= 4 else _T.IQ3_S if not c.has_imatrix
+             else _T.IQ3_XXS),
+        Rule(_f("IQ3_XS", "IQ3_S"), _T.Q4_K, lambda c: c.model.n_gqa >= 4),
+        Rule(_f("IQ3_M"), _T.Q4_K),
         Rule(_f("Q3_K_M"), lambda c: _T.Q5_K if c.i_attn_v < 2 else _T.Q4_K),
         Rule(_f("Q3_K_L"), _T.Q5_K),
+        Rule(_f("IQ4_NL", "IQ4_XS"), _T.Q5_K, lambda c: c.model.n_gqa >= 4),
         Rule(_f("Q4_K_M", "Q5_K_M"), _T.Q6_K, lambda c: use_more_bits(c.i_attn_v, c.n_attn_v)),
         Rule(_f("Q4_K_S"), _T.Q5_K, lambda c: c.i_attn_v < 4),
     ),
     ATTN_K: (
         Rule(None, _T.Q8_0, lambda c: c.model.n_expert == 8, "8-expert models: cheap, so Q8_0"),
+        Rule(_f("IQ3_XS"), _T.IQ3_XXS),
+        Rule(_f("IQ3_XXS"), _T.IQ2_S),
+    ),
+    ATTN_Q: (
+        Rule(_f("IQ3_XS"), _T.IQ3_XXS),
+        Rule(_f("IQ3_XXS"), _T.IQ2_S),
+    ),
+    FFN_GATE: (
+        Rule(_f("IQ3_XS"), _T.IQ3_XXS, _iq3_xs_middle),
+    ),
+    FFN_UP: (
+        Rule(_f("IQ3_XS"), _T.IQ3_XXS, _iq3_xs_middle),
     ),
     FFN_DOWN: (
         Rule(_f("Q2_K"), _T.Q3_K),
         Rule(_f("Q2_K_S"), lambda c: _T.Q4_K if _first_eighth(c) else None),
+        Rule(_f("IQ3_XXS"), lambda c: _T.Q4_K if _first_eighth(c) else _T.Q3_K, lambda c: not c.has_imatrix),
         Rule(_f("Q3_K_M"), lambda c: _T.Q5_K if c.i_layer < c.n_layer // 16
              else _T.Q4_K if not _falcon(c) or _more_bits(c) else _T.Q3_K),
+        Rule(_f("IQ3_M"), _T.Q4_K, lambda c: _first_eighth(c) or (c.model.n_expert == 8 and _more_bits(c))),
         Rule(_f("Q3_K_L"), lambda c: _T.Q4_K if _falcon(c) else _T.Q5_K),
         Rule(_f("Q4_K_M"), lambda c: (_T.Q6_K if c.i_layer < c.n_layer // 16 else
                                       _T.Q5_K if _more_bits(c) else _T.Q4_K), _falcon),
         Rule(_f("Q4_K_M"), lambda c: _T.Q6_K if _more_bits(c) else None),
+        Rule(_f("IQ4_NL", "IQ4_XS"), _T.Q5_K, lambda c: _first_eighth(c) and not c.has_imatrix),
         Rule(_f("Q5_K_M"), _T.Q6_K, _more_bits),
         Rule(_f("Q4_K_S"), _T.Q5_K, lambda c: not _falcon(c) and _first_eighth(c)),
         Rule(_f("Q4_0"), _T.Q4_1, lambda c: c.has_imatrix and _first_eighth(c),
@@ -335,10 +387,11 @@ CATEGORY_RULES: dict[str, tuple[Rule, ...]] = {
         Rule(_f("Q5_0"), _T.Q5_1, lambda c: c.has_imatrix and _first_eighth(c)),
     ),
     ATTN_OUTPUT: (
-        Rule(_f("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"), _T.Q5_K,
-             lambda c: not _falcon(c) and c.model.n_expert == 8),
+        Rule(_f("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S", "IQ3_M",
+                "IQ4_XS"), _T.Q5_K, lambda c: not _falcon(c) and c.model.n_expert == 8),
         Rule(_f("Q2_K"), _T.Q3_K, lambda c: not _falcon(c) and c.model.n_expert != 8),
-        Rule(_f("Q3_K_M"), _T.Q4_K, lambda c: not _falcon(c) and c.model.n_expert != 8),
+        Rule(_f("IQ3_XXS"), _T.IQ3_S, lambda c: not _falcon(c) and c.model.n_expert != 8),
+        Rule(_f("Q3_K_M", "IQ3_M"), _T.Q4_K, lambda c: not _falcon(c) and c.model.n_expert != 8),
         Rule(_f("Q3_K_L"), _T.Q5_K, lambda c: not _falcon(c) and c.model.n_expert != 8),
         Rule(_f("Q3_K_L"), _T.Q4_K, _falcon),
     ),
@@ -555,7 +608,7 @@ def _choose(name: str, shape: tuple[int, ...], model: ModelParams, opts: QuantOp
     elif opts.pure:
         how = "pure"
     else:
-        chosen = _mix_rules(name, cat, ne0, model, opts, tied, cnt)
+        chosen = _mix_rules(name, cat, ne0, model, opts, tied, cnt, shape)
         if chosen != new:
             how = "rule"
         new = chosen
@@ -574,8 +627,36 @@ def _checked(t: GGMLType, name: str, ne0: int) -> GGMLType:
     return t
 
 
+def _iq2_family(cat: str, model: ModelParams, ftype: str, cnt: _Counters, new: GGMLType) -> GGMLType:
+    """llama_tensor_get_type_impl's branch for IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M (after output and
+    token_embd): attn_v-like, attn_k (8 experts), ffn_down (a running count, even in MoE models) and attn_output;
+    every other tensor keeps the default type, and no 70B / 8-expert adjustment follows."""
+    s_or_m = ftype in ("IQ2_S", "IQ2_M")
+    if cat in ATTN_V_LIKE:
+        cnt.i_attn_v += 1
+        if model.n_gqa >= 4 or model.n_expert >= 4:
+            return _T.Q4_K
+        return _T.IQ3_S if s_or_m else _T.Q2_K
+    if model.n_expert == 8 and cat == ATTN_K:
+        return _T.Q4_K
+    if cat == FFN_DOWN:
+        first = cnt.i_ffn_down < model.n_layer // 8
+        cnt.i_ffn_down += 1
+        if first:
+            return _T.IQ3_S if s_or_m else _T.Q2_K
+        return new
+    if cat == ATTN_OUTPUT:
+        if model.n_expert == 8:
+            return _T.Q5_K
+        if ftype in ("IQ1_S", "IQ1_M"):
+            return _T.IQ2_XXS
+        if s_or_m:
+            return _T.IQ3_S
+    return new
+
+
 def _mix_rules(name: str, cat: str, ne0: int, model: ModelParams, opts: QuantOptions, tied: bool,
-               cnt: _Counters) -> GGMLType:
+               cnt: _Counters, shape: tuple[int, ...] = ()) -> GGMLType:
     """llama_tensor_get_type_impl for one tensor; advances the counters as the reference does."""
     ft = opts.ftype
     c = RuleContext(ftype=ft.name, default=ft.default_type, model=model, name=name, ne0=ne0,
@@ -586,8 +667,18 @@ def _mix_rules(name: str, cat: str, ne0: int, model: ModelParams, opts: QuantOpt
         if opts.output_tensor_type is not None:
             return opts.output_tensor_type
         return _apply(OUTPUT_RULES, c, new)
+    if ft.name == "MXFP4_MOE":
+        # expert tensors (3-D) MXFP4, everything else Q8_0; bailingmoe3's 3-D MLA projections are not experts
+        experts = len(shape) > 2 and shape[2] > 1
+        if model.arch == "bailingmoe3" and cat not in (FFN_UP, FFN_GATE, FFN_DOWN):
+            experts = False
+        return _T.MXFP4 if experts else _T.Q8_0
     if cat == TOKEN_EMBD:
-        return opts.token_embedding_type if opts.token_embedding_type is not None else new
+        if opts.token_embedding_type is not None:
+            return opts.token_embedding_type
+        return _apply(TOKEN_EMBD_RULES, c, new)
+    if ft.name in IQ2_FAMILY:
+        return _iq2_family(cat, model, ft.name, cnt, new)
 
     if cat in ATTN_V_LIKE:
         c.i_attn_v, c.n_attn_v = cnt.i_attn_v, cnt.n_attn_v

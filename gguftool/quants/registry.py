@@ -64,6 +64,11 @@ _ENTRIES: dict[GGMLType, str] = {
     GGMLType.IQ1_S: "gguftool.quants.iq1_s",
     GGMLType.IQ2_S: "gguftool.quants.iq2_s",
     GGMLType.IQ1_M: "gguftool.quants.iq1_m",
+    GGMLType.IQ4_NL: "gguftool.quants.iq4_nl",
+    GGMLType.IQ4_XS: "gguftool.quants.iq4_xs",
+    GGMLType.TQ1_0: "gguftool.quants.tq1_0",
+    GGMLType.TQ2_0: "gguftool.quants.tq2_0",
+    GGMLType.MXFP4: "gguftool.quants.mxfp4",
 }
 
 # ggml_quantize_requires_imatrix: ggml_quantize_chunk asserts an importance matrix for these (their modules'
