@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import ConvertError
 from ..gguf.constants import GGUFValueType
 from ..gguf.values import KV
+from .gptoss import GptOssExperts
 from .schema import U32_MAX, Bool, Int, ListOf, Num, Obj, Str, checked, show
 
 
@@ -455,6 +456,14 @@ def _gemma3_params(arch: "Arch", hp: dict, kv: KVList) -> None:
     kv.u32(f"{a}.attention.head_count_kv", hp.get("num_key_value_heads", 4))
 
 
+def _gptoss_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # GptOssModel.set_gguf_parameters (conversion/gpt_oss.py): the TextModel keys, the sliding window (llama.cpp
+    # alternates sliding / full layers itself: the layer_types list is not written), the expert FFN width
+    _text_model_params(arch, hp, kv)
+    kv.u32(f"{arch.gguf_arch}.attention.sliding_window", hp["sliding_window"])
+    kv.u32(f"{arch.gguf_arch}.expert_feed_forward_length", hp["intermediate_size"])
+
+
 # --- tensor name tables (gguf-py tensor_mapping for each architecture)
 _COMMON_TENSORS = {
     "model.embed_tokens": "token_embd",
@@ -497,6 +506,10 @@ PHI3_TENSORS = {
     "model.layers.{bid}.mlp.gate_up_proj": "blk.{bid}.ffn_up",     # gate and up stacked: llama.cpp splits it
     "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
 }
+GPTOSS_TENSORS = {**_COMMON_TENSORS,
+                  "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.post_attention_norm",
+                  "model.layers.{bid}.self_attn.sinks": "blk.{bid}.attn_sinks",   # written as attn_sinks.weight
+                  "model.layers.{bid}.mlp.router": "blk.{bid}.ffn_gate_inp"}
 MIXTRAL_TENSORS = {**LLAMA_TENSORS, "model.layers.{bid}.block_sparse_moe.gate": "blk.{bid}.ffn_gate_inp"}
 QWEN3MOE_TENSORS = {**QWEN3_TENSORS, "model.layers.{bid}.mlp.gate": "blk.{bid}.ffn_gate_inp"}
 
@@ -551,6 +564,7 @@ class Arch:
     # ^ generate_extra_tensors: (KVs it adds, which land right after general.architecture; computed tensors)
     fused_qkv_ffn: bool = False            # attn_qkv and ffn_up = gate|up stacked (Phi-3)
     aliases: dict = field(default_factory=dict)  # config class attribute_map: config.json key -> to_dict key
+    fused_experts: Callable[..., GptOssExperts] | None = None  # gpt-oss: fused (and MXFP4) expert tensors
 
     def map_name(self, hf_name: str) -> str | None:
         """GGUF name for an HF tensor name, or None when the table has no entry."""
@@ -650,6 +664,15 @@ PHI3 = _register(Arch(
                   rms_norm_eps=1e-5, sliding_window=None, head_dim=None, num_key_value_heads=None),
     tensors=PHI3_TENSORS, params=_phi3_params, rope_parameters=_rope_parameters_phi3, vocab="phi3",
     derive_head_dim=False, generated=phi3_rope_factors, fused_qkv_ffn=True))
+
+
+GPTOSS = _register(Arch(
+    name="gpt-oss", hf_names=("GptOssForCausalLM",), gguf_arch="gpt-oss",
+    defaults=dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                  num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128,
+                  num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False),
+    tensors=GPTOSS_TENSORS, params=_gptoss_params, vocab="gpt2", fused_experts=GptOssExperts))
 
 
 def supported_names() -> list[str]:
