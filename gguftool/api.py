@@ -104,10 +104,12 @@ class Job:
 
 def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
                  type: str = "auto", name: str | None = None, vocab_only: bool = False,
-                 options: QuantizeOptions | None = None) -> Job:
+                 options: QuantizeOptions | None = None, allow_requantize: bool = False) -> Job:
     """Plan converting the Hugging Face checkpoint ``model`` (a .safetensors file or its folder, with config.json
     and tokenizer files) to GGUF at ``type`` (an ftype such as "Q4_K_M", "Q8_0", "F16"; "auto" = BF16 for a BF16
-    checkpoint, else F16). ``output`` None: ``<checkpoint dir>/<name>-<TYPE>.gguf``. Only headers are read."""
+    checkpoint, else F16). ``output`` None: ``<checkpoint dir>/<name>-<TYPE>.gguf``. Only headers are read.
+    ``allow_requantize``: convert tensors the checkpoint holds quantized (gpt-oss's MXFP4 experts) to other types,
+    as llama-quantize --allow-requantize (otherwise refused)."""
     from .hf.source import open_hf_source
     from .pipeline import policy as P
     from .pipeline.plan import make_plan
@@ -120,7 +122,7 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
         if type_name == "AUTO":
             type_name = "BF16" if src.outtype == "bf16" else "F16"
         ftype = P.parse_ftype(type_name)
-        cfg = _config(ftype, options or QuantizeOptions())
+        cfg = _config(ftype, options or QuantizeOptions(), allow_requantize=allow_requantize)
         cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
         plan = make_plan(src, cfg)
         out = os.fspath(output) if output is not None else _default_outfile(src.name, ck.directory, ftype.name)
@@ -134,12 +136,13 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
 def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *, type: str = "auto",
             name: str | None = None, vocab_only: bool = False, options: QuantizeOptions | None = None,
             threads: int | None = None, stats: bool = False, overwrite: bool = False,
-            progress: Progress | None = None) -> Summary:
+            progress: Progress | None = None, allow_requantize: bool = False) -> Summary:
     """Convert a Hugging Face checkpoint to GGUF in one step (see plan_convert and Job.run for the arguments).
 
     The file equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
     llama-quantize TYPE: the same metadata (but the descriptive general.* keys) and byte-identical tensors."""
-    with plan_convert(model, output, type=type, name=name, vocab_only=vocab_only, options=options) as job:
+    with plan_convert(model, output, type=type, name=name, vocab_only=vocab_only, options=options,
+                      allow_requantize=allow_requantize) as job:
         return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
 
 
