@@ -104,13 +104,16 @@ class Job:
 
 def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
                  type: str = "auto", name: str | None = None, vocab_only: bool = False,
-                 options: QuantizeOptions | None = None, revision: str | None = None) -> Job:
+                 options: QuantizeOptions | None = None, revision: str | None = None,
+                 allow_requantize: bool = False) -> Job:
     """Plan converting the Hugging Face checkpoint ``model`` (a .safetensors file or its folder, with config.json
     and tokenizer files; or, when no such path exists, a Hub repo id such as "Qwen/Qwen3-0.6B" at ``revision``,
     fetched through huggingface_hub's cache) to GGUF at ``type`` (an ftype such as "Q4_K_M", "Q8_0", "F16"; "auto" =
     BF16 for a BF16 checkpoint, else F16; FP8 checkpoints are dequantized as llama.cpp's converter does).
     ``output`` None: ``<checkpoint dir>/<name>-<TYPE>.gguf`` (for a repo id, in the current directory). Only
-    headers are read (and, for a repo id not cached yet, the files conversion needs downloaded)."""
+    headers are read (and, for a repo id not cached yet, the files conversion needs downloaded).
+    ``allow_requantize``: convert tensors the checkpoint holds quantized (gpt-oss's MXFP4 experts) to other types,
+    as llama-quantize --allow-requantize (otherwise refused)."""
     from .hf.hub import resolve_model
     from .hf.source import open_hf_source
     from .pipeline import policy as P
@@ -125,7 +128,7 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
         if type_name == "AUTO":
             type_name = src.auto_type()
         ftype = P.parse_ftype(type_name)
-        cfg = _config(ftype, options or QuantizeOptions())
+        cfg = _config(ftype, options or QuantizeOptions(), allow_requantize=allow_requantize)
         cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
         plan = make_plan(src, cfg)
         out_dir = ck.directory if repo_id is None else os.curdir   # never into the Hub's cache
@@ -140,13 +143,14 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
 def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *, type: str = "auto",
             name: str | None = None, vocab_only: bool = False, options: QuantizeOptions | None = None,
             threads: int | None = None, stats: bool = False, overwrite: bool = False,
-            progress: Progress | None = None, revision: str | None = None) -> Summary:
+            progress: Progress | None = None, revision: str | None = None,
+            allow_requantize: bool = False) -> Summary:
     """Convert a Hugging Face checkpoint to GGUF in one step (see plan_convert and Job.run for the arguments).
 
     The file equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
     llama-quantize TYPE: the same metadata (but the descriptive general.* keys) and byte-identical tensors."""
     with plan_convert(model, output, type=type, name=name, vocab_only=vocab_only, options=options,
-                      revision=revision) as job:
+                      revision=revision, allow_requantize=allow_requantize) as job:
         return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
 
 

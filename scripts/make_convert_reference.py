@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--python", required=True, help="a Python with torch and transformers")
     ap.add_argument("--outtype", default=None, help="f32 / bf16 (default: bf16 for a BF16 checkpoint, else f32)")
     ap.add_argument("--types", nargs="*", default=DEFAULT_TYPES)
+    ap.add_argument("--allow-requantize", action="store_true",
+                    help="llama-quantize --allow-requantize (a checkpoint with quantized tensors: gpt-oss's MXFP4)")
     ap.add_argument("--keep", default=None, help="folder to keep the reference GGUF files in")
     args = ap.parse_args()
 
@@ -103,9 +105,11 @@ def main() -> None:
               "made_by": "convert_hf_to_gguf.py (llama.cpp vendored by llama-cpp-python 0.3.36, transformers "
                          "5.x) then llama_model_quantize (llama-cpp-python 0.3.36)",
               "convert": file_digest(conv), "quantized": {}}
+    if args.allow_requantize:
+        result["allow_requantize"] = True
     for t in args.types:
         q = os.path.join(tmp, f"{args.name}-{t}.gguf")
-        llama_quantize_lib(conv, q, t)
+        llama_quantize_lib(conv, q, t, allow_requantize=args.allow_requantize)
         result["quantized"][t] = file_digest(q)
         if not args.keep:
             os.remove(q)

@@ -91,7 +91,7 @@ def test_tensor_names_match_gguf_py_mapping():
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(ConvertError, match="unsupported architecture 'GPT2LMHeadModel'; supported: "
                                            "DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, "
-                                           "Gemma2ForCausalLM, Gemma3ForCausalLM, LLaMAForCausalLM, "
+                                           "Gemma2ForCausalLM, Gemma3ForCausalLM, GptOssForCausalLM, LLaMAForCausalLM, "
                                            "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
                                            "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM$"):
         A.arch_for_config({"architectures": ["GPT2LMHeadModel"]})

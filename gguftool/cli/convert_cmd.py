@@ -51,6 +51,9 @@ def _print_model(src) -> None:
                                                 "(default: main).")
 @click.option("--name", metavar="NAME", help="general.name (default: the checkpoint folder's name, or the repo id).")
 @policy_options
+@click.option("--allow-requantize", is_flag=True,
+              help="Convert tensors the checkpoint holds quantized (gpt-oss's MXFP4 experts) to other types, as "
+                   "llama-quantize --allow-requantize.")
 @click.option("--vocab-only", is_flag=True, help="Write only the metadata and tokenizer, no tensors.")
 @click.option("--dry-run", is_flag=True, help="Print the architecture, hyperparameters, tokenizer and the "
                                               "per-tensor plan with sizes; read only headers, write nothing.")
@@ -59,7 +62,7 @@ def _print_model(src) -> None:
 @threads_option
 @force_option
 @report_errors
-def command(model, type_, outfile, revision, name, vocab_only, dry_run, stats, split_max_size, split_max_tensors, threads, force,
+def command(model, type_, outfile, revision, name, allow_requantize, vocab_only, dry_run, stats, split_max_size, split_max_tensors, threads, force,
             **policy):
     """Convert the Hugging Face checkpoint MODEL (a .safetensors file or its folder, with config.json and
     tokenizer files; sharded checkpoints through model.safetensors.index.json) to GGUF.
@@ -79,14 +82,16 @@ def command(model, type_, outfile, revision, name, vocab_only, dry_run, stats, s
     Architectures: LlamaForCausalLM (Llama 1-3, with Llama 3 rope scaling), MistralForCausalLM,
     MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM,
     Gemma3ForCausalLM, Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4; LongRoPE factors), DeepseekV2ForCausalLM,
-    DeepseekV3ForCausalLM (DeepSeek-V2/V3, Kimi-K2 with a tokenizer.json; multi-head latent attention).
+    DeepseekV3ForCausalLM (DeepSeek-V2/V3, Kimi-K2 with a tokenizer.json; multi-head latent attention),
+    GptOssForCausalLM (MXFP4 experts kept as they are: --type MXFP4_MOE, or --allow-requantize for other types).
+
     """
     from .. import api
     from ..outfile import check_outputs
 
     options = api.QuantizeOptions(split_max_size=split_max_size, split_max_tensors=split_max_tensors, **policy)
     with api.plan_convert(model, outfile, type=type_, name=name, vocab_only=vocab_only, options=options,
-                          revision=revision) as job:
+                          revision=revision, allow_requantize=allow_requantize) as job:
         if not dry_run:
             check_outputs(job.output_paths(), job.inputs, overwrite=force)
         for w in job.warnings:

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import ConvertError
 from ..gguf.constants import GGUFValueType
 from ..gguf.values import KV
+from .gptoss import GptOssExperts
 from .schema import U32_MAX, Bool, Int, ListOf, Num, Obj, Str, checked, show
 
 
@@ -510,6 +511,14 @@ def _deepseek2_params(arch: "Arch", hp: dict, kv: KVList) -> None:
         kv.f32(f"{a}.rope.scaling.yarn_log_multiplier", 0.1 * mscale_all)
 
 
+def _gptoss_params(arch: "Arch", hp: dict, kv: KVList) -> None:
+    # GptOssModel.set_gguf_parameters (conversion/gpt_oss.py): the TextModel keys, the sliding window (llama.cpp
+    # alternates sliding / full layers itself: the layer_types list is not written), the expert FFN width
+    _text_model_params(arch, hp, kv)
+    kv.u32(f"{arch.gguf_arch}.attention.sliding_window", hp["sliding_window"])
+    kv.u32(f"{arch.gguf_arch}.expert_feed_forward_length", hp["intermediate_size"])
+
+
 # --- tensor name tables (gguf-py tensor_mapping for each architecture)
 _COMMON_TENSORS = {
     "model.embed_tokens": "token_embd",
@@ -552,6 +561,10 @@ PHI3_TENSORS = {
     "model.layers.{bid}.mlp.gate_up_proj": "blk.{bid}.ffn_up",     # gate and up stacked: llama.cpp splits it
     "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
 }
+GPTOSS_TENSORS = {**_COMMON_TENSORS,
+                  "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.post_attention_norm",
+                  "model.layers.{bid}.self_attn.sinks": "blk.{bid}.attn_sinks",   # written as attn_sinks.weight
+                  "model.layers.{bid}.mlp.router": "blk.{bid}.ffn_gate_inp"}
 MIXTRAL_TENSORS = {**LLAMA_TENSORS, "model.layers.{bid}.block_sparse_moe.gate": "blk.{bid}.ffn_gate_inp"}
 QWEN3MOE_TENSORS = {**QWEN3_TENSORS, "model.layers.{bid}.mlp.gate": "blk.{bid}.ffn_gate_inp"}
 
@@ -626,6 +639,7 @@ class Arch:
     mla: bool = False                      # DeepSeek-V2/V3: kv_b_proj split into attn_k_b (transposed) / attn_v_b;
     #                                        layers past num_hidden_layers (multi-token prediction) and a tied
     #                                        lm_head are dropped; first_k_dense_replace dense layers, then MoE
+    fused_experts: Callable[..., GptOssExperts] | None = None  # gpt-oss: fused (and MXFP4) expert tensors
 
     def map_name(self, hf_name: str) -> str | None:
         """GGUF name for an HF tensor name, or None when the table has no entry."""
@@ -747,6 +761,14 @@ DEEPSEEK3 = _register(Arch(
                   norm_topk_prob=True, moe_intermediate_size=2048, n_group=8, topk_group=4, num_experts_per_tok=8),
     tensors=DEEPSEEK2_TENSORS, params=_deepseek2_params, post_config=_deepseek2_post, vocab="deepseek",
     experts=QWEN_MOE_EXPERTS, aliases={"num_local_experts": "n_routed_experts"}, mla=True))
+
+GPTOSS = _register(Arch(
+    name="gpt-oss", hf_names=("GptOssForCausalLM",), gguf_arch="gpt-oss",
+    defaults=dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                  num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128,
+                  num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False),
+    tensors=GPTOSS_TENSORS, params=_gptoss_params, vocab="gpt2", fused_experts=GptOssExperts))
 
 
 def supported_names() -> list[str]:

@@ -67,7 +67,7 @@ _UNSUPPORTED = {
     "awq": "convert the BF16 release of the model instead",
     "bitnet": "convert the BF16 release of the model instead",
     "bitsandbytes": "convert the BF16 release of the model instead",
-    "mxfp4": "gpt-oss MXFP4 checkpoints are not supported yet",
+    "mxfp4": "gguftool reads MXFP4 checkpoints of gpt-oss (GptOssForCausalLM) only",
 }
 
 

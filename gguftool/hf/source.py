@@ -27,6 +27,7 @@ from ..pipeline.source import SourceTensor, TensorSource
 from . import archs as A
 from .checkpoint import SUPPORTED_DTYPES, Checkpoint, SafetensorsTensor, widen_compute, widen_f32
 from .prequant import Prequant, ScaledWeight, find_prequantized
+from .gptoss import MXFP4_FTYPE, is_mxfp4
 from .vocab import VocabInfo, gemma3_vocab_rows, tokenizer_files, vocab_kvs
 
 GGML_QUANT_VERSION = 2
@@ -376,13 +377,15 @@ def _required(arch: A.Arch, n_layers: int, hp: dict) -> list[str]:
     attn = ["attn_qkv"] if arch.fused_qkv_ffn else ["attn_q", "attn_k", "attn_v"]
     if arch.fused_qkv_ffn:
         ffn = ["ffn_up", "ffn_down"]
-    elif arch.experts is not None:
+    elif arch.experts is not None or arch.fused_experts is not None:
         ffn = ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
     else:
         ffn = ["ffn_gate", "ffn_up", "ffn_down"]
     per_layer = ["attn_norm", *attn, "attn_output", *ffn, "ffn_norm"]
     if arch.gguf_arch in ("gemma2", "gemma3"):
         per_layer += ["post_attention_norm", "post_ffw_norm"]
+    if arch.fused_experts is not None:   # gpt-oss: attention sinks, post_attention_norm instead of ffn_norm
+        per_layer = [p for p in per_layer if p != "ffn_norm"] + ["post_attention_norm", "attn_sinks"]
     names = ["token_embd.weight", "output_norm.weight"]
     for b in range(n_layers):
         names += [f"blk.{b}.{p}.weight" for p in per_layer]
@@ -404,9 +407,10 @@ def open_hf_source(path: str | os.PathLike, outtype: str = "auto", name: str | N
         raise
 
 
-def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[str, str, object]]:
+def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant, out_type: GGMLType) -> list[tuple[str, str, object]]:
     """Pass 1, headers only: every checkpoint tensor the converter writes as (GGUF name, HF name, its
-    SafetensorsTensor or, for a MoE projection, {(proj, expert): SafetensorsTensor}), in llama.cpp's order.
+    SafetensorsTensor or, for a MoE projection, {(proj, expert): SafetensorsTensor}, or for gpt-oss's fused
+    experts the SourceTensor itself), in llama.cpp's order.
 
     Checks the sizes config.json claims (layers, vocabulary, widths, experts) against the tensors actually present
     before anything proportional to those sizes is built, so a lying config.json costs nothing.
@@ -419,6 +423,7 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[s
     layout = arch.experts
     n_expert = A.expert_count(hp) if layout else None
     pending: dict[int, dict[tuple[str, int], SafetensorsTensor]] = {}   # MoE layer -> its expert tensors so far
+    fused = arch.fused_experts(hp, out_type) if arch.fused_experts is not None else None
     for hf_name, st in ck.tensors.items():
         fname = _filtered_name(hf_name)
         if fname is None or fname.endswith(A.SKIPPED_SUFFIXES) or (arch.skip_lm_head and fname == "lm_head.weight"):
@@ -431,6 +436,19 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[s
             m = re.match(r"model\.layers\.(\d+)", fname)
             if m and int(m.group(1)) >= n_layers:
                 continue
+        if fused is not None:
+            got = fused.take(fname, st)
+            if got is not None:
+                bid = int(fname.split(".")[2])
+                if bid >= n_layers:
+                    raise ConvertError(f"tensor {hf_name!r}: layer {bid} but config.json num_hidden_layers is "
+                                       f"{n_layers}")
+                layers.add(bid)
+                for gname, t in got:
+                    entries.append((gname, hf_name, t))
+                    seen[gname] = hf_name
+                continue
+            fname = fused.rename(fname)
         if st.dtype not in SUPPORTED_DTYPES:
             raise ConvertError(f"{st.file.path}: tensor {hf_name!r} has dtype {st.dtype}, which gguftool cannot "
                                f"convert (supported: {', '.join(sorted(SUPPORTED_DTYPES))})")
@@ -480,6 +498,10 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[s
                                        f"{list(want)}")
                 break
         entries.append((gname, hf_name, st))
+    if fused is not None:   # gpt-oss's repacked MXFP4 experts: generate_extra_tensors writes them first
+        front = fused.finish()
+        seen.update((gname, "") for gname, _ in front)
+        entries = [(gname, "", t) for gname, t in front] + entries
     for bid, group in sorted(pending.items()):
         raise ConvertError(f"layer {bid} has {len(group)} of its {3 * n_expert} expert tensors "
                            f"({n_expert} experts x 3 projections)")
@@ -496,13 +518,14 @@ def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant) -> list[tuple[s
 def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> HFSource:
     arch = A.arch_for_config(ck.config)
     hp = A.normalized_config(arch, ck.config)
-    pq = find_prequantized(ck)
+    # gpt-oss's MXFP4 experts are repacked, not dequantized (hf.gptoss): no scale convention applies to them
+    pq = Prequant(None) if arch.fused_experts is not None and is_mxfp4(ck.config) else find_prequantized(ck)
     if outtype == "auto":   # dequantized FP8 weights are exact in float32 only
         outtype = "bf16" if ck.dominant_dtype() == "BF16" and not pq.active else "f32"
     if outtype not in _OUT_TYPE:
         raise ConvertError(f"unknown outtype {outtype!r}")
     out_type = _OUT_TYPE[outtype]
-    entries = _index(ck, arch, hp, pq)
+    entries = _index(ck, arch, hp, pq, out_type)
 
     voc_kvs, vinfo = vocab_kvs(arch.vocab, ck.directory, hp)
     vocab_rows = gemma3_vocab_rows(ck.directory, hp) if arch.trim_vocab_rows else None
@@ -512,6 +535,9 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     early_kvs, generated = arch.generated(hp) if arch.generated is not None else ([], [])
     tensors.extend(GeneratedTensor(n, a) for n, a in generated)
     for gname, hf_name, st in entries:
+        if isinstance(st, SourceTensor):   # built by the architecture's fused_experts (gpt-oss)
+            tensors.append(st)
+            continue
         if isinstance(st, dict):   # a MoE projection: one tensor per expert, stacked
             parts = [HFTensor(gname, t, _stored_type(gname, t, 2, out_type, hf_name), scaled=pq.scaled.get(t.name))
                      for t in st.values()]
@@ -543,7 +569,9 @@ def _build(ck: Checkpoint, outtype: str, name: str | None, vocab_only: bool) -> 
     kv = A.KVList()
     kv.extend(metadata_kvs(arch, label, tensors, early_kvs))
     kv.extend(A.hyperparameters(arch, hp))
-    kv.u32("general.file_type", FTYPES[outtype.upper()].id)  # llama_ftype, as llama.cpp writes it
+    # llama_ftype, as llama.cpp writes it; an MXFP4 checkpoint (gpt-oss) is labelled MXFP4_MOE whatever the outtype
+    ftype = MXFP4_FTYPE if arch.fused_experts is not None and is_mxfp4(ck.config) else outtype.upper()
+    kv.u32("general.file_type", FTYPES[ftype].id)
     kv.u32("general.quantization_version", GGML_QUANT_VERSION)
     kv.extend(voc_kvs)
     src = HFSource(kvs=kv.items(), tensors=[] if vocab_only else tensors, checkpoint=ck, arch=arch, hparams=hp,
