@@ -79,9 +79,9 @@ def weight_error(x: np.ndarray, t: GGMLType, w: np.ndarray | None, threads: int 
 def tensor_weights(imatrix: Mapping[str, np.ndarray] | None, name: str, shape: tuple[int, ...],
                    expert: int = 0) -> np.ndarray | None:
     """The imatrix weights of one expert's (or a 2-D tensor's) columns, None when there are none."""
-    if imatrix is None or name not in imatrix:
+    w = imatrix.get(name) if imatrix is not None else None
+    if w is None:
         return None
-    w = imatrix[name]
     ne0 = shape[0]
     ne2 = shape[2] if len(shape) > 2 else 1
     if w.size != ne0 * ne2:
@@ -102,9 +102,10 @@ def fingerprint_tensors(slots: Sequence[TensorSlot], read_sample: Callable[[str]
 
 def fingerprint_imatrix(imatrix: Mapping[str, np.ndarray] | None) -> str:
     h = hashlib.sha256()
-    for name in sorted(imatrix or {}):
+    table = imatrix or {}
+    for name in sorted(table):
         h.update(name.encode())
-        h.update(np.ascontiguousarray(imatrix[name], dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(table[name], dtype=np.float32).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -291,7 +292,6 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     done = 0
     for slot in slots:
         x = read(slot.name)
-        ne0 = slot.shape[0]
         ne2 = slot.shape[2] if len(slot.shape) > 2 else 1
         rows_per_expert = x.shape[0] // ne2
         prev = known.tensors.get(slot.name) if known is not None else None

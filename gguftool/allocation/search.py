@@ -17,7 +17,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from ..gguf.reader import TensorInfo
 from ..gguf.values import KV, kv_f32, kv_str
 from ..gguf.writer import build_header
 from ..pipeline import policy as P
+from ..pipeline.plan import Plan
 from .candidates import TensorSlot, candidate_types
 from .measure import (AllocationError, KLDProbe, Sensitivities, fingerprint_imatrix, fingerprint_tensors, measure,
                       quantized_model)
@@ -134,7 +135,7 @@ class Allocation:
 # --- sizes
 
 
-def file_size(plan, alignment: int = 32) -> int:
+def file_size(plan: Plan, alignment: int = 32) -> int:
     """Bytes of the file a (single-file) plan writes: header with its metadata and tensor infos, then every
     tensor's data padded to the alignment."""
     infos = [TensorInfo(t.name, t.shape[:P.n_dims(t.shape)], t.new_type, 0, t.new_nbytes, t.n_elements)
@@ -143,7 +144,7 @@ def file_size(plan, alignment: int = 32) -> int:
     return len(header) + sum(padded(t.new_nbytes, alignment) for t in plan.tensors)
 
 
-def _alignment(plan) -> int:
+def _alignment(plan: Plan) -> int:
     for kv in plan.kvs:
         if kv.key == "general.alignment":
             return int(kv.value)
@@ -153,7 +154,7 @@ def _alignment(plan) -> int:
 # --- the job
 
 
-def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, GGMLType]]], object],
+def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, GGMLType]]], Plan],
              target: Target, imatrix: dict[str, np.ndarray] | None, *, threads: int | None = None,
              progress: Progress | None = None) -> Allocation:
     """Solve the allocation for ``target``. ``make_plan(ftype, extra_kvs, tensor_types)`` plans the source with a
@@ -173,7 +174,7 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
     if not stock_plans:
         raise AllocationError("no stock mix can be planned for this model")
 
-    def stock_measure(plan) -> float:
+    def stock_measure(plan: Plan) -> float:
         return file_size(plan) if target.size is not None else plan.out_bpw
 
     goal = float(target.size) if target.size is not None else float(target.bpw)  # type: ignore[arg-type]
@@ -219,7 +220,8 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
         budget = target.size - header - sum(padded(t.new_nbytes, align) for t in fixed)
         solve_align = align
     else:
-        budget = int(math.floor(target.bpw * sized.n_elements / 8.0)) - sum(t.new_nbytes for t in fixed)  # type: ignore[operator]
+        assert target.bpw is not None
+        budget = int(math.floor(target.bpw * sized.n_elements / 8.0)) - sum(t.new_nbytes for t in fixed)
         solve_align = 1
 
     # 4. sensitivities
