@@ -60,6 +60,7 @@ class QuantizeOptions:
     sensitivities: str | os.PathLike[str] | None = None  # cache of the measurements, reused for other targets
     calib_ctx: int = 128                             # tokens per calibration chunk
     calib_chunks: int = 4                            # calibration chunks
+    probe: str = "tensor"                            # sensitivities: one forward pass per "tensor" or per "layer"
 
     @property
     def has_target(self) -> bool:
@@ -260,7 +261,7 @@ def _allocate(src: TensorSource, reference: str | None, o: QuantizeOptions, orde
     target = Target(size=None if o.target_size is None else parse_size(o.target_size), bpw=o.target_bpw,
                     calib=None if o.calib is None else os.fspath(o.calib),
                     sensitivities=None if o.sensitivities is None else os.fspath(o.sensitivities),
-                    calib_ctx=o.calib_ctx, calib_chunks=o.calib_chunks, reference=reference)
+                    calib_ctx=o.calib_ctx, calib_chunks=o.calib_chunks, reference=reference, probe=o.probe)
     base = _config(P.FTYPES["Q8_0"], o, allow_requantize=allow_requantize)   # reads the imatrix once
 
     def plan_with(ftype: FileType, kvs: list, tensor_types: list) -> Plan:

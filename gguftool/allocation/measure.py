@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
@@ -281,14 +282,15 @@ def probe_type(slot: TensorSlot, errors: Mapping[str, float]) -> GGMLType:
 def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
             imatrix: Mapping[str, np.ndarray] | None, probe: KLDProbe | None, *, model_fp: str, imatrix_fp: str,
             threads: int | None = None, progress: ProgressFn | None = None,
-            known: Sensitivities | None = None) -> Sensitivities:
+            known: Sensitivities | None = None, mode: str = "tensor") -> Sensitivities:
     """The weight-error table for every slot and candidate, and (with a probe) the measured sensitivities.
 
     ``read(name)`` returns the tensor's float32 rows (n_rows, ne0). ``known``: an earlier table for the same
-    model and imatrix whose entries are reused (new candidate types are measured)."""
+    model, imatrix and calibration whose entries are reused (new candidate types are measured). ``mode``: how the
+    probes are grouped (see _probe_all)."""
     t0 = time.time()
     out: dict[str, TensorSensitivity] = {}
-    total = len(slots) * (2 if probe is not None else 1)
+    total = len(slots)
     done = 0
     for slot in slots:
         x = read(slot.name)
@@ -315,26 +317,82 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     if probe is None:
         sens.seconds = time.time() - t0
         return sens
-    for slot in slots:
-        ts = out[slot.name]
-        prev = known.tensors.get(slot.name) if known is not None and known.measured else None
-        if prev is not None and prev.probe is not None:
+    if known is not None and known.measured and all(
+            (p := known.tensors.get(sl.name)) is not None and p.probe is not None for sl in slots):
+        for slot in slots:   # the same model, imatrix, calibration and probe mode: the measurements stand
+            prev, ts = known.tensors[slot.name], out[slot.name]
             ts.probe, ts.probe_error, ts.probe_kld, ts.sensitivity = (prev.probe, prev.probe_error, prev.probe_kld,
                                                                       prev.sensitivity)
-        else:
-            pt = probe_type(slot, ts.errors)
-            x = read(slot.name)
-            e_full, y = _quantize_whole(x, slot, pt, imatrix, threads)
-            base = probe.base_weight(slot.name)
-            kld = probe.kld({slot.name: y.reshape(base.shape)})
-            ts.probe, ts.probe_error, ts.probe_kld = pt.name, e_full, kld
-            ts.sensitivity = kld / e_full if e_full > 0 else 0.0
-        done += 1
-        if progress:
-            progress("sensitivity", done, total)
+        sens.seconds, sens.info = known.seconds, dict(known.info)
+        return sens
+    _probe_all(slots, out, read, imatrix, probe, mode, threads, progress)
     sens.seconds = time.time() - t0
-    sens.info = {"calib_tokens": int(probe.tokens.size), "scored_tokens": int(probe.calib.n_scored)}
+    sens.info = {"calib_tokens": int(probe.tokens.size), "scored_tokens": int(probe.calib.n_scored),
+                 "probe": mode}
     return sens
+
+
+def _layer(name: str) -> int:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def _probe_all(slots: Sequence[TensorSlot], out: dict[str, TensorSensitivity], read, imatrix, probe: KLDProbe,
+               mode: str, threads, progress: ProgressFn | None) -> None:
+    """The forward-pass probes. ``mode`` "tensor": one pass per tensor (only it quantized). "layer": the tensors of
+    three reference layers (first, middle, last) and those outside the layers one by one; every other layer as a
+    whole (all its tensors quantized at once), its measured KLD shared among its tensors in the proportions the
+    reference layers show for each kind of tensor (interpolated over the layer index)."""
+    layer = {sl.name: _layer(sl.name) for sl in slots}
+    layers = sorted({v for v in layer.values() if v >= 0})
+    refs = set(layers) if mode == "tensor" or len(layers) <= 3 else \
+        {layers[0], layers[len(layers) // 2], layers[-1]}
+    single = [sl for sl in slots if layer[sl.name] < 0 or layer[sl.name] in refs]
+    groups: dict[int, list[TensorSlot]] = {}
+    for sl in slots:
+        if layer[sl.name] >= 0 and layer[sl.name] not in refs:
+            groups.setdefault(layer[sl.name], []).append(sl)
+
+    def quantized(sl: TensorSlot) -> np.ndarray:
+        ts = out[sl.name]
+        pt = probe_type(sl, ts.errors)
+        e_full, y = _quantize_whole(read(sl.name), sl, pt, imatrix, threads)
+        ts.probe, ts.probe_error = pt.name, e_full
+        return y.reshape(probe.base_weight(sl.name).shape)
+
+    n_probe = len(single) + len(groups)
+    done_p = 0
+    for sl in single:
+        ts = out[sl.name]
+        ts.probe_kld = probe.kld({sl.name: quantized(sl)})
+        ts.sensitivity = ts.probe_kld / ts.probe_error if ts.probe_error else 0.0
+        done_p += 1
+        if progress:
+            progress("sensitivity", done_p, n_probe)
+    # kind of tensor -> (layer, sensitivity) in the reference layers
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for sl in single:
+        if layer[sl.name] >= 0:
+            kinds.setdefault(_kind(sl.name), []).append((layer[sl.name], out[sl.name].sensitivity))
+    for il, members in sorted(groups.items()):
+        kld = probe.kld({sl.name: quantized(sl) for sl in members})
+        ratio = {}
+        for sl in members:
+            pts = sorted(kinds.get(_kind(sl.name), []))
+            ratio[sl.name] = float(np.interp(il, [p[0] for p in pts], [p[1] for p in pts])) if pts else 1.0
+        denom = sum(ratio[sl.name] * (out[sl.name].probe_error or 0.0) for sl in members)
+        for sl in members:
+            ts = out[sl.name]
+            ts.probe_kld = kld   # the whole layer's
+            ts.sensitivity = ratio[sl.name] * kld / denom if denom > 0 else 0.0
+        done_p += 1
+        if progress:
+            progress("sensitivity", done_p, n_probe)
+
+
+def _kind(name: str) -> str:
+    """'blk.7.attn_q.weight' -> 'attn_q.weight'."""
+    return re.sub(r"^blk\.\d+\.", "", name)
 
 
 def _quantize_whole(x: np.ndarray, slot: TensorSlot, t: GGMLType, imatrix, threads) -> tuple[float, np.ndarray]:

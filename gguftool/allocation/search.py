@@ -78,6 +78,7 @@ class Target:
     calib_ctx: int = 128
     calib_chunks: int = 4
     reference: str | None = None          # the stock mix to compare with (None: the nearest size)
+    probe: str = "tensor"                 # "tensor": one forward pass per tensor; "layer": per layer (cheaper)
 
     def __post_init__(self):
         if (self.size is None) == (self.bpw is None):
@@ -88,6 +89,8 @@ class Target:
             raise AllocationError(f"--calib-ctx {self.calib_ctx}: must be at least 8")
         if self.calib_chunks < 1:
             raise AllocationError(f"--calib-chunks {self.calib_chunks}: must be at least 1")
+        if self.probe not in ("tensor", "layer"):
+            raise AllocationError(f"--probe {self.probe!r}: expected tensor or layer")
 
 
 @dataclass
@@ -253,7 +256,7 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
                          f"measuring again")
             known = None
     sens = measure(slots, read, imatrix, probe, model_fp=model_fp, imatrix_fp=imatrix_fp, threads=threads,
-                   progress=progress, known=known)
+                   progress=progress, known=known, mode=target.probe)
     if target.sensitivities is not None:
         sens.save(target.sensitivities)
 
@@ -325,5 +328,5 @@ def _calib_tokens(source, target: Target) -> tuple[np.ndarray, int, str]:
     if tok.add_bos:
         chunks[:, 0] = tok.bos_id
     h = hashlib.sha256(chunks.tobytes())
-    h.update(f"{n_ctx}:{n}".encode())
+    h.update(f"{n_ctx}:{n}:{target.probe}".encode())
     return chunks, n_ctx // 4, h.hexdigest()[:32]

@@ -58,6 +58,9 @@ _POLICY_OPTIONS = [
                  help="Tokens per calibration chunk."),
     click.option("--calib-chunks", type=click.IntRange(min=1), default=4, show_default=True, metavar="N",
                  help="Calibration chunks (spread over the text)."),
+    click.option("--probe", type=click.Choice(["tensor", "layer"]), default="tensor", show_default=True,
+                 help="Sensitivity probes: one forward pass per tensor, or per layer (the first, middle and last "
+                      "layers tensor by tensor, their proportions shared out over the others: ~4x fewer passes)."),
 ]
 
 
