@@ -214,3 +214,49 @@ def test_solver_keeps_a_better_alternative_and_reports_infeasible():
     c = solve(slots, lambda n, t: table[(n, t)], budget, [{"a": T.Q4_K, "b": T.Q2_K}])
     assert c is not None and c.predicted == 0.0 and c.types == {"a": T.Q4_K, "b": T.Q2_K}
     assert solve(slots, lambda n, t: table[(n, t)], 10) is None
+
+
+class _FakeProbe:
+    """A model whose KL-divergence is exactly sum_t s_t * E_t over the quantized tensors (E: imatrix-free relative
+    squared error): what the probes should recover."""
+
+    def __init__(self, base, true_s):
+        self.base, self.true_s, self.calls = base, true_s, 0
+
+    def base_weight(self, name):
+        return self.base[name]
+
+    def kld(self, overrides):
+        self.calls += 1
+        total = 0.0
+        for n, y in overrides.items():
+            x = self.base[n].astype(np.float64)
+            total += self.true_s[n] * float(((y - x) ** 2).sum() / (x * x).sum())
+        return total
+
+
+@pytest.mark.parametrize("mode", ["tensor", "layer"])
+def test_probes_recover_the_sensitivities(mode):
+    from gguftool.allocation.measure import _probe_all, TensorSensitivity, weight_error
+
+    rng = np.random.default_rng(0)
+    n_layer, kinds = 7, ("attn_v.weight", "ffn_down.weight")
+    base, true_s, slots = {}, {}, []
+    for il in range(n_layer):
+        for k, kind in enumerate(kinds):
+            name = f"blk.{il}.{kind}"
+            base[name] = rng.standard_normal((8, 256)).astype(np.float32)
+            # a layer factor times a kind factor linear in the layer: what layer mode assumes
+            true_s[name] = (1.0 + 0.3 * il) * (2.0 + k * (1 + 0.1 * il))
+            slots.append(TensorSlot(name, (256, 8), T.Q4_K, (T.Q3_K, T.Q4_K)))
+    base["token_embd.weight"] = rng.standard_normal((8, 256)).astype(np.float32)
+    true_s["token_embd.weight"] = 5.0
+    slots.append(TensorSlot("token_embd.weight", (256, 8), T.Q6_K, (T.Q3_K, T.Q4_K, T.Q6_K)))
+    out = {s.name: TensorSensitivity({t.name: weight_error(base[s.name], t, None) for t in s.candidates})
+           for s in slots}
+    probe = _FakeProbe(base, true_s)
+    _probe_all(slots, out, lambda n: base[n], None, probe, mode, 1, None)
+    got = {n: ts.sensitivity for n, ts in out.items()}
+    assert probe.calls == (len(slots) if mode == "tensor" else 3 * len(kinds) + (n_layer - 3) + 1)
+    for n, s in true_s.items():
+        assert got[n] == pytest.approx(s, rel=1e-6 if mode == "tensor" else 0.05), n
