@@ -77,6 +77,7 @@ def test_target_size_fits_and_never_loses_to_the_stock_mix(tiny, tmp_path):
     assert a.chose_stock or any(written[n] != row.stock_type for n, row in zip(a.types, a.rows))
 
 
+@pytest.mark.slow
 def test_target_bpw_and_the_sensitivities_file_is_reused(tiny, tmp_path):
     cache = tmp_path / "sens.json"
     with gguftool.plan_quantize(tiny["f32"], None, dry_run=True,
@@ -100,6 +101,7 @@ def test_target_bpw_and_the_sensitivities_file_is_reused(tiny, tmp_path):
     assert Sensitivities.load(str(cache)).info["calib_tokens"] == 3 * 32
 
 
+@pytest.mark.slow
 def test_without_calibration_weight_error_only(tiny):
     size = tiny["stock"].stat().st_size
     with gguftool.plan_quantize(tiny["f32"], None, dry_run=True,
@@ -112,6 +114,7 @@ def test_without_calibration_weight_error_only(tiny):
         assert all(s.sensitivity == 1.0 for s in a.sensitivities.tensors.values())
 
 
+@pytest.mark.slow
 def test_cli_dry_run_prints_the_plan_beside_the_stock_mix(tiny):
     size = tiny["stock"].stat().st_size
     r = run_cli("quantize", str(tiny["f32"]), "--dry-run", "--target-size", str(size), "--imatrix",
