@@ -156,6 +156,7 @@ class KLDProbe:
         self.model = Model(self._base.cfg, self.overlay, n_threads=threads)
         self.tokens = tokens
         self.first = first
+        self.passes = 0
         logits = self._forward()
         log_p = _log_softmax(logits)
         self.calib = CalibSet(tokens, first, log_p, np.exp(log_p), fingerprint)
@@ -167,6 +168,7 @@ class KLDProbe:
         return self._store[name]
 
     def kld(self, overrides: Mapping[str, np.ndarray]) -> float:
+        self.passes += 1
         self.overlay.overrides = dict(overrides)
         try:
             return mean_kld(self.calib, self._forward())
@@ -288,7 +290,7 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     ``read(name)`` returns the tensor's float32 rows (n_rows, ne0). ``known``: an earlier table for the same
     model, imatrix and calibration whose entries are reused (new candidate types are measured). ``mode``: how the
     probes are grouped (see _probe_all)."""
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu()
     out: dict[str, TensorSensitivity] = {}
     total = len(slots)
     done = 0
@@ -328,8 +330,13 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     _probe_all(slots, out, read, imatrix, probe, mode, threads, progress)
     sens.seconds = time.time() - t0
     sens.info = {"calib_tokens": int(probe.tokens.size), "scored_tokens": int(probe.calib.n_scored),
-                 "probe": mode}
+                 "probe": mode, "cpu_seconds": round(_cpu() - c0, 1), "forward_passes": probe.passes}
     return sens
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _layer(name: str) -> int:
