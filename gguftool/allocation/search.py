@@ -76,9 +76,9 @@ class Target:
     calib: str | None = None              # calibration text for measured sensitivities
     sensitivities: str | None = None      # cache file: read when it fits, written otherwise
     calib_ctx: int = 128
-    calib_chunks: int = 4
+    calib_chunks: int = 2
     reference: str | None = None          # the stock mix to compare with (None: the nearest size)
-    probe: str = "tensor"                 # "tensor": one forward pass per tensor; "layer": per layer (cheaper)
+    probe: str = "layer"                  # "tensor": one forward pass per tensor; "layer": per layer (cheaper)
 
     def __post_init__(self):
         if (self.size is None) == (self.bpw is None):

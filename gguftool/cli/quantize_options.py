@@ -56,11 +56,11 @@ _POLICY_OPTIONS = [
                       "calibration, written otherwise; reuse it for other targets."),
     click.option("--calib-ctx", type=click.IntRange(min=8), default=128, show_default=True, metavar="N",
                  help="Tokens per calibration chunk."),
-    click.option("--calib-chunks", type=click.IntRange(min=1), default=4, show_default=True, metavar="N",
+    click.option("--calib-chunks", type=click.IntRange(min=1), default=2, show_default=True, metavar="N",
                  help="Calibration chunks (spread over the text)."),
-    click.option("--probe", type=click.Choice(["tensor", "layer"]), default="tensor", show_default=True,
-                 help="Sensitivity probes: one forward pass per tensor, or per layer (the first, middle and last "
-                      "layers tensor by tensor, their proportions shared out over the others: ~4x fewer passes)."),
+    click.option("--probe", type=click.Choice(["tensor", "layer"]), default="layer", show_default=True,
+                 help="Sensitivity probes: per layer (the first, middle and last layers tensor by tensor, their "
+                      "proportions shared out over the others), or one forward pass per tensor (~4x the passes)."),
 ]
 
 
