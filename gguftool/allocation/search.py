@@ -40,9 +40,9 @@ KEY_TARGET_BPW = "quantize.target.bpw"
 KEY_TARGET_METHOD = "quantize.target.method"
 KEY_TARGET_REFERENCE = "quantize.target.reference"  # the stock mix compared with (and its measured KLD)
 
-METHOD_MEASURED = ("gguftool per-tensor allocation: KLD of the model with one tensor quantized (calibration text) "
-                   "x imatrix-weighted weight error per type, knapsack within the target, checked on the whole "
-                   "model against the stock mix")
+METHOD_MEASURED = ("gguftool per-tensor allocation: KLD of the model with one {probe} quantized (calibration "
+                   "text) x imatrix-weighted weight error per type, knapsack within the target, checked on the "
+                   "whole model against the stock mix")
 METHOD_WEIGHTS = ("gguftool per-tensor allocation: imatrix-weighted weight error per type (no calibration text), "
                   "knapsack within the target, compared with the stock mix")
 
@@ -208,7 +208,7 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
     stock_types = {s.name: s.stock for s in slots}
 
     # 3. the metadata recorded in the file (its size enters the budget)
-    kvs = [kv_str(KEY_TARGET_METHOD, METHOD_MEASURED if target.calib else METHOD_WEIGHTS),
+    kvs = [kv_str(KEY_TARGET_METHOD, METHOD_MEASURED.format(probe=target.probe) if target.calib else METHOD_WEIGHTS),
            kv_str(KEY_TARGET_REFERENCE, ref)]
     if target.size is not None:
         kvs.insert(0, kv_str(KEY_TARGET_SIZE, str(target.size)))
