@@ -23,6 +23,7 @@ from .tools.edit import EditResult, edit_file
 
 if TYPE_CHECKING:
     from .gguf.constants import GGMLType
+    from .allocation.search import Allocation
     from .pipeline.execute import Summary
     from .pipeline.plan import Plan, QuantizeConfig
     from .pipeline.policy import FileType, TensorPlan
@@ -33,6 +34,8 @@ __all__ = ["QuantizeOptions", "Job", "plan_convert", "convert", "plan_quantize",
 
 # progress(n, tensor): n source bytes of the tensor were just processed
 Progress = Callable[[int, "TensorPlan"], None]
+# search_progress(phase, done, total): the target-size allocation's measurements
+SearchProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,18 @@ class QuantizeOptions:
     override_kv: Sequence[str] = ()                  # "KEY=TYPE:VALUE" metadata set in the output
     split_max_size: str | int | None = None          # split the output: bytes of tensor data, or "40G" / "500M"
     split_max_tensors: int | None = None             # split the output: tensors per file
+    # per-tensor allocation for a target (gguftool.allocation); the type is then the stock mix compared with
+    target_size: str | int | None = None             # file size: bytes or "1.2G" / "500M" (decimal units)
+    target_bpw: float | None = None                  # bits per weight of the tensor data
+    calib: str | os.PathLike[str] | None = None      # calibration text: measured (KL-divergence) sensitivities
+    sensitivities: str | os.PathLike[str] | None = None  # cache of the measurements, reused for other targets
+    calib_ctx: int = 128                             # tokens per calibration chunk
+    calib_chunks: int = 2                            # calibration chunks
+    probe: str = "layer"                             # sensitivities: one forward pass per "tensor" or per "layer"
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_size is not None or self.target_bpw is not None
 
 
 @dataclass
@@ -63,11 +78,12 @@ class Job:
     inputs: list[str]                    # every file the job reads: the output must be none of them
     _close: Callable[[], None] = field(repr=False)
     source_warnings: list[str] = field(default_factory=list)   # what reading the source found worth telling
+    allocation: Allocation | None = None   # --target-size / --target-bpw: the chosen mix and its figures
 
     @property
     def warnings(self) -> list[str]:
         """What the source and the plan found worth telling (fallback types, vocabulary oddities ...)."""
-        return self.source_warnings + self.plan.warnings
+        return self.source_warnings + self.plan.warnings + (self.allocation.notes if self.allocation else [])
 
     def output_paths(self) -> list[str]:
         """Every file run() writes (several for a split output)."""
@@ -105,15 +121,18 @@ class Job:
 def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
                  type: str = "auto", name: str | None = None, vocab_only: bool = False,
                  options: QuantizeOptions | None = None, revision: str | None = None,
-                 allow_requantize: bool = False) -> Job:
+                 allow_requantize: bool = False, threads: int | None = None,
+                 search_progress: SearchProgress | None = None) -> Job:
     """Plan converting the Hugging Face checkpoint ``model`` (a .safetensors file or its folder, with config.json
     and tokenizer files; or, when no such path exists, a Hub repo id such as "Qwen/Qwen3-0.6B" at ``revision``,
     fetched through huggingface_hub's cache) to GGUF at ``type`` (an ftype such as "Q4_K_M", "Q8_0", "F16"; "auto" =
     BF16 for a BF16 checkpoint, else F16; FP8 checkpoints are dequantized as llama.cpp's converter does).
     ``output`` None: ``<checkpoint dir>/<name>-<TYPE>.gguf`` (for a repo id, in the current directory). Only
-    headers are read (and, for a repo id not cached yet, the files conversion needs downloaded).
-    ``allow_requantize``: convert tensors the checkpoint holds quantized (gpt-oss's MXFP4 experts) to other types,
-    as llama-quantize --allow-requantize (otherwise refused)."""
+    headers are read (and, for a repo id not cached yet, the files conversion needs downloaded), except with a
+    target size (``options.target_size`` / ``target_bpw``): the allocation measures the model first (``threads``,
+    ``search_progress(phase, done, total)``), and ``type`` then names the stock mix compared with ("auto": the
+    nearest size). ``allow_requantize``: convert tensors the checkpoint holds quantized (gpt-oss's MXFP4 experts)
+    to other types, as llama-quantize --allow-requantize (otherwise refused)."""
     from .hf.hub import resolve_model
     from .hf.source import open_hf_source
     from .pipeline import policy as P
@@ -124,17 +143,25 @@ def plan_convert(model: str | os.PathLike[str], output: str | os.PathLike[str] |
     ck, vocab = src.checkpoint, src.vocab
     assert ck is not None and vocab is not None    # open_hf_source sets both
     try:
+        o = options or QuantizeOptions()
         type_name = type.strip().upper()
-        if type_name == "AUTO":
-            type_name = src.auto_type()
-        ftype = P.parse_ftype(type_name)
-        cfg = _config(ftype, options or QuantizeOptions(), allow_requantize=allow_requantize)
-        cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
-        plan = make_plan(src, cfg)
+        alloc = None
+        if o.has_target:
+            alloc, cfg = _allocate(src, None if type_name == "AUTO" else type_name, o, "convert", allow_requantize,
+                                   False, threads, search_progress)
+            ftype = alloc.ftype
+            plan = make_plan(src, cfg)
+        else:
+            if type_name == "AUTO":
+                type_name = src.auto_type()
+            ftype = P.parse_ftype(type_name)
+            cfg = _config(ftype, o, allow_requantize=allow_requantize)
+            cfg.order = "convert"    # F32/F16/BF16/Q8_0 in convert_hf_to_gguf.py's tensor order
+            plan = make_plan(src, cfg)
         out_dir = ck.directory if repo_id is None else os.curdir   # never into the Hub's cache
         out = os.fspath(output) if output is not None else _default_outfile(src.name, out_dir, ftype.name)
         inputs = src.input_files() + _option_files(options)
-        return Job(src, plan, ftype, out, inputs, src.close, source_warnings=list(vocab.warnings))
+        return Job(src, plan, ftype, out, inputs, src.close, source_warnings=list(vocab.warnings), allocation=alloc)
     except BaseException:
         src.close()
         raise
@@ -144,13 +171,14 @@ def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None
             name: str | None = None, vocab_only: bool = False, options: QuantizeOptions | None = None,
             threads: int | None = None, stats: bool = False, overwrite: bool = False,
             progress: Progress | None = None, revision: str | None = None,
-            allow_requantize: bool = False) -> Summary:
+            allow_requantize: bool = False, search_progress: SearchProgress | None = None) -> Summary:
     """Convert a Hugging Face checkpoint to GGUF in one step (see plan_convert and Job.run for the arguments).
 
     The file equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
     llama-quantize TYPE: the same metadata (but the descriptive general.* keys) and byte-identical tensors."""
     with plan_convert(model, output, type=type, name=name, vocab_only=vocab_only, options=options,
-                      revision=revision, allow_requantize=allow_requantize) as job:
+                      revision=revision, allow_requantize=allow_requantize, threads=threads,
+                      search_progress=search_progress) as job:
         return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
 
 
@@ -162,38 +190,52 @@ def _default_outfile(name: str, directory: str | os.PathLike[str], type_name: st
 # --- quantize: GGUF -> GGUF
 
 
-def plan_quantize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *, type: str,
-                  allow_requantize: bool = False, keep_split: bool = False, dry_run: bool = False,
-                  options: QuantizeOptions | None = None) -> Job:
+def plan_quantize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
+                  type: str | None = None, allow_requantize: bool = False, keep_split: bool = False,
+                  dry_run: bool = False, options: QuantizeOptions | None = None, threads: int | None = None,
+                  search_progress: SearchProgress | None = None) -> Job:
     """Plan quantizing the GGUF file ``input`` (the first file of a split model opens all its splits) with
     llama-quantize's per-tensor mix for ``type``. ``allow_requantize``: accept quantized input tensors
     (dequantized first); ``keep_split``: one output file per input split, as llama-quantize --keep-split;
-    ``dry_run``: a plan for looking at only (``output`` may be None)."""
+    ``dry_run``: a plan for looking at only (``output`` may be None). With a target size (``options.target_size``
+    / ``target_bpw``) the allocation measures the model first (``threads``, ``search_progress(phase, done,
+    total)``) and ``type``, optional then, names the stock mix compared with (None: the nearest size)."""
     from .gguf.source import open_gguf_source
     from .pipeline import policy as P
     from .pipeline.plan import make_plan
 
-    ftype = P.parse_ftype(type)
+    o = options or QuantizeOptions()
+    if type is None and not o.has_target:
+        raise PolicyError("no quantization type given (--type, or --target-size / --target-bpw)")
+    ftype = P.parse_ftype(type) if type is not None else None
     src = open_gguf_source(input)
     try:
-        cfg = _config(ftype, options or QuantizeOptions(), allow_requantize=allow_requantize)
+        alloc = None
+        if o.has_target:
+            if keep_split:
+                raise PolicyError("--keep-split cannot be combined with --target-size / --target-bpw")
+            alloc, cfg = _allocate(src, type, o, "llama", allow_requantize, dry_run, threads, search_progress)
+            ftype = alloc.ftype
+        else:
+            assert ftype is not None
+            cfg = _config(ftype, o, allow_requantize=allow_requantize)
         cfg.keep_split = keep_split
         plan = make_plan(src, cfg, dry_run=dry_run)
         out = os.fspath(output) if output is not None else None
-        return Job(src, plan, ftype, out, src.input_files() + _option_files(options), src.close)
+        return Job(src, plan, ftype, out, src.input_files() + _option_files(options), src.close, allocation=alloc)
     except BaseException:
         src.close()
         raise
 
 
-def quantize_file(input: str | os.PathLike[str], output: str | os.PathLike[str], *, type: str,
+def quantize_file(input: str | os.PathLike[str], output: str | os.PathLike[str], *, type: str | None = None,
                   allow_requantize: bool = False, keep_split: bool = False, options: QuantizeOptions | None = None,
                   threads: int | None = None, stats: bool = False, overwrite: bool = False,
-                  progress: Progress | None = None) -> Summary:
+                  progress: Progress | None = None, search_progress: SearchProgress | None = None) -> Summary:
     """Quantize a GGUF file (see plan_quantize and Job.run for the arguments); the tensors written are
     byte-identical to llama-quantize's for the same input and options."""
     with plan_quantize(input, output, type=type, allow_requantize=allow_requantize, keep_split=keep_split,
-                       options=options) as job:
+                       options=options, threads=threads, search_progress=search_progress) as job:
         return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
 
 
@@ -206,7 +248,46 @@ def quantize_file(input: str | os.PathLike[str], output: str | os.PathLike[str],
 def _option_files(options: QuantizeOptions | None) -> list[str]:
     if options is None:
         return []
-    return [os.fspath(p) for p in (options.imatrix, options.tensor_type_file) if p is not None]
+    return [os.fspath(p) for p in (options.imatrix, options.tensor_type_file, options.calib, options.sensitivities)
+            if p is not None]
+
+
+def _allocate(src: TensorSource, reference: str | None, o: QuantizeOptions, order: str, allow_requantize: bool,
+              dry_run: bool, threads: int | None, progress: SearchProgress | None) -> tuple[Allocation, QuantizeConfig]:
+    """The per-tensor allocation for o's target, and the pipeline configuration that writes it."""
+    from .allocation.search import Target, allocate, parse_size
+    from .pipeline import policy as P
+    from .pipeline.plan import make_plan
+
+    if o.target_size is not None and o.target_bpw is not None:
+        raise PolicyError("--target-size and --target-bpw cannot be used together")
+    if o.pure or o.tensor_types or o.tensor_type_file or o.output_tensor_type or o.token_embedding_type:
+        raise PolicyError("--target-size / --target-bpw choose every tensor's type: they cannot be combined with "
+                          "--pure, --tensor-type(-file), --output-tensor-type or --token-embedding-type")
+    if o.imatrix is None:
+        raise PolicyError("--target-size / --target-bpw need an importance matrix (--imatrix)")
+    if o.split_max_size is not None or o.split_max_tensors is not None:
+        raise PolicyError("--target-size / --target-bpw write one file (no --split-max-size / --split-max-tensors)")
+    target = Target(size=None if o.target_size is None else parse_size(o.target_size), bpw=o.target_bpw,
+                    calib=None if o.calib is None else os.fspath(o.calib),
+                    sensitivities=None if o.sensitivities is None else os.fspath(o.sensitivities),
+                    calib_ctx=o.calib_ctx, calib_chunks=o.calib_chunks, reference=reference, probe=o.probe)
+    base = _config(P.FTYPES["Q8_0"], o, allow_requantize=allow_requantize)   # reads the imatrix once
+
+    def plan_with(ftype: FileType, kvs: list, tensor_types: list) -> Plan:
+        cfg = _with(base, ftype, kvs, tensor_types, order)
+        return make_plan(src, cfg, dry_run=dry_run)
+
+    weights = plan_with(P.FTYPES["Q8_0"], [], []).imatrix
+    alloc = allocate(src, plan_with, target, weights, threads=threads, progress=progress)
+    return alloc, _with(base, alloc.ftype, alloc.kvs, alloc.tensor_types(), order)
+
+
+def _with(base: QuantizeConfig, ftype: FileType, kvs: list, tensor_types: list, order: str) -> QuantizeConfig:
+    import dataclasses
+
+    return dataclasses.replace(base, ftype=ftype, kv_overrides=list(base.kv_overrides) + list(kvs),
+                               tensor_types=list(tensor_types), order=order)
 
 
 def _config(ftype: FileType, o: QuantizeOptions, allow_requantize: bool = False) -> QuantizeConfig:

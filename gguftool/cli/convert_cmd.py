@@ -10,8 +10,8 @@ from __future__ import annotations
 import click
 
 from .common import force_option, output_option, report_errors, threads_option
-from .quantize_options import (TYPES_HELP, policy_options, print_plan, print_summary, run_with_progress,
-                               split_options, warn)
+from .quantize_options import (TYPES_HELP, SearchBar, policy_options, print_allocation, print_plan, print_summary,
+                               run_with_progress, split_options, warn)
 
 
 def _print_model(src) -> None:
@@ -62,8 +62,8 @@ def _print_model(src) -> None:
 @threads_option
 @force_option
 @report_errors
-def command(model, type_, outfile, revision, name, allow_requantize, vocab_only, dry_run, stats, split_max_size, split_max_tensors, threads, force,
-            **policy):
+def command(model, type_, outfile, revision, name, allow_requantize, vocab_only, dry_run, stats, split_max_size,
+            split_max_tensors, threads, force, **policy):
     """Convert the Hugging Face checkpoint MODEL (a .safetensors file or its folder, with config.json and
     tokenizer files; sharded checkpoints through model.safetensors.index.json) to GGUF.
 
@@ -90,15 +90,23 @@ def command(model, type_, outfile, revision, name, allow_requantize, vocab_only,
     from ..outfile import check_outputs
 
     options = api.QuantizeOptions(split_max_size=split_max_size, split_max_tensors=split_max_tensors, **policy)
-    with api.plan_convert(model, outfile, type=type_, name=name, vocab_only=vocab_only, options=options,
-                          revision=revision, allow_requantize=allow_requantize) as job:
+    bar = SearchBar()
+    try:
+        job = api.plan_convert(model, outfile, type=type_, name=name, vocab_only=vocab_only, options=options,
+                               revision=revision, allow_requantize=allow_requantize, threads=threads,
+                               search_progress=bar)
+    finally:
+        bar.close()
+    with job:
         if not dry_run:
             check_outputs(job.output_paths(), job.inputs, overwrite=force)
         for w in job.warnings:
             warn(w)
         if dry_run:
             _print_model(job.source)
-            if job.plan.tensors:
+            if job.allocation is not None:
+                print_allocation(job.allocation)
+            elif job.plan.tensors:
                 print_plan(job.plan, job.ftype)
             click.echo(f"output: {job.output}")
             return

@@ -8,14 +8,16 @@ from __future__ import annotations
 import click
 
 from .common import fail, force_option, output_option, report_errors, threads_option
-from .quantize_options import (TYPES_HELP, policy_options, print_plan, print_summary, run_with_progress,
-                               split_options, warn)
+from .quantize_options import (TYPES_HELP, SearchBar, policy_options, print_allocation, print_plan, print_summary,
+                               run_with_progress, split_options, warn)
 
 
 @click.command("quantize")
 @click.argument("inp", metavar="IN.gguf", type=click.Path(dir_okay=False, path_type=str))
 @output_option("out", "Output file", positional="OUT.gguf")
-@click.option("--type", "type_", metavar="TYPE", required=True, help=f"The mix to produce: {TYPES_HELP}.")
+@click.option("--type", "type_", metavar="TYPE",
+              help=f"The mix to produce: {TYPES_HELP}. With --target-size/--target-bpw: the stock mix compared "
+                   f"with (optional).")
 @policy_options
 @click.option("--allow-requantize", is_flag=True,
               help="Accept already-quantized input tensors (dequantized first; lower quality).")
@@ -43,14 +45,28 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
     if out is None and not dry_run:
         fail("missing OUT.gguf (only --dry-run works without an output file)")
     options = api.QuantizeOptions(split_max_size=split_max_size, split_max_tensors=split_max_tensors, **policy)
-    with api.plan_quantize(inp, out, type=type_, allow_requantize=allow_requantize, keep_split=keep_split,
-                           dry_run=dry_run, options=options) as job:
+    if type_ is None and not options.has_target:
+        fail("missing --type (or --target-size / --target-bpw)")
+    if options.has_target and out is not None and not dry_run:
+        from ..outfile import check_outputs as check_early
+
+        check_early([out], [inp], overwrite=force)   # before the search, not after it
+    bar = SearchBar()
+    try:
+        job = api.plan_quantize(inp, out, type=type_, allow_requantize=allow_requantize, keep_split=keep_split,
+                                dry_run=dry_run, options=options, threads=threads, search_progress=bar)
+    finally:
+        bar.close()
+    with job:
         if out is not None and not dry_run:
             check_outputs(job.output_paths(), job.inputs, overwrite=force)   # every split of a split model is an input
         for w in job.warnings:
             warn(w)
         if dry_run:
-            print_plan(job.plan, job.ftype)
+            if job.allocation is not None:
+                print_allocation(job.allocation)
+            else:
+                print_plan(job.plan, job.ftype)
             return
         summary = run_with_progress(job, threads, stats, force)
     print_summary(summary, job.plan, stats, inp)

@@ -43,6 +43,25 @@ _POLICY_OPTIONS = [
     click.option("--pure", is_flag=True, help="No mixes: every quantized tensor gets the TYPE's base type."),
     click.option("--override-kv", multiple=True, metavar="KEY=TYPE:VALUE",
                  help="Set a metadata value in the output; TYPE is int, float, bool or str (repeatable)."),
+    click.option("--target-size", metavar="SIZE",
+                 help="Choose every tensor's type for a file of at most SIZE (bytes, or 1.2G / 500M: decimal "
+                      "units) with the least loss; needs --imatrix. --type then names the stock mix compared with "
+                      "(default: the largest stock mix that fits)."),
+    click.option("--target-bpw", type=float, metavar="X",
+                 help="As --target-size, for X bits per weight of tensor data."),
+    click.option("--calib", metavar="TEXT", type=click.Path(dir_okay=False, path_type=str),
+                 help="Calibration text for --target-*: each tensor's effect is measured as the KL-divergence of "
+                      "the model with that tensor quantized (without it: imatrix-weighted weight error only)."),
+    click.option("--sensitivities", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+                 help="Cache of the --target-* measurements (JSON): used when it matches the model, imatrix and "
+                      "calibration, written otherwise; reuse it for other targets."),
+    click.option("--calib-ctx", type=click.IntRange(min=8), default=128, show_default=True, metavar="N",
+                 help="Tokens per calibration chunk."),
+    click.option("--calib-chunks", type=click.IntRange(min=1), default=2, show_default=True, metavar="N",
+                 help="Calibration chunks (spread over the text)."),
+    click.option("--probe", type=click.Choice(["tensor", "layer"]), default="layer", show_default=True,
+                 help="Sensitivity probes: per layer (the first, middle and last layers tensor by tensor, their "
+                      "proportions shared out over the others), or one forward pass per tensor (~4x the passes)."),
 ]
 
 
@@ -63,6 +82,31 @@ def split_options(func):
 
 
 # --- running
+
+
+class SearchBar:
+    """A progress bar per phase of the target-size search (stderr)."""
+
+    def __init__(self):
+        self.bar = None
+        self.phase = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=total, desc=phase, unit="", file=sys.stderr, dynamic_ncols=True, disable=None,
+                            mininterval=0.5, leave=False)
+        assert self.bar is not None
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
 
 
 def run_with_progress(job, threads, stats, force):
@@ -121,6 +165,36 @@ def print_plan(plan, ftype) -> None:
                f"{mib(plan.src_bytes)} ({plan.src_bpw:.2f} bpw) -> {mib(plan.out_bytes)} "
                f"({plan.out_bpw:.2f} bpw)" + (f"; {plan.n_fallback} row-length fallbacks" if plan.n_fallback
                                               else ""))
+
+
+def print_allocation(a) -> None:
+    """--dry-run with --target-*: per tensor the chosen type, bytes and predicted KLD contribution beside the stock
+    mix's, then the totals against the target."""
+    rows = []
+    for r in a.rows:
+        rows.append((r.name, r.type.name, f"{r.nbytes:,}", f"{r.predicted:.3g}", r.stock_type.name,
+                     f"{r.stock_nbytes:,}", f"{r.stock_predicted:.3g}"))
+    head = ("tensor", "type", "bytes", "est. KLD", f"{a.ftype.name}", "bytes", "est. KLD")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    right = {2, 3, 5, 6}
+    for r in [head] + rows:
+        click.echo("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in
+                             enumerate(zip(r, widths))).rstrip())
+    if a.target_bytes is not None:
+        goal = f"target {a.target_bytes:,} bytes ({a.target_bytes / 1e6:.2f} MB)"
+    else:
+        goal = f"target {a.target_bpw:.4f} bpw"
+    click.echo(f"allocation: file {a.file_bytes:,} bytes, {a.bpw:.4f} bpw; {goal}; stock {a.ftype.name}: file "
+               f"{a.stock_file_bytes:,} bytes")
+    line = f"estimated KLD (sum over tensors): {a.predicted:.5g} vs {a.stock_predicted:.5g} for {a.ftype.name}"
+    if a.measured is not None:
+        line += (f"; measured on the calibration chunks, whole model: {a.measured:.5g} vs {a.stock_measured:.5g}")
+    click.echo(line)
+    if a.chose_stock:
+        click.echo(f"the stock mix {a.ftype.name} is kept: the allocation did not beat it by the method's measure")
+    sens = a.sensitivities
+    how = ("measured sensitivities" if sens is not None and sens.measured else "weight error only (no --calib)")
+    click.echo(f"search: {a.seconds:.1f} s ({how})")
 
 
 def print_summary(s, plan, stats: bool, inp: str) -> None:
