@@ -309,3 +309,24 @@ def test_interrupted_run_leaves_no_base_file(models, tmp_path):
 
 def test_base_file_is_never_an_input(models, tmp_path):
     assert "input" in _err(models["f32"], "-f", TEXT, "-c", CTX, "--kl-divergence-base", TEXT, "--force")
+
+
+# --- what MODEL may be
+
+
+def test_split_gguf_and_hf_checkpoint(models, tmp_path):
+    # the first file of a split GGUF opens every split; a Hugging Face checkpoint is evaluated directly (its BF16
+    # weights are exact in float32, so both give the F32 GGUF's figures)
+    r = run_cli("quantize", models["f32"], tmp_path / "split.gguf", "--type", "F32", "--split-max-tensors", 8)
+    assert r.exit_code == 0, r.output
+    parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(parts) == 3, parts
+    want = gguftool.perplexity(models["f32"], TEXT, n_ctx=CTX, n_chunks=2, threads=2)
+    split = gguftool.perplexity(parts[0], TEXT, n_ctx=CTX, n_chunks=2, threads=2)
+    hf = gguftool.perplexity(TINY_LLAMA, TEXT, n_ctx=CTX, n_chunks=2, threads=2)
+    assert split.ppl == want.ppl and split.chunk_ppl == want.chunk_ppl
+    assert abs(hf.ppl / want.ppl - 1) < 1e-5
+    # a split model with one split missing is refused by name
+    parts[1].unlink()
+    msg = _err(parts[0], "-f", TEXT, "-c", CTX, "--chunks", 2)
+    assert "split" in msg and parts[1].name in msg
