@@ -48,12 +48,18 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd: list[str], what: str) -> str:
-    t0 = time.time()
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=_env())
-    if p.returncode != 0:
-        raise SystemExit(f"{what} failed ({' '.join(map(str, cmd))}):\n{(p.stdout + p.stderr)[-3000:]}")
-    print(f"  {what}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+def _run(cmd: list[str], what: str, until: str | None = None) -> str:
+    """stdout then stderr of ``cmd``; with ``until``, run again (up to 3 times) while that text is missing:
+    llama.cpp's logger prints from a thread nobody waits for at exit (common/log.cpp), so the last lines of a run
+    are sometimes lost."""
+    for _ in range(3):
+        t0 = time.time()
+        p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=_env())
+        if p.returncode != 0:
+            raise SystemExit(f"{what} failed ({' '.join(map(str, cmd))}):\n{(p.stdout + p.stderr)[-3000:]}")
+        print(f"  {what}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        if until is None or until in p.stdout + p.stderr:
+            break
     return p.stdout + "\n" + p.stderr
 
 
@@ -193,7 +199,7 @@ def main(argv=None) -> int:
         save()
     if run_llama and ("f32_ppl_llama" not in results or need(base_llama)):
         out = _run([llama_ppl, "-m", f32, "-f", a.text, *ctx, *t, "--kl-divergence-base", base_llama],
-                   "llama-perplexity base file")
+                   "llama-perplexity base file", until="Final estimate")
         results["f32_ppl_llama"] = _num(r"Final estimate: PPL = ([0-9.]+)", out, "Final estimate")
         save()
     if base_ours.is_file() and base_llama.is_file() and "base_files" not in results:
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
             save()
         if run_llama and "llama" not in row:
             row["llama"] = llama_kld(_run([llama_ppl, "-m", path, "--kl-divergence", "--kl-divergence-base", base,
-                                           "-c", a.ctx, *t], f"llama-perplexity KLD {name}"))
+                                           "-c", a.ctx, *t], f"llama-perplexity KLD {name}", until="Same top p:"))
             save()
 
     print_table(results)
