@@ -16,7 +16,7 @@ The tests cannot run llama-perplexity (CI has no native build), so its output is
    llama.cpp reading a base file gguftool wrote (the other direction of the cross-reading).
 
 Only the lines llama-perplexity prints on stdout (its LOG()) are kept: the chunk lines and the statistics, no timing
-or system information. Threads: 2 (--threads).
+or system information (plus the ``Final estimate`` line of the base run, from stderr). Threads: 2 (--threads).
 """
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def run(cmd, what: str, until: str | None = None) -> subprocess.CompletedProcess
     raise SystemExit(f"{what}: no '{until}' in the output after 5 runs")
 
 
+def printed(p: subprocess.CompletedProcess) -> str:
+    """What llama-perplexity printed on stdout, without the timing line (the ETA: "0.02 minutes")."""
+    return "\n".join(x for x in p.stdout.strip().splitlines() if not x.endswith(" minutes")).strip() + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-bin", required=True, help="directory with llama-perplexity")
@@ -65,18 +70,18 @@ def main(argv=None) -> int:
         base = out / "llama-base.kld"
         p = run([exe, "-m", f32, "-f", TEXT, "-c", CTX, "--chunks", CHUNKS, "--kl-divergence-base", base, *t],
                 "llama-perplexity --kl-divergence-base", until="Final estimate")
-        final = [x for x in p.stderr.splitlines() if x.startswith("Final estimate")]
-        (out / "llama-base.log").write_text(p.stdout.strip() + "\n" + "\n".join(final) + "\n")
+        final = [x[x.index("Final estimate"):] for x in p.stderr.splitlines() if "Final estimate" in x]
+        (out / "llama-base.log").write_text(printed(p) + "\n".join(final) + "\n")
         for name, model in (("F32", f32), ("Q4_K_M", q4)):
             p = run([exe, "-m", model, "--kl-divergence", "--kl-divergence-base", base, "-c", CTX, *t],
                     f"llama-perplexity --kl-divergence {name}", until="Same top p:")
-            (out / f"llama-kld-{name}.log").write_text(p.stdout.strip() + "\n")
+            (out / f"llama-kld-{name}.log").write_text(printed(p))
         ours = Path(tmp) / "ours-base.kld"
         run(gguftool + ["perplexity", f32, "-f", TEXT, "-c", CTX, "--chunks", CHUNKS, "--kl-divergence-base", ours,
                         "-q", *t], "gguftool perplexity --kl-divergence-base")
         p = run([exe, "-m", q4, "--kl-divergence", "--kl-divergence-base", ours, "-c", CTX, *t],
                 "llama-perplexity --kl-divergence on gguftool's base file", until="Same top p:")
-        (out / "llama-kld-ours-base.log").write_text(p.stdout.strip() + "\n")
+        (out / "llama-kld-ours-base.log").write_text(printed(p))
     for f in sorted(out.iterdir()):
         print(f"{f.stat().st_size:>9}  {f}")
     return 0
