@@ -300,8 +300,10 @@ def test_llama_base_file_mismatches(models, tmp_path):
     other.write_text(CALIB.read_text()[:20000])
     assert "other tokens" in _err(models["f32"], "--kl-divergence", "--kl-divergence-base", ref, "-f", other)
     cut = tmp_path / "cut.kld"
-    cut.write_bytes(ref.read_bytes()[:100000])
+    cut.write_bytes(ref.read_bytes()[:100000])          # what a killed llama-perplexity leaves
     assert "truncated" in _err(models["f32"], "--kl-divergence", "--kl-divergence-base", cut)
+    cut.write_bytes(ref.read_bytes()[:12])              # what it leaves when the text is too short: magic + n_ctx
+    assert "the header alone needs 20" in _err(models["f32"], "--kl-divergence", "--kl-divergence-base", cut)
 
 
 # --- the command line
