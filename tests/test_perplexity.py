@@ -470,6 +470,7 @@ def test_base_file_is_never_an_input(models, tmp_path):
 # --- what MODEL may be
 
 
+@pytest.mark.slow    # three runs and a quantization: ~5 s
 def test_split_gguf_and_hf_checkpoint(models, tmp_path):
     # the first file of a split GGUF opens every split; a Hugging Face checkpoint is evaluated directly (its BF16
     # weights are exact in float32, so both give the F32 GGUF's figures)
