@@ -379,9 +379,9 @@ class Model:
         """x @ W.T with the activations converted as ggml's CPU matmul converts them for W's type."""
         return self._products(x, (name,))[0]
 
-    def _linears(self, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
-        """x @ W.T (+ bias) for each named weight."""
-        ys = self._products(x, names)
+    def _linears(self, x: np.ndarray, names: Sequence[str], parallel: bool = True) -> list[np.ndarray]:
+        """x @ W.T (+ bias) for each named weight (``parallel``: as for _products)."""
+        ys = self._products(x, names, parallel=parallel)
         for n, y in zip(names, ys):
             b = self.w.get(n[:-len("weight")] + "bias")
             if b is not None:

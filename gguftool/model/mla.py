@@ -258,14 +258,15 @@ def _qkv_rows(model: "Model", st: "_PassState", p: str, cos: np.ndarray, sin: np
     hh = rms_norm(st.x[r0:r1], model.w[p + "attn_norm.weight"], cfg.rms_eps)
     st.h[r0:r1] = hh
     if m.q_lora:
-        qc = rms_norm(_linear_here(model, hh, p + "attn_q_a.weight"), model.w[p + "attn_q_a_norm.weight"], cfg.rms_eps)
+        (qa_in,) = model._linears(hh, (p + "attn_q_a.weight",), parallel=False)
+        qc = rms_norm(qa_in, model.w[p + "attn_q_a_norm.weight"], cfg.rms_eps)
         qa[r0:r1] = qc
-        q = _linear_here(model, qc, p + "attn_q_b.weight")
+        q = model._linears(qc, (p + "attn_q_b.weight",), parallel=False)[0]
     else:
-        q = _linear_here(model, hh, p + "attn_q.weight")
+        q = model._linears(hh, (p + "attn_q.weight",), parallel=False)[0]
     q = q.reshape(n, H, m.nope + m.rope)
     q_nope[r0:r1] = q[:, :, :m.nope]
-    kv = _linear_here(model, hh, p + "attn_kv_a_mqa.weight")
+    kv = model._linears(hh, (p + "attn_kv_a_mqa.weight",), parallel=False)[0]
     c = cos[st.pos[r0:r1]][:, None, :]
     s = sin[st.pos[r0:r1]][:, None, :]
     q_pe = apply_rope(np.ascontiguousarray(q[:, :, m.nope:]), c, s, m.rope, False)
@@ -280,15 +281,6 @@ def _qkv_rows(model: "Model", st: "_PassState", p: str, cos: np.ndarray, sin: np
         k = k.astype(np.float16).astype(np.float32)
     st.k[r0:r1, 0] = k
     st.v[r0:r1, 0] = k[:, :m.kv_lora]
-
-
-def _linear_here(model: "Model", x: np.ndarray, name: str) -> np.ndarray:
-    """x @ W.T (+ bias) computed in the calling worker thread (the row-wise stages run on the workers already)."""
-    (y,) = model._products(x, (name,), parallel=False)
-    b = model.w.get(name[:-len("weight")] + "bias")
-    if b is not None:
-        y += b
-    return y
 
 
 def _per_head(model: "Model", x: np.ndarray, name: str, h: int) -> np.ndarray:
