@@ -88,7 +88,7 @@ def _load(fn):
 def _cases():
     out = []
     for fn in sorted(os.listdir(FIXTURES)):
-        if fn.endswith(".json") and fn.startswith("synthetic"):
+        if fn.endswith(".json") and fn.startswith(("synthetic", "plan_synthetic")):   # plan_*: also test_policy's
             for ft in _load(fn)["types"]:
                 out.append(pytest.param(fn, ft, id=f"{fn[:-5]}-{ft}"))
     return out
