@@ -105,7 +105,11 @@ def test_ppl_matches_llama_cpp_smollm2(smollm2_gguf):
     assert ours.n_chunks == 21
     ref, tokens = _llama_cpp_ppl(smollm2_gguf, CALIB, 512, ours.n_chunks)
     assert ours.n_tokens == len(tokens)
-    assert abs(ours.ppl / ref - 1) < 1e-3, (ours.ppl, ref)
+    # 2e-3, not 1e-3: on this Q4_1 model the activations are rounded to Q8_1 blocks before every product, which
+    # turns last-bit differences of summation order into whole quantization steps. Measured with gguftool alone,
+    # 6 chunks: cutting the same products into 4, 16 or 64 GEMM blocks gives PPL 22.3519, 22.3696, 22.3737 (0.10 %
+    # apart); the whole text is 0.066 % from llama.cpp with one blocking, 0.135 % with the current one.
+    assert abs(ours.ppl / ref - 1) < 2e-3, (ours.ppl, ref)
 
 
 # --- the base logits file
