@@ -36,3 +36,8 @@ class OutputError(GGUFError):
 
 class PerplexityError(GGUFError):
     """A perplexity or KL-divergence run cannot be done, or its base logits file is unusable."""
+
+
+class ClusterError(GGUFError):
+    """A distributed run cannot start or finish (Ray not installed, no cluster at the address, a task that failed
+    after its retries)."""

@@ -36,6 +36,17 @@ def force_option(func: F) -> F:
                         help="Overwrite the output file if it exists (never an input file).")(func)
 
 
+def ray_option(func: F) -> F:
+    """--ray [ADDRESS]: run on a Ray cluster; a bare --ray (or ``local``) starts a local one, ``auto`` joins this
+    machine's (gguftool.distributed.cluster). Passed as ``ray_address``: None when not given. A bare --ray takes
+    the next word as its address, so it goes after the positional arguments (or is written --ray local)."""
+    return click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+                        metavar="[ADDRESS]",
+                        help="Run on a Ray cluster: 'local' (or a bare --ray last) starts one on this machine, "
+                             "'auto' joins this machine's, or give its address (needs: pip install "
+                             "'gguftool[ray]').")(func)
+
+
 def text_file_option(dest: str, help: str, *, aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
     """-f/--file FILE: the input text (llama-imatrix's and llama-perplexity's -f), passed as ``dest``; ``aliases``
     are extra long names (imatrix's --calib)."""
