@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metadata import Metadata, MetadataReader
+from . import gptoss
 from .mla import MLAConfig, mla_config
 from .ops import yarn_corr_dims
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "deepseek2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "deepseek2",
+                   "gpt-oss")
 QK_NORM_ARCHS = ("qwen3", "qwen3moe", "gemma3")
 GEMMA_ARCHS = ("gemma2", "gemma3")   # scaled embeddings, post norms, GELU, Q pre-scaled
 _MAX_INT = 2**31 - 1                 # context lengths, vocabulary size, enum values: int32 in llama.cpp
@@ -33,8 +35,10 @@ class ModelConfig:
     rope_base: float
     rope_freq_scale: float = 1.0
     rope_base_swa: float = 10000.0
+    rope_freq_scale_swa: float = 1.0   # the sliding-window layers' RoPE scale (gemma: none; gpt-oss: the model's)
+    yarn_corr_swa: tuple | None = None  # YaRN on the sliding-window layers (gpt-oss), their correction dimensions
     attn_scale: float = 0.0   # 0: 1/sqrt(head_dim)
-    n_swa: int = 0            # sliding window (gemma3), 0: none
+    n_swa: int = 0            # sliding window (gemma2/3, gpt-oss), 0: none
     swa_layers: list = field(default_factory=list)
     final_softcap: float = 0.0
     attn_softcap: float = 0.0 # gemma2: attention scores tanh-capped
@@ -96,7 +100,7 @@ class ModelConfig:
             freq_scale = float(np.float32(1.0) / np.float32(factor))
         else:
             md.fail(f"unsupported RoPE scaling {scaling!r} ({a}rope.scaling.type)")
-        neox = arch in ("qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
+        neox = arch in ("qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "gpt-oss")
         n_vocab = n_vocab or md.get_int(a + "vocab_size", 0, hi=_MAX_INT)
         cfg = cls(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
                   head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=int(n_vocab),
@@ -132,6 +136,9 @@ class ModelConfig:
             cfg.yarn_corr = yarn_corr_dims(rope_dims, cfg.rope_orig_ctx, base)
         if arch == "deepseek2":
             cfg.mla = mla_config(md, cfg)
+            return cfg
+        if arch == gptoss.ARCH:
+            gptoss.configure(md, cfg)
             return cfg
         if n_expert:
             cfg.n_expert = n_expert

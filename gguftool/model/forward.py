@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ImatrixError
-from . import mla
+from . import gptoss, mla
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
 from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
@@ -102,6 +102,8 @@ class Model:
     def _layer_names(self, il: int) -> list[str]:
         if self.cfg.mla is not None:
             return mla.layer_names(self.cfg, il)
+        if self.cfg.arch == gptoss.ARCH:
+            return gptoss.layer_names(self.cfg, il)
         p = f"blk.{il}."
         names = [p + "attn_norm.weight", p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight",
                  p + "attn_output.weight", p + "ffn_norm.weight"]
@@ -161,6 +163,11 @@ class Model:
                 for name, shape in mla.expected_shapes(cfg, il).items():
                     if name in self.w:
                         self._check_shape(name, shape)
+            return
+        if cfg.arch == gptoss.ARCH:
+            for il in range(cfg.n_layer):
+                for name, shape in gptoss.expected_shapes(cfg, il).items():
+                    self._check_shape(name, shape)
             return
         expect = {
             "attn_norm.weight": (cfg.n_embd,), "ffn_norm.weight": (cfg.n_embd,),
@@ -244,23 +251,27 @@ class Model:
 
     def weight_names(self) -> list[str]:
         """Names of the matmul weights a forward pass reports to the hook (MoE experts: to ``hook.experts``)."""
-        names = [n for il in range(self.cfg.n_layer) for n in self._layer_names(il) if not n.endswith("norm.weight")]
+        if self.cfg.arch == gptoss.ARCH:
+            names = [n for il in range(self.cfg.n_layer) for n in gptoss.matmul_weights(self.cfg, il)]
+        else:
+            names = [n for il in range(self.cfg.n_layer) for n in self._layer_names(il)
+                     if not n.endswith("norm.weight")]
         return names + [self.output_name]
 
     def _rope_tables(self, n_pos: int, il: int):
         cfg = self.cfg
         swa = bool(cfg.swa_layers) and cfg.swa_layers[il]
         base = cfg.rope_base_swa if swa else cfg.rope_base
-        fs = 1.0 if swa else cfg.rope_freq_scale
+        fs = cfg.rope_freq_scale_swa if swa else cfg.rope_freq_scale
+        yarn = cfg.yarn_corr_swa if swa else cfg.yarn_corr
         ff = self.w.get("rope_freqs.weight")
         if "rope_factors_short.weight" in self.w:   # LongRoPE: llama_model::get_rope_factors by context size
             long = cfg.rope_orig_ctx and n_pos > cfg.rope_orig_ctx
             ff = self.w["rope_factors_long.weight" if long else "rope_factors_short.weight"]
-        key = (n_pos, base, fs, ff is not None)
+        key = (n_pos, base, fs, ff is not None, yarn)
         tab = self._rope.get(key)
         if tab is None:
-            tab = rope_cache(n_pos, cfg.rope_dims, base, fs, ff, cfg.rope_attn_factor,
-                             None if swa else cfg.yarn_corr)
+            tab = rope_cache(n_pos, cfg.rope_dims, base, fs, ff, cfg.rope_attn_factor, yarn)
             self._rope[key] = tab
         return tab
 
@@ -473,6 +484,9 @@ class Model:
         if cfg.mla is not None:
             mla.layer(self, st, il, ranges, hook)
             return
+        if cfg.arch == gptoss.ARCH:
+            gptoss.layer(self, st, il, ranges, hook)
+            return
         p = f"blk.{il}."
         fused = cfg.arch == "phi3"     # attn_qkv = Q|K|V, ffn_up = gate|up
         B, T, N = st.B, st.T, st.B * st.T
@@ -577,8 +591,9 @@ class Model:
         logits[r0:r1] = np.tanh(logits[r0:r1] / c) * c
 
     # --- attention
-    def _attention(self, q, k, v, il: int, out: np.ndarray) -> None:
-        """q: (B,T,H,D) k: (B,T,Hkv,D) v: (B,T,Hkv,Dv) -> out (B,T,Hkv,G,Dv), causal (and sliding-window) softmax."""
+    def _attention(self, q, k, v, il: int, out: np.ndarray, sinks: np.ndarray | None = None) -> None:
+        """q: (B,T,H,D) k: (B,T,Hkv,D) v: (B,T,Hkv,Dv) -> out (B,T,Hkv,G,Dv), causal (and sliding-window) softmax.
+        ``sinks`` (H,): one more logit per query head in the softmax's denominator (gpt-oss), with no value."""
         cfg = self.cfg
         B, T, H, D = q.shape
         Hkv = cfg.n_head_kv
@@ -596,10 +611,12 @@ class Model:
         qb = min(T, self.query_block)
         # keys after a block's last query are masked anyway, so they are never computed
         jobs = [(b, kv, q0, min(T, q0 + qb)) for b in range(B) for kv in range(Hkv) for q0 in range(0, T, qb)]
-        self.workers.map(partial(self._attention_block, qh, kh, vh, mask, scale, out), jobs)
+        sk = None if sinks is None else np.asarray(sinks, dtype=np.float32).reshape(Hkv, G)
+        self.workers.map(partial(self._attention_block, qh, kh, vh, mask, scale, out, sk), jobs)
 
     def _attention_block(self, qh: np.ndarray, kh: np.ndarray, vh: np.ndarray, mask: np.ndarray,
-                         scale: np.float32, out: np.ndarray, job: tuple[int, int, int, int]) -> None:
+                         scale: np.float32, out: np.ndarray, sinks: np.ndarray | None,
+                         job: tuple[int, int, int, int]) -> None:
         """Softmax attention of queries q0:q1 of sequence b's KV head kv (its G query heads) over keys 0:q1."""
         b, kv, q0, q1 = job
         D = qh.shape[-1]
@@ -613,9 +630,16 @@ class Model:
             s = np.tanh(s / cap) * cap
         s = s.reshape(q1 - q0, G, q1)
         s += mask[q0:q1, None, :q1]
-        s -= s.max(axis=-1, keepdims=True)
+        top = s.max(axis=-1, keepdims=True)
+        if sinks is not None:    # the sink joins the max and the denominator (ggml's flash attention)
+            sink = sinks[kv][None, :, None]
+            top = np.maximum(top, sink)
+        s -= top
         np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True, dtype=np.float32)
+        total = s.sum(axis=-1, keepdims=True, dtype=np.float32)
+        if sinks is not None:
+            total += np.exp(sink - top)
+        s /= total
         out[b, q0:q1, kv] = (s.reshape(-1, q1) @ vh[b, kv, :q1]).reshape(q1 - q0, G, Dv)
 
     # --- mixture of experts
