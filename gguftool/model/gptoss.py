@@ -163,7 +163,8 @@ def swiglu_oai(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """ggml_compute_forward_swiglu_oai_f32: x = min(g, 7), y = clamp(u, -7, 7), x / (1 + exp(-1.702 x)) * (y + 1)."""
     x = np.minimum(g, SWIGLU_LIMIT)
     y = np.clip(u, -SWIGLU_LIMIT, SWIGLU_LIMIT)
-    return (x / (np.float32(1.0) + np.exp(SWIGLU_ALPHA * -x))) * (y + np.float32(1.0))
+    with np.errstate(over="ignore"):   # exp overflows to inf for x < -52: x / inf = -0, as expf in C
+        return (x / (np.float32(1.0) + np.exp(SWIGLU_ALPHA * -x))) * (y + np.float32(1.0))
 
 
 def moe(model: "Model", h: np.ndarray, p: str, hook: "Hook | None") -> np.ndarray:
