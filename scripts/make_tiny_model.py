@@ -342,12 +342,14 @@ def make_variant(out: Path, name: str) -> Path:
     else:
         import sys
         sys.path.insert(0, str(ROOT / "scripts"))
-        import gguf
-        from make_smollm2_checkpoint import build_tokenizer_json, field, smollm2_gguf_path
-        r = gguf.GGUFReader(smollm2_gguf_path())
-        tokens = list(field(r, "tokenizer.ggml.tokens"))
-        types = [int(x) for x in field(r, "tokenizer.ggml.token_type")]
-        tj = build_tokenizer_json(tokens, types, list(field(r, "tokenizer.ggml.merges")))
+        from make_smollm2_checkpoint import build_tokenizer_json, smollm2_gguf_path
+
+        from gguftool.gguf.reader import GGUFReader, kv_to_python
+        with GGUFReader(smollm2_gguf_path()) as r:   # gguftool's reader: the same strings, 10x faster than gguf-py's
+            tokens = list(kv_to_python(r.get("tokenizer.ggml.tokens")))
+            types = [int(x) for x in kv_to_python(r.get("tokenizer.ggml.token_type"))]
+            merges = list(kv_to_python(r.get("tokenizer.ggml.merges")))
+        tj = build_tokenizer_json(tokens, types, merges)
         (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
         (out / "tokenizer_config.json").write_text(json.dumps({
             "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
