@@ -155,3 +155,49 @@ def test_perplexity_and_kld_files_cross_read(model, tmp_path):
     assert k.n_ctx == 128 and k.n_chunks == 2
     assert abs(k.kld.ppl_base / b.ppl - 1) < 1e-3 and abs(k.kld.ppl / b.ppl - 1) < 1e-9
     assert abs(k.kld.kld) < 1e-3 and k.kld.kld_median < 1e-4 and k.kld.same_top_p > 0.95, k.kld
+
+
+def _meta(**changes):
+    a = "gpt-oss."
+    md = {"general.architecture": "gpt-oss", a + "block_count": 2, a + "embedding_length": 64,
+          a + "attention.head_count": 4, a + "attention.head_count_kv": 2, a + "attention.key_length": 16,
+          a + "attention.value_length": 16, a + "feed_forward_length": 32, a + "expert_count": 4,
+          a + "expert_used_count": 2, a + "expert_feed_forward_length": 32,
+          a + "attention.layer_norm_rms_epsilon": 1e-5, a + "attention.sliding_window": 8,
+          a + "rope.freq_base": 150000.0, a + "rope.scaling.type": "yarn", a + "rope.scaling.factor": 32.0,
+          a + "rope.scaling.original_context_length": 4096}
+    md.update({a + k: v for k, v in changes.items()})
+    return {k: v for k, v in md.items() if v is not None}
+
+
+def test_config_and_bad_input():
+    """The keys llama.cpp reads (sliding-window pattern: a period, default 2, or one flag per layer; YaRN on the
+    sliding layers too; scale 1/sqrt(n_rot)), and one clear error for what it would refuse."""
+    from gguftool.errors import ImatrixError
+    from gguftool.model.config import ModelConfig
+    from gguftool.model.forward import Model
+    from gguftool.model.gptoss import expected_shapes
+
+    cfg = ModelConfig.from_metadata(_meta())
+    assert cfg.swa_layers == [True, False] and cfg.n_swa == 8 and cfg.rope_neox
+    assert cfg.yarn_corr_swa == cfg.yarn_corr is not None and cfg.rope_freq_scale_swa == cfg.rope_freq_scale == 1 / 32
+    assert cfg.attn_scale == pytest.approx(0.25)
+    assert ModelConfig.from_metadata(_meta(**{"attention.sliding_window_pattern": [False, True]})).swa_layers == \
+        [False, True]
+    assert ModelConfig.from_metadata(_meta(**{"attention.sliding_window_pattern": 1})).swa_layers == [False, False]
+    with pytest.raises(ImatrixError, match="missing the metadata key gpt-oss.attention.sliding_window"):
+        ModelConfig.from_metadata(_meta(**{"attention.sliding_window": None}))
+    with pytest.raises(ImatrixError, match=r"sliding_window_pattern = \[True\] .*expected 2 booleans"):
+        ModelConfig.from_metadata(_meta(**{"attention.sliding_window_pattern": [True]}))
+    with pytest.raises(ImatrixError, match="expert_used_count = 5"):
+        ModelConfig.from_metadata(_meta(expert_used_count=5))
+    weights = {n: np.zeros(s, np.float32) for il in range(2) for n, s in expected_shapes(cfg, il).items()}
+    weights.update({"token_embd.weight": np.zeros((10, 64), np.float32),
+                    "output_norm.weight": np.zeros(64, np.float32)})
+    Model(cfg, weights)                                           # complete: accepted
+    del weights["blk.1.attn_sinks.weight"]
+    with pytest.raises(ImatrixError, match="missing tensor blk.1.attn_sinks.weight"):
+        Model(cfg, weights)
+    weights["blk.1.attn_sinks.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(ImatrixError, match=r"blk.1.attn_sinks.weight has shape \(3,\), expected \(4,\)"):
+        Model(cfg, weights)
