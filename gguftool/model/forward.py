@@ -9,6 +9,7 @@ Architectures: ``llama`` (and ``mistral``), ``qwen2`` (Q/K/V biases), ``qwen3`` 
 gate|up weights, LongRoPE factors and attention factor), and the
 mixture-of-experts FFN of ``llama`` (Mixtral) and ``qwen3moe``: softmax router, top-k experts, renormalized
 weights (build_moe_ffn); the experts' inputs go to ``hook.experts`` as llama-imatrix collects MUL_MAT_ID inputs.
+DeepSeek-V2/V3's layer is :mod:`.mla`'s, gpt-oss's :mod:`.gptoss`'s (attention sinks: ``_attention(..., sinks=)``).
 
 Where the pieces live: the hyperparameters in :mod:`.config`, the norm / RoPE / activation functions in
 :mod:`.ops`, the activation conversion of ggml's quantized matmuls in :mod:`.activations`, the threads in

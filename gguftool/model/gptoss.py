@@ -60,7 +60,7 @@ def configure(md: "MetadataReader", cfg: "ModelConfig") -> None:
                    f"expected {cfg.n_layer} booleans (one per layer) or a period")
         cfg.swa_layers = [bool(v) for v in values]
     else:                                                 # a period n: layer il slides unless il % n == n - 1
-        n = md.get_int(a + "attention.sliding_window_pattern", 2, hi=cfg.n_layer + 1)
+        n = md.get_int(a + "attention.sliding_window_pattern", 2)
         cfg.swa_layers = [n == 0 or il % n < n - 1 for il in range(cfg.n_layer)]
     # llama.cpp: the sliding layers' base defaults to the model's, and their scale is the model's (YaRN included)
     cfg.rope_base_swa = md.get_float(a + "rope.freq_base_swa", cfg.rope_base, lo_open=True)
