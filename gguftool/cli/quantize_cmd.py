@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from .common import fail, force_option, output_option, report_errors, threads_option
-from .quantize_options import (TYPES_HELP, SearchBar, policy_options, print_allocation, print_plan, print_summary,
+from .quantize_options import (TYPES_HELP, SearchBar, cluster_options, policy_options, print_allocation, print_plan, print_summary,
                                run_with_progress, split_options, warn)
 
 
