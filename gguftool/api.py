@@ -182,7 +182,8 @@ def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None
             name: str | None = None, vocab_only: bool = False, options: QuantizeOptions | None = None,
             threads: int | None = None, stats: bool = False, overwrite: bool = False,
             progress: Progress | None = None, revision: str | None = None,
-            allow_requantize: bool = False, search_progress: SearchProgress | None = None) -> Summary:
+            allow_requantize: bool = False, search_progress: SearchProgress | None = None,
+            cluster: ClusterOptions | None = None) -> Summary:
     """Convert a Hugging Face checkpoint to GGUF in one step (see plan_convert and Job.run for the arguments).
 
     The file equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
@@ -190,7 +191,7 @@ def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None
     with plan_convert(model, output, type=type, name=name, vocab_only=vocab_only, options=options,
                       revision=revision, allow_requantize=allow_requantize, threads=threads,
                       search_progress=search_progress) as job:
-        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
+        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress, cluster=cluster)
 
 
 def _default_outfile(name: str, directory: str | os.PathLike[str], type_name: str) -> str:
@@ -242,12 +243,13 @@ def plan_quantize(input: str | os.PathLike[str], output: str | os.PathLike[str] 
 def quantize_file(input: str | os.PathLike[str], output: str | os.PathLike[str], *, type: str | None = None,
                   allow_requantize: bool = False, keep_split: bool = False, options: QuantizeOptions | None = None,
                   threads: int | None = None, stats: bool = False, overwrite: bool = False,
-                  progress: Progress | None = None, search_progress: SearchProgress | None = None) -> Summary:
+                  progress: Progress | None = None, search_progress: SearchProgress | None = None,
+                  cluster: ClusterOptions | None = None) -> Summary:
     """Quantize a GGUF file (see plan_quantize and Job.run for the arguments); the tensors written are
     byte-identical to llama-quantize's for the same input and options."""
     with plan_quantize(input, output, type=type, allow_requantize=allow_requantize, keep_split=keep_split,
                        options=options, threads=threads, search_progress=search_progress) as job:
-        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
+        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress, cluster=cluster)
 
 
 # --- imatrix: gguftool.imatrix(...) is gguftool.importance.run.compute_imatrix, exported by gguftool/__init__.py

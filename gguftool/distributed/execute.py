@@ -44,12 +44,13 @@ class ClusterOptions:
     ``shared_fs``: every worker sees the output's folder (tasks write the part file themselves); False: the bytes
     come back through the object store. ``workers``: CPU slots of a local cluster (None: all cores).
     ``threads``: kernel threads per task (the CPUs each task reserves). ``max_retries``: retries of a task whose
-    worker died."""
+    worker died. ``task_bytes``: source bytes per task (None: about eight tasks per worker, 32-512 MiB each)."""
     address: str = cluster.LOCAL
     shared_fs: bool = True
     workers: int | None = None
     threads: int = 1
     max_retries: int = 3
+    task_bytes: int | None = None
 
 
 def execute_on_cluster(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]", options: ClusterOptions,
@@ -80,7 +81,8 @@ def execute_on_cluster(source: TensorSource, plan: Plan, out_path: "str | os.Pat
             w.reserve_data()
             placed += [(tp, i, w.data_offset + info.offset) for tp, info in zip(tensors, w.tensor_infos)]
         slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads)
-        tasks = make_tasks(placed, target_task_bytes(plan.src_bytes, slots))
+        size = options.task_bytes or target_task_bytes(plan.src_bytes, slots)
+        tasks = make_tasks(placed, size)
         parts = [w.part_path or "" for w in writers] if options.shared_fs else None
         seconds = _run(ray, tasks, plan, recipe, parts, writers, options, slots, progress)
         for w in writers:
