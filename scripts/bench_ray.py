@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -39,11 +40,35 @@ def _plan(model: str, out: str, type_: str, convert: bool, imatrix: str | None):
 
 
 def _run(model, out, type_, convert, imatrix, threads, cluster=None):
+    """(wall s, CPU s of this process, output bytes, parameters) of one run, planning excluded."""
     with _plan(model, out, type_, convert, imatrix) as job:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         job.run(threads=threads, overwrite=True, cluster=cluster)
         wall = time.perf_counter() - t0
-        return wall, job.plan.out_bytes, job.plan.src_bytes
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        return wall, cpu, job.plan.out_bytes, job.plan.n_elements
+
+
+def _worker_peak_rss() -> int:
+    """The largest peak resident set (VmHWM, bytes; mapped input pages included) of this machine's Ray worker
+    processes (titled ray::IDLE / ray::run_task), read before the cluster is shut down."""
+    peak = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if not f.read().startswith((b"ray::IDLE", b"ray::run_task")):
+                    continue
+            with open(f"/proc/{d}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            continue
+    return peak
 
 
 def main(argv=None) -> int:
@@ -68,9 +93,9 @@ def main(argv=None) -> int:
     print(f"model {a.model} -> {a.type}; cores {os.cpu_count()}; outputs in {work}", flush=True)
     if not a.skip_single:
         load = _load()
-        wall, out_b, src_b = _run(a.model, ref, a.type, a.convert, a.imatrix, a.threads)
-        rows.append(("single process", a.threads or os.cpu_count(), wall, out_b, src_b, "reference", load))
-        print(f"  single process: {wall:.1f} s", flush=True)
+        wall, cpu, out_b, n_el = _run(a.model, ref, a.type, a.convert, a.imatrix, a.threads)
+        rows.append(("single process", a.threads or os.cpu_count(), wall, cpu, out_b, n_el, "reference", load, 0))
+        print(f"  single process: {wall:.1f} s, {cpu:.1f} CPU s", flush=True)
     for n in [int(x) for x in a.workers.split(",") if x]:
         t0 = time.perf_counter()
         ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -78,25 +103,29 @@ def main(argv=None) -> int:
         try:
             out = os.path.join(work, f"ray{n}.gguf")
             load = _load()
-            wall, out_b, src_b = _run(a.model, out, a.type, a.convert, a.imatrix, None,
-                                      ClusterOptions(shared_fs=not a.no_shared_fs))
+            wall, cpu, out_b, n_el = _run(a.model, out, a.type, a.convert, a.imatrix, None,
+                                          ClusterOptions(shared_fs=not a.no_shared_fs))
+            rss = _worker_peak_rss()
         finally:
             ray.shutdown()
         same = "-" if a.skip_single else ("identical" if filecmp.cmp(ref, out, shallow=False) else "DIFFERENT")
         os.unlink(out)
-        rows.append((f"ray, {n} worker(s)", n, wall, out_b, src_b, same, load))
+        rows.append((f"ray, {n} worker(s)", n, wall, cpu, out_b, n_el, same, load, rss))
         print(f"  ray {n} worker(s): {wall:.1f} s (cluster start {start:.1f} s, not counted)", flush=True)
     if os.path.exists(ref):
         os.unlink(ref)
     print()
-    print(f"{'run':<20} {'slots':>5} {'wall s':>8} {'out MB/s':>9} {'src MB/s':>9} {'vs single':>9}  "
-          f"{'output':<10} load before")
+    print(f"{'run':<20} {'slots':>5} {'wall s':>8} {'CPU s':>7} {'out MB/s':>9} {'Mparam/s':>9} {'vs single':>9}  "
+          f"{'output':<10} {'worker peak':>11}  load before")
     base = rows[0][2] if rows and not a.skip_single else None
-    for name, slots, wall, out_b, src_b, same, load in rows:
+    for name, slots, wall, cpu, out_b, n_el, same, load, rss in rows:
         ratio = f"{base / wall:.2f}x" if base else "-"
-        print(f"{name:<20} {slots:>5} {wall:>8.1f} {out_b / wall / 1e6:>9.1f} {src_b / wall / 1e6:>9.1f} "
-              f"{ratio:>9}  {same:<10} {load}")
-    return 0 if all(r[5] != "DIFFERENT" for r in rows) else 1
+        peak = f"{rss / 2**20:.0f} MiB" if rss else "-"
+        print(f"{name:<20} {slots:>5} {wall:>8.1f} {cpu:>7.1f} {out_b / wall / 1e6:>9.1f} {n_el / wall / 1e6:>9.1f} "
+              f"{ratio:>9}  {same:<10} {peak:>11}  {load}")
+    print("(CPU s: of this process: the whole run single-process, only the driver's share with ray; "
+          "worker peak: VmHWM, mapped input pages included)")
+    return 0 if all(r[6] != "DIFFERENT" for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -68,7 +70,7 @@ def execute_on_cluster(source: TensorSource, plan: Plan, out_path: "str | os.Pat
     check_outputs([f[0] for f in files], protect, overwrite=overwrite)
     ray = cluster.require_ray()
     started_here = not ray.is_initialized()
-    ray = cluster.connect(options.address, num_cpus=options.workers)
+    ray = _connect_keeping_sigterm(options)
     writers: list[GGUFWriter] = []
     try:
         placed = []
@@ -100,6 +102,18 @@ def execute_on_cluster(source: TensorSource, plan: Plan, out_path: "str | os.Pat
     paths = [f[0] for f in files]
     return Summary(paths[0], results, plan.src_bytes, plan.out_bytes, plan.n_elements,
                    sum(os.path.getsize(p) for p in paths), time.perf_counter() - t0, plan.n_fallback, paths)
+
+
+def _connect_keeping_sigterm(options: ClusterOptions):
+    """cluster.connect; ray.init replaces the SIGTERM handler (with sys.exit), and the caller's (the command
+    line's: SIGTERM unwinds as Ctrl-C does, with its cleanup and one-line message) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        return cluster.connect(options.address, num_cpus=options.workers)
+    finally:
+        if main and saved is not None:
+            signal.signal(signal.SIGTERM, saved)
 
 
 def _run(ray, tasks: list[Task], plan: Plan, recipe, parts: list[str] | None, writers: list[GGUFWriter],
