@@ -24,6 +24,7 @@ from .tools.edit import EditResult, edit_file
 if TYPE_CHECKING:
     from .gguf.constants import GGMLType
     from .allocation.search import Allocation
+    from .distributed.execute import ClusterOptions
     from .pipeline.execute import Summary
     from .pipeline.plan import Plan, QuantizeConfig
     from .pipeline.policy import FileType, TensorPlan
@@ -94,14 +95,24 @@ class Job:
         return [path for path, _, _ in output_files(self.plan, self.output)]
 
     def run(self, *, threads: int | None = None, stats: bool = False, overwrite: bool = False,
-            progress: Progress | None = None) -> Summary:
+            progress: Progress | None = None, cluster: ClusterOptions | None = None) -> Summary:
         """Write the output: unnamed files put in place together when all are complete, so an error, interrupt
         or kill leaves the targets as they were. ``threads`` None = all cores; ``stats``: RMS error per tensor
-        in the summary; ``overwrite``: replace existing outputs (never an input)."""
+        in the summary; ``overwrite``: replace existing outputs (never an input). ``cluster``: compute the tensors
+        on a Ray cluster (gguftool.distributed; the same bytes; ``threads`` is then ignored for cluster.threads,
+        and ``stats`` is not available)."""
         from .pipeline.execute import execute
 
         if self.output is None:
             raise PolicyError("no output file given")
+        if cluster is not None:
+            from .distributed.execute import execute_on_cluster
+            from .errors import ClusterError
+
+            if stats:
+                raise ClusterError("--stats is not available with --ray (run without --ray for the RMS errors)")
+            return execute_on_cluster(self.source, self.plan, self.output, cluster, overwrite=overwrite,
+                                      protect=self.inputs, progress=progress)
         return execute(self.source, self.plan, self.output, threads=threads, stats=stats, overwrite=overwrite,
                        protect=self.inputs, progress=progress)
 
@@ -171,7 +182,8 @@ def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None
             name: str | None = None, vocab_only: bool = False, options: QuantizeOptions | None = None,
             threads: int | None = None, stats: bool = False, overwrite: bool = False,
             progress: Progress | None = None, revision: str | None = None,
-            allow_requantize: bool = False, search_progress: SearchProgress | None = None) -> Summary:
+            allow_requantize: bool = False, search_progress: SearchProgress | None = None,
+            cluster: ClusterOptions | None = None) -> Summary:
     """Convert a Hugging Face checkpoint to GGUF in one step (see plan_convert and Job.run for the arguments).
 
     The file equals llama.cpp's convert_hf_to_gguf.py --outtype f32 (bf16 for a BF16 checkpoint) followed by
@@ -179,7 +191,7 @@ def convert(model: str | os.PathLike[str], output: str | os.PathLike[str] | None
     with plan_convert(model, output, type=type, name=name, vocab_only=vocab_only, options=options,
                       revision=revision, allow_requantize=allow_requantize, threads=threads,
                       search_progress=search_progress) as job:
-        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
+        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress, cluster=cluster)
 
 
 def _default_outfile(name: str, directory: str | os.PathLike[str], type_name: str) -> str:
@@ -231,12 +243,13 @@ def plan_quantize(input: str | os.PathLike[str], output: str | os.PathLike[str] 
 def quantize_file(input: str | os.PathLike[str], output: str | os.PathLike[str], *, type: str | None = None,
                   allow_requantize: bool = False, keep_split: bool = False, options: QuantizeOptions | None = None,
                   threads: int | None = None, stats: bool = False, overwrite: bool = False,
-                  progress: Progress | None = None, search_progress: SearchProgress | None = None) -> Summary:
+                  progress: Progress | None = None, search_progress: SearchProgress | None = None,
+                  cluster: ClusterOptions | None = None) -> Summary:
     """Quantize a GGUF file (see plan_quantize and Job.run for the arguments); the tensors written are
     byte-identical to llama-quantize's for the same input and options."""
     with plan_quantize(input, output, type=type, allow_requantize=allow_requantize, keep_split=keep_split,
                        options=options, threads=threads, search_progress=search_progress) as job:
-        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress)
+        return job.run(threads=threads, stats=stats, overwrite=overwrite, progress=progress, cluster=cluster)
 
 
 # --- imatrix: gguftool.imatrix(...) is gguftool.importance.run.compute_imatrix, exported by gguftool/__init__.py

@@ -101,9 +101,13 @@ class OutputFile:
 
     Use as a context manager (leaving it without commit() removes the file), write through :meth:`stream` or
     :meth:`fileno`, then commit(). ``overwrite``: commit() may replace an existing file at ``path``; without it an
-    existing file (even one created since the checks) makes commit() fail and stays as it was."""
+    existing file (even one created since the checks) makes commit() fail and stays as it was.
 
-    def __init__(self, path: "str | os.PathLike[str]", *, overwrite: bool = False):
+    ``named``: always a named temporary (never O_TMPFILE), so that other processes -- other machines, on shared
+    storage -- can open it by :attr:`temp_path` and write into it (gguftool.distributed). A SIGKILL of this
+    process then leaves that temporary behind (its name says what it is)."""
+
+    def __init__(self, path: "str | os.PathLike[str]", *, overwrite: bool = False, named: bool = False):
         self.path = os.fspath(path)
         self.overwrite = overwrite
         self._name = os.path.basename(self.path)
@@ -114,7 +118,7 @@ class OutputFile:
         self._fd: int | None = None
         self._tmp: str | None = None        # a temporary name of the file in the folder, removed by abort()
         try:
-            self._fd = self._open_unnamed()
+            self._fd = None if named else self._open_unnamed()
             self._unnamed = self._fd is not None
             if self._fd is None:
                 self._open_named()
@@ -159,6 +163,13 @@ class OutputFile:
         return f".{self._name}.{secrets.token_hex(6)}.tmp"
 
     # --- writing
+    @property
+    def temp_path(self) -> str | None:
+        """The path of the unfinished file while it has a temporary name (None for an unnamed file)."""
+        if self._tmp is None:
+            return None
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), self._tmp)
+
     def fileno(self) -> int:
         if self._fd is None:
             raise OutputError(f"{self.path}: output file already committed or aborted")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from .common import force_option, output_option, report_errors, threads_option
-from .quantize_options import (TYPES_HELP, SearchBar, policy_options, print_allocation, print_plan, print_summary,
+from .quantize_options import (TYPES_HELP, SearchBar, cluster_options, policy_options, print_allocation, print_plan, print_summary,
                                run_with_progress, split_options, warn)
 
 
@@ -59,11 +59,12 @@ def _print_model(src) -> None:
                                               "per-tensor plan with sizes; read only headers, write nothing.")
 @click.option("--stats", is_flag=True, help="Print each converted tensor's RMS error against the checkpoint.")
 @split_options
+@cluster_options
 @threads_option
 @force_option
 @report_errors
 def command(model, type_, outfile, revision, name, allow_requantize, vocab_only, dry_run, stats, split_max_size,
-            split_max_tensors, threads, force, **policy):
+            split_max_tensors, threads, force, ray_address, ray_no_shared_fs, **policy):
     """Convert the Hugging Face checkpoint MODEL (a .safetensors file or its folder, with config.json and
     tokenizer files; sharded checkpoints through model.safetensors.index.json) to GGUF.
 
@@ -110,5 +111,5 @@ def command(model, type_, outfile, revision, name, allow_requantize, vocab_only,
                 print_plan(job.plan, job.ftype)
             click.echo(f"output: {job.output}")
             return
-        summary = run_with_progress(job, threads, stats, force)
+        summary = run_with_progress(job, threads, stats, force, ray_address, not ray_no_shared_fs)
     print_summary(summary, job.plan, stats, model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from .common import fail, force_option, output_option, report_errors, threads_option
-from .quantize_options import (TYPES_HELP, SearchBar, policy_options, print_allocation, print_plan, print_summary,
+from .quantize_options import (TYPES_HELP, SearchBar, cluster_options, policy_options, print_allocation, print_plan, print_summary,
                                run_with_progress, split_options, warn)
 
 
@@ -29,11 +29,12 @@ from .quantize_options import (TYPES_HELP, SearchBar, policy_options, print_allo
               help="Write the output in the same splits as a split input (OUT-00001-of-0000N.gguf ...; OUT's .gguf "
                    "is dropped), tensors in file order, as llama-quantize --keep-split.")
 @split_options
+@cluster_options
 @threads_option
 @force_option
 @report_errors
 def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split_max_size, split_max_tensors, threads,
-            force, **policy):
+            force, ray_address, ray_no_shared_fs, **policy):
     """Quantize the GGUF file IN.gguf to OUT.gguf with llama.cpp's per-tensor type mix for TYPE.
 
     The tensors written are byte-identical to llama-quantize's for the same input and options. The output is
@@ -68,5 +69,5 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
             else:
                 print_plan(job.plan, job.ftype)
             return
-        summary = run_with_progress(job, threads, stats, force)
+        summary = run_with_progress(job, threads, stats, force, ray_address, not ray_no_shared_fs)
     print_summary(summary, job.plan, stats, inp)

@@ -2,12 +2,13 @@
 QuantizeOptions), the progress bar, and the printed plan and summary."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 import click
 
-from .common import skip_numba_blas_probe
+from .common import fail, ray_option, skip_numba_blas_probe
 
 TYPES_HELP = ("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, "
               "Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ3_XXS, IQ3_XS, IQ3_S, "
@@ -81,6 +82,20 @@ def split_options(func):
                              "(decimal units, as llama.cpp's gguf-split; OUT-00001-of-0000K.gguf ...).")(func)
 
 
+def cluster_options(func):
+    """--ray [ADDRESS] (cli.common.ray_option) and --ray-no-shared-fs: compute the tensors on a Ray cluster."""
+    func = click.option("--ray-no-shared-fs", "ray_no_shared_fs", is_flag=True,
+                        help="With --ray: the workers do not see the output's folder; their bytes come back "
+                             "through Ray's object store and this process writes them.")(func)
+
+    @functools.wraps(func)
+    def checked(*args, **kwargs):
+        if kwargs.get("ray_no_shared_fs") and kwargs.get("ray_address") is None:
+            fail("--ray-no-shared-fs is an option of --ray (give --ray too)")
+        return func(*args, **kwargs)
+    return ray_option(checked)
+
+
 # --- running
 
 
@@ -109,8 +124,9 @@ class SearchBar:
 
 
 
-def run_with_progress(job, threads, stats, force):
-    """job.run() (a gguftool.api.Job) with a progress bar on stderr."""
+def run_with_progress(job, threads, stats, force, ray_address=None, ray_shared_fs=True):
+    """job.run() (a gguftool.api.Job) with a progress bar on stderr; on a Ray cluster with ``ray_address``
+    (-t is then the kernel threads of each task, default 1)."""
     from tqdm import tqdm
 
     skip_numba_blas_probe()
@@ -126,8 +142,13 @@ def run_with_progress(job, threads, stats, force):
             bar.set_postfix_str(tp.name, refresh=False)
         bar.update(n)
 
+    cluster = None
+    if ray_address is not None:
+        from ..distributed.execute import ClusterOptions
+
+        cluster = ClusterOptions(address=ray_address, shared_fs=ray_shared_fs, threads=threads or 1)
     try:
-        return job.run(threads=threads, stats=stats, overwrite=force, progress=progress)
+        return job.run(threads=threads, stats=stats, overwrite=force, progress=progress, cluster=cluster)
     finally:
         bar.close()
 

@@ -17,9 +17,9 @@ import numpy as np
 from ..errors import FormatError, QuantError
 from .constants import GGMLType, GGUFValueType
 from .reader import GGUFReader, TensorInfo
-from ..pipeline.source import SourceTensor, TensorSource
+from ..pipeline.source import SourceRecipe, SourceTensor, TensorSource
 
-__all__ = ["GGUFTensor", "GGUFSource", "open_gguf_source"]
+__all__ = ["GGUFTensor", "GGUFSource", "GGUFRecipe", "open_gguf_source"]
 
 
 class GGUFTensor(SourceTensor):
@@ -145,6 +145,10 @@ class GGUFSource(TensorSource):
         """The GGUF file and, for a split model, every other split."""
         return list(self.paths)
 
+    def recipe(self) -> "GGUFRecipe | None":
+        path = os.path.abspath(self.path)
+        return GGUFRecipe(path) if os.path.isfile(path) else None   # (not for a reader over a buffer)
+
     def close(self) -> None:
         self.tensors = []
         fds, self._fds = self._fds, {}
@@ -232,6 +236,22 @@ def _split_readers(first: GGUFReader) -> list[GGUFReader]:
             r.close()
         raise
     return readers
+
+
+class GGUFRecipe(SourceRecipe):
+    """A GGUF file (the first split of a split model) opened again by its absolute path."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def open(self) -> GGUFSource:
+        return open_gguf_source(self.path)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GGUFRecipe) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(("gguf", self.path))
 
 
 def open_gguf_source(path: "str | os.PathLike[str]") -> GGUFSource:

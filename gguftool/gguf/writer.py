@@ -193,6 +193,9 @@ class GGUFWriter:
                 w.write_tensor_data(name, data)   # array / bytes / iterable of chunks
             w.finish()
 
+    ``named=True`` with :meth:`reserve_data`: the tensor data is written by others (gguftool.distributed) into the
+    unfinished file, which then has a name (:attr:`part_path`) other processes can open.
+
     ``write_behind=True``: the data is written by a background thread (``os.writev``, without the GIL) while the
     caller prepares the next chunks (see :mod:`.write_behind`); arrays and buffers given to
     ``write_tensor_data`` / ``copy_data_section`` are then written after the call returns, so they must not be
@@ -201,8 +204,9 @@ class GGUFWriter:
 
     def __init__(self, path: "str | os.PathLike[str]", *, alignment: int | None = None, version: int = 3,
                  overwrite: bool = False, protect: Sequence["str | os.PathLike[str]"] = (),
-                 write_behind: bool = False):
+                 write_behind: bool = False, named: bool = False):
         self.path = os.fspath(path)
+        self._named = named
         self._write_behind = write_behind and _wb.available()
         if version not in (2, 3):
             raise GGUFError(f"cannot write GGUF version {version} (only 2 and 3)")
@@ -312,6 +316,39 @@ class GGUFWriter:
         self._write(header)
         self._data_start = len(header)
         self._state = _State.DATA
+
+    @property
+    def part_path(self) -> str | None:
+        """The unfinished file's temporary path (``named=True``, after write_header), else None."""
+        return self._out.temp_path if self._out is not None else None
+
+    def reserve_data(self) -> None:
+        """Instead of write_tensor_data: size the file for every declared tensor (zeros, sparse where the
+        filesystem allows) and count them all as written; their bytes are then put at ``data_offset`` +
+        ``tensor_infos[i].offset`` by whoever computes them (os.pwrite). finish() closes the file as usual."""
+        if self._state == _State.METADATA:
+            self.write_header()
+        self._require(_State.DATA, "reserve_data")
+        if self._next:
+            raise GGUFError("reserve_data after write_tensor_data")
+        end = max((t.offset + t.nbytes for t in self.tensor_infos), default=0)
+        self._file.flush()
+        size = self._data_start + _pad(end, self.alignment)
+        assert self._out is not None
+        os.ftruncate(self._out.fileno(), size)
+        self._pos = size
+        self._next = len(self.tensor_infos)
+
+    def pwrite(self, offset: int, data: Any) -> None:
+        """Write ``data`` at the absolute file ``offset`` (after reserve_data)."""
+        if self._next != len(self.tensor_infos) or self._out is None:
+            raise GGUFError("pwrite() before reserve_data()")
+        fd = self._out.fileno()
+        for chunk in _chunks(data):
+            done = 0
+            while done < chunk.nbytes:
+                done += os.pwrite(fd, chunk[done:], offset + done)
+            offset += chunk.nbytes
 
     @property
     def data_offset(self) -> int:
@@ -430,7 +467,7 @@ class GGUFWriter:
             raise GGUFError(f"{what}() not allowed now: writer is in state {self._state.name}")
 
     def _open_temp(self) -> None:
-        self._out = OutputFile(self.path, overwrite=self._overwrite)
+        self._out = OutputFile(self.path, overwrite=self._overwrite, named=self._named)
         self._file = self._out.stream(buffering=1 << 20)
 
     def _write(self, data) -> None:

@@ -23,7 +23,7 @@ from ..errors import ConvertError
 from ..gguf.constants import GGMLType
 from ..gguf.values import KV
 from ..pipeline.policy import FTYPES
-from ..pipeline.source import SourceTensor, TensorSource
+from ..pipeline.source import SourceRecipe, SourceTensor, TensorSource
 from . import archs as A
 from .checkpoint import SUPPORTED_DTYPES, Checkpoint, SafetensorsTensor, widen_compute, widen_f32
 from .prequant import Prequant, ScaledWeight, find_prequantized
@@ -168,6 +168,10 @@ class HFSource(TensorSource):
     outtype: str = "f32"
     name: str = ""
     prequant: Prequant = field(default_factory=Prequant)    # FP8 ... weights and their scales, if any
+    opened_as: "HFRecipe | None" = None                     # open_hf_source's arguments (for recipe())
+
+    def recipe(self) -> "HFRecipe | None":
+        return self.opened_as
 
     def prequant_report(self) -> list[tuple[str, str]]:
         """(GGUF tensor name, what it is dequantized from) for every tensor made from a pre-quantized weight."""
@@ -392,6 +396,22 @@ def _required(arch: A.Arch, n_layers: int, hp: dict) -> list[str]:
     return names
 
 
+class HFRecipe(SourceRecipe):
+    """A checkpoint opened again (by its absolute path) with the same open_hf_source arguments."""
+
+    def __init__(self, path: str, outtype: str, name: str | None, vocab_only: bool):
+        self.args = (path, outtype, name, vocab_only)
+
+    def open(self) -> HFSource:
+        return open_hf_source(*self.args)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFRecipe) and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash(("hf",) + self.args)
+
+
 def open_hf_source(path: str | os.PathLike, outtype: str = "auto", name: str | None = None,
                    vocab_only: bool = False) -> HFSource:
     """Open a checkpoint (folder or .safetensors file) as the converter's output would look.
@@ -401,10 +421,12 @@ def open_hf_source(path: str | os.PathLike, outtype: str = "auto", name: str | N
     """
     ck = Checkpoint.open(path)
     try:
-        return _build(ck, outtype, name, vocab_only)
+        src = _build(ck, outtype, name, vocab_only)
     except BaseException:
         ck.close()
         raise
+    src.opened_as = HFRecipe(os.path.abspath(os.fspath(path)), outtype, name, vocab_only)
+    return src
 
 
 def _index(ck: Checkpoint, arch: A.Arch, hp: dict, pq: Prequant, out_type: GGMLType) -> list[tuple[str, str, object]]:

@@ -24,7 +24,7 @@ from . import policy as P
 from .plan import Plan, output_files, shape3
 from .source import SourceTensor, TensorSource
 
-__all__ = ["TensorResult", "Summary", "Progress", "execute"]
+__all__ = ["TensorResult", "Summary", "Progress", "execute", "tensor_chunks", "tensor_weights", "ggml_shape"]
 
 
 @dataclass
@@ -86,7 +86,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
-    reader = pio.SlabReader(plan)
+    reader = pio.SlabReader.of_plan(plan)
     files = output_files(plan, out_path)
     check_outputs([f[0] for f in files], protect, overwrite=overwrite)
     writers: list[GGUFWriter] = []
@@ -98,7 +98,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
                 writers.append(w)
                 w.add_kvs(kvs)
                 for tp in tensors:
-                    w.add_tensor_info(tp.name, _ggml_shape(tp.shape), tp.new_type)
+                    w.add_tensor_info(tp.name, ggml_shape(tp.shape), tp.new_type)
                 w.write_header()
                 for tp in tensors:
                     results.append(_write_tensor(w, tp, plan, threads, stats, progress, reader))
@@ -119,7 +119,8 @@ def _write_tensor(w: GGUFWriter, tp: P.TensorPlan, plan: Plan, threads: int | No
     src = plan.sources[tp.name]
     acc = _StatAcc() if stats and tp.converts else None
     try:
-        w.write_tensor_data(tp.name, _tensor_chunks(src, tp, plan.imatrix, threads, acc, progress, reader))
+        w.write_tensor_data(tp.name, tensor_chunks(src, tp, tensor_weights(tp, plan.imatrix), threads, reader,
+                                                   acc=acc, progress=progress))
     except QuantError as e:
         if tp.name in str(e):
             raise
@@ -131,19 +132,31 @@ def _write_tensor(w: GGUFWriter, tp: P.TensorPlan, plan: Plan, threads: int | No
     return r
 
 
-def _ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+def ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """llama.cpp writes ggml_n_dims dimensions (trailing 1s dropped)."""
     return tuple(shape[:P.n_dims(shape)])
 
 
-def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix: dict[str, np.ndarray] | None,
-                   threads: int | None, acc: _StatAcc | None, progress: Progress | None,
-                   reader: pio.SlabReader) -> Iterator[np.ndarray]:
-    """The bytes of one output tensor, slab by slab."""
+def tensor_weights(tp: P.TensorPlan, imatrix: dict[str, np.ndarray] | None) -> np.ndarray | None:
+    """The imatrix weights a converted tensor is quantized with (all experts' slices), or None."""
+    w_all = imatrix.get(tp.name) if imatrix is not None else None
+    ne0, _, ne2 = shape3(tp.shape)
+    if w_all is not None and w_all.size != ne0 * ne2:
+        return None  # token_embd with a mismatched entry: ignored, as llama.cpp does
+    return w_all
+
+
+def tensor_chunks(src: SourceTensor, tp: P.TensorPlan, weights: np.ndarray | None, threads: int | None,
+                  reader: pio.SlabReader, start: int = 0, stop: int | None = None, *, acc: _StatAcc | None = None,
+                  progress: Progress | None = None) -> Iterator[np.ndarray]:
+    """The bytes of one output tensor, slab by slab; with ``start``/``stop`` only those of its rows [start, stop)
+    (whole slabs: :func:`gguftool.pipeline.io.slabs`), for a converted tensor. ``weights``: tensor_weights()."""
     from ..quants import dequantize, quantize
 
     total = tp.src_nbytes
     if not tp.converts:
+        if start != 0 or stop is not None:
+            raise ValueError("a copied tensor goes in one piece")
         raw = src.read_raw()
         step = max(pio.SLAB_BYTES, 1)
         for off in range(0, raw.size, step):
@@ -157,21 +170,18 @@ def _tensor_chunks(src: SourceTensor, tp: P.TensorPlan, imatrix: dict[str, np.nd
 
     ne0, ne1, ne2 = shape3(tp.shape)
     n_rows = tp.n_elements // ne0
-    w_all = imatrix.get(tp.name) if imatrix is not None else None
-    if w_all is not None and w_all.size != ne0 * ne2:
-        w_all = None  # token_embd with a mismatched entry: ignored, as llama.cpp does
     src_row_bytes = total // n_rows if n_rows else 0
-    for row, stop, expert in pio.slabs(tp):
-        x = reader.rows(src, row, stop)
-        w = None if w_all is None else w_all[expert * ne0:(expert + 1) * ne0]
+    for row, last, expert in pio.slabs(tp, start, stop):
+        x = reader.rows(src, row, last)
+        w = None if weights is None else weights[expert * ne0:(expert + 1) * ne0]
         q = quantize(x, tp.new_type, imatrix=w, threads=threads)
         if acc is not None:
             acc.add(x, dequantize(q, tp.new_type, ne0, threads=threads), w)
         del x
-        reader.release(src, row, stop)
+        reader.release(src, row, last)
         yield q
         if progress:
-            progress((stop - row) * src_row_bytes, tp)
+            progress((last - row) * src_row_bytes, tp)
 
 
 class _StatAcc:

@@ -26,25 +26,33 @@ from . import policy as P
 from .plan import Plan, shape3
 from .source import SourceTensor
 
+# one piece of work for the reader: a converted tensor, its source, and the rows [start, stop) wanted (whole slabs)
+Piece = tuple[P.TensorPlan, SourceTensor, int, int]
+
 __all__ = ["SLAB_BYTES", "SlabReader", "slabs"]
 
 # float32 bytes of source rows converted at once (a big tensor goes through in slabs of this size)
 SLAB_BYTES = 64 << 20
 
 
-def slabs(tp: P.TensorPlan) -> Iterator[tuple[int, int, int]]:
-    """(start_row, stop_row, expert) of each slab of a converted tensor, in order."""
+def slabs(tp: P.TensorPlan, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """(start_row, stop_row, expert) of each slab of a converted tensor, in order; with ``start``/``stop`` only the
+    slabs inside rows [start, stop) (a piece of a tensor made of whole slabs: gguftool.distributed)."""
     ne0, ne1, _ = shape3(tp.shape)
     n_rows = tp.n_elements // ne0
+    end = n_rows if stop is None else stop
     rows_per_expert = ne1 if len(tp.shape) >= 3 else n_rows
     slab = max(1, SLAB_BYTES // (4 * ne0))
     row = 0
     while row < n_rows:
         # a slab never crosses an expert boundary: each expert has its own imatrix slice
         expert = row // rows_per_expert
-        stop = min(n_rows, row + slab, (expert + 1) * rows_per_expert)
-        yield row, stop, expert
-        row = stop
+        last = min(n_rows, row + slab, (expert + 1) * rows_per_expert)
+        if row >= end:
+            return
+        if row >= start and last <= end:
+            yield row, last, expert
+        row = last
 
 
 class _Scratch:
@@ -64,25 +72,32 @@ class SlabReader:
 
     The numba kernels hold the GIL, so a background read is only handed over once its thread is about to enter
     the system call (which releases the GIL): ``_start_next`` waits for that. Slabs must be asked for in plan
-    order (:func:`slabs` of each converted tensor); anything else is read synchronously."""
+    order (:func:`slabs` of each converted tensor); anything else is read synchronously.
 
-    def __init__(self, plan: Plan):
+    ``pieces``: the (tensor, source, start row, stop row) to be read, in order (:meth:`of_plan`: all of a plan's
+    converted tensors)."""
+
+    def __init__(self, pieces: "list[Piece]"):
         self._maps: dict[str, mmap.mmap | None] = {}
         self._mapped: dict[str, tuple[str, int]] = {}     # tensor name -> (path, offset) of its F32 rows
-        for tp in plan.tensors:
+        for tp, src, _, _ in pieces:
             if tp.converts:
-                src = plan.sources[tp.name]
                 loc = src.raw_location() if src.type == GGMLType.F32 else None
                 if loc is not None:
                     self._mapped[tp.name] = loc
-        self._jobs = iter([(plan.sources[tp.name], a, b) for tp in plan.tensors
-                           if tp.converts and tp.name not in self._mapped for a, b, _ in slabs(tp)])
+        self._jobs = iter([(src, a, b) for tp, src, start, stop in pieces
+                           if tp.converts and tp.name not in self._mapped for a, b, _ in slabs(tp, start, stop)])
         self._bufs = [_Scratch(), _Scratch()]
         self._turn = 0
         self._pool: ThreadPoolExecutor | None = None
         # the next slab: ((tensor name, start, stop), its background read or None to read it when asked)
         self._pending: tuple[tuple[str, int, int], Future | None] | None = None
         self._sync = _Scratch()
+
+    @classmethod
+    def of_plan(cls, plan: Plan) -> "SlabReader":
+        return cls([(tp, plan.sources[tp.name], 0, tp.n_elements // shape3(tp.shape)[0]) for tp in plan.tensors
+                    if tp.converts])
 
     def __enter__(self) -> "SlabReader":
         self._start_next()

@@ -62,6 +62,15 @@ class SourceTensor(abc.ABC):
         return None
 
 
+class SourceRecipe(abc.ABC):
+    """How to open a source again in another process (a worker of gguftool.distributed, maybe on another machine
+    that sees the same files): a small picklable value. The source it opens must list the same tensors."""
+
+    @abc.abstractmethod
+    def open(self) -> "TensorSource":
+        """The source, opened afresh (the caller closes it)."""
+
+
 @dataclass
 class TensorSource:
     kvs: list[KV]
@@ -70,6 +79,14 @@ class TensorSource:
     def input_files(self) -> list[str]:
         """Every file this source reads (an output must never be one of them); none for a source in memory."""
         return []
+
+    def recipe(self) -> SourceRecipe | None:
+        """How another process opens this same source; None (the default) for a source that only exists here
+        (built in memory), which therefore cannot be converted on a cluster."""
+        return None
+
+    def close(self) -> None:
+        """Release the source's files (the default holds none)."""
 
     def get(self, key: str, default=None):
         for kv in self.kvs:
