@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     opts = dict(n_ctx=a.ctx, n_chunks=a.chunks, batch_tokens=a.ctx)
     print(f"model {model} ({os.path.getsize(model) / 2**20:.0f} MiB), {a.chunks} chunks of {a.ctx} tokens, "
           f"{os.cpu_count()} CPUs; {load()}")
-    header = (f"{'run':<22} {'wall s':>7} {'tok/s':>7} {'worker tok/s':>12} {'load s':>6} {'RSS/worker MiB':>14} "
+    header = (f"{'run':<24} {'wall s':>7} {'tok/s':>7} {'worker tok/s':>12} {'load s':>6} {'RSS/worker MiB':>14} "
               f"{'KiB back/chunk':>14} {'merge ms':>8}  agreement")
     print(header)
     ref = None
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         n_tok = run.n_chunks * a.ctx
         if ref is None:
             ref = run
-        print(f"{'single process, ' + str(t) + ' thr':<22} {best:7.2f} {n_tok / best:7.1f} {'':>12} {'':>6} "
+        print(f"{'single process, ' + str(t) + ' thr':<24} {best:7.2f} {n_tok / best:7.1f} {'':>12} {'':>6} "
               f"{'':>14} {'':>14} {'':>8}  {agreement(ref.imatrix, run.imatrix)}", flush=True)
     src.close()
     assert ref is not None
@@ -115,11 +115,11 @@ def main(argv=None) -> int:
                 best = min(best, time.perf_counter() - t0)
             assert res is not None
             n_tok = res.run.n_chunks * a.ctx
-            per_worker = np.mean([r.tokens_per_second for r in res.workers])
+            per_worker = np.mean([r.tokens_per_second for r in res.workers if r.batches])
             rss = max(r.peak_rss for r in res.workers) / 2**20
             load_s = max(r.load_seconds for r in res.workers)
             back = res.bytes_returned / res.run.n_chunks / 1024
-            print(f"{'ray, ' + str(w) + ' worker(s) x 1 thr':<22} {best:7.2f} {n_tok / best:7.1f} "
+            print(f"{'ray, ' + str(w) + ' worker(s) x 1 thr':<24} {best:7.2f} {n_tok / best:7.1f} "
                   f"{per_worker:12.1f} {load_s:6.2f} {rss:14.0f} {back:14.1f} {res.merge_seconds * 1e3:8.1f}  "
                   f"{agreement(ref.imatrix, res.run.imatrix)}", flush=True)
     finally:

@@ -182,14 +182,17 @@ def _drive(ray, actors: list, plan: RunPlan, totals: RunTotals) -> tuple[int, in
     next_merge, sent, returned, merging = 0, 0, 0, 0.0
 
     def fill() -> None:
+        """Hand out batches round-robin to the least-loaded workers (an idle worker first)."""
         nonlocal sent
-        for k, actor in enumerate(actors):
-            while todo and queued[k] < IN_FLIGHT and len(owner) + len(ready) < limit:
-                index, (first_chunk, batch) = todo.pop()
-                targets = plan.targets(first_chunk, batch.shape[0])
-                sent += batch.nbytes + (targets.nbytes if targets is not None else 0)
-                owner[actor.evaluate.remote(index, first_chunk, batch, targets)] = (index, k)
-                queued[k] += 1
+        while todo and len(owner) + len(ready) < limit:
+            k = min(range(len(actors)), key=queued.__getitem__)
+            if queued[k] >= IN_FLIGHT:
+                return
+            index, (first_chunk, batch) = todo.pop()
+            targets = plan.targets(first_chunk, batch.shape[0])
+            sent += batch.nbytes + (targets.nbytes if targets is not None else 0)
+            owner[actors[k].evaluate.remote(index, first_chunk, batch, targets)] = (index, k)
+            queued[k] += 1
 
     fill()
     while owner:
