@@ -64,6 +64,19 @@ def test_cli_ray_writes_the_single_process_files(cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_layer_split_writes_the_single_process_file(cluster, tmp_path):
+    """--ray-stages 2: one worker as two actors holding a layer each (the first the embedding, the last the output
+    head, collected with --process-output), the residual stream passed between them: the same file."""
+    common = [TINY_LLAMA, "--calib", CALIB, "-c", "128", "-b", "256", "--chunks", "6", "--process-output", "-q"]
+    local, dist = tmp_path / "local.gguf", tmp_path / "ray.gguf"
+    assert run_cli("imatrix", *common, "-o", local).exit_code == 0
+    r = run_cli("imatrix", *common, "-o", dist, "--ray-workers", "1", "--ray-stages", "2", "--ray")
+    assert r.exit_code == 0, r.output
+    assert "ray: 1 worker(s) of 2 stages (0.8 MiB passed between them)" in r.stdout   # 6 x 128 x 256 x 4 B
+    _same_file(local, dist)
+
+
+@pytest.mark.slow
 def test_killed_worker_is_survived_moe(cluster, tmp_path):
     """A worker process that dies mid-run (os._exit on its 4th batch) is restarted and the batch evaluated again:
     every sum (MoE experts' per-expert rows included), count and running perplexity equals the local run's."""
@@ -105,6 +118,10 @@ def test_ray_bad_input_one_line_errors(cluster, tmp_path):
     cases = [
         (["--ray-workers", "0", "--ray"], "Error: the worker count (--ray-workers) must be >= 1 (got 0)"),
         (["--ray-workers", "2"], "Error: --ray-workers needs --ray"),
+        (["--ray-stages", "2"], "Error: --ray-stages needs --ray"),
+        (["--ray-stages", "0", "--ray"], "Error: the stage count (--ray-stages) must be >= 1 (got 0)"),
+        (["--ray-stages", "2", "--ray-workers", "2", "--ray"],
+         "Error: 2 workers of 1 thread(s) x 2 stages need 4 CPUs; the cluster has 2"),
         (["--ray-workers", "64", "--ray"], "Error: 64 workers of 1 thread(s) need 64 CPUs; the cluster has 2"),
         (["--calib", str(tmp_path / "none.txt"), "--ray"],
          f"Error: {tmp_path / 'none.txt'}: no such calibration file"),

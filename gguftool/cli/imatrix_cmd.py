@@ -40,11 +40,14 @@ from .common import fail, force_option, output_option, ray_option, report_errors
 @click.option("--ray-workers", "ray_workers", type=int, metavar="N",
               help="With --ray: the number of workers, each holding the model and evaluating -t threads "
                    "(default: as many as the cluster's CPUs allow, 1 thread each).")
+@click.option("--ray-stages", "ray_stages", type=int, default=1, show_default=True, metavar="S",
+              help="With --ray: split each worker's model over S actors holding a share of the layers each "
+                   "(passing the hidden states on), for a model one worker cannot hold.")
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
 def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, process_output, in_files,
-            save_freq, no_ppl, batch, weight_gib, ray_address, ray_workers, force, quiet):
+            save_freq, no_ppl, batch, weight_gib, ray_address, ray_workers, ray_stages, force, quiet):
     """Compute an importance matrix for MODEL from the calibration text: the text is tokenized, cut into
     chunks of --ctx tokens (the first token of each replaced by BOS when the vocabulary adds one), each chunk is
     evaluated and, for every matrix multiplication by a `blk.*` weight, the sum of squares of each input column
@@ -66,6 +69,8 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         fail(f"--max-weight-memory must be a finite number of GiB (got {weight_gib})")
     if ray_workers is not None and ray_address is None:
         fail("--ray-workers needs --ray")
+    if ray_stages != 1 and ray_address is None:
+        fail("--ray-stages needs --ray")
 
     bars = []   # the progress bar, made at the first chunk (nothing is drawn when the model is refused)
 
@@ -89,7 +94,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
             output_format=fmt, process_output=process_output, in_files=in_files, save_frequency=save_freq,
             batch=batch, max_weight_memory=None if weight_gib is None else int(weight_gib * 2**30),
             compute_ppl=not no_ppl, overwrite=force, progress=progress, ray_address=ray_address,
-            ray_workers=ray_workers)
+            ray_workers=ray_workers, ray_stages=ray_stages)
     finally:
         for bar in bars:
             bar.close()
@@ -103,5 +108,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
                f"({result.n_tokens} tokens in the text), {result.seconds:.1f} s")
     if result.cluster is not None:
         c = result.cluster
-        click.echo(f"ray: {c.n_workers} worker(s), "
+        stages = f" of {c.stages} stages ({c.bytes_between_stages / 2**20:.1f} MiB passed between them)" \
+            if c.stages > 1 else ""
+        click.echo(f"ray: {c.n_workers} worker(s){stages}, "
                    f"{c.bytes_returned / 2**20:.1f} MiB of statistics returned")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..gguf.source import GGUFSource
     from ..hf.source import HFSource
 
-__all__ = ["ImatrixCollector", "ImatrixRun", "BatchStatistics", "RunPlan", "RunTotals", "evaluate_batch", "check_run_options", "compute_imatrix", "read_calibration_text",
+__all__ = ["ImatrixCollector", "ImatrixRun", "BatchStatistics", "RunPlan", "RunTotals", "evaluate_batch", "evaluate_stage", "check_run_options", "compute_imatrix", "read_calibration_text",
            "load_model", "merge_imatrix_files", "save_imatrix", "chunk_nll"]
 
 
@@ -248,6 +248,22 @@ class BatchStatistics:
     expert_names: frozenset[str]          # the weights collected per expert
     nll: list[tuple[float, float]]        # per chunk: sums of nll and nll² over its scored tokens (empty: no PPL)
 
+    @classmethod
+    def combine(cls, parts: Sequence["BatchStatistics"]) -> "BatchStatistics":
+        """The statistics of one batch's pipeline stages as one (each weight is collected by one stage)."""
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, np.ndarray] = {}
+        experts: set[str] = set()
+        nll: list[tuple[float, float]] = []
+        for p in parts:
+            if p.first_chunk != parts[0].first_chunk or sums.keys() & p.sums.keys():
+                raise ImatrixError(f"stage statistics of batch {parts[0].first_chunk} do not fit together")
+            sums.update(p.sums)
+            counts.update(p.counts)
+            experts |= p.expert_names
+            nll = nll or p.nll
+        return cls(parts[0].first_chunk, sums, counts, frozenset(experts), nll)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the statistics (what crosses the network per batch)."""
@@ -263,6 +279,26 @@ def evaluate_batch(model, first_chunk: int, batch: np.ndarray, targets: np.ndarr
     logits = model.forward(batch, hook=collector, logits_from=first, logits_to=last, process_output=process_output)
     nll = [chunk_nll(logits[j], targets[j]) for j in range(batch.shape[0])] if targets is not None else []
     return BatchStatistics(first_chunk, collector.sums, collector.counts, frozenset(collector.expert_names), nll)
+
+
+def evaluate_stage(model, first_chunk: int, inp: np.ndarray, n_ctx: int, layers: range, first: bool, last: bool,
+                   targets: np.ndarray | None, process_output: bool) -> tuple[np.ndarray | None, BatchStatistics]:
+    """One pipeline stage of :func:`evaluate_batch`: the model's ``layers`` only. ``inp``: the batch's tokens
+    ((nb, n_ctx), BOS in place) for the ``first`` stage, else the residual stream (nb * n_ctx, n_embd) the previous
+    stage returned. Returns the residual stream for the next stage (None from the ``last``, which also takes the
+    logits and the NLL sums) and the statistics of this stage's weights. The stages' statistics together
+    (:meth:`BatchStatistics.combine`) are exactly evaluate_batch's: each weight belongs to one stage."""
+    collector = ImatrixCollector(n_ctx, process_output)
+    nb = inp.shape[0] if first else inp.shape[0] // n_ctx
+    x = model.embed(inp) if first else inp
+    x = model.run_layers(x, nb, n_ctx, layers, collector)
+    nll: list[tuple[float, float]] = []
+    if last:
+        lo, hi = scored_range(n_ctx) if targets is not None else (0, 0)
+        logits = model.head(x, nb, n_ctx, collector, lo, hi, process_output)
+        nll = [chunk_nll(logits[j], targets[j]) for j in range(nb)] if targets is not None else []
+    stats = BatchStatistics(first_chunk, collector.sums, collector.counts, frozenset(collector.expert_names), nll)
+    return (None if last else x), stats
 
 
 @dataclass

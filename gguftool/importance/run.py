@@ -65,7 +65,7 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
                          save_frequency: int = 0, batch: int = 2048, max_weight_memory: int | None = None,
                          compute_ppl: bool = True, overwrite: bool = False,
                          progress: ProgressFn | None = None, ray_address: str | None = None,
-                         ray_workers: int | None = None) -> ImatrixResult:
+                         ray_workers: int | None = None, ray_stages: int = 1) -> ImatrixResult:
     """Compute the importance matrix of the model at ``model_path`` (GGUF file or Hugging Face checkpoint) over
     the text at ``calib_path`` and write it to ``output_path`` (replaced if it exists), as llama-imatrix does.
 
@@ -80,7 +80,9 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
 
     ``ray_address``: evaluate the chunks on a Ray cluster (gguftool.distributed.imatrix; "local" starts one here,
     "auto" joins this machine's), ``ray_workers`` workers (None: as many as the cluster's CPUs allow) of ``threads``
-    threads each (None: 1); the model path must be readable by every worker. The result is the local run's.
+    threads each (None: 1); the model path must be readable by every worker. ``ray_stages`` > 1: each worker is a
+    pipeline of that many actors holding a share of the layers each (for a model one worker cannot hold). The
+    result is the local run's.
 
     Without ``calib_path`` the ``in_files`` are only combined (``model_path`` is not read). Raises ImatrixError
     (or another GGUFError) for bad options or input, before any work where it can tell.
@@ -90,6 +92,8 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
         from ..distributed.cluster import require_ray
         if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
             raise ImatrixError(f"the worker count (--ray-workers) must be >= 1 (got {ray_workers})")
+        if not isinstance(ray_stages, int) or ray_stages < 1:
+            raise ImatrixError(f"the stage count (--ray-stages) must be >= 1 (got {ray_stages})")
         require_ray()        # without the extra: the one-line hint before any file is opened
     output = os.fspath(output_path)
     in_paths = [os.fspath(p) for p in in_files]
@@ -135,6 +139,7 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
             del model
             cluster = compute_imatrix_on_cluster(
                 model_file, tokenizer, text, address=ray_address, workers=ray_workers, threads=threads or 1,
+                stages=ray_stages,
                 n_ctx=n_ctx, n_chunks=n_chunks, process_output=process_output, compute_ppl=compute_ppl,
                 in_files=in_paths, dataset=calib, batch_tokens=batch, progress=progress, on_chunk=save_snapshot)
             run = cluster.run
