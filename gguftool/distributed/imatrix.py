@@ -13,8 +13,11 @@ counts and perplexity are bit for bit those of the local run.
 What crosses the network: per batch the tokens (``n_seq * n_ctx`` int64 plus the scored targets) to the worker, and
 back the float64 sums (one row of ``ne0`` per weight, ``n_expert`` rows for MoE experts) and int64 counts: a few
 MB for a small model, independent of ``n_ctx``. Memory on the driver: the merged imatrix plus at most
-``IN_FLIGHT * workers`` batch results waiting for an earlier one. Memory per worker: the single-process pipeline's
+``IN_FLIGHT * workers`` (times ``stages``) batch results waiting for an earlier one. Memory per worker: the single-process pipeline's
 (the model memory-mapped, widened a slab at a time, one batch's activations).
+
+Every node needs gguftool (the same version) installed and the model at the same path; a local cluster's workers
+inherit this process's environment.
 
 Failures: an actor whose process dies is restarted (``MAX_RESTARTS``), reopens the model, and the batches it had
 in hand are evaluated again (``MAX_TASK_RETRIES``); since a batch's statistics depend only on its tokens, the result
