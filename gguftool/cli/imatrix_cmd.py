@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import fail, force_option, output_option, report_errors, text_file_option, threads_option
+from .common import fail, force_option, output_option, ray_option, report_errors, text_file_option, threads_option
 
 
 @click.command("imatrix")
@@ -36,16 +36,26 @@ from .common import fail, force_option, output_option, report_errors, text_file_
 @click.option("--max-weight-memory", "weight_gib", type=click.FloatRange(min=0), metavar="GIB", hidden=True,
               help="Obsolete and ignored: the weights stay in their stored form (peak memory about the model "
                    "file's size), widened to float32 a slab at a time.")
+@ray_option
+@click.option("--ray-workers", "ray_workers", type=int, metavar="N",
+              help="With --ray: the number of workers, each holding the model and evaluating -t threads "
+                   "(default: as many as the cluster's CPUs allow, 1 thread each).")
+@click.option("--ray-stages", "ray_stages", type=int, default=1, show_default=True, metavar="S",
+              help="With --ray: split each worker's model over S actors holding a share of the layers each "
+                   "(passing the hidden states on), for a model one worker cannot hold.")
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
 def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, process_output, in_files,
-            save_freq, no_ppl, batch, weight_gib, force, quiet):
+            save_freq, no_ppl, batch, weight_gib, ray_address, ray_workers, ray_stages, force, quiet):
     """Compute an importance matrix for MODEL from the calibration text: the text is tokenized, cut into
     chunks of --ctx tokens (the first token of each replaced by BOS when the vocabulary adds one), each chunk is
     evaluated and, for every matrix multiplication by a `blk.*` weight, the sum of squares of each input column
     is accumulated with the token count. The numbers are llama-imatrix's; the file is readable by
-    llama-quantize and `gguftool quantize --imatrix`."""
+    llama-quantize and `gguftool quantize --imatrix`.
+
+    With --ray the chunks are evaluated by Ray workers (each holding the model, read from the same path), merged
+    on this machine in chunk order: the same file as without --ray."""
     from ..importance.run import compute_imatrix_file
 
     if model_arg and model_opt and model_arg != model_opt:
@@ -57,6 +67,10 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         fail("no model given (MODEL or -m/--model)")
     if weight_gib is not None and not math.isfinite(weight_gib):
         fail(f"--max-weight-memory must be a finite number of GiB (got {weight_gib})")
+    if ray_workers is not None and ray_address is None:
+        fail("--ray-workers needs --ray")
+    if ray_stages != 1 and ray_address is None:
+        fail("--ray-stages needs --ray")
 
     bars = []   # the progress bar, made at the first chunk (nothing is drawn when the model is refused)
 
@@ -68,15 +82,19 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
             bars.append(tqdm(total=total, unit="chunk", desc="imatrix", file=sys.stderr, dynamic_ncols=True))
         bar = bars[0]
         bar.update(done - bar.n)
+        rate = bar.format_dict["rate"]          # chunks/s, smoothed (tqdm shows the ETA from it)
+        info = [f"{rate * n_ctx:.0f} tok/s"] if rate else []
         if ppl == ppl:
-            bar.set_postfix_str(f"ppl {ppl:.4f}")
+            info.append(f"ppl {ppl:.4f}")
+        bar.set_postfix_str(", ".join(info))
 
     try:
         result = compute_imatrix_file(
             model_path, calib or None, output, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads or None,
             output_format=fmt, process_output=process_output, in_files=in_files, save_frequency=save_freq,
             batch=batch, max_weight_memory=None if weight_gib is None else int(weight_gib * 2**30),
-            compute_ppl=not no_ppl, overwrite=force, progress=progress)
+            compute_ppl=not no_ppl, overwrite=force, progress=progress, ray_address=ray_address,
+            ray_workers=ray_workers, ray_stages=ray_stages)
     finally:
         for bar in bars:
             bar.close()
@@ -88,3 +106,9 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
         click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
     click.echo(f"{output}: {len(result.imatrix.entries)} entries, {result.n_chunks} chunks of {n_ctx} tokens "
                f"({result.n_tokens} tokens in the text), {result.seconds:.1f} s")
+    if result.cluster is not None:
+        c = result.cluster
+        stages = f" of {c.stages} stages ({c.bytes_between_stages / 2**20:.1f} MiB passed between them)" \
+            if c.stages > 1 else ""
+        click.echo(f"ray: {c.n_workers} worker(s){stages}, "
+                   f"{c.bytes_returned / 2**20:.1f} MiB of statistics returned")

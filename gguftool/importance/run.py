@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ImatrixError
 from ..model.config import ModelConfig
@@ -21,6 +21,9 @@ from .collect import (ImatrixCollector, ProgressFn, check_run_options, compute_i
                       merge_imatrix_files, read_calibration_text, save_imatrix)
 from ..outfile import check_outputs
 from .files import Imatrix, existing_snapshots, snapshot_path
+
+if TYPE_CHECKING:
+    from ..distributed.imatrix import ClusterImatrixRun
 
 __all__ = ["ImatrixResult", "compute_imatrix_file"]
 
@@ -39,6 +42,7 @@ class ImatrixResult:
     ppl_err: float = float("nan")
     seconds: float = 0.0
     n_in_files: int = 0             # imatrix files merged in
+    cluster: "ClusterImatrixRun | None" = None   # with ray_address: the workers' reports and the traffic
 
 
 def _check_options(n_ctx: int, n_chunks: int, threads: int | None, output_format: str, save_frequency: int,
@@ -60,7 +64,8 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
                          in_files: Sequence[str | os.PathLike[str]] = (),
                          save_frequency: int = 0, batch: int = 2048, max_weight_memory: int | None = None,
                          compute_ppl: bool = True, overwrite: bool = False,
-                         progress: ProgressFn | None = None) -> ImatrixResult:
+                         progress: ProgressFn | None = None, ray_address: str | None = None,
+                         ray_workers: int | None = None, ray_stages: int = 1) -> ImatrixResult:
     """Compute the importance matrix of the model at ``model_path`` (GGUF file or Hugging Face checkpoint) over
     the text at ``calib_path`` and write it to ``output_path`` (replaced if it exists), as llama-imatrix does.
 
@@ -73,10 +78,23 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
     ``compute_ppl``: compute the perplexity; ``overwrite``: replace an existing output (and snapshots; never a
     file the run reads); ``progress(done, total, running_ppl)`` after each chunk.
 
+    ``ray_address``: evaluate the chunks on a Ray cluster (gguftool.distributed.imatrix; "local" starts one here,
+    "auto" joins this machine's), ``ray_workers`` workers (None: as many as the cluster's CPUs allow) of ``threads``
+    threads each (None: 1); the model path must be readable by every worker. ``ray_stages`` > 1: each worker is a
+    pipeline of that many actors holding a share of the layers each (for a model one worker cannot hold). The
+    result is the local run's.
+
     Without ``calib_path`` the ``in_files`` are only combined (``model_path`` is not read). Raises ImatrixError
     (or another GGUFError) for bad options or input, before any work where it can tell.
     """
     _check_options(n_ctx, n_chunks, threads, output_format, save_frequency, batch, max_weight_memory, compute_ppl)
+    if ray_address is not None:
+        from ..distributed.cluster import require_ray
+        if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
+            raise ImatrixError(f"the worker count (--ray-workers) must be >= 1 (got {ray_workers})")
+        if not isinstance(ray_stages, int) or ray_stages < 1:
+            raise ImatrixError(f"the stage count (--ray-stages) must be >= 1 (got {ray_stages})")
+        require_ray()        # without the extra: the one-line hint before any file is opened
     output = os.fspath(output_path)
     in_paths = [os.fspath(p) for p in in_files]
     if calib_path is None:
@@ -102,21 +120,34 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
                       overwrite=overwrite)
         ModelConfig.from_metadata(source, origin=model_file)          # architecture first: the cheapest check
         tokenizer = Tokenizer.from_metadata(source, origin=model_file)
-        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1, origin=model_file)
+        # on a cluster the driver opens the model only to check it (memory-mapped, nothing evaluated here)
+        n_threads = 1 if ray_address is not None else threads or os.cpu_count() or 1
+        model = Model.from_source(source, n_threads=n_threads, origin=model_file)
 
         def save_snapshot(done: int, collector: ImatrixCollector) -> None:
             if save_frequency > 0 and done % save_frequency == 0:
                 save_imatrix(snapshot_path(output, done), collector.result(calib), output_format, dataset=calib,
                              overwrite=overwrite)
 
-        run = compute_imatrix(model, tokenizer, text, n_ctx=n_ctx, n_chunks=n_chunks, process_output=process_output,
-                              compute_ppl=compute_ppl, in_files=in_paths, dataset=calib, batch_tokens=batch,
-                              progress=progress, on_chunk=save_snapshot)
+        cluster = None
+        if ray_address is None:
+            run = compute_imatrix(model, tokenizer, text, n_ctx=n_ctx, n_chunks=n_chunks,
+                                  process_output=process_output, compute_ppl=compute_ppl, in_files=in_paths,
+                                  dataset=calib, batch_tokens=batch, progress=progress, on_chunk=save_snapshot)
+        else:
+            from ..distributed.imatrix import compute_imatrix_on_cluster
+            del model
+            cluster = compute_imatrix_on_cluster(
+                model_file, tokenizer, text, address=ray_address, workers=ray_workers, threads=threads or 1,
+                stages=ray_stages,
+                n_ctx=n_ctx, n_chunks=n_chunks, process_output=process_output, compute_ppl=compute_ppl,
+                in_files=in_paths, dataset=calib, batch_tokens=batch, progress=progress, on_chunk=save_snapshot)
+            run = cluster.run
         if not run.imatrix.entries:
             raise ImatrixError("no matrix multiplications were collected")
         save_imatrix(output, run.imatrix, output_format, dataset=calib, overwrite=overwrite)
     finally:
         source.close()
     result = ImatrixResult(output, run.imatrix, n_ctx, n_chunks=run.n_chunks, n_tokens=run.n_tokens, ppl=run.ppl,
-                           ppl_err=run.ppl_err, seconds=run.seconds, n_in_files=len(in_paths))
+                           ppl_err=run.ppl_err, seconds=run.seconds, n_in_files=len(in_paths), cluster=cluster)
     return result

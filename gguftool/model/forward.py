@@ -432,32 +432,19 @@ class Model:
         Returns logits (B, logits_to - logits_from, n_vocab) for those positions (float32). ``hook`` receives every
         matmul input of a ``blk.*`` weight, and of the output weight when ``process_output``.
         """
-        cfg = self.cfg
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None, :]
         B, T = tokens.shape
-        if logits_to is None:
-            logits_to = T
-        st = self._start_pass(tokens)
-        ranges = self.workers.row_ranges(B * T)
-        for il in range(cfg.n_layer):
-            self._layer(st, il, ranges, hook)
-        self.workers.map(partial(self._final_norm_rows, st.x), ranges)
-        if hook is not None and process_output:
-            hook((self.output_name,), st.x)
-        sel = np.ascontiguousarray(st.x.reshape(B, T, cfg.n_embd)[:, logits_from:logits_to].reshape(-1, cfg.n_embd))
-        logits = self._matmul(sel, self.output_name)
-        if cfg.final_softcap:                       # gemma2/3: soft-capped logits
-            c = np.float32(cfg.final_softcap)
-            self.workers.map(partial(self._softcap_rows, logits, c), self.workers.row_ranges(sel.shape[0], 1))
-        return logits.reshape(B, logits_to - logits_from, logits.shape[1])
+        x = self.run_layers(self.embed(tokens), B, T, range(self.cfg.n_layer), hook)
+        return self.head(x, B, T, hook, logits_from, logits_to, process_output)
 
-    def _start_pass(self, tokens: np.ndarray) -> _PassState:
-        """The token embeddings (the residual stream's start) and empty buffers for the rest of the pass."""
+    # The pass in three parts, for a pipeline whose stages hold a share of the layers each
+    # (gguftool.distributed.imatrix); forward() is their composition.
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """The residual stream's start for ``tokens`` (B, T): (B*T, n_embd) float32, sequence-major."""
         cfg = self.cfg
-        B, T = tokens.shape
-        N = B * T
         n_rows = self._shape("token_embd.weight")[0]
         if tokens.size and (tokens.min() < 0 or tokens.max() >= n_rows):
             raise ImatrixError(f"token id out of range 0..{n_rows - 1}")
@@ -468,6 +455,37 @@ class Model:
             x = self.w["token_embd.weight"][ids].astype(np.float32)       # (N, n_embd)
         if cfg.arch in GEMMA_ARCHS:
             x *= np.float32(math.sqrt(cfg.n_embd))
+        return x
+
+    def run_layers(self, x: np.ndarray, B: int, T: int, layers: range, hook: Hook | None = None) -> np.ndarray:
+        """The residual stream ``x`` (B*T, n_embd) after ``layers`` (updated in place and returned)."""
+        st = self._pass_state(B, T, x)
+        ranges = self.workers.row_ranges(B * T)
+        for il in layers:
+            self._layer(st, il, ranges, hook)
+        return st.x
+
+    def head(self, x: np.ndarray, B: int, T: int, hook: Hook | None = None, logits_from: int = 0,
+             logits_to: int | None = None, process_output: bool = False) -> np.ndarray:
+        """The final norm (in place on ``x``) and the logits (B, logits_to - logits_from, n_vocab) of the last
+        layer's residual stream ``x``."""
+        cfg = self.cfg
+        if logits_to is None:
+            logits_to = T
+        self.workers.map(partial(self._final_norm_rows, x), self.workers.row_ranges(B * T))
+        if hook is not None and process_output:
+            hook((self.output_name,), x)
+        sel = np.ascontiguousarray(x.reshape(B, T, cfg.n_embd)[:, logits_from:logits_to].reshape(-1, cfg.n_embd))
+        logits = self._matmul(sel, self.output_name)
+        if cfg.final_softcap:                       # gemma2/3: soft-capped logits
+            c = np.float32(cfg.final_softcap)
+            self.workers.map(partial(self._softcap_rows, logits, c), self.workers.row_ranges(sel.shape[0], 1))
+        return logits.reshape(B, logits_to - logits_from, logits.shape[1])
+
+    def _pass_state(self, B: int, T: int, x: np.ndarray) -> _PassState:
+        """The residual stream ``x`` and empty buffers for the rest of the pass."""
+        cfg = self.cfg
+        N = B * T
         H, Hkv, D, Dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
         return _PassState(
             B=B, T=T, pos=np.tile(np.arange(T), B), x=x,
