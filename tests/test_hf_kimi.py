@@ -123,6 +123,8 @@ def test_fp8_checkpoint_to_q4_k_m_in_one_step(kimi, tmp_path):
     assert mine["tensors"] == expected_file(ref, "Q4_K_M")["tensors"]
 
 
+
+
 SENTENCES = [
     "Long before there was a town on the bend of the river, there was a ford.",
     "HelloWorld! It's 12345 o'clock; WE'LL see... I'm SURE they've gone.\n\n  Tabs\tand   spaces  ",
@@ -131,19 +133,38 @@ SENTENCES = [
 ]
 
 
+def _tiktoken_encoding():
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference tokenizer")
+    from make_kimi_tokenizer import KIMI_PATTERN   # the fixture's copy of tokenization_kimi.py's pattern
+
+    cfg = json.loads((TOK / "tokenizer_config.json").read_text())
+    ranks = read_ranks(TOK / "tiktoken.model")
+    return tiktoken.Encoding("kimi-fixture", pat_str=KIMI_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special_tokens(cfg, len(ranks)))
+
+
+def test_forward_pass_tokenizer_as_tiktoken(kimi):
+    """gguftool's own tokenizer (imatrix / perplexity) with pre "kimi-k2", from the converted metadata."""
+    from gguftool.model.tokenizer import Tokenizer
+
+    enc = _tiktoken_encoding()
+    src = open_hf_source(kimi, vocab_only=True)
+    try:
+        tok = Tokenizer.from_metadata(src)
+    finally:
+        src.close()
+    for text in SENTENCES:
+        assert tok.tokenize(text, add_special=False) == enc.encode_ordinary(text), text
+        assert tok.tokenize(text, add_special=False, parse_special=True) == enc.encode(text, allowed_special="all")
+
+
 @pytest.mark.slow
 def test_llama_cpp_tokenizes_as_tiktoken(kimi, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the real client")
-    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference tokenizer")
-    from make_kimi_tokenizer import KIMI_PATTERN
-
+    enc = _tiktoken_encoding()
     out = tmp_path / "k.gguf"
     r = CliRunner().invoke(main, ["convert", str(kimi), "--type", "Q8_0", "-o", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    cfg = json.loads((TOK / "tokenizer_config.json").read_text())
-    ranks = read_ranks(TOK / "tiktoken.model")
-    enc = tiktoken.Encoding("kimi-fixture", pat_str=KIMI_PATTERN, mergeable_ranks=ranks,
-                            special_tokens=special_tokens(cfg, len(ranks)))
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, n_threads=1)
     for text in SENTENCES:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == enc.encode_ordinary(text), text
