@@ -226,3 +226,12 @@ def test_tiktoken_without_kimi_tokenizer(tmp_path):
     del cfg["qk_rope_head_dim"]   # "kimi_k2" config.json is read as it is: no DeepseekV3Config default fills it
     (d / "config.json").write_text(json.dumps(cfg))
     assert 'config.json: "qk_rope_head_dim" is missing' in _convert_error(d)
+
+
+def test_dry_run_reports_the_tokenizer_and_config(kimi):
+    r = CliRunner().invoke(main, ["convert", str(kimi), "--type", "Q4_K_M", "--dry-run"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "tokenizer: gpt2 from tiktoken.model, pre kimi-k2, 1280 tokens, 768 merges; special: bos 1024, eos 1025" \
+        in r.output
+    assert "model_type 'kimi_k2' has no transformers config class" in r.output
+    assert not any(p.suffix == ".gguf" for p in kimi.iterdir())
