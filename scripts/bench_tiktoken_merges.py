@@ -11,7 +11,7 @@ it as a tiktoken.model under a temporary folder, and runs, back to back and --re
 - llama.cpp: the converter's own loop (its ``QwenModel.bpe`` + ``token_bytes_to_string``, imported from the
   llama.cpp source given, in a Python that can import it, i.e. with torch), on tiktoken's loader's ranks.
 
-It prints both times, their ratio, the load average, and whether the two merge lists are identical (sha256).
+It prints both times (wall and CPU: under load the CPU time is the one to compare), their ratio, the load average, and whether the two merge lists are identical (sha256).
 
     python scripts/bench_tiktoken_merges.py --llama-cpp DIR --python /work/venv-torch/bin/python [--repeat 2]
 """
@@ -38,7 +38,7 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
 from conversion.qwen import QwenModel
 from tiktoken.load import load_tiktoken_bpe
 mergeable_ranks = load_tiktoken_bpe(sys.argv[2])
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 merges, vocab = [], {}
 for token, rank in mergeable_ranks.items():      # DeepseekV2Model.set_vocab, "kimi-k2" branch
     vocab[QwenModel.token_bytes_to_string(token)] = rank
@@ -47,8 +47,8 @@ for token, rank in mergeable_ranks.items():      # DeepseekV2Model.set_vocab, "k
     merged = QwenModel.bpe(mergeable_ranks, token, max_rank=rank)
     if len(merged) == 2:
         merges.append(' '.join(map(QwenModel.token_bytes_to_string, merged)))
-dt = time.perf_counter() - t0
-print(dt, len(merges), hashlib.sha256("\n".join(merges).encode()).hexdigest())
+dt, dc = time.perf_counter() - t0, time.process_time() - c0
+print(dt, dc, len(merges), hashlib.sha256("\n".join(merges).encode()).hexdigest())
 """
 
 
@@ -93,16 +93,16 @@ def main() -> None:
         for i in range(args.repeat):
             t0 = time.perf_counter()
             ranks = read_ranks(path)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             merges = rebuild_merges(ranks)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             ours = hashlib.sha256("\n".join(merges).encode()).hexdigest()
             out = subprocess.run([args.python, "-c", LLAMA_CPP_LOOP, args.llama_cpp, str(path)], env=env,
                                  capture_output=True, text=True, check=True).stdout.split()
-            theirs_s, theirs_n, theirs_sha = float(out[0]), int(out[1]), out[2]
-            print(f"run {i + 1}: gguftool read {t1 - t0:.2f} s + merges {t2 - t1:.2f} s ({len(merges)} merges) | "
-                  f"llama.cpp converter loop {theirs_s:.2f} s ({theirs_n} merges) | ratio llama.cpp/gguftool "
-                  f"{theirs_s / (t2 - t1):.2f} | merges identical: {ours == theirs_sha} | "
+            wall, cpu, n, sha = float(out[0]), float(out[1]), int(out[2]), out[3]
+            print(f"run {i + 1}: gguftool read {t1 - t0:.2f} s + merges {t2 - t1:.2f} s wall / {c2 - c1:.2f} s CPU "
+                  f"({len(merges)} merges) | llama.cpp converter loop {wall:.2f} s wall / {cpu:.2f} s CPU ({n} merges)"
+                  f" | CPU ratio llama.cpp/gguftool {cpu / (c2 - c1):.1f} | merges identical: {ours == sha} | "
                   f"load {os.getloadavg()[0]:.1f}")
 
 
