@@ -197,9 +197,7 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
     for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if hp.get(k) is None:
             raise ConvertError(f'{CONFIG}: "{k}" is missing')
-    if raw:   # config.json as it is: a head_dim only if it has one
-        pass
-    elif hp.get("head_dim") is None:
+    if hp.get("head_dim") is None and not raw:   # (read as it is, config.json has a head_dim only if it says so)
         d = arch.defaults.get("head_dim")
         if d is not None:
             hp["head_dim"] = d
