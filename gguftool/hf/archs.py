@@ -171,8 +171,10 @@ def is_raw_config(arch: "Arch", config: dict) -> bool:
     """Whether llama.cpp's converter reads this config.json as it is: its model_type is not one transformers'
     config class for the architecture knows (Kimi-K2's "kimi_k2" on DeepseekV3ForCausalLM, whose configuration
     class is remote code), so ``AutoConfig.from_pretrained(trust_remote_code=False)`` fails and
-    ``ModelBase.load_hparams`` falls back to the JSON: no class defaults, no derived head_dim."""
-    return bool(arch.config_model_types) and config.get("model_type") not in arch.config_model_types
+    ``ModelBase.load_hparams`` falls back to the JSON: no class defaults, no derived head_dim. (A config.json
+    without a model_type keeps the class defaults, as for every other architecture here.)"""
+    model_type = config.get("model_type")
+    return bool(arch.config_model_types) and model_type is not None and model_type not in arch.config_model_types
 
 
 def normalized_config(arch: "Arch", config: dict) -> dict:
