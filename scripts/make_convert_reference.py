@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", default=DEFAULT_TYPES)
     ap.add_argument("--allow-requantize", action="store_true",
                     help="llama-quantize --allow-requantize (a checkpoint with quantized tensors: gpt-oss's MXFP4)")
+    ap.add_argument("--pre", default=None, help="run the converter through scripts/convert_with_pre.py: a BPE "
+                    "pre-tokenizer hash it does not recognize is taken as PRE (a small test vocabulary of a real "
+                    "pre-tokenizer, e.g. kimi-k2)")
     ap.add_argument("--keep", default=None, help="folder to keep the reference GGUF files in")
     args = ap.parse_args()
 
@@ -98,15 +101,19 @@ def main() -> None:
     os.makedirs(tmp, exist_ok=True)
     conv = os.path.join(tmp, f"{args.name}-{outtype}.gguf")
     env = dict(os.environ, PYTHONPATH=os.path.join(args.llama_cpp, "gguf-py"))
-    subprocess.run([args.python, os.path.join(args.llama_cpp, "convert_hf_to_gguf.py"), args.checkpoint,
-                    "--outtype", outtype, "--outfile", conv], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    converter = [os.path.join(args.llama_cpp, "convert_hf_to_gguf.py")]
+    if args.pre:
+        converter = [os.path.join(HERE, "convert_with_pre.py"), args.llama_cpp, args.pre]
+    subprocess.run([args.python, *converter, args.checkpoint, "--outtype", outtype, "--outfile", conv], check=True,
+                   env=env, stdout=subprocess.DEVNULL)
     result = {"checkpoint": os.path.basename(os.path.normpath(args.checkpoint)), "outtype": outtype,
               "made_by": "convert_hf_to_gguf.py (llama.cpp vendored by llama-cpp-python 0.3.36, transformers "
                          "5.x) then llama_model_quantize (llama-cpp-python 0.3.36)",
               "convert": file_digest(conv), "quantized": {}}
     if args.allow_requantize:
         result["allow_requantize"] = True
+    if args.pre:
+        result["pre_tokenizer_override"] = args.pre
     for t in args.types:
         q = os.path.join(tmp, f"{args.name}-{t}.gguf")
         llama_quantize_lib(conv, q, t, allow_requantize=args.allow_requantize)

@@ -235,7 +235,8 @@ def make_mla_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
 _BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
 VARIANTS = {
-    # name: (config additions, weight options, dtype, tokenizer: "spm" (tiny fixture's) or "bpe" (SmolLM2's)).
+    # name: (config additions, weight options, dtype, tokenizer: "spm" (tiny fixture's), "bpe" (SmolLM2's) or
+    # "tiktoken" (fixtures/kimi-k2, made by scripts/make_kimi_tokenizer.py)).
     # Qwen2/3 use the SentencePiece tokenizer too (their set_vocab tries tokenizer.model first): with
     # transformers 5, llama.cpp tokenizes a Qwen checkpoint's tokenizer.json through the Qwen2Tokenizer class,
     # whose built-in pre-tokenizer only matches a real Qwen vocabulary's hash. The BPE path is covered by SmolLM2.
@@ -318,6 +319,28 @@ VARIANTS = {
                                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
                    "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0},
                   {"moe": "mla"}, "BF16", "bpe"),
+    # "kimi-k2" as moonshotai/Kimi-K2-Instruct: DeepseekV3ForCausalLM with model_type "kimi_k2" (which transformers
+    # does not know: llama.cpp's converter then reads config.json as it is, without DeepseekV3Config's defaults
+    # or its rope_parameters), one expert group, no multi-token-prediction layer, YaRN factor 32 with beta_fast 1,
+    # rope_theta 50000, Kimi's remote-code auto_map, and the TikToken tokenizer of fixtures/kimi-k2
+    # (1024 BPE ranks + Kimi's 256 special ids: vocab_size 1280, [BOS]/[EOS] ids as config.json names them)
+    "kimi-k2": ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "vocab_size": 1280,
+                 "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                              "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                              "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+                 "num_hidden_layers": 3, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 128,
+                 "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32, "first_k_dense_replace": 1,
+                 "moe_intermediate_size": 64, "n_routed_experts": 8, "n_shared_experts": 1,
+                 "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc",
+                 "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.827,
+                 "num_nextn_predict_layers": 0, "moe_layer_freq": 1, "ep_size": 1, "aux_loss_alpha": 0.001,
+                 "seq_aux": True, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 50000.0,
+                 "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
+                                  "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+                 "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+                 "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16",
+                 "tie_word_embeddings": False, "bos_token_id": 1024, "eos_token_id": 1025},
+                {"moe": "mla"}, "BF16", "tiktoken"),
     "mixtral": ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
                  "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
                  "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
@@ -336,7 +359,10 @@ def make_variant(out: Path, name: str) -> Path:
     write_safetensors(out / "model.safetensors", weights, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     src = ROOT / "fixtures" / "tiny-llama"
-    if tok == "spm":
+    if tok == "tiktoken":   # Kimi-K2's files: tiktoken.model, tokenizer_config.json, tokenization_kimi.py
+        for f in sorted((ROOT / "fixtures" / "kimi-k2").iterdir()):
+            (out / f.name).write_bytes(f.read_bytes())
+    elif tok == "spm":
         (out / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes())
         (out / "tokenizer_config.json").write_text((src / "tokenizer_config.json").read_text())
     else:

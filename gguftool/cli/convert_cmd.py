@@ -19,6 +19,9 @@ def _print_model(src) -> None:
 
     hp, arch, v = src.hparams, src.arch, src.vocab
     click.echo(f"architecture: {hp.get('architectures', ['?'])[0]} -> {arch.gguf_arch}")
+    if A.is_raw_config(arch, hp):
+        click.echo(f"config: model_type {hp.get('model_type')!r} has no transformers config class: config.json is "
+                   "read as it is (no class defaults), as llama.cpp's converter reads it")
     click.echo(f"hyperparameters: layers {hp['num_hidden_layers']}, hidden {hp['hidden_size']}, ffn "
                f"{hp.get('intermediate_size')}, heads {hp['num_attention_heads']} (kv {hp['num_key_value_heads']}),"
                f" head_dim {A.head_dim(hp)}, context {hp.get('max_position_embeddings')}, vocab {hp['vocab_size']}")

@@ -167,6 +167,16 @@ class HParams(dict):
         return value
 
 
+def is_raw_config(arch: "Arch", config: dict) -> bool:
+    """Whether llama.cpp's converter reads this config.json as it is: its model_type is not one transformers'
+    config class for the architecture knows (Kimi-K2's "kimi_k2" on DeepseekV3ForCausalLM, whose configuration
+    class is remote code), so ``AutoConfig.from_pretrained(trust_remote_code=False)`` fails and
+    ``ModelBase.load_hparams`` falls back to the JSON: no class defaults, no derived head_dim. (A config.json
+    without a model_type keeps the class defaults, as for every other architecture here.)"""
+    model_type = config.get("model_type")
+    return bool(arch.config_model_types) and model_type is not None and model_type not in arch.config_model_types
+
+
 def normalized_config(arch: "Arch", config: dict) -> dict:
     """config.json as ``AutoConfig(...).to_dict()`` + TextModel.__init__ present it to llama.cpp's converter.
 
@@ -178,16 +188,18 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
     if isinstance(hp.get("text_config"), dict):
         _CONFIG_SCHEMA.check(CONFIG, "text_config", hp["text_config"])
         hp = {**hp, **hp["text_config"]}
-    for alias, key in arch.aliases.items():
-        if alias in hp:
-            hp[key] = hp.pop(alias)
-    for k, v in arch.defaults.items():
-        if hp.get(k) is None and k not in ("head_dim", "num_key_value_heads"):
-            hp[k] = v
+    raw = is_raw_config(arch, hp)
+    if not raw:   # AutoConfig's class: its attribute_map and defaults
+        for alias, key in arch.aliases.items():
+            if alias in hp:
+                hp[key] = hp.pop(alias)
+        for k, v in arch.defaults.items():
+            if hp.get(k) is None and k not in ("head_dim", "num_key_value_heads"):
+                hp[k] = v
     for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if hp.get(k) is None:
             raise ConvertError(f'{CONFIG}: "{k}" is missing')
-    if hp.get("head_dim") is None:
+    if hp.get("head_dim") is None and not raw:   # (read as it is, config.json has a head_dim only if it says so)
         d = arch.defaults.get("head_dim")
         if d is not None:
             hp["head_dim"] = d
@@ -195,11 +207,12 @@ def normalized_config(arch: "Arch", config: dict) -> dict:
             hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
         else:  # the config class has no head_dim (Qwen2): llama.cpp writes no key/value length
             hp.pop("head_dim", None)
-    if hp.get("num_key_value_heads") is None:
+    if hp.get("num_key_value_heads") is None and not raw:
         d = arch.defaults.get("num_key_value_heads")
         hp["num_key_value_heads"] = d if d is not None else hp["num_attention_heads"]
-    if arch.post_config is not None:
-        arch.post_config(hp)
+    post = arch.raw_post_config if raw else arch.post_config
+    if post is not None:
+        post(hp)
     source = "rope_parameters" if isinstance(hp.get("rope_parameters"), dict) and hp["rope_parameters"] \
         else "rope_scaling"
     rope = hp["rope_parameters"] = arch.rope_parameters(hp)
@@ -468,6 +481,13 @@ def _deepseek2_post(hp: dict) -> None:
     hp["head_dim"] = hp["qk_rope_head_dim"]
 
 
+def _deepseek2_raw_post(hp: dict) -> None:
+    """A DeepSeek config.json read as it is (is_raw_config: Kimi-K2): only DeepseekV2Model's own fallback applies
+    (rms_norm_eps 1e-6); a missing q_lora_rank means none, and TextModel writes no key/value length."""
+    if "rms_norm_eps" not in hp:
+        hp["rms_norm_eps"] = 1e-6
+
+
 def mla_dims(hp: dict) -> tuple[int, int, int, int]:
     """(kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim) of a DeepSeek-V2/V3 config."""
     return (hp.get("kv_lora_rank") or 512, hp["qk_nope_head_dim"], hp["qk_rope_head_dim"], hp["v_head_dim"])
@@ -625,6 +645,10 @@ class Arch:
     params: Callable[["Arch", dict, KVList], None]
     rope_parameters: Callable[[dict], dict] = _rope_parameters_single
     post_config: Callable[[dict], None] | None = None
+    # model_types transformers' config class reads (empty: any); another one (Kimi-K2's "kimi_k2") makes llama.cpp's
+    # converter read config.json as it is (is_raw_config), then raw_post_config applies instead of post_config
+    config_model_types: tuple[str, ...] = ()
+    raw_post_config: Callable[[dict], None] | None = None
     vocab: str = "llama"                   # which set_vocab path (see vocab.py)
     permute_qk: bool = False               # LlamaModel.undo_permute
     norm_shift: float = 0.0                # Gemma: RMSNorm weight stored as w - 1
@@ -751,7 +775,8 @@ DEEPSEEK2 = _register(Arch(
                   n_routed_experts=64, n_shared_experts=2, routed_scaling_factor=1.0, norm_topk_prob=False,
                   moe_intermediate_size=1407, num_key_value_heads=None),
     tensors=DEEPSEEK2_TENSORS, params=_deepseek2_params, post_config=_deepseek2_post, vocab="deepseek",
-    experts=QWEN_MOE_EXPERTS, aliases={"num_experts": "n_routed_experts"}, mla=True))
+    experts=QWEN_MOE_EXPERTS, aliases={"num_experts": "n_routed_experts"}, mla=True,
+    config_model_types=("deepseek_v2",), raw_post_config=_deepseek2_raw_post))
 
 DEEPSEEK3 = _register(Arch(
     name="deepseek3", hf_names=("DeepseekV3ForCausalLM",), gguf_arch="deepseek2",
@@ -760,7 +785,8 @@ DEEPSEEK3 = _register(Arch(
                   first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1, routed_scaling_factor=2.5,
                   norm_topk_prob=True, moe_intermediate_size=2048, n_group=8, topk_group=4, num_experts_per_tok=8),
     tensors=DEEPSEEK2_TENSORS, params=_deepseek2_params, post_config=_deepseek2_post, vocab="deepseek",
-    experts=QWEN_MOE_EXPERTS, aliases={"num_local_experts": "n_routed_experts"}, mla=True))
+    experts=QWEN_MOE_EXPERTS, aliases={"num_local_experts": "n_routed_experts"}, mla=True,
+    config_model_types=("deepseek_v3",), raw_post_config=_deepseek2_raw_post))
 
 GPTOSS = _register(Arch(
     name="gpt-oss", hf_names=("GptOssForCausalLM",), gguf_arch="gpt-oss",

@@ -29,9 +29,9 @@ from ..gguf.values import KV, GGUFArray
 from .archs import KVList
 from .pre_hashes import CHECK_TEXT, PRE_TOKENIZER_HASHES
 from .schema import AnyOf, Bool, Int, ListOf, Num, Obj, Str, checked
+from .tiktoken_vocab import TIKTOKEN_FILE, is_kimi_tokenizer, kimi_vocab
 
-# gguf TokenType / SentencePieceTokenTypes
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+from .token_types import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 
 SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 # SpecialVocab.add_to_gguf looks up gguf-py writer methods by name; these are the ones that exist
@@ -595,6 +595,35 @@ def _llama_hf_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo) -> Non
     _llama_vocab(directory, kv, info, tokens, scores, types, "tokenizer.json")
 
 
+# --- tiktoken.model (Kimi-K2)
+def _kimi_kvs(directory: Path, hp: dict, kv: KVList, info: VocabInfo) -> None:
+    """DeepseekV2Model.set_vocab's "kimi-k2" branch: tiktoken ranks -> GPT-2 tokens + rebuilt merges (tiktoken_vocab),
+    Kimi's special tokens, then SpecialVocab without merges. The pre-tokenizer is decided from the files (see
+    tiktoken_vocab.is_kimi_tokenizer); llama.cpp applies Kimi's regex for tokenizer.ggml.pre "kimi-k2"."""
+    tc_path = directory / "tokenizer_config.json"
+    tc = _load_json(tc_path) if tc_path.is_file() else None
+    if not is_kimi_tokenizer(directory, tc, hp):
+        raise ConvertError(f"{directory}: {TIKTOKEN_FILE} without Kimi's tokenizer (tokenizer_config.json's "
+                           f"tokenizer_class TikTokenTokenizer / auto_map tokenization_kimi, or a kimi model_type): "
+                           "its pre-tokenizer is unknown, as it is to llama.cpp's converter")
+    if tc is None:
+        raise _missing(directory, "tokenizer_config.json (Kimi's special tokens) next to tiktoken.model")
+    from tqdm import tqdm
+
+    with tqdm(desc="tokenizer merges", unit="tok", leave=False, disable=None) as bar:
+        tokens, types, merges = kimi_vocab(directory, hp.get("vocab_size"), tc, bar)
+    kv.string("tokenizer.ggml.model", "gpt2")
+    kv.string("tokenizer.ggml.pre", "kimi-k2")
+    kv.extend([_str_array("tokenizer.ggml.tokens", tokens),
+               _array("tokenizer.ggml.token_type", GGUFValueType.INT32, types),
+               _str_array("tokenizer.ggml.merges", merges)])
+    sv = SpecialVocab(directory, load_merges=False)
+    sv.add_to(kv)
+    info.warnings += sv.warnings
+    info.model, info.pre, info.n_tokens, info.n_merges = "gpt2", "kimi-k2", len(tokens), len(merges)
+    info.source, info.special = TIKTOKEN_FILE, dict(sv.ids)
+
+
 # --- per-architecture set_vocab
 def _missing(directory: Path, expected: str = "tokenizer.model or tokenizer.json") -> ConvertError:
     return ConvertError(f"{directory}: no tokenizer found (expected {expected})")
@@ -644,12 +673,10 @@ def vocab_kvs(vocab_style: str, directory: Path, hp: dict) -> tuple[list[KV], Vo
     elif vocab_style == "deepseek":  # DeepseekV2Model.set_vocab: tokenizer.json, else Kimi's tiktoken (kimi-k2)
         if tjson:
             _bpe_kvs(directory, hp, kv, info)
-        elif (directory / "tiktoken.model").is_file():
-            raise ConvertError(f"{directory}: a tiktoken tokenizer (tiktoken.model, as Kimi-K2's) is not supported; "
-                               "llama.cpp's converter rebuilds its merges through transformers with remote code. "
-                               "Convert with convert_hf_to_gguf.py, or provide a tokenizer.json")
+        elif (directory / TIKTOKEN_FILE).is_file():
+            _kimi_kvs(directory, hp, kv, info)
         else:
-            raise _missing(directory, "tokenizer.json")
+            raise _missing(directory, f"tokenizer.json, or {TIKTOKEN_FILE} with Kimi's tokenizer_config.json")
     elif vocab_style == "phi3":  # Phi3MiniModel.set_vocab: GPT2Tokenizer (Phi-4) -> tokenizer.json, else SPM
         tc = directory / "tokenizer_config.json"
         if tc.is_file() and _load_json(tc).get("tokenizer_class") == "GPT2Tokenizer":
@@ -694,7 +721,7 @@ def gemma3_vocab_rows(directory: Path, hp: dict) -> int:
 
 # every file of the checkpoint folder the functions above may read (besides config.json)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "added_tokens.json", "merges.txt",
-                   "chat_template.jinja", "chat_template.json")
+                   "chat_template.jinja", "chat_template.json", TIKTOKEN_FILE)
 
 
 def tokenizer_files(directory: Path) -> list[Path]:

@@ -53,6 +53,17 @@ _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{
 _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# Kimi-K2 (KIMI_K2; its tokenization_kimi.py's tiktoken pattern, which llama.cpp's unicode.cpp implements by hand):
+# Han runs; words split at case changes (Han excluded from the letter classes by "&&" intersections) with
+# English contractions; up to 3 digits; punctuation runs; newlines; spaces
+_KIMI_LETTERS_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_KIMI_LETTERS_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_KIMI_K2 = "|".join([
+    r"[\p{Han}]+",
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_KIMI_LETTERS_UPPER}*{_KIMI_LETTERS_LOWER}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_KIMI_LETTERS_UPPER}+{_KIMI_LETTERS_LOWER}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+"])
+
 _PRE_REGEXES = {}
 for _names, _exprs in [
     (("default",), [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]),
@@ -71,6 +82,7 @@ for _names, _exprs in [
                          '\\s+$',
                          '[一-龥ࠀ-一가-\ud7ff]+',
                          '\\p{N}+']),   # DeepSeek-V2 / V2-Lite (DEEPSEEK_LLM)
+    (("kimi-k2",), [_KIMI_K2]),
     (("deepseek-v3",), [r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",          # DeepSeek-V3 / R1 (DEEPSEEK3_LLM)
                         r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
                         r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]),
