@@ -55,15 +55,16 @@ _DGRID = grids.dequant_grid(_KIND)   # numba freezes module-level arrays into th
 @njit(cache=True)
 def _work():
     """scales[16], weight[16], xval[16], waux[16] (float32); L[16], Laux[16] (int32); block_signs[2] (int32);
-    on_grid[2] (bool)."""
+    on_grid[2] (bool); tab[48] (float32, iq2_find_best_neighbour's scratch)."""
     return (np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
-            np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros(2, np.int32), np.zeros(2, np.bool_))
+            np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros(2, np.int32), np.zeros(2, np.bool_),
+            np.zeros(48, np.float32))
 
 
 @njit(cache=True, error_model="numpy")
 def _quantize_superblock(x, qw, y, grid, kmap, neigh, work):
     """quantize_row_iq2_s_impl for one super-block x[256] with weights qw[256] (empty: none) into y[82]."""
-    scales, weight, xval, waux, L, Laux, block_signs, on_grid = work
+    scales, weight, xval, waux, L, Laux, block_signs, on_grid, tab = work
     use_qw = qw.size > 0
     for i in range(BLOCK_BYTES):
         y[i] = 0
@@ -93,7 +94,7 @@ def _quantize_superblock(x, qw, y, grid, kmap, neigh, work):
                     s |= 1 << i
             block_signs[k] = s
         scale, st = grids.iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh,
-                                        GROUP_MAX_EPS_IQ2_S)
+                                        GROUP_MAX_EPS_IQ2_S, tab)
         if st > 0:
             return st
         if st < 0:

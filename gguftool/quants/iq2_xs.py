@@ -52,16 +52,16 @@ _KSIGNS = grids.KSIGNS_IQ2XS
 @njit(cache=True)
 def _work():
     """scales[16], weight[16], xval[16], waux[16] (float32); L[16], Laux[16] (int32); q2[32] (uint32);
-    block_signs[2] (int32); on_grid[2] (bool)."""
+    block_signs[2] (int32); on_grid[2] (bool); tab[48] (float32, iq2_find_best_neighbour's scratch)."""
     return (np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
             np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros(32, np.uint32), np.zeros(2, np.int32),
-            np.zeros(2, np.bool_))
+            np.zeros(2, np.bool_), np.zeros(48, np.float32))
 
 
 @njit(cache=True, error_model="numpy")
 def _quantize_superblock(x, qw, y, grid, kmap, neigh, work):
     """quantize_row_iq2_xs_impl for one super-block x[256] with weights qw[256] into y[74]; 0 or an error."""
-    scales, weight, xval, waux, L, Laux, q2, block_signs, on_grid = work
+    scales, weight, xval, waux, L, Laux, q2, block_signs, on_grid, tab = work
     for i in range(32):
         q2[i] = 0
     max_scale = np.float32(0.0)
@@ -97,7 +97,8 @@ def _quantize_superblock(x, qw, y, grid, kmap, neigh, work):
                 xval[8 * k + imin] = -xval[8 * k + imin]
                 s ^= 1 << imin
             block_signs[k] = s & 127
-        scale, st = grids.iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, GROUP_MAX_EPS)
+        scale, st = grids.iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, GROUP_MAX_EPS,
+                                        tab)
         if st > 0:
             return st
         if st < 0:

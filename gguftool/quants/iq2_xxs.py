@@ -56,16 +56,17 @@ _KSIGNS = grids.KSIGNS_IQ2XS
 @njit(cache=True)
 def _work():
     """scales[8], weight[32], xval[32], waux[32] (float32); L[32], Laux[32] (int32); Lqp[32] (uint8: the
-    levels make_qp_quants writes, never used afterwards); q2[16] (uint32); block_signs[4] (int32)."""
+    levels make_qp_quants writes, never used afterwards); q2[16] (uint32); block_signs[4] (int32); tab[48]
+    (float32, iq2_find_best_neighbour's scratch)."""
     return (np.zeros(8, np.float32), np.zeros(32, np.float32), np.zeros(32, np.float32), np.zeros(32, np.float32),
             np.zeros(32, np.int32), np.zeros(32, np.int32), np.zeros(32, np.uint8), np.zeros(16, np.uint32),
-            np.zeros(4, np.int32))
+            np.zeros(4, np.int32), np.zeros(48, np.float32))
 
 
 @njit(cache=True, error_model="numpy")
 def _quantize_superblock(x, qw, y, grid, kmap, neigh, work):
     """quantize_row_iq2_xxs_impl for one super-block x[256] with weights qw[256] into y[66]; 0 or an error."""
-    scales, weight, xval, waux, L, Laux, Lqp, q2, block_signs = work
+    scales, weight, xval, waux, L, Laux, Lqp, q2, block_signs, tab = work
     kMaxQ = 3
     for i in range(16):
         q2[i] = 0
@@ -124,7 +125,7 @@ def _quantize_superblock(x, qw, y, grid, kmap, neigh, work):
                     Laux[8 * k + i] = l if l > 0 else 0
                 u = grids.pack_point(Laux, 8 * k)
                 if kmap[u] < 0:
-                    g = grids.iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, this_scale, Laux)
+                    g = grids.iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, this_scale, Laux, tab)
                     if g < 0:
                         return _ERR_NO_NEIGHBOUR
             sumqx = np.float32(0.0)
@@ -150,7 +151,7 @@ def _quantize_superblock(x, qw, y, grid, kmap, neigh, work):
                     u |= l << (2 * i)
                 g = kmap[u]
                 if g < 0:
-                    g = grids.iq2_find_best_neighbour(neigh, -g - 1, grid, xval, waux, 8 * k, scale, L)
+                    g = grids.iq2_find_best_neighbour(neigh, -g - 1, grid, xval, waux, 8 * k, scale, L, tab)
                     if g < 0:
                         return _ERR_NO_NEIGHBOUR
                 for i in range(8):

@@ -211,10 +211,20 @@ def pack_point(L, off):
 
 
 @njit(cache=True, error_model="numpy")
-def iq2_find_best_neighbour(neighbours, start, grid, xval, weight, off, scale, L):
+def iq2_find_best_neighbour(neighbours, start, grid, xval, weight, off, scale, L, tab):
     """ggml-quants.c iq2_find_best_neighbour: the neighbour of the list at `start` nearest to
     xval[off:off+8] / scale in the weighted squared distance (first of equals); writes its levels to
-    L[off:off+8] and returns its grid index, or -1 when no distance is below FLT_MAX (the reference asserts)."""
+    L[off:off+8] and returns its grid index, or -1 when no distance is below FLT_MAX (the reference asserts).
+
+    Speed: a coordinate's term weight*diff*diff (diff = scale*q - x) takes one of three values (the grid's
+    levels q are 1, 3, 5), so they are computed once into tab[8*q + i] (tab: float32[48] scratch) and each
+    candidate's distance is the same sequential sum of the same float32 terms as the reference's."""
+    for i in range(8):
+        x = xval[off + i]
+        w = weight[off + i]
+        for q in range(1, 6, 2):
+            diff = scale * np.float32(q) - x
+            tab[8 * q + i] = w * diff * diff
     n = int(neighbours[start])
     best_d2 = FLT_MAX
     best = -1
@@ -222,9 +232,7 @@ def iq2_find_best_neighbour(neighbours, start, grid, xval, weight, off, scale, L
         g = int(neighbours[start + j])
         d2 = np.float32(0.0)
         for i in range(8):
-            q = np.float32(grid[g, i])
-            diff = scale * q - xval[off + i]
-            d2 += weight[off + i] * diff * diff
+            d2 += tab[8 * int(grid[g, i]) + i]
         if d2 < best_d2:
             best_d2 = d2
             best = g
@@ -284,12 +292,12 @@ def iq1_find_best_neighbour2(neighbours, start, grid, xall, xbase, weight, woff,
 
 
 @njit(cache=True, error_model="numpy")
-def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_eps):
+def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_eps, tab):
     """The scale and lattice search of one 16-value group of quantize_row_iq2_xs_impl and
     quantize_row_iq2_s_impl (identical in both): xval[16] the magnitudes (signs already taken out), weight and
     waux = sqrt(weight) their weights. Leaves the two 8-value points' levels in L[16]; returns (scale, status):
     status -1 for a group whose largest magnitude is below max_eps (the reference skips it), 1 when no
-    neighbour is found (the reference asserts), else 0."""
+    neighbour is found (the reference asserts), else 0. tab: float32[48] scratch (iq2_find_best_neighbour)."""
     kMaxQ = 3
     mx = xval[0]
     for i in range(1, 16):
@@ -319,7 +327,7 @@ def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_e
             else:
                 on1 = on
             if not on:
-                g = iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, this_scale, Laux)
+                g = iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, this_scale, Laux, tab)
                 if g < 0:
                     return scale, 1
         sumqx = np.float32(0.0)
@@ -349,7 +357,7 @@ def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_e
                 u |= l << (2 * i)
                 L[8 * k + i] = l
             if kmap[u] < 0:
-                g = iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, scale, L)
+                g = iq2_find_best_neighbour(neigh, -kmap[u] - 1, grid, xval, waux, 8 * k, scale, L, tab)
                 if g < 0:
                     return scale, 1
         sumqx = np.float32(0.0)
