@@ -46,8 +46,15 @@ def models(tmp_path_factory):
     moe, im_moe = str(d / "moe.gguf"), str(d / "im_moe.gguf")
     msl.write_model(moe, msl.MOE)
     msl.write_synthetic_imatrix(moe, im_moe)
+    w576, im_w576 = str(d / "w576.gguf"), str(d / "im_w576.gguf")
+    msl.write_model(w576, msl.W576)
+    msl.write_synthetic_imatrix(w576, im_w576)
+    moe576, im_moe576 = str(d / "moe576.gguf"), str(d / "im_moe576.gguf")
+    msl.write_model(moe576, msl.MOE576)
+    msl.write_synthetic_imatrix(moe576, im_moe576)
     llama_im = os.path.join(FIXTURES, "llama_imatrix")
-    return {"small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat,
+    return {"w576.gguf": w576, "im_w576.gguf": im_w576, "moe576.gguf": moe576, "im_moe576.gguf": im_moe576,
+            "small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat,
             "tiny.gguf": tiny, "moe.gguf": moe, "im_moe.gguf": im_moe, "tiny.imatrix.gguf": os.path.join(llama_im, "tiny.imatrix.gguf"),
             "tiny.imatrix.dat": os.path.join(llama_im, "tiny.imatrix.dat")}
 
