@@ -128,6 +128,12 @@ def test_reference_fixtures_cover_every_type_with_and_without_imatrix():
     with_im = {ft for fn, ft in cases if fn == "synthetic_imatrix.json"}
     assert len(plain) == 17 and "Q2_K_S" not in plain  # Q2_K_S needs an imatrix, in llama.cpp too
     assert len(with_im) == 15
+    # every IQ/TQ/MXFP4 ftype with an imatrix on the 576-wide dense and MoE models, and the 9 llama.cpp takes without
+    new = set(_load("synthetic_w576_iq_imatrix.json")["types"])
+    assert len(new) == 15 and all(ft.startswith(("IQ", "TQ", "MXFP4")) for ft in new)
+    for name in ("w576", "moe576"):
+        assert {ft for fn, ft in cases if fn == f"synthetic_{name}_iq_imatrix.json"} == new
+        assert len({ft for fn, ft in cases if fn == f"synthetic_{name}_iq.json"}) == 9
 
 
 # --- live llama.cpp (llama-cpp-python)
