@@ -87,6 +87,11 @@ def main() -> None:
                     "pre-tokenizer hash it does not recognize is taken as PRE (a small test vocabulary of a real "
                     "pre-tokenizer, e.g. kimi-k2)")
     ap.add_argument("--keep", default=None, help="folder to keep the reference GGUF files in")
+    ap.add_argument("--synthetic-imatrix", action="store_true",
+                    help="quantize with an imatrix: make_synthetic_llama.synthetic_imatrix of the converted file's "
+                         "tensors, written as imatrix.gguf beside it; the quantizer is then the llama-quantize tool "
+                         "(--llama-quantize: it also writes the quantize.imatrix.* keys), run in that folder")
+    ap.add_argument("--llama-quantize", default=None, help="the llama-quantize binary (with --synthetic-imatrix)")
     args = ap.parse_args()
 
     sys.path.insert(0, HERE)
@@ -114,9 +119,21 @@ def main() -> None:
         result["allow_requantize"] = True
     if args.pre:
         result["pre_tokenizer_override"] = args.pre
+    if args.synthetic_imatrix:
+        import make_synthetic_llama as msl
+
+        msl.write_synthetic_imatrix(conv, os.path.join(tmp, "imatrix.gguf"))
+        result["imatrix"] = "synthetic"
+        result["made_by"] = result["made_by"].replace("llama_model_quantize (llama-cpp-python 0.3.36)",
+                                                      "llama-quantize --imatrix imatrix.gguf (native build)")
     for t in args.types:
         q = os.path.join(tmp, f"{args.name}-{t}.gguf")
-        llama_quantize_lib(conv, q, t, allow_requantize=args.allow_requantize)
+        if args.synthetic_imatrix:
+            subprocess.run([args.llama_quantize, "--imatrix", "imatrix.gguf", os.path.basename(conv),
+                            os.path.basename(q), t, "2"], check=True, cwd=tmp, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        else:
+            llama_quantize_lib(conv, q, t, allow_requantize=args.allow_requantize)
         result["quantized"][t] = file_digest(q)
         if not args.keep:
             os.remove(q)

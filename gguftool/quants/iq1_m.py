@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from gguftool.errors import QuantError
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants import iq_grids_2 as grids
+from gguftool.quants.lattice_glue import LatticeKernels
 from gguftool.quants.bits import FLT_MAX, fp16_bits_to_fp32, fp32_to_fp16_bits, nearest_int_c
 from gguftool.quants.blocks import no_row_state
 
@@ -330,28 +330,13 @@ prepare_row = no_row_state
 quantize_rows_screened = None  # the API screens NaN/Inf first
 
 
-def make_scratch():
-    """The lattice tables and one block's work arrays."""
-    t = grids.tables(_KIND)
-    return (t.grid, t.kmap, t.neighbours, _work())
-
-
-def _fail(code: int, where: str):
-    raise QuantError(f"{GGML_TYPE.name}: {where}: {ERRORS[code]}")
-
-
-def quantize_block(x, qw, y, s) -> None:
+@njit(cache=True, error_model="numpy")
+def _superblock_alone(x, qw, y, grid, kmap, neigh, work):
     """One block on its own: the reference's out-of-group reads (see iq1_find_best_neighbour2) see only x."""
-    grid, kmap, neigh, work = s
-    st = _quantize_superblock(x, 0, qw, y, grid, kmap, neigh, work)
-    if st:
-        _fail(st, "this block")
+    return _quantize_superblock(x, 0, qw, y, grid, kmap, neigh, work)
 
 
-def quantize_rows(x, imatrix, out) -> None:
-    t = grids.tables(_KIND)
-    status = np.zeros(x.shape[0], np.int32)
-    _quantize_rows(x, imatrix, out, t.grid, t.kmap, t.neighbours, status)
-    bad = np.flatnonzero(status)
-    if bad.size:
-        _fail(int(status[bad[0]]), f"row {int(bad[0])}")
+_KERNELS = LatticeKernels(GGML_TYPE, _KIND, ERRORS, REQUIRES_IMATRIX, _work, _superblock_alone, _quantize_rows)
+make_scratch = _KERNELS.make_scratch
+quantize_block = _KERNELS.quantize_block
+quantize_rows = _KERNELS.quantize_rows

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from gguftool.errors import QuantError
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants import iq_grids_2 as grids
+from gguftool.quants.lattice_glue import LatticeKernels
 from gguftool.quants.bits import GROUP_MAX_EPS, get_fp16, get_u32, nearest_int_c, put_fp16, put_u32
 from gguftool.quants.blocks import no_row_state
 from gguftool.quants.search_affine import make_qp_quants
@@ -245,31 +245,7 @@ prepare_row = no_row_state
 quantize_rows_screened = None  # the API screens NaN/Inf first
 
 
-def make_scratch():
-    """The lattice tables and one block's work arrays."""
-    t = grids.tables(_KIND)
-    return (t.grid, t.kmap, t.neighbours, _work())
-
-
-def _fail(code: int, where: str):
-    raise QuantError(f"{GGML_TYPE.name}: {where}: {ERRORS[code]}")
-
-
-def quantize_block(x, qw, y, s) -> None:
-    if qw.size == 0:
-        raise QuantError(f"{GGML_TYPE.name} needs an importance matrix (llama.cpp requires one for this type)")
-    grid, kmap, neigh, work = s
-    st = _quantize_superblock(x, qw, y, grid, kmap, neigh, work)
-    if st:
-        _fail(st, "this block")
-
-
-def quantize_rows(x, imatrix, out) -> None:
-    if imatrix.size == 0:
-        raise QuantError(f"{GGML_TYPE.name} needs an importance matrix (llama.cpp requires one for this type)")
-    t = grids.tables(_KIND)
-    status = np.zeros(x.shape[0], np.int32)
-    _quantize_rows(x, imatrix, out, t.grid, t.kmap, t.neighbours, status)
-    bad = np.flatnonzero(status)
-    if bad.size:
-        _fail(int(status[bad[0]]), f"row {int(bad[0])}")
+_KERNELS = LatticeKernels(GGML_TYPE, _KIND, ERRORS, REQUIRES_IMATRIX, _work, _quantize_superblock, _quantize_rows)
+make_scratch = _KERNELS.make_scratch
+quantize_block = _KERNELS.quantize_block
+quantize_rows = _KERNELS.quantize_rows

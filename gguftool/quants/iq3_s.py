@@ -31,6 +31,7 @@ from .bits import F32, get_fp16, nearest_int_c, put_fp16
 from .blocks import no_row_state
 from .iq3_grids import DEQUANT_GRID_S, GRID_S, SEARCH_S
 from .iq3_search import make_search_scratch, search_sub_block
+from .lattice_glue import raise_first_flagged
 
 GGML_TYPE = GGMLType.IQ3_S
 USES_IMATRIX = True
@@ -190,15 +191,17 @@ def _quantize_rows(x, imatrix, out, failed, grid, kmap, neighbours, nvalues):
                 failed[r] = True
 
 
+def _aborts(r: int, _code: int) -> str:
+    return f"row {r}: llama.cpp aborts quantizing it to IQ3_S (its lattice search overflows float32 on values " \
+           f"this large)"
+
+
 def quantize_rows(x, imatrix, out):
     """quantize_iq3_s: x float32 (rows, n) -> out uint8 (rows, n/256*110); imatrix empty for none.
     QuantError naming the first row on which llama.cpp's search aborts."""
     failed = np.zeros(x.shape[0], np.bool_)
     _quantize_rows(x, imatrix, out, failed, GRID_S, *SEARCH_S)
-    if failed.any():
-        r = int(np.argmax(failed))
-        raise QuantError(f"row {r}: llama.cpp aborts quantizing it to IQ3_S (its lattice search overflows "
-                         f"float32 on values this large)")
+    raise_first_flagged(failed, _aborts)
 
 
 quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
