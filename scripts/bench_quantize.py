@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,8 +48,18 @@ _ENV = dict(os.environ, OMP_WAIT_POLICY="passive",
 NATIVE_QUANTIZE = "/work/llama-native/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-quantize"
 
 
+_cpu_seconds: list[float] = []   # CPU time (user + system) of each timed() child, in order
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def timed(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RssAnon bytes) of running cmd; raises if it fails."""
+    """(wall seconds, peak RssAnon bytes) of running cmd; raises if it fails. Its CPU time (user + system,
+    which a machine shared with other jobs disturbs far less than the wall time) is appended to _cpu_seconds."""
+    c0 = _children_cpu()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_ENV)
     peak = [0]
@@ -62,6 +73,7 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     th.start()
     _, err = p.communicate()
     dt = time.perf_counter() - t0
+    _cpu_seconds.append(_children_cpu() - c0)
     th.join()
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.decode(errors='replace')[-2000:]}")
@@ -124,7 +136,7 @@ def main(argv=None) -> int:
         for p in (ref, out):
             if os.path.exists(p):
                 os.remove(p)
-        walls_ref, walls_our, m_ref, m_our = [], [], 0, 0
+        walls_ref, walls_our, m_ref, m_our, cpu_ref, cpu_our = [], [], 0, 0, [], []
         for i in range(a.repeat):
             for p in (ref, out):
                 if os.path.exists(p):
@@ -132,18 +144,22 @@ def main(argv=None) -> int:
             req = ["--allow-requantize"] if a.allow_requantize else []
             dt, m = timed([a.llama_quantize, *req, *im, model, ref, t, str(a.threads)])
             walls_ref.append(dt)
+            cpu_ref.append(_cpu_seconds[-1])
             m_ref = max(m_ref, m)
             dt, m = timed([*gguftool, "quantize", *req, *im, model, out, "--type", t, "--threads",
                            str(a.threads)])
             walls_our.append(dt)
+            cpu_our.append(_cpu_seconds[-1])
             m_our = max(m_our, m)
         t_ref, t_our = statistics.median(walls_ref), statistics.median(walls_our)
+        c_ref, c_our = statistics.median(cpu_ref), statistics.median(cpu_our)
         if a.repeat > 1:
             print(f"{t}: llama-quantize runs {' '.join(f'{w:.2f}' for w in walls_ref)} s; gguftool runs "
                   f"{' '.join(f'{w:.2f}' for w in walls_our)} s", flush=True)
         same = file_hash(ref) == file_hash(out)
-        rows.append((spec, t_ref, t_our, t_our / t_ref, same, m_ref, m_our))
+        rows.append((spec, t_ref, t_our, t_our / t_ref, same, m_ref, m_our, c_our / c_ref))
         print(f"{spec}: llama-quantize {t_ref:.2f} s, gguftool {t_our:.2f} s ({t_our / t_ref:.2f}x), "
+              f"CPU {c_ref:.2f} / {c_our:.2f} s ({c_our / c_ref:.2f}x), "
               f"identical={same}, RssAnon {m_ref / 2**20:.0f} / {m_our / 2**20:.0f} MiB, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         if not a.keep:
@@ -151,10 +167,11 @@ def main(argv=None) -> int:
             os.remove(out)
 
     print()
-    print("| type | llama-quantize s | gguftool s | ratio | identical | peak RssAnon llama-quantize | peak RssAnon gguftool |")
-    print("|---|---:|---:|---:|---|---:|---:|")
-    for t, tr, to, r, same, mr, mo in rows:
-        print(f"| {t} | {tr:.2f} | {to:.2f} | {r:.2f} | {'yes' if same else 'NO'} | {mr / 2**20:.0f} MiB | "
+    print("| type | llama-quantize s | gguftool s | wall ratio | CPU ratio | identical | peak RssAnon llama-quantize "
+          "| peak RssAnon gguftool |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    for t, tr, to, r, same, mr, mo, cr in rows:
+        print(f"| {t} | {tr:.2f} | {to:.2f} | {r:.2f} | {cr:.2f} | {'yes' if same else 'NO'} | {mr / 2**20:.0f} MiB | "
               f"{mo / 2**20:.0f} MiB |")
     worst = max(r[6] for r in rows) if rows else 0
     print(f"\nRssAnon bound (2 x largest tensor f32 + 300 MB): {bound / 2**20:.0f} MiB; gguftool peak "
