@@ -24,9 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NATIVE_QUANTIZE = "/work/llama-native/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-quantize"
 
-# gguftool's CLI with numba's stock cache loader: mark the light loader as installed before gguftool.quants runs
-_FULL_REFRESH = ("import gguftool.quants.cache as c; c._light_installed = True; "
-                 "from gguftool.cli import main; main(prog_name='gguftool')")
+# gguftool's CLI with numba's stock cache loader (put back after gguftool.quants installed the light one)
+_FULL_REFRESH = ("import numba.core.caching as nc; stock = nc.Cache.load_overload; import gguftool.quants; "
+                 "nc.Cache.load_overload = stock; from gguftool.cli import main; main(prog_name='gguftool')")
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, float]:
