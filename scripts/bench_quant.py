@@ -14,6 +14,8 @@ cache is populated.
     python scripts/bench_quant.py --rows 1024      # smaller
     python scripts/bench_quant.py --types q4_k,q8_0 --no-warmup
     python scripts/bench_quant.py --types iq3_xxs,iq3_s --ggml-lib LLAMA_CPP/build/bin/libggml-base.so
+    OMP_WAIT_POLICY=passive python scripts/bench_quant.py --no-warmup --threads 2 --rows 1024 \
+        --ggml-lib /work/llama-native/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/libggml-base.so
 """
 from __future__ import annotations
 
@@ -70,11 +72,35 @@ def requires_imatrix(lib, qtype) -> bool:
     return bool(f(int(qtype)))
 
 
-def ggml_quantize(lib, qtype, x, imatrix):
+def ggml_quantize(lib, qtype, x, imatrix, threads=1):
+    """ggml_quantize_chunk over x; with threads > 1 as llama-quantize runs it: worker threads taking chunks
+    of rows (>= 32 * 512 elements each) from a shared counter (ctypes releases the GIL during the call)."""
     rows, n = x.shape
     out = np.empty((rows, qtype.row_bytes(n)), np.uint8)
-    lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n,
-                            None if imatrix is None else imatrix.ctypes.data)
+    w = None if imatrix is None else imatrix.ctypes.data
+    if threads <= 1:
+        lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n, w)
+        return out
+    import threading
+
+    chunk_rows = max(1, -(-32 * 512 // n))
+    lock, nxt = threading.Lock(), [0]
+
+    def worker():
+        while True:
+            with lock:
+                r0 = nxt[0]
+                nxt[0] += chunk_rows
+            if r0 >= rows:
+                return
+            r1 = min(rows, r0 + chunk_rows)
+            lib.ggml_quantize_chunk(int(qtype), x[r0:].ctypes.data, out[r0:].ctypes.data, 0, r1 - r0, n, w)
+
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
     return out
 
 
@@ -97,10 +123,13 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock, ggml_lib=None):
     print(f"data: {rows} x {N_PER_ROW} float32 = {mb:.1f} MB; all threads = {threads_all}; "
           f"llama.cpp: {(ggml_lib or 'libggml-base.so') + ' (1 thread)' if lib else why}")
     print(f"1-thread columns timed with {'process CPU time' if cpu_clock else 'wall time'}, "
-          f"all-thread column with wall time; best of {repeat}")
+          f"{threads_all}-thread columns with wall time (llama.cpp's: ggml_quantize_chunk on row chunks from "
+          f"{threads_all} threads, as llama-quantize); best of {repeat}; 'time' = ours / llama.cpp's time "
+          f"(goal: <= 0.5 K/legacy, <= 0.8 IQ/TQ/MXFP4); load average {os.getloadavg()[0]:.2f}")
     clock1 = time.process_time if cpu_clock else time.perf_counter
-    head = f"{'type':7} {'imatrix':12} {'ours 1T':>9} {'ours {}T'.format(threads_all):>9} {'llama 1T':>9} " \
-           f"{'1T ratio':>8}  bytes"
+    nt = threads_all
+    head = f"{'type':7} {'imatrix':12} {'ours 1T':>9} {'llama 1T':>9} {'time 1T':>8} {f'ours {nt}T':>9} " \
+           f"{f'llama {nt}T':>9} {f'time {nt}T':>8}  bytes"
     print(head)
     print("-" * len(head))
     results = []
@@ -118,15 +147,18 @@ def run_throughput(types, rows, repeat, threads_all, cpu_clock, ggml_lib=None):
             note = "" if mod is None or mod.USES_IMATRIX or not use_w else "(ignored)"
             if lib is not None:
                 tl, ref = best_time(lambda: ggml_quantize(lib, t, x, w), repeat, clock1)
-                same = "identical" if np.array_equal(ours, ref) else "DIFFER"
-                llama = f"{mb / tl:9.1f}"
-                ratio = f"{tl / t1:8.2f}"
+                tln, ref_n = best_time(lambda: ggml_quantize(lib, t, x, w, threads_all), repeat)
+                same = "identical" if np.array_equal(ours, ref) and np.array_equal(ref, ref_n) else "DIFFER"
+                llama, llama_n = f"{mb / tl:9.1f}", f"{mb / tln:9.1f}"
+                ratio, ratio_n = f"{t1 / tl:8.2f}", f"{tn / tln:8.2f}"
             else:
-                tl, same, llama, ratio = None, "-", f"{'-':>9}", f"{'-':>8}"
-            print(f"{t.name:7} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {mb / tn:9.1f} {llama} "
-                  f"{ratio}  {same}", flush=True)
+                tl = tln = None
+                same, llama, llama_n, ratio, ratio_n = "-", f"{'-':>9}", f"{'-':>9}", f"{'-':>8}", f"{'-':>8}"
+            print(f"{t.name:7} {('yes' if use_w else 'no') + note:12} {mb / t1:9.1f} {llama} {ratio} "
+                  f"{mb / tn:9.1f} {llama_n} {ratio_n}  {same}", flush=True)
             results.append(dict(type=t.name, imatrix=use_w, ours_1t=mb / t1, ours_all=mb / tn,
-                                llama_1t=None if tl is None else mb / tl, bytes=same))
+                                llama_1t=None if tl is None else mb / tl,
+                                llama_all=None if tln is None else mb / tln, bytes=same))
     return results
 
 
