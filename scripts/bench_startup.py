@@ -5,9 +5,7 @@
 
 Quantizes the small synthetic llama (scripts/make_synthetic_llama.py --layers 1: 5 MB, made once in --work-dir)
 with gguftool from this checkout (a first run fills the numba cache and is not counted), then times --repeat
-runs of three commands in turn: gguftool as it is; gguftool with numba's own cache loader (the full target
-context refresh before the first cached kernel; gguftool/quants/cache.py explains what the light loader skips);
-and the native llama-quantize. Prints the median wall and CPU (user + system) seconds of each and the load
+runs of gguftool and of the native llama-quantize in turn. Prints the median wall and CPU (user + system) seconds of each and the load
 average. Also prints `import gguftool` alone.
 """
 from __future__ import annotations
@@ -23,11 +21,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NATIVE_QUANTIZE = "/work/llama-native/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-quantize"
-
-# gguftool's CLI with numba's stock cache loader (put back after gguftool.quants installed the light one)
-_FULL_REFRESH = ("import numba.core.caching as nc; stock = nc.Cache.load_overload; import gguftool.quants; "
-                 "nc.Cache.load_overload = stock; from gguftool.cli import main; main(prog_name='gguftool')")
-
 
 def run(cmd: list[str], env: dict) -> tuple[float, float]:
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -58,7 +51,6 @@ def main(argv=None) -> int:
     q = ["quantize", model, out, "--type", a.type, "--threads", str(a.threads), "--force"]
     cmds = {
         "gguftool": [sys.executable, "-m", "gguftool", *q],
-        "gguftool, numba's full refresh": [sys.executable, "-c", _FULL_REFRESH, *q],
         "llama-quantize": [a.llama_quantize, model, out, a.type, str(a.threads)],
         "python -c 'import gguftool'": [sys.executable, "-c", "import gguftool"],
     }

@@ -74,34 +74,3 @@ def test_unusable_cache_root_falls_back_to_numba_default(tmp_path):
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True,
                          timeout=600).stdout.split()
     assert len(out) == 1  # numba.config.CACHE_DIR stayed empty (printed as an empty line); the run succeeded
-
-
-# loads (or compiles) the NaN/Inf screen and Q8_0's parallel row driver, prints whether numba's implementation
-# modules were imported (the full context refresh imports them), the cache misses and a digest of the bytes
-_LIGHT_CHILD = """
-import hashlib, sys
-import numpy as np
-from gguftool.quants import quantize, registry
-from gguftool.quants import _first_nonfinite
-from gguftool.gguf.constants import GGMLType
-x = np.linspace(-3, 5, 4 * 256, dtype=np.float32).reshape(4, 256)
-q = quantize(x, "Q8_0", threads=2)
-f = quantize(x, "F32")
-mod = registry.kernels(GGMLType.Q8_0)
-misses = sum(mod.quantize_rows_screened.stats.cache_misses.values()) + sum(_first_nonfinite.stats.cache_misses.values())
-print("numba.np.arraymath" in sys.modules, misses, hashlib.sha256(q.tobytes() + f.tobytes()).hexdigest())
-"""
-
-
-@pytest.mark.slow   # subprocesses and one small compilation
-def test_warm_start_skips_the_full_context_refresh(tmp_path):
-    """A warm process loads the cached kernels without importing numba's implementation registries, and the
-    kernels it loads that way compute the same bytes as the ones the cold process compiled."""
-    env = _env(tmp_path)
-    cold = subprocess.run([sys.executable, "-c", _LIGHT_CHILD], env=env, capture_output=True, text=True,
-                          check=True, timeout=900).stdout.split()
-    warm = subprocess.run([sys.executable, "-c", _LIGHT_CHILD], env=env, capture_output=True, text=True,
-                          check=True, timeout=900).stdout.split()
-    assert cold[0] == "True" and int(cold[1]) == 2      # compiled: numba's compiler refreshed everything
-    assert warm[0] == "False" and int(warm[1]) == 0     # loaded from the cache, light refresh only
-    assert warm[2] == cold[2]
