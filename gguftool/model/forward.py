@@ -414,11 +414,16 @@ class Model:
 
     # --- the forward pass
     def forward(self, tokens: np.ndarray, hook: Hook | None = None, logits_from: int = 0,
-                logits_to: int | None = None, process_output: bool = False) -> np.ndarray:
+                logits_to: int | None = None, process_output: bool = False,
+                record: list[np.ndarray] | None = None, resume: tuple[int, np.ndarray] | None = None) -> np.ndarray:
         """Evaluate ``tokens`` (B, T): B independent sequences at positions 0..T-1.
 
         Returns logits (B, logits_to - logits_from, n_vocab) for those positions (float32). ``hook`` receives every
         matmul input of a ``blk.*`` weight, and of the output weight when ``process_output``.
+
+        ``record``: a list that receives a copy of the residual stream at the input of every layer (n_layer arrays
+        (B * T, n_embd)). ``resume=(il, x)``: start at layer il from such a residual stream (the layers before it
+        are skipped: what the sensitivity probes use when only later weights differ from a recorded pass).
         """
         cfg = self.cfg
         tokens = np.asarray(tokens)
@@ -428,8 +433,16 @@ class Model:
         if logits_to is None:
             logits_to = T
         st = self._start_pass(tokens)
+        first = 0
+        if resume is not None:
+            first, x0 = resume
+            if not 0 <= first <= cfg.n_layer or x0.shape != st.x.shape:
+                raise ValueError(f"resume at layer {first} with a residual of shape {x0.shape}")
+            st.x = np.array(x0, dtype=np.float32, copy=True)
         ranges = self.workers.row_ranges(B * T)
-        for il in range(cfg.n_layer):
+        for il in range(first, cfg.n_layer):
+            if record is not None:
+                record.append(st.x.copy())
             self._layer(st, il, ranges, hook)
         self.workers.map(partial(self._final_norm_rows, st.x), ranges)
         if hook is not None and process_output:
