@@ -370,7 +370,7 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     if probe is None:
         sens.seconds = time.time() - t0
         return sens
-    if known is not None and known.measured and all(
+    if known is not None and known.measured and known.calib == sens.calib and all(
             (p := known.tensors.get(sl.name)) is not None and p.probe is not None for sl in slots):
         for slot in slots:   # the same model, imatrix, calibration and probe mode: the measurements stand
             prev, ts = known.tensors[slot.name], out[slot.name]
@@ -381,7 +381,8 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     _probe_all(slots, out, read, imatrix, probe, mode, threads, progress)
     sens.seconds = time.time() - t0
     sens.info = {"calib_tokens": int(probe.tokens.size), "scored_tokens": int(probe.calib.n_scored),
-                 "probe": mode, "cpu_seconds": round(_cpu() - c0, 1), "forward_passes": probe.passes}
+                 "probe": mode, "cpu_seconds": round(_cpu() - c0, 1), "forward_passes": probe.passes,
+                 "full_pass_equivalents": round(probe.layers_run / max(probe.n_layer, 1), 1)}
     return sens
 
 

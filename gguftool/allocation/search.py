@@ -261,10 +261,11 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
     notes = []
     if target.sensitivities is not None and os.path.exists(target.sensitivities):
         known = Sensitivities.load(target.sensitivities)
-        if not (known.model == model_fp and known.imatrix == imatrix_fp and known.calib == calib_fp):
-            notes.append(f"{target.sensitivities} was measured for another model, imatrix or calibration: "
-                         f"measuring again")
+        if not (known.model == model_fp and known.imatrix == imatrix_fp):
+            notes.append(f"{target.sensitivities} was measured for another model or imatrix: measuring again")
             known = None
+        elif known.calib != calib_fp:   # the weight errors stand; the probes are measured again
+            notes.append(f"{target.sensitivities} was measured with other calibration: probing again")
     sens = measure(slots, read, imatrix, probe, model_fp=model_fp, imatrix_fp=imatrix_fp, threads=threads,
                    progress=progress, known=known, mode=target.probe)
     if target.sensitivities is not None:
