@@ -52,7 +52,7 @@ STOCK_FTYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", 
 
 Progress = Callable[[str, int, int], None]
 
-MIN_BPW_FRACTION = 0.5   # candidates below this fraction of the budget's mean bits per weight are left out
+MIN_BPW_FRACTION = 0.6   # candidates below this fraction of the budget's mean bits per weight are left out
 
 
 def parse_size(text: str | int) -> int:
