@@ -135,6 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-chunks", type=int, default=2)
     ap.add_argument("--calib-ctx", type=int, default=128)
     ap.add_argument("--probe", default="layer", choices=("tensor", "layer"))
+    ap.add_argument("--stock-only", action="store_true",
+                    help="only the llama.cpp side (imatrix, base logits, stock files and their KLD)")
+    ap.add_argument("--extra", default="", help="more gguftool quantize options for ours, space-separated")
+    ap.add_argument("--drop-base", action="store_true",
+                    help="delete each model's base logits file once its rows are done (Gemma's are ~5.6 GB)")
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
@@ -152,31 +157,39 @@ def main(argv=None) -> int:
                  "-b", 512, "-t", a.threads])
         for budget in a.budgets.split(","):
             key = f"{name}/{budget}"
-            if key in results:
-                continue
+            r = results.setdefault(key, {})
             stock = work / f"{name}-stock-{budget}.gguf"
-            if not stock.exists():
-                run([a.bin / "llama-quantize", "--imatrix", im, f32, stock, budget, a.threads])
-            size = stock.stat().st_size
+            if "stock" not in r:
+                if not stock.exists():
+                    run([a.bin / "llama-quantize", "--imatrix", im, f32, stock, budget, a.threads])
+                r["stock_bytes"] = stock.stat().st_size
+                r["stock"] = kld(a.bin, stock, base, a.threads)
+                results_path.write_text(json.dumps(results, indent=1))
+                log(f"{key} stock: {r['stock']}")
+            if a.stock_only or "ours" in r:
+                continue
             ours = work / f"{name}-target-{budget}.gguf"
             t0 = time.time()
             if not ours.exists():
-                out = gguftool("quantize", f32, ours, "--target-size", size, "--imatrix", im, "--calib", ta,
-                               "--calib-chunks", a.calib_chunks, "--calib-ctx", a.calib_ctx, "--probe", a.probe,
-                               "--sensitivities", work / f"{name}.sens.json", "-t", a.threads, "--force")
+                out = gguftool("quantize", f32, ours, "--target-size", r["stock_bytes"], "--imatrix", im, "--calib",
+                               ta, "--calib-chunks", a.calib_chunks, "--calib-ctx", a.calib_ctx, "--probe",
+                               a.probe, "--sensitivities", work / f"{name}.sens.json", "-t", a.threads, "--force",
+                               *a.extra.split())
                 log(out.strip().splitlines()[-1])
-            search_s = time.time() - t0
-            r_stock = kld(a.bin, stock, base, a.threads)
-            r_ours = kld(a.bin, ours, base, a.threads)
-            results[key] = {"stock_bytes": size, "ours_bytes": ours.stat().st_size, "stock": r_stock,
-                            "ours": r_ours, "seconds": search_s}
+                r["seconds"] = time.time() - t0
+            r["ours_bytes"] = ours.stat().st_size
+            r["ours"] = kld(a.bin, ours, base, a.threads)
             results_path.write_text(json.dumps(results, indent=1))
-            log(f"{key}: {results[key]}")
+            log(f"{key}: {r}")
+        if a.drop_base and all("ours" in results.get(f"{name}/{b}", {}) for b in a.budgets.split(",")):
+            base.unlink(missing_ok=True)
     print("| model | budget | stock bytes | ours bytes | stock KLD | ours KLD | ratio | stock same top p | ours same "
           "top p | stock PPL | ours PPL | pass |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         name, budget = key.split("/")
+        if "ours" not in r or "stock" not in r:
+            continue
         ratio = r["ours"]["kld"] / r["stock"]["kld"] if r["stock"]["kld"] > 0 else float("inf")
         ok = r["ours_bytes"] <= r["stock_bytes"] and ratio <= 0.85
         print(f"| {name} | {budget} | {r['stock_bytes']:,} | {r['ours_bytes']:,} | {r['stock']['kld']:.6f} | "

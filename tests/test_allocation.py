@@ -133,6 +133,7 @@ def test_cli_dry_run_prints_the_plan_beside_the_stock_mix(tiny):
     (["--target-size", "1M", "--target-bpw", "4"], r"cannot be used together"),
     (["--target-size", "1M", "--pure"], r"cannot be combined"),
     (["--target-bpw", "4", "--type", "Q8_0"], r"larger than the target"),
+    (["--target-size", "1M", "--split-max-size", "500K"], r"one file \(no --split-max-size"),
 ])
 def test_bad_requests_are_one_error_line(tiny, tmp_path, args, message):
     out = tmp_path / "o.gguf"
@@ -160,6 +161,42 @@ def test_written_file_runs_in_llama_cpp(tiny, tmp_path):
 
 
 # --- pieces
+
+
+def test_probe_passes_resume_and_make_weights_on_demand(tiny):
+    """A pass resumed at layer L from the recorded residual gives the full pass's logits bit for bit, and a mix whose
+    weights are made layer by layer on demand scores exactly as the same weights given at once."""
+    from gguftool.allocation.measure import KLDProbe, _quantize_whole
+    from gguftool.gguf.source import open_gguf_source
+
+    src = open_gguf_source(tiny["f32"])
+    try:
+        tokens = np.array([[1, 5, 9, 14, 3, 7, 22, 8, 11, 2, 4, 6]], dtype=np.int64)
+        probe = KLDProbe(src, tokens, 4, 1, "x")
+        n_layer = probe.n_layer
+        assert n_layer >= 2 and len(probe._residuals) == n_layer
+        full = probe.model.forward(tokens, logits_from=4)
+        for il in range(n_layer):
+            resumed = probe.model.forward(tokens, logits_from=4, resume=(il, probe._residuals[il]))
+            assert np.array_equal(full, resumed), il
+        sources = {t.name: t for t in src.tensors}
+        names = [f"blk.{n_layer - 1}.ffn_down.weight", "blk.0.attn_v.weight", f"blk.{n_layer - 1}.attn_q.weight"]
+        slots = {n: TensorSlot(n, tuple(sources[n].shape), T.Q4_0, (T.Q4_0,)) for n in names}
+
+        def weight(n):
+            _, y = _quantize_whole(sources[n].read_f32().reshape(-1, sources[n].shape[0]), slots[n], T.Q4_0, None,
+                                   1)
+            return y.reshape(probe.weight_shape(n))
+
+        made = []
+        eager = probe.kld({n: weight(n) for n in names})
+        lazy = probe.kld_lazy({n: (lambda n=n: made.append(n) or weight(n)) for n in names})
+        assert eager > 0 and lazy == eager and sorted(made) == sorted(names)
+        before = probe.layers_run
+        late = probe.kld({names[0]: weight(names[0])})     # only the last layer changes: one layer is run
+        assert probe.layers_run - before == 1 and late > 0
+    finally:
+        src.close()
 
 
 def test_parse_size():
@@ -226,8 +263,8 @@ class _FakeProbe:
     def __init__(self, base, true_s):
         self.base, self.true_s, self.calls = base, true_s, 0
 
-    def base_weight(self, name):
-        return self.base[name]
+    def weight_shape(self, name):
+        return self.base[name].shape
 
     def kld(self, overrides):
         self.calls += 1

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ from ..gguf.constants import GGMLType
 from .candidates import TensorSlot, bpw
 
 __all__ = ["Sensitivities", "weight_error", "sample_rows", "CalibSet", "KLDProbe", "fingerprint_tensors",
-           "fingerprint_imatrix", "FORMAT"]
+           "fingerprint_imatrix", "FORMAT", "quantized_makers"]
 
 FORMAT = "gguftool-sensitivities/1"
 MAX_SAMPLE_ROWS = 512          # rows of a tensor the weight-error table quantizes
@@ -143,8 +144,11 @@ def mean_kld(calib: CalibSet, logits: np.ndarray) -> float:
 class KLDProbe:
     """The model's forward pass with some weights replaced by quantized ones, scored against the base output.
 
-    One Model over an overlay of the source's weights: ``set(overrides)`` swaps in dequantized tensors (numpy
-    order), ``kld()`` runs the calibration chunks and returns the mean KL-divergence from the base."""
+    One Model over an overlay of the source's weights: ``kld(overrides)`` swaps in dequantized tensors (numpy
+    order), runs the calibration chunks and returns the mean KL-divergence from the base; ``kld_lazy(makers)``
+    does the same with tensors made on demand (one layer's at a time: a whole-model mix never holds a second copy
+    of the model). The base pass records the residual stream at every layer's input, so a pass whose changed
+    weights all lie in layers >= L starts at layer L (the earlier layers would compute the same as the base)."""
 
     def __init__(self, source, tokens: np.ndarray, first: int, threads: int, fingerprint: str):
         from ..model.forward import Model
@@ -157,35 +161,82 @@ class KLDProbe:
         self.tokens = tokens
         self.first = first
         self.passes = 0
-        logits = self._forward()
+        self.layers_run = 0                  # layers evaluated by the probes (the cost measure)
+        self._residuals: list[np.ndarray] = []
+        logits = self.model.forward(self.tokens, logits_from=self.first, logits_to=self.tokens.shape[1],
+                                    record=self._residuals)
         log_p = _log_softmax(logits)
         self.calib = CalibSet(tokens, first, log_p, np.exp(log_p), fingerprint)
 
-    def _forward(self) -> np.ndarray:
-        return self.model.forward(self.tokens, logits_from=self.first, logits_to=self.tokens.shape[1])
+    @property
+    def n_layer(self) -> int:
+        return int(self._base.cfg.n_layer)
 
-    def base_weight(self, name: str) -> np.ndarray:
-        return self._store[name]
+    def _forward(self, names) -> np.ndarray:
+        layers = [_layer(n) for n in names]
+        start = 0 if not layers or min(layers) < 0 else min(layers)
+        resume = None if start == 0 else (start, self._residuals[start])
+        self.layers_run += self.n_layer - start
+        return self.model.forward(self.tokens, logits_from=self.first, logits_to=self.tokens.shape[1],
+                                  resume=resume)
+
+    def weight_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._store.shape(name))
 
     def kld(self, overrides: Mapping[str, np.ndarray]) -> float:
         self.passes += 1
         self.overlay.overrides = dict(overrides)
         try:
-            return mean_kld(self.calib, self._forward())
+            return mean_kld(self.calib, self._forward(list(overrides)))
         finally:
             self.overlay.overrides = {}
 
+    def kld_lazy(self, makers: Mapping[str, Callable[[], np.ndarray]]) -> float:
+        """As kld, each replaced tensor made by its maker when the pass first reads it and kept only while the pass
+        is in its layer (tensors outside the layers, such as token_embd, for the whole pass)."""
+        self.passes += 1
+        self.overlay.makers = dict(makers)
+        try:
+            return mean_kld(self.calib, self._forward(list(makers)))
+        finally:
+            self.overlay.makers = {}
+            self.overlay.clear()
+
 
 class _Overlay(Mapping):
-    """name -> array: the override where there is one, else the base store's (what the forward pass reads)."""
+    """name -> array: the override where there is one (given, or made on demand by a maker), else the base
+    store's (what the forward pass reads)."""
 
     def __init__(self, base: Mapping[str, np.ndarray]):
         self.base = base
         self.overrides: dict[str, np.ndarray] = {}
+        self.makers: dict[str, Callable[[], np.ndarray]] = {}
+        self._made: dict[str, np.ndarray] = {}
+        self._made_layer = -2
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        self._made = {}
+        self._made_layer = -2
+
+    def _make(self, name: str) -> np.ndarray:
+        with self._lock:          # the forward pass reads weights from its worker threads
+            a = self._made.get(name)
+            if a is None:
+                il = _layer(name)
+                if il >= 0 and il != self._made_layer:   # a new layer: drop the previous layer's tensors
+                    self._made = {k: v for k, v in self._made.items() if _layer(k) < 0}
+                    self._made_layer = il
+                a = self._made[name] = self.makers[name]()
+            return a
 
     def __getitem__(self, name: str) -> np.ndarray:
         a = self.overrides.get(name)
-        return a if a is not None else self.base[name]
+        if a is not None:
+            return a
+        if name in self.makers:
+            return self._make(name)
+        return self.base[name]
 
     def __contains__(self, name) -> bool:
         return name in self.base
@@ -319,7 +370,7 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     if probe is None:
         sens.seconds = time.time() - t0
         return sens
-    if known is not None and known.measured and all(
+    if known is not None and known.measured and known.calib == sens.calib and all(
             (p := known.tensors.get(sl.name)) is not None and p.probe is not None for sl in slots):
         for slot in slots:   # the same model, imatrix, calibration and probe mode: the measurements stand
             prev, ts = known.tensors[slot.name], out[slot.name]
@@ -330,7 +381,8 @@ def measure(slots: Sequence[TensorSlot], read: Callable[[str], np.ndarray],
     _probe_all(slots, out, read, imatrix, probe, mode, threads, progress)
     sens.seconds = time.time() - t0
     sens.info = {"calib_tokens": int(probe.tokens.size), "scored_tokens": int(probe.calib.n_scored),
-                 "probe": mode, "cpu_seconds": round(_cpu() - c0, 1), "forward_passes": probe.passes}
+                 "probe": mode, "cpu_seconds": round(_cpu() - c0, 1), "forward_passes": probe.passes,
+                 "full_pass_equivalents": round(probe.layers_run / max(probe.n_layer, 1), 1)}
     return sens
 
 
@@ -365,7 +417,7 @@ def _probe_all(slots: Sequence[TensorSlot], out: dict[str, TensorSensitivity], r
         pt = probe_type(sl, ts.errors)
         e_full, y = _quantize_whole(read(sl.name), sl, pt, imatrix, threads)
         ts.probe, ts.probe_error = pt.name, e_full
-        return y.reshape(probe.base_weight(sl.name).shape)
+        return y.reshape(probe.weight_shape(sl.name))
 
     n_probe = len(single) + len(groups)
     done_p = 0
@@ -415,11 +467,13 @@ def _quantize_whole(x: np.ndarray, slot: TensorSlot, t: GGMLType, imatrix, threa
     return float(np.mean(es)), (parts[0] if ne2 == 1 else np.concatenate(parts))
 
 
-def quantized_model(slots: Sequence[TensorSlot], types: Mapping[str, GGMLType], read, probe: KLDProbe, imatrix,
-                    threads=None) -> dict[str, np.ndarray]:
-    """Dequantized weights of every slot at its type in ``types`` (numpy order), for a full-mix KLD."""
-    out = {}
-    for slot in slots:
-        _, y = _quantize_whole(read(slot.name), slot, types[slot.name], imatrix, threads)
-        out[slot.name] = y.reshape(probe.base_weight(slot.name).shape)
-    return out
+def quantized_makers(slots: Sequence[TensorSlot], types: Mapping[str, GGMLType], read, probe: KLDProbe, imatrix,
+                     threads=None) -> dict[str, Callable[[], np.ndarray]]:
+    """For a whole-model KLD of a mix (``probe.kld_lazy``): per slot, a function making its dequantized weight
+    at its type in ``types`` (numpy order) when the forward pass first needs it."""
+    def maker(slot: TensorSlot) -> Callable[[], np.ndarray]:
+        def make() -> np.ndarray:
+            _, y = _quantize_whole(read(slot.name), slot, types[slot.name], imatrix, threads)
+            return y.reshape(probe.weight_shape(slot.name))
+        return make
+    return {slot.name: maker(slot) for slot in slots}

@@ -27,9 +27,9 @@ from ..gguf.values import KV, kv_f32, kv_str
 from ..gguf.writer import build_header
 from ..pipeline import policy as P
 from ..pipeline.plan import Plan
-from .candidates import TensorSlot, candidate_types
+from .candidates import TensorSlot, bpw, candidate_types
 from .measure import (AllocationError, KLDProbe, Sensitivities, fingerprint_imatrix, fingerprint_tensors, measure,
-                      quantized_model)
+                      quantized_makers)
 from .solve import fit, padded, solve
 
 __all__ = ["Target", "Allocation", "allocate", "parse_size", "STOCK_FTYPES", "AllocationError",
@@ -51,6 +51,8 @@ STOCK_FTYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", 
                 "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 
 Progress = Callable[[str, int, int], None]
+
+MIN_BPW_FRACTION = 0.6   # candidates below this fraction of the budget's mean bits per weight are left out
 
 
 def parse_size(text: str | int) -> int:
@@ -226,6 +228,14 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
         assert target.bpw is not None
         budget = int(math.floor(target.bpw * sized.n_elements / 8.0)) - sum(t.new_nbytes for t in fixed)
         solve_align = 1
+    # types far below the budget's mean bits per weight are never chosen at it: not measured (the IQ1/IQ2 kernels
+    # are the slowest to run, and irrelevant at a Q4_K_M-sized target)
+    n_slot = sum(s.n_elements for s in slots)
+    floor = MIN_BPW_FRACTION * max(budget, 0) * 8.0 / n_slot if n_slot else 0.0
+    pruned = [TensorSlot(s.name, s.shape, s.stock, tuple(t for t in s.candidates if bpw(t) >= floor or t == s.stock))
+              for s in slots]
+    if sum(padded(min(s.nbytes(t) for t in s.candidates), solve_align) for s in pruned) <= budget:
+        slots = pruned
 
     # 4. sensitivities
     sources = {t.name: t for t in source.tensors}
@@ -251,10 +261,11 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
     notes = []
     if target.sensitivities is not None and os.path.exists(target.sensitivities):
         known = Sensitivities.load(target.sensitivities)
-        if not (known.model == model_fp and known.imatrix == imatrix_fp and known.calib == calib_fp):
-            notes.append(f"{target.sensitivities} was measured for another model, imatrix or calibration: "
-                         f"measuring again")
+        if not (known.model == model_fp and known.imatrix == imatrix_fp):
+            notes.append(f"{target.sensitivities} was measured for another model or imatrix: measuring again")
             known = None
+        elif known.calib != calib_fp:   # the weight errors stand; the probes are measured again
+            notes.append(f"{target.sensitivities} was measured with other calibration: probing again")
     sens = measure(slots, read, imatrix, probe, model_fp=model_fp, imatrix_fp=imatrix_fp, threads=threads,
                    progress=progress, known=known, mode=target.probe)
     if target.sensitivities is not None:
@@ -278,9 +289,7 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
         mixes = [types, stock_fit]
         results = []
         for i, mix in enumerate(mixes):
-            weights = quantized_model(slots, mix, read, probe, imatrix, threads)
-            results.append(probe.kld(weights))
-            del weights
+            results.append(probe.kld_lazy(quantized_makers(slots, mix, read, probe, imatrix, threads)))
             if progress:
                 progress("full-mix check", i + 1, len(mixes))
         measured, stock_measured = results
@@ -289,9 +298,7 @@ def allocate(source, make_plan: Callable[[P.FileType, list[KV], list[tuple[str, 
             notes.append(f"the stock mix {ref} measured better on the whole model ({stock_measured:.5g} vs "
                          f"{measured:.5g}): it is kept")
     elif probe is not None and stock_fit is not None:
-        weights = quantized_model(slots, types, read, probe, imatrix, threads)
-        measured = stock_measured = probe.kld(weights)
-        del weights
+        measured = stock_measured = probe.kld_lazy(quantized_makers(slots, types, read, probe, imatrix, threads))
 
     rows = []
     for s in slots:

@@ -426,17 +426,29 @@ class Model:
 
     # --- the forward pass
     def forward(self, tokens: np.ndarray, hook: Hook | None = None, logits_from: int = 0,
-                logits_to: int | None = None, process_output: bool = False) -> np.ndarray:
+                logits_to: int | None = None, process_output: bool = False,
+                record: list[np.ndarray] | None = None, resume: tuple[int, np.ndarray] | None = None) -> np.ndarray:
         """Evaluate ``tokens`` (B, T): B independent sequences at positions 0..T-1.
 
         Returns logits (B, logits_to - logits_from, n_vocab) for those positions (float32). ``hook`` receives every
         matmul input of a ``blk.*`` weight, and of the output weight when ``process_output``.
+
+        ``record``: a list that receives a copy of the residual stream at the input of every layer (n_layer arrays
+        (B * T, n_embd)). ``resume=(il, x)``: start at layer il from such a residual stream (the layers before it
+        are skipped: what the sensitivity probes use when only later weights differ from a recorded pass).
         """
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None, :]
         B, T = tokens.shape
-        x = self.run_layers(self.embed(tokens), B, T, range(self.cfg.n_layer), hook)
+        if resume is None:
+            first, x = 0, self.embed(tokens)
+        else:
+            first, x0 = resume
+            if not 0 <= first <= self.cfg.n_layer or x0.shape != (B * T, self.cfg.n_embd):
+                raise ValueError(f"resume at layer {first} with a residual of shape {x0.shape}")
+            x = np.array(x0, dtype=np.float32, copy=True)
+        x = self.run_layers(x, B, T, range(first, self.cfg.n_layer), hook, record=record)
         return self.head(x, B, T, hook, logits_from, logits_to, process_output)
 
     # The pass in three parts, for a pipeline whose stages hold a share of the layers each
@@ -457,11 +469,15 @@ class Model:
             x *= np.float32(math.sqrt(cfg.n_embd))
         return x
 
-    def run_layers(self, x: np.ndarray, B: int, T: int, layers: range, hook: Hook | None = None) -> np.ndarray:
-        """The residual stream ``x`` (B*T, n_embd) after ``layers`` (updated in place and returned)."""
+    def run_layers(self, x: np.ndarray, B: int, T: int, layers: range, hook: Hook | None = None,
+                   record: list[np.ndarray] | None = None) -> np.ndarray:
+        """The residual stream ``x`` (B*T, n_embd) after ``layers`` (updated in place and returned); ``record``
+        receives a copy of it at the input of each layer."""
         st = self._pass_state(B, T, x)
         ranges = self.workers.row_ranges(B * T)
         for il in layers:
+            if record is not None:
+                record.append(st.x.copy())
             self._layer(st, il, ranges, hook)
         return st.x
 
