@@ -35,7 +35,7 @@ from ..errors import ImatrixError
 from . import gptoss, mla
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
-from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
+from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu, swiglu_into
 from .threads import WorkerPool
 from .weights import WeightStore, layer_of
 
@@ -289,9 +289,10 @@ class Model:
         return a.reshape(-1, a.shape[-1])[r0:r1]
 
     def _slab_first(self, name: str) -> bool:
-        """True for a weight dequantized a slab at a time by numba's own threads (quantized types: those kernels
-        hold the GIL) before the products; False for F32 (views), F16 and BF16 (widened by each job itself)."""
-        return isinstance(self.w, WeightStore) and self.w.type_of(name).name not in ("F32", "F16", "BF16")
+        """True for a weight dequantized a slab at a time by numba's own threads (quantized types without a
+        nogil driver in model.dequant: those kernels hold the GIL) before the products; False for F32 (views),
+        F16, BF16 and the types of model.dequant (each job decodes its own block, all threads at once)."""
+        return isinstance(self.w, WeightStore) and not self.w.decodes_in_thread(name)
 
     def _scratch(self, n: int) -> np.ndarray:
         """This thread's float32 scratch buffer, at least n values (reused from product to product)."""
@@ -573,7 +574,10 @@ class Model:
         """Rows r0:r1 of the FFN activation (SiLU, gemma: GELU) of the gate times up (-> st.m)."""
         r0, r1 = rows
         gg = g[r0:r1]
-        st.m[r0:r1] = (gelu_f16_table(gg) if self.cfg.arch in GEMMA_ARCHS else silu(gg)) * u[r0:r1]
+        if self.cfg.arch in GEMMA_ARCHS:
+            st.m[r0:r1] = gelu_f16_table(gg) * u[r0:r1]
+        else:
+            swiglu_into(gg, u[r0:r1], st.m[r0:r1])
 
     def _ffn_residual_rows(self, st: _PassState, p: str, f: np.ndarray, rows: tuple[int, int]) -> None:
         """Rows r0:r1: the FFN output (gemma: post-normed) added to st.x."""
