@@ -35,7 +35,7 @@ from ..errors import ImatrixError
 from . import gptoss, mla
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
-from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu, swiglu_into
+from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
 from .threads import WorkerPool
 from .weights import WeightStore, layer_of
 
@@ -574,10 +574,7 @@ class Model:
         """Rows r0:r1 of the FFN activation (SiLU, gemma: GELU) of the gate times up (-> st.m)."""
         r0, r1 = rows
         gg = g[r0:r1]
-        if self.cfg.arch in GEMMA_ARCHS:
-            st.m[r0:r1] = gelu_f16_table(gg) * u[r0:r1]
-        else:
-            swiglu_into(gg, u[r0:r1], st.m[r0:r1])
+        st.m[r0:r1] = (gelu_f16_table(gg) if self.cfg.arch in GEMMA_ARCHS else silu(gg)) * u[r0:r1]
 
     def _ffn_residual_rows(self, st: _PassState, p: str, f: np.ndarray, rows: tuple[int, int]) -> None:
         """Rows r0:r1: the FFN output (gemma: post-normed) added to st.x."""

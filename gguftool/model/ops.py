@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
@@ -86,21 +85,6 @@ def apply_rope(x: np.ndarray, c: np.ndarray, s: np.ndarray, n_dims: int, neox: b
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
-
-
-@njit(cache=True, nogil=True)
-def _swiglu_rows(g, u, out):
-    for r in range(g.shape[0]):
-        for i in range(g.shape[1]):
-            a = g[r, i]
-            out[r, i] = a / (np.float32(1.0) + np.exp(-a)) * u[r, i]
-
-
-def swiglu_into(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
-    """out = silu(g) * u in one pass (no temporaries; nogil, so the workers run their rows at once). float32
-    throughout; exp is the C library's expf (ggml's vectorized expf differs from it in the last bits, as numpy's
-    does)."""
-    _swiglu_rows(g, u, out)
 
 
 def gelu_f16_table(x: np.ndarray) -> np.ndarray:
