@@ -25,6 +25,7 @@ What is emulated, and what is not (checked against ggml-cpu of llama.cpp 0.3.36'
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 # weight type -> the vec_dot type its activations are converted to
 VEC_DOT = {
@@ -36,6 +37,34 @@ VEC_DOT = {
     "IQ4_XS": "q8_K", "TQ1_0": "q8_K", "TQ2_0": "q8_K",
 }
 BLOCK_MIN_BYTES = {"Q4_1": 20, "Q5_1": 24}   # bytes per 32-value block; fp16 d then fp16 m at its start
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _q8_k_rows(x, out):
+    """x (rows, k) float32, k a multiple of 256 -> out: each 256-value block as quantize_row_q8_K_ref makes it,
+    dequantized: max = the first value of largest magnitude, iscale = -127/max, q = min(127, nearest(iscale*x)),
+    value q * (1/iscale); an all-zero block stays zero. One pass, float32 throughout, nogil (the workers convert
+    their rows at once)."""
+    for r in range(x.shape[0]):
+        for b0 in range(0, x.shape[1], 256):
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            for j in range(b0, b0 + 256):
+                ax = abs(x[r, j])
+                if ax > amax:
+                    amax = ax
+                    mx = x[r, j]
+            if amax == np.float32(0.0):
+                for j in range(b0, b0 + 256):
+                    out[r, j] = np.float32(0.0)
+                continue
+            iscale = np.float32(-127.0) / mx
+            d = np.float32(1.0) / iscale
+            for j in range(b0, b0 + 256):
+                q = np.rint(iscale * x[r, j])
+                if q > np.float32(127.0):
+                    q = np.float32(127.0)
+                out[r, j] = q * d
 
 
 def activations_as(x: np.ndarray, kind: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -66,14 +95,10 @@ def activations_as(x: np.ndarray, kind: str | None) -> tuple[np.ndarray, np.ndar
     if kind == "q8_K":
         if k % 256:
             return x, None
-        b = x.reshape(n, k // 256, 256)
-        idx = np.abs(b).argmax(axis=-1)[..., None]
-        mx = np.take_along_axis(b, idx, axis=-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0.0)).astype(np.float32)
-            d = np.where(mx != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
-        q = np.minimum(np.float32(127.0), np.rint(iscale * b))
-        return (q * d).reshape(n, k), None
+        xc = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(xc)
+        _q8_k_rows(xc, out)
+        return out, None
     return x, None
 
 

@@ -289,9 +289,10 @@ class Model:
         return a.reshape(-1, a.shape[-1])[r0:r1]
 
     def _slab_first(self, name: str) -> bool:
-        """True for a weight dequantized a slab at a time by numba's own threads (quantized types: those kernels
-        hold the GIL) before the products; False for F32 (views), F16 and BF16 (widened by each job itself)."""
-        return isinstance(self.w, WeightStore) and self.w.type_of(name).name not in ("F32", "F16", "BF16")
+        """True for a weight dequantized a slab at a time by numba's own threads (quantized types without a
+        nogil driver in model.dequant: those kernels hold the GIL) before the products; False for F32 (views),
+        F16, BF16 and the types of model.dequant (each job decodes its own block, all threads at once)."""
+        return isinstance(self.w, WeightStore) and not self.w.decodes_in_thread(name)
 
     def _scratch(self, n: int) -> np.ndarray:
         """This thread's float32 scratch buffer, at least n values (reused from product to product)."""
