@@ -183,6 +183,9 @@ def main(argv=None) -> int:
                     "kept from WORK/agreement.json)")
     ap.add_argument("--remeasure-ours", action="store_true", help="drop gguftool's figures (and its base file) "
                     "from WORK and measure them again, e.g. after a change to gguftool; llama.cpp's stay cached")
+    ap.add_argument("--llama-cache", help="llama-perplexity's cached figures (default WORK/llama-cache.json)")
+    ap.add_argument("--cached-only", action="store_true", help="take llama.cpp's figures from the cache only, never "
+                    "run llama-perplexity (rows not cached stay blank)")
     ap.add_argument("--prepare-only", action="store_true", help="make the models and the imatrix, measure nothing")
     ap.add_argument("--table", metavar="JSON", help="only print the table of a finished run (WORK/agreement.json)")
     a = ap.parse_args(argv)
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
         print_table(json.loads(Path(a.table).read_text()))
         return 0
     llama_ppl = Path(a.llama_bin or "") / "llama-perplexity"
-    if not a.prepare_only and a.only != "ours" and not llama_ppl.is_file():
+    if not a.prepare_only and a.only != "ours" and not a.cached_only and not llama_ppl.is_file():
         raise SystemExit(f"{llama_ppl}: not found (--llama-bin: a build of llama.cpp's tools/perplexity)")
     model = a.model
     if model is None:
@@ -255,15 +258,16 @@ def main(argv=None) -> int:
                             "--force", "--json", "-q"), "gguftool base file")
         results["f32_ppl_ours"] = _json(out)["ppl"]
         save()
-    cache = LlamaCache(work / "llama-cache.json")
+    cache = LlamaCache(Path(a.llama_cache) if a.llama_cache else work / "llama-cache.json")
     if run_llama and ("f32_ppl_llama" not in results or need(base_llama)):
         key = LlamaCache.key("base", [f32, Path(a.text)], [*ctx, *t])
-        if cache.get(key) is None or not base_llama.is_file():
+        if (cache.get(key) is None or not base_llama.is_file()) and not a.cached_only:
             out = _run([llama_ppl, "-m", f32, "-f", a.text, *ctx, *t, "--kl-divergence-base", base_llama],
                        "llama-perplexity base file", until="Final estimate")
             cache.put(key, _num(r"Final estimate: PPL = ([0-9.]+)", out, "Final estimate"))
-        results["f32_ppl_llama"] = cache.get(key)
-        save()
+        if cache.get(key) is not None:
+            results["f32_ppl_llama"] = cache.get(key)
+            save()
     if base_ours.is_file() and base_llama.is_file() and "base_files" not in results:
         results["base_files"] = compare_base_files(base_ours, base_llama)
         save()
@@ -278,11 +282,12 @@ def main(argv=None) -> int:
         if run_llama and "llama" not in row:
             opts = ["--kl-divergence", "-c", a.ctx, *t]
             key = LlamaCache.key("kld", [path, base], opts)
-            if cache.get(key) is None:
+            if cache.get(key) is None and not a.cached_only:
                 cache.put(key, llama_kld(_run([llama_ppl, "-m", path, "--kl-divergence-base", base, *opts],
                                               f"llama-perplexity KLD {name}", until="Same top p:")))
-            row["llama"] = cache.get(key)
-            save()
+            if cache.get(key) is not None:
+                row["llama"] = cache.get(key)
+                save()
 
     print_table(results)
     return 0
@@ -307,6 +312,7 @@ def print_table(results: dict) -> None:
     blank = {"ppl": nan, "kld": nan, "same_top_p": nan}
     for name, r in results["rows"].items():
         o, ll = r.get("ours", blank), r.get("llama", blank)
+        missing = [w for w, x in (("ours", "ours"), ("llama.cpp", "llama")) if x not in r]
         dppl = o["ppl"] / ll["ppl"] - 1
         dkld = o["kld"] / ll["kld"] - 1 if ll["kld"] else nan
         dtop = 100 * (o["same_top_p"] - ll["same_top_p"])
@@ -315,7 +321,7 @@ def print_table(results: dict) -> None:
                                  ("top p", not abs(dtop) <= TOL_TOP)) if bad]
         print(f"| {name} | {o['ppl']:.4f} | {ll['ppl']:.4f} | {100 * dppl:+.3f} | {o['kld']:.7f} | {ll['kld']:.6f} "
               f"| {100 * dkld:+.2f} | {100 * o['same_top_p']:.3f} | {100 * ll['same_top_p']:.3f} | {dtop:+.3f} "
-              f"| {'yes' if not miss else 'NO: ' + ', '.join(miss)} |")
+              f"| {'not measured: ' + ', '.join(missing) if missing else 'yes' if not miss else 'NO: ' + ', '.join(miss)} |")
     print(f"\ntolerances: PPL {100 * TOL_PPL:g} %, mean KLD {100 * TOL_KLD:g} % (or {KLD_PRINTED:g} absolute: "
           f"llama-perplexity prints 6 decimals), same top p {TOL_TOP:g} points")
 
