@@ -15,8 +15,12 @@ What it does (every file in --work, reused when present unless --fresh):
 4. the F32 model's base logits file, written by llama-perplexity and by gguftool (``--kl-divergence-base``), the
    cross-reading check (same header and tokens, how far the 16-bit log-probabilities differ), and the F32
    perplexity by each tool;
-5. for every file, ``--kl-divergence`` against the SAME base file (gguftool's unless --base llama: so llama.cpp
-   reads a file gguftool wrote for every row) by both tools: PPL(Q), mean KLD and same-top-p.
+5. for every file, ``--kl-divergence`` against the SAME base file (llama-perplexity's unless --base ours, so
+   that llama.cpp's figures do not depend on gguftool) by both tools: PPL(Q), mean KLD and same-top-p.
+
+llama-perplexity's figures are cached in WORK/llama-cache.json, keyed by the SHA-256 of the model file (and of
+the base file it reads), the text's and the options: re-running after a change to gguftool re-runs only gguftool
+(``--only ours``), and a remade model file (another hash) is measured again.
 
 Prints one table (type x PPL ours / llama.cpp x mean KLD ours / llama.cpp x same-top-p ours / llama.cpp) and marks
 the rows outside the issue's tolerances: PPL 0.1 %, mean KLD 3 %, same-top-p 0.3 points. The JSON of every figure
@@ -25,6 +29,7 @@ goes to WORK/agreement.json. Both tools run with the same --threads, one after t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -66,6 +71,41 @@ def _run(cmd: list[str], what: str, until: str | None = None) -> str:
         if until is None or until in p.stdout + p.stderr:
             break
     return p.stdout + "\n" + p.stderr
+
+
+_HASHES: dict[str, str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes (memoized per run)."""
+    key = str(Path(path).resolve())
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+class LlamaCache:
+    """llama-perplexity's figures by (what, the hashes of the files it read, its options): they depend on those
+    only, never on gguftool's code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def key(what: str, files: list[Path], options: list) -> str:
+        return json.dumps([what, [file_hash(f) for f in files], [str(o) for o in options]])
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=1))
 
 
 def gguftool(*args) -> list[str]:
@@ -135,10 +175,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", nargs="+", default=TYPES)
     ap.add_argument("--no-imatrix", action="store_true", help="skip the imatrix variants")
-    ap.add_argument("--base", choices=("llama", "ours"), default="ours", help="whose base file both tools read")
+    ap.add_argument("--base", choices=("llama", "ours"), default="llama", help="whose base file both tools read")
+    ap.add_argument("--base-file", help="a fixed base logits file (of the F32 model and the text) both tools read "
+                    "for every row, instead of one of the base files this run writes")
     ap.add_argument("--fresh", action="store_true", help="remake every file")
     ap.add_argument("--only", choices=("ours", "llama"), help="run only one tool's measurements (the other's are "
                     "kept from WORK/agreement.json)")
+    ap.add_argument("--remeasure-ours", action="store_true", help="drop gguftool's figures (and its base file) "
+                    "from WORK and measure them again, e.g. after a change to gguftool; llama.cpp's stay cached")
+    ap.add_argument("--llama-cache", help="llama-perplexity's cached figures (default WORK/llama-cache.json)")
+    ap.add_argument("--cached-only", action="store_true", help="take llama.cpp's figures from the cache only, never "
+                    "run llama-perplexity (rows not cached stay blank)")
     ap.add_argument("--prepare-only", action="store_true", help="make the models and the imatrix, measure nothing")
     ap.add_argument("--table", metavar="JSON", help="only print the table of a finished run (WORK/agreement.json)")
     a = ap.parse_args(argv)
@@ -146,7 +193,7 @@ def main(argv=None) -> int:
         print_table(json.loads(Path(a.table).read_text()))
         return 0
     llama_ppl = Path(a.llama_bin or "") / "llama-perplexity"
-    if not a.prepare_only and a.only != "ours" and not llama_ppl.is_file():
+    if not a.prepare_only and a.only != "ours" and not a.cached_only and not llama_ppl.is_file():
         raise SystemExit(f"{llama_ppl}: not found (--llama-bin: a build of llama.cpp's tools/perplexity)")
     model = a.model
     if model is None:
@@ -189,28 +236,42 @@ def main(argv=None) -> int:
     js = work / "agreement.json"
     results: dict = json.loads(js.read_text()) if js.is_file() and not a.fresh else {}
     setup = {"model": model, "text": a.text, "ctx": a.ctx, "chunks": a.chunks, "threads": a.threads,
-             "base": a.base}
+             "base": a.base_file or a.base}
     if any(results.get(k) != v for k, v in setup.items()):
         results = dict(setup, rows={})
+    if a.remeasure_ours:
+        for k in ("f32_ppl_ours", "base_files", "commit_ours"):
+            results.pop(k, None)
+        for row in results["rows"].values():
+            row.pop("ours", None)
+        base_ours.unlink(missing_ok=True)
     run_ours, run_llama = a.only in (None, "ours"), a.only in (None, "llama")
 
     def save() -> None:
         js.write_text(json.dumps(results, indent=2))
 
+    if run_ours and "commit_ours" not in results:
+        results["commit_ours"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                                                capture_output=True, text=True).stdout.strip()
     if run_ours and ("f32_ppl_ours" not in results or need(base_ours)):
         out = _run(gguftool("perplexity", f32, "-f", a.text, *ctx, *t, "--kl-divergence-base", base_ours,
                             "--force", "--json", "-q"), "gguftool base file")
         results["f32_ppl_ours"] = _json(out)["ppl"]
         save()
+    cache = LlamaCache(Path(a.llama_cache) if a.llama_cache else work / "llama-cache.json")
     if run_llama and ("f32_ppl_llama" not in results or need(base_llama)):
-        out = _run([llama_ppl, "-m", f32, "-f", a.text, *ctx, *t, "--kl-divergence-base", base_llama],
-                   "llama-perplexity base file", until="Final estimate")
-        results["f32_ppl_llama"] = _num(r"Final estimate: PPL = ([0-9.]+)", out, "Final estimate")
-        save()
+        key = LlamaCache.key("base", [f32, Path(a.text)], [*ctx, *t])
+        if (cache.get(key) is None or not base_llama.is_file()) and not a.cached_only:
+            out = _run([llama_ppl, "-m", f32, "-f", a.text, *ctx, *t, "--kl-divergence-base", base_llama],
+                       "llama-perplexity base file", until="Final estimate")
+            cache.put(key, _num(r"Final estimate: PPL = ([0-9.]+)", out, "Final estimate"))
+        if cache.get(key) is not None:
+            results["f32_ppl_llama"] = cache.get(key)
+            save()
     if base_ours.is_file() and base_llama.is_file() and "base_files" not in results:
         results["base_files"] = compare_base_files(base_ours, base_llama)
         save()
-    base = base_llama if a.base == "llama" else base_ours
+    base = Path(a.base_file) if a.base_file else base_llama if a.base == "llama" else base_ours
 
     for name, path in rows:
         row = results["rows"].setdefault(name, {})
@@ -219,9 +280,14 @@ def main(argv=None) -> int:
                                                  *t, "--json", "-q"), f"gguftool KLD {name}"))
             save()
         if run_llama and "llama" not in row:
-            row["llama"] = llama_kld(_run([llama_ppl, "-m", path, "--kl-divergence", "--kl-divergence-base", base,
-                                           "-c", a.ctx, *t], f"llama-perplexity KLD {name}", until="Same top p:"))
-            save()
+            opts = ["--kl-divergence", "-c", a.ctx, *t]
+            key = LlamaCache.key("kld", [path, base], opts)
+            if cache.get(key) is None and not a.cached_only:
+                cache.put(key, llama_kld(_run([llama_ppl, "-m", path, "--kl-divergence-base", base, *opts],
+                                              f"llama-perplexity KLD {name}", until="Same top p:")))
+            if cache.get(key) is not None:
+                row["llama"] = cache.get(key)
+                save()
 
     print_table(results)
     return 0
@@ -232,8 +298,9 @@ def print_table(results: dict) -> None:
     bf = results.get("base_files", {"header_ours": None, "header_llama": None, "same_tokens": None,
                                     "size_ours": None, "size_llama": None})
     print(f"model: {results['model']}; text: {results['text']}; ctx {results['ctx']}, chunks {results['chunks']}, "
-          f"{results['threads']} threads; every KLD against {results['base']}'s F32 base file")
+          f"{results['threads']} threads; every KLD against the F32 base file {results['base']}")
     po, pl = results.get("f32_ppl_ours", nan), results.get("f32_ppl_llama", nan)
+    print(f"gguftool commit measured: {results.get('commit_ours', '?')}")
     print(f"F32 perplexity (base runs): ours {po:.4f}, llama.cpp {pl:.4f} ({100 * (po / pl - 1):+.4f} %)")
     print(f"base files: header ours {bf['header_ours']}, llama.cpp {bf['header_llama']}, same tokens "
           f"{bf['same_tokens']}, sizes {bf['size_ours']} / {bf['size_llama']} bytes, max |log p| difference "
@@ -245,6 +312,7 @@ def print_table(results: dict) -> None:
     blank = {"ppl": nan, "kld": nan, "same_top_p": nan}
     for name, r in results["rows"].items():
         o, ll = r.get("ours", blank), r.get("llama", blank)
+        missing = [w for w, x in (("ours", "ours"), ("llama.cpp", "llama")) if x not in r]
         dppl = o["ppl"] / ll["ppl"] - 1
         dkld = o["kld"] / ll["kld"] - 1 if ll["kld"] else nan
         dtop = 100 * (o["same_top_p"] - ll["same_top_p"])
@@ -253,7 +321,7 @@ def print_table(results: dict) -> None:
                                  ("top p", not abs(dtop) <= TOL_TOP)) if bad]
         print(f"| {name} | {o['ppl']:.4f} | {ll['ppl']:.4f} | {100 * dppl:+.3f} | {o['kld']:.7f} | {ll['kld']:.6f} "
               f"| {100 * dkld:+.2f} | {100 * o['same_top_p']:.3f} | {100 * ll['same_top_p']:.3f} | {dtop:+.3f} "
-              f"| {'yes' if not miss else 'NO: ' + ', '.join(miss)} |")
+              f"| {'not measured: ' + ', '.join(missing) if missing else 'yes' if not miss else 'NO: ' + ', '.join(miss)} |")
     print(f"\ntolerances: PPL {100 * TOL_PPL:g} %, mean KLD {100 * TOL_KLD:g} % (or {KLD_PRINTED:g} absolute: "
           f"llama-perplexity prints 6 decimals), same top p {TOL_TOP:g} points")
 

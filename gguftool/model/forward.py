@@ -14,8 +14,9 @@ DeepSeek-V2/V3's layer is :mod:`.mla`'s, gpt-oss's :mod:`.gptoss`'s (attention s
 Where the pieces live: the hyperparameters in :mod:`.config`, the norm / RoPE / activation functions in
 :mod:`.ops`, the activation conversion of ggml's quantized matmuls in :mod:`.activations`, the threads in
 :mod:`.threads`. The KV cache holds K and V as float16 (llama.cpp's default cache type), so K (after RoPE) and V
-are rounded to float16 before attention (``kv_f16``); Q stays float32 as in ggml's tiled flash-attention kernel.
-Matrix products are float32 BLAS (numpy).
+are rounded to float16 before attention (``kv_f16``); Q stays float32, and attention is computed as ggml's tiled
+CPU flash-attention kernel does (:mod:`.attention`: 64-key tiles, online softmax). Matrix products are float32
+BLAS (numpy).
 
 One pass (``Model.forward``) runs layer by layer; within a layer, the row-wise stages (norm + Q/K/V + RoPE,
 output projection + residual + FFN input, FFN down + residual) are split over the worker threads by rows, and
@@ -33,6 +34,7 @@ import numpy as np
 
 from ..errors import ImatrixError
 from . import gptoss, mla
+from .attention import flash_attention
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
 from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
@@ -80,6 +82,7 @@ class Model:
     """Weights (float32: a dict or a WeightStore) and the forward pass. Build with ``Model.from_source(source)``."""
 
     query_block = 128   # attention rows computed at once
+    flash_attn = True   # attention as ggml's CPU flash-attention kernel (llama.cpp's default), see model.attention
     block_values = 1 << 20      # at most this many weight values per product job (4 MiB of float32 scratch)
     small_product = 1 << 16     # weights of at most this many values are multiplied in one job
     product_blocks = 16         # bigger ones in this many jobs (or more, smaller ones, see block_values)
@@ -653,8 +656,15 @@ class Model:
     def _attention_block(self, qh: np.ndarray, kh: np.ndarray, vh: np.ndarray, mask: np.ndarray,
                          scale: np.float32, out: np.ndarray, sinks: np.ndarray | None,
                          job: tuple[int, int, int, int]) -> None:
-        """Softmax attention of queries q0:q1 of sequence b's KV head kv (its G query heads) over keys 0:q1."""
+        """Attention of queries q0:q1 of sequence b's KV head kv (its G query heads) over keys 0:q1: ggml's
+        tiled flash-attention kernel (model.attention.flash_attention), or with ``flash_attn`` False one
+        float32 softmax over all keys. ``sinks`` (Hkv, G): gpt-oss's per-head sink logits, or None."""
         b, kv, q0, q1 = job
+        if self.flash_attn:
+            out[b, q0:q1, kv] = flash_attention(qh[b, kv, q0:q1], kh[b, kv, :q1], vh[b, kv, :q1],
+                                                mask[q0:q1, :q1], scale, self.cfg.attn_softcap,
+                                                None if sinks is None else sinks[kv])
+            return
         D = qh.shape[-1]
         G = qh.shape[3]
         Dv = vh.shape[-1]

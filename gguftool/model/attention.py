@@ -1,0 +1,94 @@
+"""Causal attention computed as ggml's CPU flash-attention kernel computes it (what llama.cpp runs by default).
+
+llama-perplexity and llama-imatrix leave ``flash_attn_type`` at ``auto``, which llama.cpp resolves to enabled when
+the device (here the CPU) supports GGML_OP_FLASH_ATTN_EXT, so their attention is ``ggml_flash_attn_ext`` over the
+float16 KV cache. For a prompt batch of at least 64 query rows (every perplexity / imatrix chunk) the CPU runs
+``ggml_compute_forward_flash_attn_ext_tiled`` (ggml-cpu/ops.cpp), which this module follows:
+
+- Q stays float32; K and V come from the float16 cache (the caller rounds them) and are widened to float32;
+- the keys are visited in tiles of 64 (``KV_TILE``) from position 0; per query row and tile: the scores
+  ``Q K^T`` in float32, times ``scale`` (with a soft-cap: ``cap * tanh(score * scale / cap)``), plus the mask;
+  a tile whose scores are all -inf for a row is skipped for that row;
+- online softmax: the running maximum M grows tile by tile; when it grows, the float32 accumulator and the running
+  sum are scaled by ``exp(M_old - M_new)``; the tile's ``exp(score - M)`` are summed in double and added to the
+  float32 running sum; the accumulator gets ``P V`` of the tile (float32);
+- attention sinks (gpt-oss): after the last tile, one more logit per head that adds to the sum and to nothing else;
+- the output is the accumulator times ``1 / S`` (0 where S is 0).
+
+Not emulated (below the agreement tolerances, measured in docs/ppl_agreement.md): the summation order inside the
+float32 dot products (ggml's simd_gemm accumulates over the head dimension with FMAs, numpy's BLAS in blocks),
+ggml's polynomial ``expf`` (``ggml_v_expf``, within 1.5 ulp of exp) and the lane order of the tile sums.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["KV_TILE", "flash_attention"]
+
+KV_TILE = 64      # GGML_FA_TILE_KV (ggml-cpu/common.h)
+
+
+def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float,
+                    softcap: float = 0.0, sinks: np.ndarray | None = None) -> np.ndarray:
+    """Attention of the query rows of ONE KV head, as ggml's tiled CPU flash-attention kernel computes it.
+
+    q: (n_q, G, D) float32, the G query heads that share this KV head, per query position;
+    k: (n_kv, D), v: (n_kv, Dv) float32 (the KV cache's values: float16-rounded by the caller when the cache is
+    float16); mask: (n_q, n_kv) float32, added to the scaled scores (0 or -inf; causal / sliding window);
+    scale: the score scale (1/sqrt(D) usually); softcap: the logit soft-cap (0: none);
+    sinks: (G,) float32 attention-sink logits of the G heads (gpt-oss), or None.
+    Returns (n_q, G, Dv) float32.
+    """
+    n_q, G, D = q.shape
+    n_kv, Dv = v.shape
+    f32 = np.float32
+    R = n_q * G
+    qr = np.ascontiguousarray(q, dtype=f32).reshape(R, D)
+    sc = f32(scale)
+    cap = f32(softcap)
+    if cap:
+        sc = f32(sc / cap)        # ggml: scale /= logit_softcap, then softcap * tanh(s * scale)
+    M = np.full(R, -np.inf, dtype=f32)
+    S = np.zeros(R, dtype=f32)
+    acc = np.zeros((R, Dv), dtype=f32)
+    for c0 in range(0, n_kv, KV_TILE):
+        c1 = min(n_kv, c0 + KV_TILE)
+        mt = mask[:, c0:c1]
+        if not (mt > -np.inf).any():      # every row masked in this tile: skipped
+            continue
+        kq = qr @ k[c0:c1].T              # (R, tile)
+        kq *= sc
+        if cap:
+            np.tanh(kq, out=kq)
+            kq *= cap
+        kq = kq.reshape(n_q, G, c1 - c0)
+        kq += mt[:, None, :]
+        kq = kq.reshape(R, c1 - c0)
+        tmax = kq.max(axis=1)
+        live = tmax > -np.inf
+        m_new = np.where(live, np.maximum(M, tmax), M)
+        grow = m_new > M
+        if grow.any():
+            ms = np.exp(M[grow] - m_new[grow])     # 0 where M was -inf
+            acc[grow] *= ms[:, None]
+            S[grow] *= ms
+        M = m_new
+        if live.all():
+            kq -= M[:, None]
+        else:
+            kq[live] -= M[live, None]
+            kq[~live] = -np.inf                    # rows skipped in this tile contribute nothing
+        p = np.exp(kq, out=kq)
+        S = (S.astype(np.float64) + p.sum(axis=1, dtype=np.float64)).astype(f32)
+        acc += p @ v[c0:c1]
+    if sinks is not None:
+        s = np.tile(np.asarray(sinks, dtype=f32), n_q)        # row r is head r % G
+        up = s > M
+        ms = np.where(up, np.exp(np.where(up, M - s, f32(0))), f32(1)).astype(f32)
+        vs = np.where(up, f32(1), np.exp(np.where(up, f32(0), s - M))).astype(f32)
+        acc *= ms[:, None]
+        S = S * ms + vs
+    inv = np.zeros_like(S)
+    np.divide(f32(1), S, out=inv, where=S != 0)
+    acc *= inv[:, None]
+    return acc.reshape(n_q, G, Dv)
