@@ -94,11 +94,14 @@ def test_target_bpw_and_the_sensitivities_file_is_reused(tiny, tmp_path):
         assert b.sensitivities is not None
         assert {n: s.sensitivity for n, s in b.sensitivities.tensors.items()} == \
             {n: v["sensitivity"] for n, v in first["tensors"].items()}
-    # another calibration: the file does not fit and is measured again
+    # another calibration: the weight errors stand, only the probes are measured again
     with gguftool.plan_quantize(tiny["f32"], None, dry_run=True,
                                 options=_opts(tiny, target_bpw=5.0, sensitivities=str(cache), calib_chunks=3)) as job:
-        assert any("measured for another" in w for w in job.warnings)
-    assert Sensitivities.load(str(cache)).info["calib_tokens"] == 3 * 32
+        assert any("measured with other calibration: probing again" in w for w in job.warnings)
+    again = Sensitivities.load(str(cache))
+    assert again.info["calib_tokens"] == 3 * 32
+    assert {n: v.errors for n, v in again.tensors.items()} == \
+        {n: v["errors"] for n, v in first["tensors"].items()}
 
 
 @pytest.mark.slow
