@@ -221,7 +221,7 @@ def test_cli_unsupported_arch_and_missing_tensor(tmp_path):
     code, text = _run("imatrix", str(bad), "--calib", str(calib), "-o", str(tmp_path / "o.gguf"), "-q")
     assert code == 1
     assert text.strip().splitlines() == ["Error: unsupported architecture 'falcon' (supported: llama, mistral, "
-                                         "qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, deepseek2)"]
+                                         "qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, deepseek2, gpt-oss)"]
     # a llama model without one of its weights
     full = write_model(tmp_path / "full.gguf", "llama", np.random.default_rng(1))
     r = gguf.GGUFReader(str(full))
