@@ -99,20 +99,16 @@ class Job:
         """Write the output: unnamed files put in place together when all are complete, so an error, interrupt
         or kill leaves the targets as they were. ``threads`` None = all cores; ``stats``: RMS error per tensor
         in the summary; ``overwrite``: replace existing outputs (never an input). ``cluster``: compute the tensors
-        on a Ray cluster (gguftool.distributed; the same bytes; ``threads`` is then ignored for cluster.threads,
-        and ``stats`` is not available)."""
+        on a Ray cluster (gguftool.distributed; the same bytes; ``threads`` is then ignored for cluster.threads)."""
         from .pipeline.execute import execute
 
         if self.output is None:
             raise PolicyError("no output file given")
         if cluster is not None:
             from .distributed.execute import execute_on_cluster
-            from .errors import ClusterError
 
-            if stats:
-                raise ClusterError("--stats is not available with --ray (run without --ray for the RMS errors)")
-            return execute_on_cluster(self.source, self.plan, self.output, cluster, overwrite=overwrite,
-                                      protect=self.inputs, progress=progress)
+            return execute_on_cluster(self.source, self.plan, self.output, cluster, stats=stats,
+                                      overwrite=overwrite, protect=self.inputs, progress=progress)
         return execute(self.source, self.plan, self.output, threads=threads, stats=stats, overwrite=overwrite,
                        protect=self.inputs, progress=progress)
 

@@ -241,11 +241,28 @@ def test_interrupt_leaves_nothing_and_keeps_an_existing_output(cluster, models, 
     assert os.listdir(tmp_path) == ["out.gguf"] and out.read_bytes() == b"old"
 
 
-def test_stats_is_refused_with_ray(models, tmp_path):
-    r = run_cli("quantize", models["small"], tmp_path / "o.gguf", "--type", "Q4_0", "--stats", "--ray")
-    assert r.exit_code == 1 and r.stderr.strip() == ("Error: --stats is not available with --ray (run without "
-                                                     "--ray for the RMS errors)")
-    assert os.listdir(tmp_path) == []
+@pytest.mark.slow
+def test_stats_from_pieces_equal_the_single_process_ones(cluster, models, tmp_path):
+    """--stats on a cluster: each tensor's RMS errors, added up from its pieces (experts cut between tasks), equal
+    the single-process figures; the command line prints them."""
+    import gguftool
+    from gguftool.distributed.execute import ClusterOptions
+
+    opts = gguftool.QuantizeOptions(imatrix=models["im_moe"])
+    local = gguftool.quantize_file(models["moe"], tmp_path / "l.gguf", type="Q3_K_M", options=opts, stats=True)
+    dist = gguftool.quantize_file(models["moe"], tmp_path / "r.gguf", type="Q3_K_M", options=opts, stats=True,
+                                  cluster=ClusterOptions(task_bytes=256 << 10))
+    want = {r.name: (r.rmse, r.weighted_rmse) for r in local.results}
+    assert sum(v[0] is not None for v in want.values()) >= 8 and any(v[1] is not None for v in want.values())
+    for r in dist.results:
+        rmse, weighted = want[r.name]
+        assert (r.rmse is None) == (rmse is None) and (r.weighted_rmse is None) == (weighted is None), r.name
+        if rmse is not None:
+            assert r.rmse == pytest.approx(rmse, rel=1e-12, abs=0), r.name
+        if weighted is not None:
+            assert r.weighted_rmse == pytest.approx(weighted, rel=1e-12, abs=0), r.name
+    r = _ok(run_cli("quantize", models["small"], tmp_path / "o.gguf", "--type", "Q4_0", "--stats", "--ray"))
+    assert "stats: " in r.output and "overall rmse" in r.output
 
 
 def test_no_shared_fs_needs_ray(models, tmp_path):

@@ -30,7 +30,7 @@ from typing import Sequence
 from ..errors import ClusterError, GGUFError
 from ..gguf.writer import GGUFWriter, commit_writers
 from ..outfile import check_outputs
-from ..pipeline.execute import Progress, Summary, TensorResult, ggml_shape
+from ..pipeline.execute import ErrorSums, Progress, Summary, TensorResult, ggml_shape
 from ..pipeline.plan import Plan, output_files
 from ..pipeline.source import TensorSource
 from . import cluster
@@ -56,10 +56,11 @@ class ClusterOptions:
 
 
 def execute_on_cluster(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]", options: ClusterOptions,
-                       *, overwrite: bool = False, protect: Sequence[str] = (),
+                       *, stats: bool = False, overwrite: bool = False, protect: Sequence[str] = (),
                        progress: Progress | None = None) -> Summary:
     """Write the planned file(s) as gguftool.pipeline.execute.execute does (byte-identical), with the tensor data
-    computed by Ray tasks. progress(n, tensor) is called with the source bytes of each finished piece."""
+    computed by Ray tasks. progress(n, tensor) is called with the source bytes of each finished piece; ``stats``:
+    each converted tensor's RMS error, from the error sums of its pieces."""
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
     recipe = source.recipe()
@@ -86,7 +87,7 @@ def execute_on_cluster(source: TensorSource, plan: Plan, out_path: "str | os.Pat
         size = options.task_bytes or target_task_bytes(plan.src_bytes, slots)
         tasks = make_tasks(placed, size)
         parts = [w.part_path or "" for w in writers] if options.shared_fs else None
-        seconds = _run(ray, tasks, plan, recipe, parts, writers, options, slots, progress)
+        seconds, errors = _run(ray, tasks, plan, recipe, parts, writers, options, slots, stats, progress)
         for w in writers:
             w.finish(rename=False)
         commit_writers(writers)
@@ -99,6 +100,9 @@ def execute_on_cluster(source: TensorSource, plan: Plan, out_path: "str | os.Pat
             ray.shutdown()
     results = [TensorResult(tp.name, tp.shape, tp.src_type, tp.new_type, tp.src_nbytes, tp.new_nbytes,
                             seconds.get(tp.name, 0.0)) for tp in plan.tensors]
+    for r in results:
+        if r.name in errors:
+            r.rmse, r.weighted_rmse = _tensor_errors(errors[r.name]).result()
     paths = [f[0] for f in files]
     return Summary(paths[0], results, plan.src_bytes, plan.out_bytes, plan.n_elements,
                    sum(os.path.getsize(p) for p in paths), time.perf_counter() - t0, plan.n_fallback, paths)
@@ -116,9 +120,19 @@ def _connect_keeping_sigterm(options: ClusterOptions):
             signal.signal(signal.SIGTERM, saved)
 
 
+def _tensor_errors(pieces: dict[int, ErrorSums]) -> ErrorSums:
+    """One tensor's error sums: its pieces' (by first row) added in row order, as the single process adds slabs."""
+    total = ErrorSums()
+    for start in sorted(pieces):
+        total.merge(pieces[start])
+    return total
+
+
 def _run(ray, tasks: list[Task], plan: Plan, recipe, parts: list[str] | None, writers: list[GGUFWriter],
-         options: ClusterOptions, slots: int, progress: Progress | None) -> dict[str, float]:
-    """Submit the tasks (a window of two per slot in flight) and collect them; the worker seconds per tensor."""
+         options: ClusterOptions, slots: int, stats: bool,
+         progress: Progress | None) -> tuple[dict[str, float], dict[str, dict[int, ErrorSums]]]:
+    """Submit the tasks (a window of two per slot in flight) and collect them; the worker seconds per tensor and,
+    with ``stats``, the error sums of each tensor's pieces by first row."""
     remote = ray.remote(run_task).options(num_cpus=options.threads, max_retries=options.max_retries,
                                           retry_exceptions=False)
     run_id = secrets.token_hex(8)
@@ -126,12 +140,13 @@ def _run(ray, tasks: list[Task], plan: Plan, recipe, parts: list[str] | None, wr
     todo = list(reversed(tasks))        # pop() takes the largest first
     running: dict = {}                  # ObjectRef -> Task
     seconds: dict[str, float] = {}
+    errors: dict[str, dict[int, ErrorSums]] = {}
     window = 2 * slots
     try:
         while todo or running:
             while todo and len(running) < window:
                 task = todo.pop()
-                spec = TaskSpec(recipe, run_id, parts, task.pieces, options.threads)
+                spec = TaskSpec(recipe, run_id, parts, task.pieces, options.threads, stats)
                 running[remote.remote(spec, imatrix)] = task
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
@@ -141,6 +156,9 @@ def _run(ray, tasks: list[Task], plan: Plan, recipe, parts: list[str] | None, wr
                     if result.data is not None:
                         writers[p.file].pwrite(p.offset, result.data[i])
                     seconds[p.tp.name] = seconds.get(p.tp.name, 0.0) + result.seconds[i]
+                    piece_errors = result.errors[i]
+                    if piece_errors is not None:
+                        errors.setdefault(p.tp.name, {})[p.start] = piece_errors
                     if progress:
                         progress(p.src_bytes, p.tp)
                 del result
@@ -151,7 +169,7 @@ def _run(ray, tasks: list[Task], plan: Plan, recipe, parts: list[str] | None, wr
             except Exception:   # (already finished, or the cluster is gone)
                 pass
         raise
-    return seconds
+    return seconds, errors
 
 
 def _get(ray, ref, max_retries: int):

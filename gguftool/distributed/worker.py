@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import FormatError, QuantError
 from ..pipeline import io as pio
-from ..pipeline.execute import tensor_chunks, tensor_weights
+from ..pipeline.execute import ErrorSums, tensor_chunks, tensor_weights
 from ..pipeline.source import SourceRecipe, SourceTensor, TensorSource
 from .pieces import Piece
 
@@ -32,12 +32,14 @@ class TaskSpec:
     part_paths: list[str] | None        # the part file of each output file; None: return the bytes instead
     pieces: list[Piece]
     threads: int                        # kernel threads (the CPUs the task reserved)
+    stats: bool = False                 # also return each converted piece's error sums (--stats)
 
 
 @dataclass
 class TaskResult:
     seconds: list[float]                # per piece
     data: list[np.ndarray] | None       # per piece, its bytes (part_paths None), else None
+    errors: list[ErrorSums | None]      # per piece, its error sums (with spec.stats, for a converted piece)
 
 
 # the source this worker process has open: (run id, recipe, source, its tensors by name)
@@ -71,6 +73,7 @@ def run_task(spec: TaskSpec, imatrix: dict[str, np.ndarray] | None) -> TaskResul
     srcs = [_tensor(tensors, p) for p in spec.pieces]
     fds: dict[int, int] = {}
     seconds: list[float] = []
+    errors: list[ErrorSums | None] = []
     data: list[np.ndarray] | None = None if spec.part_paths is not None else []
     reader = pio.SlabReader([(p.tp, s, p.start, p.stop) for p, s in zip(spec.pieces, srcs) if p.tp.converts])
     try:
@@ -78,7 +81,9 @@ def run_task(spec: TaskSpec, imatrix: dict[str, np.ndarray] | None) -> TaskResul
             for p, st in zip(spec.pieces, srcs):
                 t0 = time.perf_counter()
                 rows = (p.start, p.stop) if p.tp.converts else (0, None)
-                chunks = tensor_chunks(st, p.tp, tensor_weights(p.tp, imatrix), spec.threads, reader, *rows)
+                acc = ErrorSums() if spec.stats and p.tp.converts else None
+                chunks = tensor_chunks(st, p.tp, tensor_weights(p.tp, imatrix), spec.threads, reader, *rows,
+                                       acc=acc)
                 if spec.part_paths is None:
                     assert data is not None
                     data.append(_collect(p, chunks))
@@ -88,6 +93,7 @@ def run_task(spec: TaskSpec, imatrix: dict[str, np.ndarray] | None) -> TaskResul
                         fds[p.file] = os.open(spec.part_paths[p.file], os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
                     _write_at(fds[p.file], p, chunks)
                 seconds.append(time.perf_counter() - t0)
+                errors.append(acc)
     except QuantError as e:
         name = spec.pieces[len(seconds)].tp
         if name.name in str(e):
@@ -96,7 +102,7 @@ def run_task(spec: TaskSpec, imatrix: dict[str, np.ndarray] | None) -> TaskResul
     finally:
         for fd in fds.values():
             os.close(fd)
-    return TaskResult(seconds, data)
+    return TaskResult(seconds, data, errors)
 
 
 def _collect(p: Piece, chunks) -> np.ndarray:

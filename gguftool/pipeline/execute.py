@@ -24,7 +24,8 @@ from . import policy as P
 from .plan import Plan, output_files, shape3
 from .source import SourceTensor, TensorSource
 
-__all__ = ["TensorResult", "Summary", "Progress", "execute", "tensor_chunks", "tensor_weights", "ggml_shape"]
+__all__ = ["TensorResult", "Summary", "Progress", "ErrorSums", "execute", "tensor_chunks", "tensor_weights",
+           "ggml_shape"]
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _write_tensor(w: GGUFWriter, tp: P.TensorPlan, plan: Plan, threads: int | No
                   progress: Progress | None, reader: pio.SlabReader) -> TensorResult:
     t1 = time.perf_counter()
     src = plan.sources[tp.name]
-    acc = _StatAcc() if stats and tp.converts else None
+    acc = ErrorSums() if stats and tp.converts else None
     try:
         w.write_tensor_data(tp.name, tensor_chunks(src, tp, tensor_weights(tp, plan.imatrix), threads, reader,
                                                    acc=acc, progress=progress))
@@ -147,7 +148,7 @@ def tensor_weights(tp: P.TensorPlan, imatrix: dict[str, np.ndarray] | None) -> n
 
 
 def tensor_chunks(src: SourceTensor, tp: P.TensorPlan, weights: np.ndarray | None, threads: int | None,
-                  reader: pio.SlabReader, start: int = 0, stop: int | None = None, *, acc: _StatAcc | None = None,
+                  reader: pio.SlabReader, start: int = 0, stop: int | None = None, *, acc: ErrorSums | None = None,
                   progress: Progress | None = None) -> Iterator[np.ndarray]:
     """The bytes of one output tensor, slab by slab; with ``start``/``stop`` only those of its rows [start, stop)
     (whole slabs: :func:`gguftool.pipeline.io.slabs`), for a converted tensor. ``weights``: tensor_weights()."""
@@ -184,8 +185,9 @@ def tensor_chunks(src: SourceTensor, tp: P.TensorPlan, weights: np.ndarray | Non
             progress((last - row) * src_row_bytes, tp)
 
 
-class _StatAcc:
-    """Running sums for the RMS error of one tensor (float64)."""
+class ErrorSums:
+    """Running sums for the RMS error of one tensor (float64): slab by slab with add(), and the sums of pieces
+    computed elsewhere (Ray tasks) with merge()."""
 
     def __init__(self):
         self.se = 0.0
@@ -202,6 +204,12 @@ class _StatAcc:
             w64 = w.astype(np.float64)
             self.wse += float(col @ w64)
             self.wsum += float(w64.sum()) * d.shape[0]
+
+    def merge(self, other: ErrorSums) -> None:
+        self.se += other.se
+        self.n += other.n
+        self.wse += other.wse
+        self.wsum += other.wsum
 
     def result(self) -> tuple[float | None, float | None]:
         rmse = math.sqrt(self.se / self.n) if self.n else None
