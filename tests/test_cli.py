@@ -103,3 +103,22 @@ def test_head_reads_the_first_lines_and_the_command_stops_quietly():
     p = subprocess.run(f"{sys.executable} -m gguftool inspect --full {TINY_GGUF} | head -n 2", shell=True,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 2 and p.stderr == "", p.stderr
+
+
+def test_startup_keeps_the_collector_off_until_done_and_restores_it():
+    import gc
+
+    from gguftool.cli import startup
+
+    assert gc.isenabled()
+    with startup.process(exits=False):
+        assert not gc.isenabled()
+        startup.done()
+        assert gc.isenabled()
+        startup.done()               # a second call changes nothing
+        assert gc.isenabled()
+    assert gc.isenabled()
+    with startup.process(exits=False):
+        assert not gc.isenabled()
+    assert gc.isenabled()            # a command that never ends its start-up: restored all the same
+    gc.unfreeze()

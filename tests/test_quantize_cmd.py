@@ -465,6 +465,48 @@ def test_requantize_refused_without_flag(models, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_requantize_decodes_slabs_on_threads(models, tmp_path, monkeypatch, threads):
+    """Quantized input rows are decoded into the slab buffer by --threads threads (gguftool.quants.decode), slabs
+    ending mid-tensor: every tensor is quantize(dequantize(stored rows)), the definition of requantizing."""
+    from gguftool.gguf.reader import GGUFReader
+    from gguftool.pipeline import io as PIO
+    from gguftool.quants import dequantize, quantize
+
+    q, out = tmp_path / "q.gguf", tmp_path / "o.gguf"
+    assert run(models["small.gguf"], q, "--type", "Q4_K_M")[0] == 0     # Q4_K, Q6_K and F32 tensors
+    monkeypatch.setattr(PIO, "SLAB_BYTES", 256 * 4 * 100)
+    code, _, err = run(q, out, "--type", "Q3_K_M", "--allow-requantize", "--threads", threads)
+    assert code == 0, err
+    with GGUFReader(str(q)) as r_in, GGUFReader(str(out)) as r_out:
+        src = {t.name: t for t in r_in.tensors}
+        kinds = set()
+        for t in r_out.tensors:
+            s = src[t.name]
+            kinds.add((s.type.name, t.type.name))
+            if s.type == t.type:     # copied as stored
+                assert r_out.tensor_bytes(t).tobytes() == r_in.tensor_bytes(s).tobytes(), t.name
+                continue
+            x = dequantize(r_in.tensor_bytes(s), s.type, s.shape[0])
+            assert r_out.tensor_bytes(t).tobytes() == quantize(x, t.type).tobytes(), t.name
+    assert {("Q4_K", "Q3_K"), ("Q6_K", "Q5_K")} <= kinds
+
+
+def test_gguf_quantized_rows_are_decoded_into_the_buffer(models, tmp_path):
+    from gguftool.gguf.source import open_gguf_source
+    from gguftool.quants import dequantize
+
+    q = tmp_path / "q.gguf"
+    assert run(models["small.gguf"], q, "--type", "Q4_K_M")[0] == 0
+    with open_gguf_source(q) as src:
+        t = next(t for t in src.tensors if t.type.name == "Q4_K")
+        buf = np.empty(t.shape[0] * 200, np.float32)
+        x = t.read_rows_into(10, 150, buf, threads=2)
+        assert x.shape == (140, t.shape[0]) and np.shares_memory(x, buf)
+        want = dequantize(t.read_raw(), t.type, t.shape[0])[10:150]
+        assert np.array_equal(x, want) and np.array_equal(t.read_rows(10, 150), want)
+
+
 def test_nan_in_input_names_the_tensor(tmp_path):
     from gguftool.gguf.values import kv_str, kv_u32
     from gguftool.gguf.writer import GGUFWriter

@@ -17,6 +17,7 @@ import sys
 import click
 
 from .. import __version__
+from . import startup
 
 # command name -> (module, one-line help shown by `gguftool --help`)
 COMMANDS = {
@@ -27,6 +28,10 @@ COMMANDS = {
     "imatrix": ("gguftool.cli.imatrix_cmd", "Compute an importance matrix from calibration text."),
     "perplexity": ("gguftool.cli.perplexity_cmd", "Perplexity and KL-divergence on a text, as llama-perplexity."),
 }
+
+
+# commands that end the start-up phase themselves (gguftool.cli.startup.done), once numba is loaded
+_OWN_STARTUP = frozenset({"convert", "quantize"})
 
 
 class LazyGroup(click.Group):
@@ -48,6 +53,17 @@ class LazyGroup(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):
         with _usage_errors_exit_1():
             return super().make_context(info_name, args, parent=parent, **extra)
+
+    def __call__(self, *args, **kwargs):
+        # the process entry (console script, python -m gguftool); CliRunner and other callers use main()
+        with startup.process(exits=kwargs.get("standalone_mode", True)):
+            return super().__call__(*args, **kwargs)
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name not in _OWN_STARTUP:
+            startup.done()
+        return name, cmd, rest
 
     def invoke(self, ctx):
         try:

@@ -152,6 +152,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def end_startup(load_kernels: bool) -> None:
+    """quantize and convert, once gguftool.api is imported: with ``load_kernels`` (a run that will quantize),
+    numba's runtime is loaded now (skip_numba_blas_probe, then gguftool.quants.load_runtime), still inside the
+    start-up phase of gguftool.cli.startup; then that phase ends."""
+    from . import startup
+
+    if load_kernels:
+        skip_numba_blas_probe()
+        from ..quants import load_runtime
+
+        load_runtime()
+    startup.done()
+
+
 def skip_numba_blas_probe() -> None:
     """Start numba's array-math support without its BLAS probe, for a command process that runs kernels.
 

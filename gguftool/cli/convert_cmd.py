@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from .common import force_option, output_option, report_errors, threads_option
+from .common import end_startup, force_option, output_option, report_errors, threads_option
 from .quantize_options import (TYPES_HELP, SearchBar, cluster_options, policy_options, print_allocation, print_plan, print_summary,
                                run_with_progress, split_options, warn)
 
@@ -92,6 +92,8 @@ def command(model, type_, outfile, revision, name, allow_requantize, vocab_only,
     """
     from .. import api
     from ..outfile import check_outputs
+
+    end_startup(load_kernels=not (dry_run or vocab_only))
 
     options = api.QuantizeOptions(split_max_size=split_max_size, split_max_tensors=split_max_tensors, **policy)
     bar = SearchBar()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from .common import fail, force_option, output_option, report_errors, threads_option
+from .common import end_startup, fail, force_option, output_option, report_errors, threads_option
 from .quantize_options import (TYPES_HELP, SearchBar, cluster_options, policy_options, print_allocation, print_plan, print_summary,
                                run_with_progress, split_options, warn)
 
@@ -42,6 +42,8 @@ def command(inp, out, type_, allow_requantize, dry_run, stats, keep_split, split
     """
     from .. import api
     from ..outfile import check_outputs
+
+    end_startup(load_kernels=not dry_run)
 
     if out is None and not dry_run:
         fail("missing OUT.gguf (only --dry-run works without an output file)")

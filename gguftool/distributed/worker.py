@@ -75,7 +75,8 @@ def run_task(spec: TaskSpec, imatrix: dict[str, np.ndarray] | None) -> TaskResul
     seconds: list[float] = []
     errors: list[ErrorSums | None] = []
     data: list[np.ndarray] | None = None if spec.part_paths is not None else []
-    reader = pio.SlabReader([(p.tp, s, p.start, p.stop) for p, s in zip(spec.pieces, srcs) if p.tp.converts])
+    reader = pio.SlabReader([(p.tp, s, p.start, p.stop) for p, s in zip(spec.pieces, srcs) if p.tp.converts],
+                            spec.threads)
     try:
         with reader:
             for p, st in zip(spec.pieces, srcs):

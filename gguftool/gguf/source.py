@@ -66,20 +66,26 @@ class GGUFTensor(SourceTensor):
     def split_position(self) -> tuple[int, int]:
         return self.split_index, self.info.offset
 
-    def read_rows_into(self, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
-        """F32 rows [start, stop) are read with pread into ``buf``, and the filled (stop - start, ne0) view of it
-        returned; other types, or without a file descriptor, as read_rows.
+    def read_rows_into(self, start: int, stop: int, buf: np.ndarray, threads: int = 1) -> np.ndarray:
+        """Rows [start, stop) as float32 in ``buf`` (its first (stop - start) * ne0 values), returned as a
+        (stop - start, ne0) view of it.
 
-        Reading into one reused buffer costs a kernel copy from the page cache; copying from the memory map
-        instead would fault every page of the input and of a fresh array in.
+        F32 rows are read with pread: a kernel copy from the page cache (copying from the memory map instead would
+        fault every page of the input and of the buffer in). F16, BF16 and quantized rows are decoded from the
+        memory map straight into ``buf`` by ``threads`` threads (gguftool.quants.decode: nogil kernels, so a
+        background read runs beside the quantizer); without a file descriptor, F32 rows are copied from the map.
         """
-        fd = self._fd() if self._fd is not None and self.type == GGMLType.F32 else None
-        if fd is None:
-            return self.read_rows(start, stop)
         ne0 = self.ne0
         n = (stop - start) * ne0
-        out = buf[:n]
-        mv = out.data.cast("B")
+        out = buf[:n].reshape(stop - start, ne0)
+        t = self.type
+        if t != GGMLType.F32:
+            return self._decode(self._stored_rows(start, stop), out, threads)
+        fd = self._fd() if self._fd is not None else None
+        if fd is None:
+            np.copyto(out, self._stored_rows(start, stop).view("<f4"))
+            return out
+        mv = out.reshape(-1).data.cast("B")
         pos = self._reader.data_offset + self.info.offset + start * ne0 * 4
         done = 0
         while done < mv.nbytes:
@@ -88,29 +94,28 @@ class GGUFTensor(SourceTensor):
                 raise FormatError(f"{self._reader.path}: tensor {self.name}: file ended while reading its data "
                                   f"(file truncated while in use?)")
             done += k
-        return out.reshape(stop - start, ne0)
+        return out
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32, shape (stop - start, ne0). F32 data is a read-only view of the file."""
-        ne0 = self.ne0
-        t = self.type
-        row_bytes = t.row_bytes(ne0)
+        raw = self._stored_rows(start, stop)
+        if self.type == GGMLType.F32:
+            return raw.view("<f4")
+        return self._decode(raw, np.empty((stop - start, self.ne0), np.float32), 1)
+
+    def _stored_rows(self, start: int, stop: int) -> np.ndarray:
+        """The stored bytes of rows [start, stop): a read-only (stop - start, row_bytes) uint8 view of the map."""
+        row_bytes = self.type.row_bytes(self.ne0)
         raw = self._reader.tensor_bytes(self.info)[start * row_bytes:stop * row_bytes]
-        n = stop - start
-        if t == GGMLType.F32:
-            return raw.view("<f4").reshape(n, ne0)
-        if t == GGMLType.F16:
-            return raw.view("<f2").astype(np.float32).reshape(n, ne0)
-        if t == GGMLType.BF16:
-            # bf16 is the top half of a float32: widening is exact
-            return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(n, ne0)
-        from ..quants import dequantize  # numba: only loaded when a quantized tensor is read
+        return raw.reshape(stop - start, row_bytes)
+
+    def _decode(self, raw: np.ndarray, out: np.ndarray, threads: int) -> np.ndarray:
+        from ..quants.decode import decode_rows  # numba: only loaded when such a tensor is read
 
         try:
-            out = dequantize(raw, t, ne0)
+            return decode_rows(self.type, raw, out, threads)
         except (KeyError, NotImplementedError, ValueError) as e:
-            raise QuantError(f"tensor {self.name}: cannot dequantize type {t.name}: {e}") from None
-        return np.asarray(out, dtype=np.float32).reshape(n, ne0)
+            raise QuantError(f"tensor {self.name}: cannot dequantize type {self.type.name}: {e}") from None
 
 
 class GGUFSource(TensorSource):

@@ -293,8 +293,8 @@ class Model:
 
     def _slab_first(self, name: str) -> bool:
         """True for a weight dequantized a slab at a time by numba's own threads (quantized types without a
-        nogil driver in model.dequant: those kernels hold the GIL) before the products; False for F32 (views),
-        F16, BF16 and the types of model.dequant (each job decodes its own block, all threads at once)."""
+        nogil driver in quants.decode: those kernels hold the GIL) before the products; False for F32 (views),
+        F16, BF16 and the types of quants.decode (each job decodes its own block, all threads at once)."""
         return isinstance(self.w, WeightStore) and not self.w.decodes_in_thread(name)
 
     def _scratch(self, n: int) -> np.ndarray:

@@ -9,7 +9,7 @@ tokens present only (:meth:`WeightStore.gather`).
 - F32 matrices of a GGUF file are read-only views of its memory map: no copy at all, the page cache holds them;
 - F16 and BF16 rows are widened by the nogil kernels of :mod:`.widen` (several threads at once);
 - quantized rows are dequantized by gguftool's own kernels: for the common K-quants and Q8_0 the nogil
-  single-thread drivers of :mod:`.dequant` (several threads at once), else the parallel :mod:`gguftool.quants`
+  single-thread drivers of :mod:`gguftool.quants.decode` (several threads at once), else the parallel :mod:`gguftool.quants`
   drivers;
 - a Hugging Face checkpoint's tensors (converted on the fly, no stored form) are read whole as float32 and kept
   while the forward pass is in their layer;
@@ -91,11 +91,11 @@ class WeightStore(Mapping):
 
     def decodes_in_thread(self, name: str) -> bool:
         """True when rows of ``name`` are decoded by a nogil kernel in the calling thread alone (F32 views, F16,
-        BF16, the types of :mod:`.dequant`; converted tensors are float32 already), so that several threads decode
+        BF16, the types of :mod:`gguftool.quants.decode`; converted tensors are float32 already), so that several threads decode
         blocks of it at once; False for the other quantized types (numba-parallel kernels that hold the GIL)."""
         if self._raw_rows(name) is None:
             return True
-        from .dequant import driver
+        from ..quants.decode import driver
         t = self._src[name].type
         return t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) or driver(t) is not None
 
@@ -179,7 +179,7 @@ def decode_rows(ttype: GGMLType, raw: np.ndarray, ne0: int, out: np.ndarray | No
         from .widen import bf16_rows, f16_rows
         (bf16_rows if ttype == GGMLType.BF16 else f16_rows)(raw.view(np.uint16), out.view(np.uint32))
         return out
-    from .dequant import driver
+    from ..quants.decode import driver
     rows_driver = driver(ttype)
     if rows_driver is not None:      # nogil, this thread only (the common K-quants and Q8_0)
         rows_driver(raw, out)

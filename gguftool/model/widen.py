@@ -10,33 +10,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..quants.decode import F16_TABLE, bf16_rows, f16_rows
+
 __all__ = ["bf16_rows", "f16_rows", "round_bf16", "round_f16"]
 
-_F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
-
-
-@njit(cache=True, nogil=True)
-def _bf16_rows(src, out):
-    for r in range(src.shape[0]):
-        for i in range(src.shape[1]):
-            out[r, i] = np.uint32(src[r, i]) << np.uint32(16)
-
-
-@njit(cache=True, nogil=True)
-def _f16_rows(src, out, table):
-    for r in range(src.shape[0]):
-        for i in range(src.shape[1]):
-            out[r, i] = table[src[r, i]]
-
-
-def bf16_rows(src: np.ndarray, out: np.ndarray) -> None:
-    """src: (rows, n) uint16 BF16 words; out: (rows, n) uint32 view of the float32 result."""
-    _bf16_rows(src, out)
-
-
-def f16_rows(src: np.ndarray, out: np.ndarray) -> None:
-    """src: (rows, n) uint16 F16 words; out: (rows, n) uint32 view of the float32 result."""
-    _f16_rows(src, out, _F16_TABLE)
+# the widening kernels live with the dequantizing drivers (gguftool.quants.decode), which the pipeline's slab reader
+# shares; this module keeps their names for the forward pass
+_F16_TABLE = F16_TABLE
 
 
 # --- rounding float32 activations to F16 / BF16 and back (what ggml's matmul does to src1 for such weights)

@@ -87,7 +87,7 @@ def execute(source: TensorSource, plan: Plan, out_path: "str | os.PathLike[str]"
     t0 = time.perf_counter()
     out_path = os.fspath(out_path)
     results: list[TensorResult] = []
-    reader = pio.SlabReader.of_plan(plan)
+    reader = pio.SlabReader.of_plan(plan, threads)
     files = output_files(plan, out_path)
     check_outputs([f[0] for f in files], protect, overwrite=overwrite)
     writers: list[GGUFWriter] = []

@@ -7,7 +7,9 @@ gives those slabs in plan order as cheaply as the source allows:
 - F32 tensors stored as they are in a file (``SourceTensor.raw_location``): views of a private map of the file,
   no copy at all;
 - sources whose reads may run in another thread (``SourceTensor.concurrent_reads``): the next slab is read in a
-  background thread, into one of two reused float32 buffers, while the current one is quantized;
+  background thread, into one of two reused float32 buffers, while the current one is quantized; a GGUF input's
+  F16, BF16 or quantized rows are decoded straight into that buffer by ``threads`` threads (nogil kernels, so the
+  decoding overlaps the quantization of the slab before);
 - anything else: read when asked, into one reused buffer where the source can.
 
 (The write side, the output written behind the kernels, is GGUFWriter's ``write_behind`` option.)
@@ -55,6 +57,15 @@ def slabs(tp: P.TensorPlan, start: int = 0, stop: int | None = None) -> Iterator
         row = last
 
 
+def _thread_count(threads: int | None) -> int:
+    """--threads as a count (None: numba's thread count, i.e. every core unless NUMBA_NUM_THREADS says less)."""
+    if threads is not None:
+        return max(1, int(threads))
+    import numba     # (loaded by the kernels anyway)
+
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
 class _Scratch:
     """One float32 buffer reused for every slab it holds (no fresh pages to fault in per slab)."""
 
@@ -75,9 +86,11 @@ class SlabReader:
     order (:func:`slabs` of each converted tensor); anything else is read synchronously.
 
     ``pieces``: the (tensor, source, start row, stop row) to be read, in order (:meth:`of_plan`: all of a plan's
-    converted tensors)."""
+    converted tensors). ``threads``: how many threads a source may decode a slab with (None: every core, as the
+    kernels' own default)."""
 
-    def __init__(self, pieces: "list[Piece]"):
+    def __init__(self, pieces: "list[Piece]", threads: int | None = None):
+        self._threads = _thread_count(threads)
         self._maps: dict[str, mmap.mmap | None] = {}
         self._mapped: dict[str, tuple[str, int]] = {}     # tensor name -> (path, offset) of its F32 rows
         for tp, src, _, _ in pieces:
@@ -95,9 +108,9 @@ class SlabReader:
         self._sync = _Scratch()
 
     @classmethod
-    def of_plan(cls, plan: Plan) -> "SlabReader":
+    def of_plan(cls, plan: Plan, threads: int | None = None) -> "SlabReader":
         return cls([(tp, plan.sources[tp.name], 0, tp.n_elements // shape3(tp.shape)[0]) for tp in plan.tensors
-                    if tp.converts])
+                    if tp.converts], threads)
 
     def __enter__(self) -> "SlabReader":
         self._start_next()
@@ -121,17 +134,17 @@ class SlabReader:
             x = self._mapped_rows(src, start, stop)
             if x is not None:
                 return x
-            return src.read_rows_into(start, stop, self._sync.get((stop - start) * src.shape[0]))
+            return src.read_rows_into(start, stop, self._sync.get((stop - start) * src.shape[0]), self._threads)
         if self._pending is not None and self._pending[0] == (src.name, start, stop):
             _, fut = self._pending
             self._pending = None
             if fut is None:
-                x = src.read_rows_into(start, stop, self._sync.get((stop - start) * src.shape[0]))
+                x = src.read_rows_into(start, stop, self._sync.get((stop - start) * src.shape[0]), self._threads)
             else:
                 x = fut.result()
             self._start_next()
             return x
-        return src.read_rows_into(start, stop, self._sync.get((stop - start) * src.shape[0]))
+        return src.read_rows_into(start, stop, self._sync.get((stop - start) * src.shape[0]), self._threads)
 
     def release(self, src: SourceTensor, start: int, stop: int) -> None:
         """Unmap a used slab's pages (they would stay in the process's resident set until the end)."""
@@ -201,11 +214,12 @@ class SlabReader:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguftool-read")
         buf = self._bufs[self._turn].get((stop - start) * src.shape[0])
         self._turn ^= 1
+        threads = self._threads
         started = threading.Event()
 
         def read():
             started.set()
-            return src.read_rows_into(start, stop, buf)
+            return src.read_rows_into(start, stop, buf, threads)
 
         fut = self._pool.submit(read)
         started.wait()

@@ -41,10 +41,11 @@ class SourceTensor(abc.ABC):
         """Rows [start, stop) as float32, shape (stop - start, ne0). Default: a slice of read_f32()."""
         return self.read_f32()[start:stop]
 
-    def read_rows_into(self, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
+    def read_rows_into(self, start: int, stop: int, buf: np.ndarray, threads: int = 1) -> np.ndarray:
         """The same rows as read_rows, read into ``buf`` (a reusable, writeable float32 buffer of at least
         (stop - start) * ne0 values) where the source can; returns the rows, a view of ``buf`` or a new array.
-        Default: read_rows (``buf`` unused)."""
+        ``threads``: how many threads the source may decode with (the pipeline's --threads). Default: read_rows
+        (``buf`` and ``threads`` unused)."""
         return self.read_rows(start, stop)
 
     #: read_rows_into may run in a background thread while the caller reads other tensors of the same source

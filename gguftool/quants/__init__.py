@@ -89,6 +89,12 @@ def _first_nonfinite(x):
     return -1, 0
 
 
+def load_runtime() -> None:
+    """Load numba's runtime now rather than at the first kernel: its target context (every implementation numba
+    registers) and one small cached kernel. A command calls this during its start-up (gguftool.cli.startup)."""
+    _first_nonfinite(np.zeros((1, 1), dtype=np.float32))
+
+
 def _check_finite(x: np.ndarray, first_row: int) -> None:
     row, kind = _first_nonfinite(x)
     if row >= 0:
@@ -193,12 +199,13 @@ def quantize(x, qtype, imatrix=None, threads=None) -> np.ndarray:
     return out
 
 
-def dequantize(data, qtype, n_per_row: int, threads=None) -> np.ndarray:
+def dequantize(data, qtype, n_per_row: int, threads=None, out: np.ndarray | None = None) -> np.ndarray:
     """Decode ggml-encoded rows of type `qtype` to float32 of shape (rows, n_per_row).
 
     data: uint8 of shape (rows, row_bytes), or any flat bytes-like / array whose bytes are whole rows.
     Handles F32, the plain integer/F64 types and every type quantize() produces; any other type raises
-    QuantError naming it.
+    QuantError naming it. out: a C-contiguous float32 array of shape (rows, n_per_row) to decode into (and
+    return) instead of a new one.
     """
     t = _parse_type(qtype)
     if not can_dequantize(t):
@@ -215,13 +222,22 @@ def dequantize(data, qtype, n_per_row: int, threads=None) -> np.ndarray:
         raise QuantError(f"{raw.size} bytes of {t.name} data are not a whole number of rows of "
                          f"{n_per_row} elements ({row_bytes} bytes each)")
     rows = raw.size // row_bytes
+    if out is not None and (out.shape != (rows, n_per_row) or out.dtype != np.float32
+                            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise QuantError(f"out must be writeable C-contiguous float32 of shape {(rows, n_per_row)}, got "
+                         f"{out.dtype} {out.shape}")
     if t in _PLAIN_DTYPES:
         with np.errstate(over="ignore"):  # F64 beyond float32's range becomes +-inf, as a C cast would
-            return raw.view(_PLAIN_DTYPES[t]).astype(np.float32).reshape(rows, n_per_row)
+            plain = raw.view(_PLAIN_DTYPES[t]).reshape(rows, n_per_row)
+            if out is None:
+                return plain.astype(np.float32)
+            out[...] = plain
+            return out
     blocks = np.ascontiguousarray(raw.reshape(rows, row_bytes))
     if not blocks.flags.writeable:  # see _as_rows: avoid a separate compilation for read-only input
         blocks = blocks.copy()
-    out = np.empty((rows, n_per_row), dtype=np.float32)
+    if out is None:
+        out = np.empty((rows, n_per_row), dtype=np.float32)
     if rows:
         with _threads(threads):
             registry.kernels(t).dequantize_rows(blocks, out)
