@@ -13,9 +13,10 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16, select_f32
+from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16
 from gguftool.quants.blocks import no_row_state
 from gguftool.quants.search_affine import SCRATCH_PER_ELEM, make_qp_quants
+from gguftool.quants.search_lanes import qkx_lanes, qkx_workspace
 
 GGML_TYPE = GGMLType.Q2_K
 USES_IMATRIX = True
@@ -27,8 +28,8 @@ _OFF_D = 80
 _OFF_DMIN = 82
 
 
-# Lane workspace (float32, see _qkx_lanes): 5 planes of 16x16 (element-major, lane = sub-block) + 16 rows of 16.
-_NW = 5 * QK_K + 16 * 16
+# Lane workspace (float32, see search_lanes.qkx_lanes): 16 lanes (sub-blocks) of 16 elements.
+_NW = qkx_workspace(16, 16)
 
 
 @njit(cache=True, error_model="numpy")
@@ -38,166 +39,6 @@ def make_scratch():
     return (np.zeros(QK_K, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8),
             np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
             np.zeros(SCRATCH_PER_ELEM * 16, np.float32), np.zeros(_NW, np.float32))
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _levels(X, isc, mn, LA, nl):
-    """LA[16*i + j] = clamp(nearest_int(isc[j] * (X[16*i + j] - mn[j])), 0, 3) for every lane j (as float32)."""
-    for i in range(16):
-        for j in range(nl):
-            l = nearest_int_c(isc[np.uint64(j)] * (X[np.uint64(16 * i + j)] - mn[np.uint64(j)]))
-            l = 3 if 3 < l else l
-            l = 0 if 0 > l else l
-            LA[np.uint64(16 * i + j)] = np.float32(l)
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _qkx_lanes(x, ws, L, scales, mins, rmin, rdelta, nstep, use_mad, le_check):
-    """The 16 make_qkx2/3_quants(16, 3, ...) searches of one super-block, side by side as SIMD lanes.
-
-    Bit-identical with ``search_affine.qkx_search`` run on each sub-block: the sub-blocks' searches are
-    independent, so lane j carries sub-block j through exactly the reference's float32 operations, every sum
-    accumulated element after element in the reference's order; branches become per-lane selects. Steps whose
-    levels repeat are evaluated too (their error equals one already compared, so under the strict < they
-    never win, as in the reference). The winning levels are not copied at every improvement: the lane keeps
-    the winning step's iscale and the min it rounded with, and the levels are rounded again from them at the
-    end (the same float32 operations, so the same levels). A flat sub-block (max == min, or max <= min for
-    le_check) gets the reference's early result (levels 0, scale 0, min -min).
-
-    ws: float32[_NW]: on entry plane 1 (ws[256:512], [i*16 + j]) holds the weight of element i of sub-block j;
-    plane 0 gets x transposed the same way. Writes L[256] (uint8, sub-block-major as x), scales[16], mins[16].
-    Lane loops run to ``nl`` (16, but a run-time value) so that LLVM keeps them as loops and vectorises them."""
-    nl = scales.size
-    X = ws[0:256]
-    W = ws[256:512]
-    LA = ws[512:768]
-    V = ws[1280:1536]
-    mn = V[0:16]
-    mx = V[16:32]
-    sw = V[32:48]
-    sx = V[48:64]
-    scale = V[64:80]
-    best = V[80:96]
-    isc = V[96:112]
-    sl = V[112:128]
-    sl2 = V[128:144]
-    sxl = V[144:160]
-    ce = V[160:176]
-    tsc = V[176:192]
-    tmn = V[192:208]
-    wisc = V[208:224]
-    wmn = V[224:240]
-    mn0 = V[240:256]
-    rmin = np.float32(rmin)
-    rdelta = np.float32(rdelta)
-    fnmax = np.float32(3.0)
-    zero = np.float32(0.0)
-    for i in range(16):
-        for j in range(nl):
-            X[np.uint64(16 * i + j)] = x[np.uint64(16 * j + i)]
-    for j in range(nl):
-        v = X[np.uint64(j)]
-        mn[np.uint64(j)] = v
-        mx[np.uint64(j)] = v
-        w = W[np.uint64(j)]
-        sw[np.uint64(j)] = w
-        sx[np.uint64(j)] = w * v
-    for i in range(1, 16):
-        for j in range(nl):
-            xi = X[np.uint64(16 * i + j)]
-            a = mn[np.uint64(j)]
-            mn[np.uint64(j)] = select_f32(xi < a, xi, a)
-            b = mx[np.uint64(j)]
-            mx[np.uint64(j)] = select_f32(xi > b, xi, b)
-            w = W[np.uint64(16 * i + j)]
-            sw[np.uint64(j)] = sw[np.uint64(j)] + w
-            sx[np.uint64(j)] = sx[np.uint64(j)] + w * xi
-    for j in range(nl):
-        a = mn[np.uint64(j)]
-        a = select_f32(a > zero, zero, a)
-        mn[np.uint64(j)] = a
-        mn0[np.uint64(j)] = a
-        c = fnmax / (mx[np.uint64(j)] - a)
-        isc[np.uint64(j)] = c
-        wisc[np.uint64(j)] = c
-        wmn[np.uint64(j)] = a
-        scale[np.uint64(j)] = np.float32(1.0) / c
-        best[np.uint64(j)] = zero
-    _levels(X, isc, mn, LA, nl)
-    for i in range(16):
-        for j in range(nl):
-            diff = scale[np.uint64(j)] * LA[np.uint64(16 * i + j)] + mn[np.uint64(j)] - X[np.uint64(16 * i + j)]
-            diff = abs(diff) if use_mad else diff * diff
-            best[np.uint64(j)] = best[np.uint64(j)] + W[np.uint64(16 * i + j)] * diff
-    for istep in range(nstep + 1):
-        num = rmin + rdelta * np.float32(istep) + fnmax
-        for j in range(nl):
-            isc[np.uint64(j)] = num / (mx[np.uint64(j)] - mn[np.uint64(j)])
-            sl[np.uint64(j)] = zero
-            sl2[np.uint64(j)] = zero
-            sxl[np.uint64(j)] = zero
-            ce[np.uint64(j)] = zero
-        # (separate loops with few arrays each: LLVM vectorises them across the lanes)
-        _levels(X, isc, mn, LA, nl)
-        for i in range(16):
-            for j in range(nl):
-                fl = LA[np.uint64(16 * i + j)]
-                wl = W[np.uint64(16 * i + j)] * fl
-                sl[np.uint64(j)] = sl[np.uint64(j)] + wl
-                sl2[np.uint64(j)] = sl2[np.uint64(j)] + wl * fl
-        for i in range(16):
-            for j in range(nl):
-                k = np.uint64(16 * i + j)
-                sxl[np.uint64(j)] = sxl[np.uint64(j)] + (W[k] * LA[k]) * X[k]
-        for j in range(nl):
-            a = sl[np.uint64(j)]
-            b = sl2[np.uint64(j)]
-            c = sxl[np.uint64(j)]
-            sw_ = sw[np.uint64(j)]
-            sx_ = sx[np.uint64(j)]
-            D = sw_ * b - a * a
-            ts = (sw_ * c - sx_ * a) / D
-            tm = (b * sx_ - a * c) / D
-            alt = c / b
-            pos = tm > zero
-            tsc[np.uint64(j)] = select_f32(pos, alt, ts)
-            tmn[np.uint64(j)] = select_f32(pos, zero, tm)
-        for i in range(16):
-            for j in range(nl):
-                k = np.uint64(16 * i + j)
-                diff = tsc[np.uint64(j)] * LA[k] + tmn[np.uint64(j)] - X[k]
-                diff = abs(diff) if use_mad else diff * diff
-                ce[np.uint64(j)] = ce[np.uint64(j)] + W[k] * diff
-        for j in range(nl):
-            a = sl[np.uint64(j)]
-            D = sw[np.uint64(j)] * sl2[np.uint64(j)] - a * a
-            c = ce[np.uint64(j)]
-            upd = (D > zero) & (c < best[np.uint64(j)])
-            m = mn[np.uint64(j)]
-            best[np.uint64(j)] = select_f32(upd, c, best[np.uint64(j)])
-            scale[np.uint64(j)] = select_f32(upd, tsc[np.uint64(j)], scale[np.uint64(j)])
-            wisc[np.uint64(j)] = select_f32(upd, isc[np.uint64(j)], wisc[np.uint64(j)])
-            wmn[np.uint64(j)] = select_f32(upd, m, wmn[np.uint64(j)])
-            mn[np.uint64(j)] = select_f32(upd, tmn[np.uint64(j)], m)
-    for j in range(16):
-        a = mn0[j]
-        b = mx[j]
-        flat = (b <= a) if le_check else (b == a)
-        if flat:
-            scales[j] = zero
-            mins[j] = -a
-            for i in range(16):
-                L[16 * j + i] = 0
-        else:
-            scales[j] = scale[j]
-            mins[j] = -mn[j]
-            c = wisc[j]
-            m = wmn[j]
-            for i in range(16):
-                l = nearest_int_c(c * (x[16 * j + i] - m))
-                l = 3 if 3 < l else l
-                l = 0 if 0 > l else l
-                L[16 * j + i] = l
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -231,7 +72,7 @@ def _quantize_block_ref(x, y, s):
     for j in range(16):
         for l in range(16):
             ws[256 + 16 * l + j] = abs(x[16 * j + l])
-    _qkx_lanes(x, ws, L, scales, mins, np.float32(-0.5), np.float32(0.1), 15, True, False)
+    qkx_lanes(x, ws, L, scales, mins, 16, 16, 3, np.float32(-0.5), np.float32(0.1), 15, True, False)
     max_scale = np.float32(0.0)
     max_min = np.float32(0.0)
     for j in range(16):
@@ -276,7 +117,7 @@ def _quantize_block_impl(x, qw, y, s):
             ws[256 + 16 * l + j] = w
             acc += w
         sw[j] = acc
-    _qkx_lanes(x, ws, L, scales, mins, np.float32(-0.9), np.float32(0.05), 36, False, True)
+    qkx_lanes(x, ws, L, scales, mins, 16, 16, 3, np.float32(-0.9), np.float32(0.05), 36, False, True)
     dm = make_qp_quants(16, 15, scales, Ls, sw)
     mm = make_qp_quants(16, 15, mins, Lm, sw)
     put_fp16(y, _OFF_D, dm)

@@ -27,7 +27,8 @@ from numba import njit, prange
 from gguftool.gguf.constants import GGMLType
 from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16
 from gguftool.quants.blocks import no_row_state
-from gguftool.quants.search_symmetric import NT, make_q3_quants_rmse, make_qx_quants, make_qx_quants_w
+from gguftool.quants.search_lanes import q3_lanes, q3_workspace
+from gguftool.quants.search_symmetric import NT, make_qx_quants, make_qx_quants_w
 
 GGML_TYPE = GGMLType.Q3_K
 USES_IMATRIX = True
@@ -37,6 +38,7 @@ BLOCK_BYTES = 110
 _OFF_QS = 32
 _OFF_SC = 96
 _OFF_D = 108
+_NW = q3_workspace(16)      # the reference path's 16 make_q3_quants searches as lanes (search_lanes.q3_lanes)
 
 
 # --- shared tail: scales packing, final rounding against the fp16 scale, bit packing
@@ -92,13 +94,13 @@ def _finish_block(x, out, L, tmp):
 
 # --- one block
 @njit(cache=True, error_model="numpy")
-def _quantize_ref(x, out, L, scales, tmp):
-    """Scratch: L int8[256], scales float32[16], tmp float32[>= 32]."""
+def _quantize_ref(x, out, L, scales, tmp, ws):
+    """Scratch: L int8[256], scales float32[16], tmp float32[>= 32], ws float32[_NW]."""
     max_scale = np.float32(0.0)
     amax = np.float32(0.0)
+    q3_lanes(x, ws, L, scales, 16)      # make_q3_quants(16, 4, x + 16*j, L + 16*j, true) for the 16 sub-blocks
     for j in range(16):
-        s = make_q3_quants_rmse(16, 4, x, 16 * j, L, 16 * j, tmp)
-        scales[j] = s
+        s = scales[j]
         a = abs(s)
         if a > amax:
             amax = a
@@ -158,9 +160,9 @@ def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls, work):
 
 @njit(cache=True, error_model="numpy")
 def make_scratch():
-    """L int8[256], scales/weight/sw float32[16], Ls int8[16], work float32[3*NT]."""
+    """L int8[256], scales/weight/sw float32[16], Ls int8[16], work float32[3*NT], ws float32[_NW]."""
     return (np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
-            np.empty(16, np.int8), np.empty(3 * NT, np.float32))
+            np.empty(16, np.int8), np.empty(3 * NT, np.float32), np.empty(_NW, np.float32))
 
 
 prepare_row = no_row_state
@@ -170,11 +172,11 @@ prepare_row = no_row_state
 def quantize_block(x, qw, y, s):
     """quantize_row_q3_K_impl for one block when qw (the block's 256 importance weights) is not empty, else
     quantize_row_q3_K_ref: x float32[256] -> y uint8[110]."""
-    L, scales, weight, sw, Ls, work = s
+    L, scales, weight, sw, Ls, work, ws = s
     if qw.size > 0:
         _quantize_impl(x, qw, y, L, scales, weight, sw, Ls, work)
     else:
-        _quantize_ref(x, y, L, scales, work)
+        _quantize_ref(x, y, L, scales, work, ws)
 
 
 @njit(cache=True, error_model="numpy")
@@ -213,13 +215,14 @@ def quantize_rows(x, imatrix, out):
         sw = np.empty(16, np.float32)
         Ls = np.empty(16, np.int8)
         work = np.empty(3 * NT, np.float32)
+        ws = np.empty(_NW, np.float32)
         for b in range(nb):
             xb = x[r, b * QK_K:(b + 1) * QK_K]
             ob = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
             if use_w:
                 _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, weight, sw, Ls, work)
             else:
-                _quantize_ref(xb, ob, L, scales, work)
+                _quantize_ref(xb, ob, L, scales, work, ws)
 
 
 quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)

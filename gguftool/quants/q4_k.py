@@ -15,10 +15,11 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.gguf.constants import GGMLType
-from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16, select_f32
+from gguftool.quants.bits import get_fp16, nearest_int_c, put_fp16
 from gguftool.quants.blocks import no_row_state
 from gguftool.quants.k_scales import get_scale_min_k4, pack_scale_min_k4
 from gguftool.quants.search_affine import SCRATCH_PER_ELEM, make_qp_quants
+from gguftool.quants.search_lanes import qkx_lanes, qkx_workspace
 
 GGML_TYPE = GGMLType.Q4_K
 USES_IMATRIX = True
@@ -26,8 +27,8 @@ USES_IMATRIX = True
 QK_K = 256
 BLOCK_BYTES = 144
 
-# Lane workspace (float32, see _qkx_lanes): 3 planes of 32x8 (element-major, lane = sub-block) + 16 rows of 8.
-_NW = 3 * QK_K + 16 * 8
+# Lane workspace (float32, see search_lanes.qkx_lanes): 8 lanes (sub-blocks) of 32 elements.
+_NW = qkx_workspace(32, 8)
 
 
 @njit(cache=True, error_model="numpy")
@@ -37,163 +38,6 @@ def make_scratch():
     return (np.zeros(QK_K, np.uint8), np.zeros(32, np.uint8), np.zeros(8, np.uint8), np.zeros(8, np.uint8),
             np.zeros(32, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32),
             np.zeros(SCRATCH_PER_ELEM * 32, np.float32), np.zeros(_NW, np.float32))
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _levels(X, isc, mn, LA, nl, nmax):
-    """LA[8*i + j] = clamp(nearest_int(isc[j] * (X[8*i + j] - mn[j])), 0, nmax) for every lane j (float32)."""
-    for i in range(32):
-        for j in range(nl):
-            l = nearest_int_c(isc[np.uint64(j)] * (X[np.uint64(8 * i + j)] - mn[np.uint64(j)]))
-            l = nmax if nmax < l else l
-            l = 0 if 0 > l else l
-            LA[np.uint64(8 * i + j)] = np.float32(l)
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _qkx_lanes(x, ws, L, scales, mins, nmax, rmin, rdelta, nstep, le_check):
-    """The 8 make_qkx2/3_quants(32, nmax, ...) searches of one super-block (squared error), side by side as
-    SIMD lanes: the same scheme as q2_k._qkx_lanes (which see), for 8 sub-blocks of 32.
-
-    Bit-identical with ``search_affine.qkx_search`` on each sub-block: lane j carries sub-block j through the
-    reference's float32 operations, every sum accumulated element after element in the reference's order;
-    branches become per-lane selects; steps whose levels repeat are evaluated too (equal errors never win
-    under the strict <); the winning levels are rounded again at the end from the winning step's iscale and
-    min. A flat sub-block (max == min, or max <= min for le_check) gets the reference's early result.
-
-    ws: float32[_NW]: on entry plane 1 (ws[256:512], [8*i + j]) holds the weight of element i of sub-block j;
-    plane 0 gets x transposed the same way. Writes L[256] (uint8, sub-block-major as x), scales[8] (the
-    returned scales) and mins[8] (the returned the_min). nstep >= 1. Lane loops run to ``nl`` (8, but a run-time
-    value) so that LLVM keeps them as loops and vectorises them."""
-    nl = scales.size
-    X = ws[0:256]
-    W = ws[256:512]
-    LA = ws[512:768]
-    V = ws[768:896]
-    mn = V[0:8]
-    mx = V[8:16]
-    sw = V[16:24]
-    sx = V[24:32]
-    scale = V[32:40]
-    best = V[40:48]
-    isc = V[48:56]
-    sl = V[56:64]
-    sl2 = V[64:72]
-    sxl = V[72:80]
-    ce = V[80:88]
-    tsc = V[88:96]
-    tmn = V[96:104]
-    wisc = V[104:112]
-    wmn = V[112:120]
-    mn0 = V[120:128]
-    rmin = np.float32(rmin)
-    rdelta = np.float32(rdelta)
-    fnmax = np.float32(nmax)
-    zero = np.float32(0.0)
-    for i in range(32):
-        for j in range(nl):
-            X[np.uint64(8 * i + j)] = x[np.uint64(32 * j + i)]
-    for j in range(nl):
-        v = X[np.uint64(j)]
-        mn[np.uint64(j)] = v
-        mx[np.uint64(j)] = v
-        w = W[np.uint64(j)]
-        sw[np.uint64(j)] = w
-        sx[np.uint64(j)] = w * v
-    for i in range(1, 32):
-        for j in range(nl):
-            xi = X[np.uint64(8 * i + j)]
-            a = mn[np.uint64(j)]
-            mn[np.uint64(j)] = select_f32(xi < a, xi, a)
-            b = mx[np.uint64(j)]
-            mx[np.uint64(j)] = select_f32(xi > b, xi, b)
-            w = W[np.uint64(8 * i + j)]
-            sw[np.uint64(j)] = sw[np.uint64(j)] + w
-            sx[np.uint64(j)] = sx[np.uint64(j)] + w * xi
-    for j in range(nl):
-        a = mn[np.uint64(j)]
-        a = select_f32(a > zero, zero, a)
-        mn[np.uint64(j)] = a
-        mn0[np.uint64(j)] = a
-        c = fnmax / (mx[np.uint64(j)] - a)
-        isc[np.uint64(j)] = c
-        wisc[np.uint64(j)] = c
-        wmn[np.uint64(j)] = a
-        scale[np.uint64(j)] = np.float32(1.0) / c
-        best[np.uint64(j)] = zero
-    _levels(X, isc, mn, LA, nl, nmax)
-    for i in range(32):
-        for j in range(nl):
-            diff = scale[np.uint64(j)] * LA[np.uint64(8 * i + j)] + mn[np.uint64(j)] - X[np.uint64(8 * i + j)]
-            best[np.uint64(j)] = best[np.uint64(j)] + W[np.uint64(8 * i + j)] * (diff * diff)
-    for istep in range(nstep + 1):
-        num = rmin + rdelta * np.float32(istep) + fnmax
-        for j in range(nl):
-            isc[np.uint64(j)] = num / (mx[np.uint64(j)] - mn[np.uint64(j)])
-            sl[np.uint64(j)] = zero
-            sl2[np.uint64(j)] = zero
-            sxl[np.uint64(j)] = zero
-            ce[np.uint64(j)] = zero
-        # (separate loops with few arrays each: LLVM vectorises them across the lanes)
-        _levels(X, isc, mn, LA, nl, nmax)
-        for i in range(32):
-            for j in range(nl):
-                fl = LA[np.uint64(8 * i + j)]
-                wl = W[np.uint64(8 * i + j)] * fl
-                sl[np.uint64(j)] = sl[np.uint64(j)] + wl
-                sl2[np.uint64(j)] = sl2[np.uint64(j)] + wl * fl
-        for i in range(32):
-            for j in range(nl):
-                k = np.uint64(8 * i + j)
-                sxl[np.uint64(j)] = sxl[np.uint64(j)] + (W[k] * LA[k]) * X[k]
-        for j in range(nl):
-            a = sl[np.uint64(j)]
-            b = sl2[np.uint64(j)]
-            c = sxl[np.uint64(j)]
-            sw_ = sw[np.uint64(j)]
-            sx_ = sx[np.uint64(j)]
-            D = sw_ * b - a * a
-            ts = (sw_ * c - sx_ * a) / D
-            tm = (b * sx_ - a * c) / D
-            alt = c / b
-            pos = tm > zero
-            tsc[np.uint64(j)] = select_f32(pos, alt, ts)
-            tmn[np.uint64(j)] = select_f32(pos, zero, tm)
-        for i in range(32):
-            for j in range(nl):
-                k = np.uint64(8 * i + j)
-                diff = tsc[np.uint64(j)] * LA[k] + tmn[np.uint64(j)] - X[k]
-                ce[np.uint64(j)] = ce[np.uint64(j)] + W[k] * (diff * diff)
-        for j in range(nl):
-            a = sl[np.uint64(j)]
-            D = sw[np.uint64(j)] * sl2[np.uint64(j)] - a * a
-            c = ce[np.uint64(j)]
-            upd = (D > zero) & (c < best[np.uint64(j)])
-            m = mn[np.uint64(j)]
-            best[np.uint64(j)] = select_f32(upd, c, best[np.uint64(j)])
-            scale[np.uint64(j)] = select_f32(upd, tsc[np.uint64(j)], scale[np.uint64(j)])
-            wisc[np.uint64(j)] = select_f32(upd, isc[np.uint64(j)], wisc[np.uint64(j)])
-            wmn[np.uint64(j)] = select_f32(upd, m, wmn[np.uint64(j)])
-            mn[np.uint64(j)] = select_f32(upd, tmn[np.uint64(j)], m)
-    for j in range(8):
-        a = mn0[j]
-        b = mx[j]
-        flat = (b <= a) if le_check else (b == a)
-        if flat:
-            scales[j] = zero
-            mins[j] = -a
-            for i in range(32):
-                L[32 * j + i] = 0
-        else:
-            scales[j] = scale[j]
-            mins[j] = -mn[j]
-            c = wisc[j]
-            m = wmn[j]
-            for i in range(32):
-                l = nearest_int_c(c * (x[32 * j + i] - m))
-                l = nmax if nmax < l else l
-                l = 0 if 0 > l else l
-                L[32 * j + i] = l
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -230,7 +74,7 @@ def affine_k_scales_ref(x, y, s, nmax, rmin, rdelta, nstep):
         for l in range(32):
             W[8 * l + j] = av_x + abs(x[32 * j + l])
     # the 8 make_qkx2_quants(32, nmax, ..., rmin, rdelta, nstep, false) as lanes
-    _qkx_lanes(x, ws, L, scales, mins, nmax, rmin, rdelta, nstep, False)
+    qkx_lanes(x, ws, L, scales, mins, 32, 8, nmax, rmin, rdelta, nstep, False, False)
     for j in range(8):
         sc = scales[j]
         mn = mins[j]
@@ -269,7 +113,7 @@ def affine_k_scales_impl(x, qw, y, s, nmax, clamp63):
             sumw += w
         sw[j] = sumw
     # the 8 make_qkx3_quants(32, nmax, ..., -0.9f, 0.05f, 36, false) as lanes
-    _qkx_lanes(x, ws, L, scales, mins, nmax, np.float32(-0.9), np.float32(0.05), 36, True)
+    qkx_lanes(x, ws, L, scales, mins, 32, 8, nmax, np.float32(-0.9), np.float32(0.05), 36, False, True)
     d_block = make_qp_quants(8, 63, scales, Ls, sw)
     m_block = make_qp_quants(8, 63, mins, Lm, sw)
     q = y[4:16]

@@ -18,6 +18,7 @@ from ..gguf.constants import GGMLType
 from .bits import F32, FLT_MAX, U64, get_fp16, get_u32, put_fp16, put_u32
 from .legacy import QK, ROWS_PER_TASK, block_minmax, block_weights, c_uint8, has_nonfinite, row_sigma2
 from .search_affine import SCRATCH_PER_ELEM, make_qkx3_quants
+from .search_lanes import qkx_lanes, qkx_workspace
 
 GGML_TYPE = GGMLType.Q5_1
 USES_IMATRIX = True
@@ -103,6 +104,30 @@ def _quantize_block_impl(x, off, qw, sigma2, weight, L, Laux, fs, out, o):
     pack_block(L, 0, out, o)
 
 
+# Lanes: the make_qkx3_quants searches of up to LANES consecutive blocks of a row side by side (search_lanes).
+LANES = 8
+_NW = qkx_workspace(QK, LANES)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _quantize_group_impl(x, off, nl, qw, sigma2, ws, L, scales, mins, out, o):
+    """Blocks off/QK .. off/QK + nl - 1 (nl <= LANES) of quantize_row_q5_1_impl at once: the same weights and
+    make_qkx3_quants(32, 31, -0.9, 0.05, 36 steps, squared error) per block, run as lanes; bit-identical
+    with _quantize_block_impl on each block. ws: float32[_NW]; L: uint8[QK*LANES]; scales, mins: float32[LANES]."""
+    W = ws[QK * LANES:2 * QK * LANES]
+    for j in range(nl):
+        for i in range(QK):
+            v = x[U64(off + QK * j + i)]
+            W[U64(LANES * i + j)] = qw[U64(off + QK * j + i)] * np.sqrt(sigma2 + v * v)
+    qkx_lanes(x[off:off + QK * nl], ws, L, scales[:nl], mins[:nl], QK, LANES, 31, np.float32(-0.9),
+              np.float32(0.05), 36, False, True)
+    for j in range(nl):
+        ob = o + BLOCK_BYTES * j
+        put_fp16(out, ob, scales[j])
+        put_fp16(out, ob + 2, -mins[j])
+        pack_block(L, QK * j, out, ob)
+
+
 # --- dequantization
 @njit(cache=True, inline="always", error_model="numpy")
 def _dequantize_block_at(data, o, y, off):
@@ -158,18 +183,18 @@ def quantize_rows(x, imatrix, out):
     ntask = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for t in prange(ntask):
         q = np.empty(n, np.int32)
-        weight = np.empty(QK, np.float32)
-        L = np.empty(QK, np.uint8)
-        Laux = np.empty(QK, np.uint8)
-        fs = np.empty(SCRATCH_PER_ELEM * QK, np.float32)
+        ws = np.empty(_NW, np.float32)
+        Lg = np.empty(QK * LANES, np.uint8)
+        scales = np.empty(LANES, np.float32)
+        mins = np.empty(LANES, np.float32)
         for r in range(t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK)):
             xr = x[r]
             orow = out[r]
             if use_w:
                 sigma2 = row_sigma2(xr)
-                for b in range(nb):
-                    _quantize_block_impl(xr, b * QK, imatrix, sigma2, weight, L, Laux, fs, orow,
-                                        b * BLOCK_BYTES)
+                for b in range(0, nb, LANES):
+                    _quantize_group_impl(xr, b * QK, min(LANES, nb - b), imatrix, sigma2, ws, Lg, scales, mins,
+                                         orow, b * BLOCK_BYTES)
             elif not _quantize_row_ref(xr, orow, q):
                 for b in range(nb):
                     _quantize_block_ref(xr, b * QK, orow, b * BLOCK_BYTES, q)
