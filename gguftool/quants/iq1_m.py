@@ -59,10 +59,10 @@ _MASKS = np.array([0x00, 0x80, 0x08, 0x88], dtype=np.uint8)   # qh bits of the s
 @njit(cache=True)
 def _work():
     """scales[16], weight[16] (float32); px[2, 17], pw[2, 17] (float32); L[16], idx[16], index[2],
-    shifts[16] (int32); sc[4] (uint32, the scale words)."""
+    shifts[16] (int32); sc[4] (uint32, the scale words); tab[48] (float32, iq1_find_best_neighbour2's)."""
     return (np.zeros(16, np.float32), np.zeros(BS, np.float32), np.zeros((2, BS + 1), np.float32),
             np.zeros((2, BS + 1), np.float32), np.zeros(BS, np.int32), np.zeros(BS, np.int32), np.zeros(2, np.int32),
-            np.zeros(16, np.int32), np.zeros(4, np.uint32))
+            np.zeros(16, np.int32), np.zeros(4, np.uint32), np.zeros(48, np.float32))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -80,7 +80,7 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
     """quantize_row_iq1_m_impl for the super-block xall[base:base+256] (xall: the whole tensor, flat, for the
     reference's out-of-group reads, see iq1_find_best_neighbour2) with weights qw[256] (empty: none) into
     y[56]."""
-    scales, weight, px, pw, L, idx, index, shifts, sc = work
+    scales, weight, px, pw, L, idx, index, shifts, sc, tab = work
     x_p = _X_P
     x_m = _X_M
     use_qw = qw.size > 0
@@ -189,7 +189,7 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
             if g < 0:
                 all_on_grid = False
                 g = grids.iq1_find_best_neighbour2(neigh, -g - 1, grid, xall, base + BS * ib + 8 * k, weight, 8 * k,
-                                                   scale, xx, L, 8 * k)
+                                                   scale, xx, L, 8 * k, tab)
                 if g < 0:
                     return _ERR_NO_NEIGHBOUR
             index[k] = g
