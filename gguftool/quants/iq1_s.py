@@ -59,14 +59,16 @@ _X_M = np.array([-1 - 0.125, -0.125, 1 - 0.125], dtype=np.float32)
 @njit(cache=True)
 def _work():
     """scales[8], weight[32], sumx[33], sumw[33] (float32); L[32], idx[32], index[4], shifts[8] (int32);
-    pre[8, 33] (float32, _split_search's per-boundary terms); tab[48] (float32, iq1_find_best_neighbour2's)."""
+    pre[8, 33] (float32, _split_search's per-boundary terms); tab[48] (float32, iq1_find_best_neighbour2's);
+    row[4, 33] (float32, _split_search's scores of one row)."""
     return (np.zeros(8, np.float32), np.zeros(BS, np.float32), np.zeros(BS + 1, np.float32),
             np.zeros(BS + 1, np.float32), np.zeros(BS, np.int32), np.zeros(BS, np.int32), np.zeros(4, np.int32),
-            np.zeros(8, np.int32), np.zeros((8, BS + 1), np.float32), np.zeros(48, np.float32))
+            np.zeros(8, np.int32), np.zeros((8, BS + 1), np.float32), np.zeros(48, np.float32),
+            np.zeros((4, BS + 1), np.float32))
 
 
 @njit(cache=True, error_model="numpy")
-def _split_search(sumx, sumw, pre, mx):
+def _split_search(sumx, sumw, pre, row, mx):
     """The exhaustive split search of quantize_row_iq1_s_impl over the sorted group (prefix sums sumx, sumw):
     every (i1, i2), i1 <= i2, in the reference's order, shift +DELTA then -DELTA, first best kept. Returns
     (besti1, besti2, best_shift, scale); best_shift 0 when nothing scored.
@@ -110,6 +112,10 @@ def _split_search(sumx, sumw, pre, mx):
         cm_[t] = c * xm2
         wcp_[t] = wc * xp2 * xp2
         wcm_[t] = wc * xm2 * xm2
+    qxp_ = row[0]
+    q2p_ = row[1]
+    qxm_ = row[2]
+    q2m_ = row[3]
     best_score = -FLT_MAX
     scale = mx
     besti1 = -1
@@ -130,22 +136,24 @@ def _split_search(sumx, sumw, pre, mx):
             q2p = wap + wb + wcp_[i2]
             qxm = am - bp + cm_[i2]
             q2m = wam + wb + wcm_[i2]
+            qxp_[i2] = qxp
+            q2p_[i2] = q2p
+            qxm_[i2] = qxm
+            q2m_[i2] = q2m
             hit |= ((q2p > zero) & (qxp * qxp > best_score * q2p)) | ((q2m > zero) & (qxm * qxm > best_score * q2m))
         if not hit:
             continue
         for i2 in range(i1, BS + 1):
-            bp = (sumx[i2] - s1) * xp1
-            wb = (sumw[i2] - w1) * xp1 * xp1
-            sumqx = ap + bp + cp_[i2]
-            sumq2 = wap + wb + wcp_[i2]
+            sumqx = qxp_[i2]
+            sumq2 = q2p_[i2]
             if sumq2 > zero and sumqx * sumqx > best_score * sumq2:
                 scale = sumqx / sumq2
                 best_score = scale * sumqx
                 besti1 = i1
                 besti2 = i2
                 best_shift = 1
-            sumqx = am - bp + cm_[i2]
-            sumq2 = wam + wb + wcm_[i2]
+            sumqx = qxm_[i2]
+            sumq2 = q2m_[i2]
             if sumq2 > zero and sumqx * sumqx > best_score * sumq2:
                 scale = sumqx / sumq2
                 best_score = scale * sumqx
@@ -159,7 +167,7 @@ def _split_search(sumx, sumw, pre, mx):
 def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
     """quantize_row_iq1_s_impl for the super-block xall[base:base+256] (xall: the whole tensor, flat, for the
     reference's out-of-group reads, see iq1_find_best_neighbour2) with weights qw[256] into y[50]."""
-    scales, weight, sumx, sumw, L, idx, index, shifts, pre, tab = work
+    scales, weight, sumx, sumw, L, idx, index, shifts, pre, tab, row = work
     x_p = _X_P
     x_m = _X_M
     x = xall[base:base + QK_K]
@@ -189,7 +197,7 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
             i = idx[j]
             sumx[j + 1] = sumx[j] + weight[i] * xb[i]
             sumw[j + 1] = sumw[j] + weight[i]
-        besti1, besti2, best_shift, scale = _split_search(sumx, sumw, pre, mx)
+        besti1, besti2, best_shift, scale = _split_search(sumx, sumw, pre, row, mx)
         if besti1 < 0 or besti2 < 0 or best_shift == 0:
             scales[ib] = np.float32(0.0)
             shifts[ib] = 1
