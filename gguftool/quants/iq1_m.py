@@ -59,11 +59,11 @@ _MASKS = np.array([0x00, 0x80, 0x08, 0x88], dtype=np.uint8)   # qh bits of the s
 @njit(cache=True)
 def _work():
     """scales[16], weight[16] (float32); px[2, 17], pw[2, 17] (float32); L[16], idx[16], index[2],
-    shifts[16] (int32); sc[4] (uint32, the scale words); tab[48] (float32, iq1_find_best_neighbour2's);
+    shifts[16] (int32); sc[4] (uint32, the scale words); tab[SEARCH_SCRATCH] (float32, iq1_find_best_neighbour2's);
     pre[8, 17], row[8, 17] (float32, _split_search's per-boundary terms and one row's scores)."""
     return (np.zeros(16, np.float32), np.zeros(BS, np.float32), np.zeros((2, BS + 1), np.float32),
             np.zeros((2, BS + 1), np.float32), np.zeros(BS, np.int32), np.zeros(BS, np.int32), np.zeros(2, np.int32),
-            np.zeros(16, np.int32), np.zeros(4, np.uint32), np.zeros(48, np.float32),
+            np.zeros(16, np.int32), np.zeros(4, np.uint32), np.zeros(grids.SEARCH_SCRATCH, np.float32),
             np.zeros((8, BS + 1), np.float32), np.zeros((8, BS + 1), np.float32))
 
 

@@ -59,11 +59,11 @@ _X_M = np.array([-1 - 0.125, -0.125, 1 - 0.125], dtype=np.float32)
 @njit(cache=True)
 def _work():
     """scales[8], weight[32], sumx[33], sumw[33] (float32); L[32], idx[32], index[4], shifts[8] (int32);
-    pre[8, 33] (float32, _split_search's per-boundary terms); tab[48] (float32, iq1_find_best_neighbour2's);
+    pre[8, 33] (float32, _split_search's per-boundary terms); tab[SEARCH_SCRATCH] (float32, iq1_find_best_neighbour2's);
     row[4, 33] (float32, _split_search's scores of one row)."""
     return (np.zeros(8, np.float32), np.zeros(BS, np.float32), np.zeros(BS + 1, np.float32),
             np.zeros(BS + 1, np.float32), np.zeros(BS, np.int32), np.zeros(BS, np.int32), np.zeros(4, np.int32),
-            np.zeros(8, np.int32), np.zeros((8, BS + 1), np.float32), np.zeros(48, np.float32),
+            np.zeros(8, np.int32), np.zeros((8, BS + 1), np.float32), np.zeros(grids.SEARCH_SCRATCH, np.float32),
             np.zeros((4, BS + 1), np.float32))
 
 
