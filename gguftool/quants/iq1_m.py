@@ -77,7 +77,7 @@ def _weights(xb, qw, off, use_qw, sigma2, weight):
             weight[i] = xb[i] * xb[i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def _split_search(px, pw, pre, row, mx):
     """The exhaustive split search of quantize_row_iq1_m_impl over the sorted group, from the prefix sums kept
     per half (px, pw: [2, 17]; each half of 8 takes its own shift): every (i1, i2), i1 <= i2, in the

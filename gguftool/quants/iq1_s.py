@@ -67,7 +67,7 @@ def _work():
             np.zeros((4, BS + 1), np.float32))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def _split_search(sumx, sumw, pre, row, mx):
     """The exhaustive split search of quantize_row_iq1_s_impl over the sorted group (prefix sums sumx, sumw):
     every (i1, i2), i1 <= i2, in the reference's order, shift +DELTA then -DELTA, first best kept. Returns

@@ -269,7 +269,7 @@ def _pick(u, i, t0, t1, t2):
     return bit_select_f32(u, 2 * i + 1, bit_select_f32(u, 2 * i, t0, t1), t2)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def _first_nearest(slists, start, tab):
     """The position j in the list at slists[start] (search_layout) of the first entry with the least distance
     sum_i tab[8*l_i + i] (l_i its levels), summed over i = 0..7 in order from 0.0f, as the reference's
@@ -333,7 +333,7 @@ def _take(slists, start, j, L, off):
     return int(slists[start + 1 + p + j])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def iq2_find_best_neighbour(slists, start, grid, xval, weight, off, scale, L, tab):
     """ggml-quants.c iq2_find_best_neighbour: the neighbour of the list at `start` (search_layout) nearest to
     xval[off:off+8] / scale in the weighted squared distance (first of equals); writes its levels to
@@ -354,7 +354,7 @@ def iq2_find_best_neighbour(slists, start, grid, xval, weight, off, scale, L, ta
     return _take(slists, start, j, L, off)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def iq1_find_best_neighbour2(slists, start, grid, xall, xbase, weight, woff, scale, xg, L, loff, tab):
     """ggml-quants.c iq1_find_best_neighbour2 for the 8 values xall[xbase:xbase+8] with weights
     weight[woff:woff+8]: the list's point (search_layout) minimising sum w (scale*xg[level] - x)^2 (first of
@@ -403,7 +403,7 @@ def iq1_find_best_neighbour2(slists, start, grid, xall, xbase, weight, woff, sca
     return best
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_eps, tab):
     """The scale and lattice search of one 16-value group of quantize_row_iq2_xs_impl and
     quantize_row_iq2_s_impl (identical in both): xval[16] the magnitudes (signs already taken out), weight and
