@@ -5,6 +5,8 @@ fp16 conversions and little-endian fields inside a uint8 block buffer. One of ea
                                     negative-index wraparound, so loops vectorise); GROUP_MAX_EPS (ggml's)
     f32_as_u32(f) / u32_as_f32(u)   float32 <-> its bit pattern (an LLVM bitcast: free, and usable on a scalar)
     select_f32(c, a, b)             ``a if c else b`` as one LLVM select (branch-free, so lane loops vectorise)
+    bit_select_f32(u, k, a, b)      ``b if bit k of the uint32 u is set else a``: a shift, a sign test, a select
+                                    (32-bit lanes: numba's own integer arithmetic would widen to 64 bits)
     nearest_int_c(f) -> int         ggml's nearest_int bit for bit, also outside its |f| <= 4194303 range
     fp16_bits_from_f32(f, u)        GGML_FP32_TO_FP16 of float32 f with bit pattern u -> uint32 holding 16 bits
     fp32_to_fp16_bits(f)            the same for a scalar (the bits are taken here)
@@ -67,6 +69,24 @@ def select_f32(typingctx, c, a, b):
         return builder.select(args[0], args[1], args[2])
 
     return types.float32(types.boolean, types.float32, types.float32), codegen
+
+
+@intrinsic
+def bit_select_f32(typingctx, u, k, a, b):
+    """``b if (u >> k) & 1 else a`` for a uint32 u (k in 0..31): u shifted left so that bit k is the sign bit,
+    a signed compare with 0 and one LLVM select, all in 32 bits, so a lane loop over uint32 words vectorises
+    with 8 lanes (AVX2 blends on the sign bit directly)."""
+    if u != types.uint32 or not isinstance(k, types.Integer) or a != types.float32 or b != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        uv, kv, av, bv = args
+        i32 = ir.IntType(32)
+        kk = builder.trunc(kv, i32) if kv.type.width > 32 else kv
+        shifted = builder.shl(uv, builder.sub(ir.Constant(i32, 31), kk))
+        return builder.select(builder.icmp_signed("<", shifted, ir.Constant(i32, 0)), bv, av)
+
+    return types.float32(u, k, a, b), codegen
 
 
 # --- rounding

@@ -59,10 +59,12 @@ _MASKS = np.array([0x00, 0x80, 0x08, 0x88], dtype=np.uint8)   # qh bits of the s
 @njit(cache=True)
 def _work():
     """scales[16], weight[16] (float32); px[2, 17], pw[2, 17] (float32); L[16], idx[16], index[2],
-    shifts[16] (int32); sc[4] (uint32, the scale words)."""
+    shifts[16] (int32); sc[4] (uint32, the scale words); tab[SEARCH_SCRATCH] (float32, iq1_find_best_neighbour2's);
+    pre[8, 17], row[8, 17] (float32, _split_search's per-boundary terms and one row's scores)."""
     return (np.zeros(16, np.float32), np.zeros(BS, np.float32), np.zeros((2, BS + 1), np.float32),
             np.zeros((2, BS + 1), np.float32), np.zeros(BS, np.int32), np.zeros(BS, np.int32), np.zeros(2, np.int32),
-            np.zeros(16, np.int32), np.zeros(4, np.uint32))
+            np.zeros(16, np.int32), np.zeros(4, np.uint32), np.zeros(grids.SEARCH_SCRATCH, np.float32),
+            np.zeros((8, BS + 1), np.float32), np.zeros((8, BS + 1), np.float32))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -75,12 +77,130 @@ def _weights(xb, qw, off, use_qw, sigma2, weight):
             weight[i] = xb[i] * xb[i]
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _split_search(px, pw, pre, row, mx):
+    """The exhaustive split search of quantize_row_iq1_m_impl over the sorted group, from the prefix sums kept
+    per half (px, pw: [2, 17]; each half of 8 takes its own shift): every (i1, i2), i1 <= i2, in the
+    reference's order, the four shift combinations k (0: ++, 1: +-, 2: -+, 3: --) of each, first best kept.
+    Returns (besti1, besti2, best_k, scale); best_k -1 when nothing scored.
+
+    Per half h the reference's sumqx is T_h*v[2] - (px[h][i1] + px[h][i2]) and its sumq2
+    (T_h*v[2]*v[2] + pw[h][i1]*c1) + pw[h][i2]*c2: the parts of one boundary are computed once per
+    boundary into pre, every score is the same float32 value as the reference's.
+
+    Speed: a row i1's scores for every i2 are computed without branches (the loop vectorises) and stored,
+    with a flag saying whether any beats the best score at the row's start; only such rows are walked in
+    order with the updates. Skipping the others is exact: with no update in a row, every comparison in it is
+    against that same score."""
+    x_p = _X_P
+    x_m = _X_M
+    zero = np.float32(0.0)
+    p2 = x_p[2]
+    m2 = x_m[2]
+    cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1]
+    cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2]
+    cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1]
+    cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2]
+    px0 = px[0]
+    px1 = px[1]
+    txp0 = px0[BS] * p2
+    txm0 = px0[BS] * m2
+    txp1 = px1[BS] * p2
+    txm1 = px1[BS] * m2
+    twp0 = pw[0, BS] * p2 * p2
+    twm0 = pw[0, BS] * m2 * m2
+    twp1 = pw[1, BS] * p2 * p2
+    twm1 = pw[1, BS] * m2 * m2
+    ap0 = pre[0]
+    am0 = pre[1]
+    ap1 = pre[2]
+    am1 = pre[3]
+    bp0 = pre[4]
+    bm0 = pre[5]
+    bp1 = pre[6]
+    bm1 = pre[7]
+    for t in range(BS + 1):
+        w0 = pw[0, t]
+        w1 = pw[1, t]
+        ap0[t] = twp0 + w0 * cp1
+        am0[t] = twm0 + w0 * cm1
+        ap1[t] = twp1 + w1 * cp1
+        am1[t] = twm1 + w1 * cm1
+        bp0[t] = w0 * cp2
+        bm0[t] = w0 * cm2
+        bp1[t] = w1 * cp2
+        bm1[t] = w1 * cm2
+    qx0 = row[0]
+    qx1 = row[1]
+    qx2 = row[2]
+    qx3 = row[3]
+    q20 = row[4]
+    q21 = row[5]
+    q22 = row[6]
+    q23 = row[7]
+    best_score = -FLT_MAX
+    scale = mx
+    besti1 = -1
+    besti2 = -1
+    best_k = -1
+    for i1 in range(BS + 1):
+        a0 = px0[i1]
+        a1 = px1[i1]
+        cap0 = ap0[i1]
+        cam0 = am0[i1]
+        cap1 = ap1[i1]
+        cam1 = am1[i1]
+        hit = False
+        for i2 in range(i1, BS + 1):
+            sx0 = a0 + px0[i2]
+            sx1 = a1 + px1[i2]
+            qxp0 = txp0 - sx0
+            qxm0 = txm0 - sx0
+            qxp1 = txp1 - sx1
+            qxm1 = txm1 - sx1
+            q2p0 = cap0 + bp0[i2]
+            q2m0 = cam0 + bm0[i2]
+            q2p1 = cap1 + bp1[i2]
+            q2m1 = cam1 + bm1[i2]
+            s0 = qxp0 + qxp1
+            s1 = qxp0 + qxm1
+            s2 = qxm0 + qxp1
+            s3 = qxm0 + qxm1
+            r0 = q2p0 + q2p1
+            r1 = q2p0 + q2m1
+            r2 = q2m0 + q2p1
+            r3 = q2m0 + q2m1
+            qx0[i2] = s0
+            qx1[i2] = s1
+            qx2[i2] = s2
+            qx3[i2] = s3
+            q20[i2] = r0
+            q21[i2] = r1
+            q22[i2] = r2
+            q23[i2] = r3
+            hit |= (((r0 > zero) & (s0 * s0 > best_score * r0)) | ((r1 > zero) & (s1 * s1 > best_score * r1))
+                    | ((r2 > zero) & (s2 * s2 > best_score * r2)) | ((r3 > zero) & (s3 * s3 > best_score * r3)))
+        if not hit:
+            continue
+        for i2 in range(i1, BS + 1):
+            for k in range(4):
+                sqx = row[k, i2]
+                sq2 = row[4 + k, i2]
+                if sq2 > zero and sqx * sqx > best_score * sq2:
+                    scale = sqx / sq2
+                    best_score = scale * sqx
+                    besti1 = i1
+                    besti2 = i2
+                    best_k = k
+    return besti1, besti2, best_k, scale
+
+
 @njit(cache=True, error_model="numpy")
 def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
     """quantize_row_iq1_m_impl for the super-block xall[base:base+256] (xall: the whole tensor, flat, for the
     reference's out-of-group reads, see iq1_find_best_neighbour2) with weights qw[256] (empty: none) into
     y[56]."""
-    scales, weight, px, pw, L, idx, index, shifts, sc = work
+    scales, weight, px, pw, L, idx, index, shifts, sc, tab, pre, row = work
     x_p = _X_P
     x_m = _X_M
     use_qw = qw.size > 0
@@ -94,12 +214,6 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
     for i in range(QK_K):
         sumx2 += x[i] * x[i]
     sigma2 = np.float32(2.0) * sumx2 / np.float32(QK_K)
-    p2 = x_p[2]
-    m2 = x_m[2]
-    cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1]
-    cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2]
-    cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1]
-    cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2]
     for ib in range(QK_K // BS):
         xb = x[BS * ib:BS * ib + BS]
         _weights(xb, qw, BS * ib, use_qw, sigma2, weight)
@@ -112,11 +226,6 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
             shifts[ib] = 0
             continue
         grids.sort_order(xb, BS, idx)
-        best_score = -FLT_MAX
-        scale = mx
-        besti1 = -1
-        besti2 = -1
-        best_k = -1
         px[0, 0] = np.float32(0.0)
         px[1, 0] = np.float32(0.0)
         pw[0, 0] = np.float32(0.0)
@@ -128,41 +237,7 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
             px[1 - h, j + 1] = px[1 - h, j]
             pw[h, j + 1] = pw[h, j] + weight[i]
             pw[1 - h, j + 1] = pw[1 - h, j]
-        tx0 = px[0, BS]
-        tx1 = px[1, BS]
-        tw0 = pw[0, BS]
-        tw1 = pw[1, BS]
-        for i1 in range(BS + 1):
-            for i2 in range(i1, BS + 1):
-                sx0 = px[0, i1] + px[0, i2]
-                sx1 = px[1, i1] + px[1, i2]
-                qxp0 = tx0 * p2 - sx0
-                qxm0 = tx0 * m2 - sx0
-                qxp1 = tx1 * p2 - sx1
-                qxm1 = tx1 * m2 - sx1
-                q2p0 = tw0 * p2 * p2 + pw[0, i1] * cp1 + pw[0, i2] * cp2
-                q2m0 = tw0 * m2 * m2 + pw[0, i1] * cm1 + pw[0, i2] * cm2
-                q2p1 = tw1 * p2 * p2 + pw[1, i1] * cp1 + pw[1, i2] * cp2
-                q2m1 = tw1 * m2 * m2 + pw[1, i1] * cm1 + pw[1, i2] * cm2
-                for k in range(4):
-                    if k == 0:
-                        sqx = qxp0 + qxp1
-                        sq2 = q2p0 + q2p1
-                    elif k == 1:
-                        sqx = qxp0 + qxm1
-                        sq2 = q2p0 + q2m1
-                    elif k == 2:
-                        sqx = qxm0 + qxp1
-                        sq2 = q2m0 + q2p1
-                    else:
-                        sqx = qxm0 + qxm1
-                        sq2 = q2m0 + q2m1
-                    if sq2 > np.float32(0.0) and sqx * sqx > best_score * sq2:
-                        scale = sqx / sq2
-                        best_score = scale * sqx
-                        besti1 = i1
-                        besti2 = i2
-                        best_k = k
+        besti1, besti2, best_k, scale = _split_search(px, pw, pre, row, mx)
         if besti1 < 0 or besti2 < 0 or best_k < 0:
             scales[ib] = np.float32(0.0)
             shifts[ib] = 0
@@ -189,7 +264,7 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
             if g < 0:
                 all_on_grid = False
                 g = grids.iq1_find_best_neighbour2(neigh, -g - 1, grid, xall, base + BS * ib + 8 * k, weight, 8 * k,
-                                                   scale, xx, L, 8 * k)
+                                                   scale, xx, L, 8 * k, tab)
                 if g < 0:
                     return _ERR_NO_NEIGHBOUR
             index[k] = g

@@ -58,17 +58,116 @@ _X_M = np.array([-1 - 0.125, -0.125, 1 - 0.125], dtype=np.float32)
 
 @njit(cache=True)
 def _work():
-    """scales[8], weight[32], sumx[33], sumw[33] (float32); L[32], idx[32], index[4], shifts[8] (int32)."""
+    """scales[8], weight[32], sumx[33], sumw[33] (float32); L[32], idx[32], index[4], shifts[8] (int32);
+    pre[8, 33] (float32, _split_search's per-boundary terms); tab[SEARCH_SCRATCH] (float32, iq1_find_best_neighbour2's);
+    row[4, 33] (float32, _split_search's scores of one row)."""
     return (np.zeros(8, np.float32), np.zeros(BS, np.float32), np.zeros(BS + 1, np.float32),
             np.zeros(BS + 1, np.float32), np.zeros(BS, np.int32), np.zeros(BS, np.int32), np.zeros(4, np.int32),
-            np.zeros(8, np.int32))
+            np.zeros(8, np.int32), np.zeros((8, BS + 1), np.float32), np.zeros(grids.SEARCH_SCRATCH, np.float32),
+            np.zeros((4, BS + 1), np.float32))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _split_search(sumx, sumw, pre, row, mx):
+    """The exhaustive split search of quantize_row_iq1_s_impl over the sorted group (prefix sums sumx, sumw):
+    every (i1, i2), i1 <= i2, in the reference's order, shift +DELTA then -DELTA, first best kept. Returns
+    (besti1, besti2, best_shift, scale); best_shift 0 when nothing scored.
+
+    The reference's sumqx = (a*x[0] + b*x[1]) + c*x[2] and sumq2 = (wa*x[0]*x[0] + wb*x[1]*x[1]) + wc*x[2]*x[2]
+    (a, wa the sums below i1, b, wb between i1 and i2, c, wc above i2): the a and c terms depend on one
+    boundary only, so they are computed once per boundary into pre; the b terms of the two shifts are
+    negatives (x_m[1] = -x_p[1]: b*x_m[1] = -(b*x_p[1]) and wb*x_m[1]*x_m[1] = wb*x_p[1]*x_p[1] exactly).
+    Every score is the same float32 value as the reference's.
+
+    Speed: a row i1 is first scored for every i2 against the best score at its start, without branches (the
+    loop vectorises); only a row where some split would be taken is then walked in order with the updates.
+    Skipping a row where nothing beats the score at its start is exact: with no update in the row, every
+    comparison in it is against that same score."""
+    xp0 = _X_P[0]
+    xp1 = _X_P[1]
+    xp2 = _X_P[2]
+    xm0 = _X_M[0]
+    xm2 = _X_M[2]
+    zero = np.float32(0.0)
+    ap_ = pre[0]
+    am_ = pre[1]
+    wap_ = pre[2]
+    wam_ = pre[3]
+    cp_ = pre[4]
+    cm_ = pre[5]
+    wcp_ = pre[6]
+    wcm_ = pre[7]
+    tx = sumx[BS]
+    tw = sumw[BS]
+    for t in range(BS + 1):
+        a = sumx[t] - sumx[0]
+        wa = sumw[t] - sumw[0]
+        c = tx - sumx[t]
+        wc = tw - sumw[t]
+        ap_[t] = a * xp0
+        am_[t] = a * xm0
+        wap_[t] = wa * xp0 * xp0
+        wam_[t] = wa * xm0 * xm0
+        cp_[t] = c * xp2
+        cm_[t] = c * xm2
+        wcp_[t] = wc * xp2 * xp2
+        wcm_[t] = wc * xm2 * xm2
+    qxp_ = row[0]
+    q2p_ = row[1]
+    qxm_ = row[2]
+    q2m_ = row[3]
+    best_score = -FLT_MAX
+    scale = mx
+    besti1 = -1
+    besti2 = -1
+    best_shift = 0
+    for i1 in range(BS + 1):
+        ap = ap_[i1]
+        am = am_[i1]
+        wap = wap_[i1]
+        wam = wam_[i1]
+        s1 = sumx[i1]
+        w1 = sumw[i1]
+        hit = False
+        for i2 in range(i1, BS + 1):
+            bp = (sumx[i2] - s1) * xp1
+            wb = (sumw[i2] - w1) * xp1 * xp1
+            qxp = ap + bp + cp_[i2]
+            q2p = wap + wb + wcp_[i2]
+            qxm = am - bp + cm_[i2]
+            q2m = wam + wb + wcm_[i2]
+            qxp_[i2] = qxp
+            q2p_[i2] = q2p
+            qxm_[i2] = qxm
+            q2m_[i2] = q2m
+            hit |= ((q2p > zero) & (qxp * qxp > best_score * q2p)) | ((q2m > zero) & (qxm * qxm > best_score * q2m))
+        if not hit:
+            continue
+        for i2 in range(i1, BS + 1):
+            sumqx = qxp_[i2]
+            sumq2 = q2p_[i2]
+            if sumq2 > zero and sumqx * sumqx > best_score * sumq2:
+                scale = sumqx / sumq2
+                best_score = scale * sumqx
+                besti1 = i1
+                besti2 = i2
+                best_shift = 1
+            sumqx = qxm_[i2]
+            sumq2 = q2m_[i2]
+            if sumq2 > zero and sumqx * sumqx > best_score * sumq2:
+                scale = sumqx / sumq2
+                best_score = scale * sumqx
+                besti1 = i1
+                besti2 = i2
+                best_shift = -1
+    return besti1, besti2, best_shift, scale
 
 
 @njit(cache=True, error_model="numpy")
 def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
     """quantize_row_iq1_s_impl for the super-block xall[base:base+256] (xall: the whole tensor, flat, for the
     reference's out-of-group reads, see iq1_find_best_neighbour2) with weights qw[256] into y[50]."""
-    scales, weight, sumx, sumw, L, idx, index, shifts = work
+    scales, weight, sumx, sumw, L, idx, index, shifts, pre, tab, row = work
     x_p = _X_P
     x_m = _X_M
     x = xall[base:base + QK_K]
@@ -98,35 +197,7 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
             i = idx[j]
             sumx[j + 1] = sumx[j] + weight[i] * xb[i]
             sumw[j + 1] = sumw[j] + weight[i]
-        best_score = -FLT_MAX
-        scale = mx
-        besti1 = -1
-        besti2 = -1
-        best_shift = 0
-        for i1 in range(BS + 1):
-            for i2 in range(i1, BS + 1):
-                a = sumx[i1] - sumx[0]
-                b = sumx[i2] - sumx[i1]
-                c = sumx[BS] - sumx[i2]
-                wa = sumw[i1] - sumw[0]
-                wb = sumw[i2] - sumw[i1]
-                wc = sumw[BS] - sumw[i2]
-                sumqx = a * x_p[0] + b * x_p[1] + c * x_p[2]
-                sumq2 = wa * x_p[0] * x_p[0] + wb * x_p[1] * x_p[1] + wc * x_p[2] * x_p[2]
-                if sumq2 > np.float32(0.0) and sumqx * sumqx > best_score * sumq2:
-                    scale = sumqx / sumq2
-                    best_score = scale * sumqx
-                    besti1 = i1
-                    besti2 = i2
-                    best_shift = 1
-                sumqx = a * x_m[0] + b * x_m[1] + c * x_m[2]
-                sumq2 = wa * x_m[0] * x_m[0] + wb * x_m[1] * x_m[1] + wc * x_m[2] * x_m[2]
-                if sumq2 > np.float32(0.0) and sumqx * sumqx > best_score * sumq2:
-                    scale = sumqx / sumq2
-                    best_score = scale * sumqx
-                    besti1 = i1
-                    besti2 = i2
-                    best_shift = -1
+        besti1, besti2, best_shift, scale = _split_search(sumx, sumw, pre, row, mx)
         if besti1 < 0 or besti2 < 0 or best_shift == 0:
             scales[ib] = np.float32(0.0)
             shifts[ib] = 1
@@ -150,7 +221,7 @@ def _quantize_superblock(xall, base, qw, y, grid, kmap, neigh, work):
             if g < 0:
                 all_on_grid = False
                 g = grids.iq1_find_best_neighbour2(neigh, -g - 1, grid, xall, base + BS * ib + 8 * k, weight, 8 * k,
-                                                   scale, xx, L, 8 * k)
+                                                   scale, xx, L, 8 * k, tab)
                 if g < 0:
                     return _ERR_NO_NEIGHBOUR
             index[k] = g

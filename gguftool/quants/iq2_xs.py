@@ -52,10 +52,10 @@ _KSIGNS = grids.KSIGNS_IQ2XS
 @njit(cache=True)
 def _work():
     """scales[16], weight[16], xval[16], waux[16] (float32); L[16], Laux[16] (int32); q2[32] (uint32);
-    block_signs[2] (int32); on_grid[2] (bool); tab[48] (float32, iq2_find_best_neighbour's scratch)."""
+    block_signs[2] (int32); on_grid[2] (bool); tab[SEARCH_SCRATCH] (float32, iq2_find_best_neighbour's scratch)."""
     return (np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
             np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros(32, np.uint32), np.zeros(2, np.int32),
-            np.zeros(2, np.bool_), np.zeros(48, np.float32))
+            np.zeros(2, np.bool_), np.zeros(grids.SEARCH_SCRATCH, np.float32))
 
 
 @njit(cache=True, error_model="numpy")

@@ -56,11 +56,11 @@ _KSIGNS = grids.KSIGNS_IQ2XS
 @njit(cache=True)
 def _work():
     """scales[8], weight[32], xval[32], waux[32] (float32); L[32], Laux[32] (int32); Lqp[32] (uint8: the
-    levels make_qp_quants writes, never used afterwards); q2[16] (uint32); block_signs[4] (int32); tab[48]
+    levels make_qp_quants writes, never used afterwards); q2[16] (uint32); block_signs[4] (int32); tab[SEARCH_SCRATCH]
     (float32, iq2_find_best_neighbour's scratch)."""
     return (np.zeros(8, np.float32), np.zeros(32, np.float32), np.zeros(32, np.float32), np.zeros(32, np.float32),
             np.zeros(32, np.int32), np.zeros(32, np.int32), np.zeros(32, np.uint8), np.zeros(16, np.uint32),
-            np.zeros(4, np.int32), np.zeros(48, np.float32))
+            np.zeros(4, np.int32), np.zeros(grids.SEARCH_SCRATCH, np.float32))
 
 
 @njit(cache=True, error_model="numpy")

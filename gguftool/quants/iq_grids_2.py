@@ -19,6 +19,9 @@ Dequantization grids (ggml-common.h iq2xxs_grid, iq2xs_grid, iq2s_grid, iq1s_gri
 tables with level l mapped to a byte: 0x08, 0x19, 0x2b for the IQ2 types, -1, 0, +1 for IQ1 (checked
 against gguf-py's copies in tests/test_quants_iq2_grids.py).
 
+The searches read the lists in another layout (``search_layout``: each entry's 8 levels packed in one uint16,
+padded to whole vectors, so the candidates' distances are computed in vector lanes), through ``skmap``.
+
 Tables are built on first use by ``tables(kind)`` (a NamedTuple, cached per process; about 0.1-0.5 s for
 the larger grids) and passed to the numba kernels as arrays.
 """
@@ -31,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from gguftool.quants import iq2_kgrids
-from gguftool.quants.bits import FLT_MAX, nearest_int_c
+from gguftool.quants.bits import F32, FLT_MAX, U64, bit_select_f32, nearest_int_c, select_f32
 
 # --- kinds (iq2_data_index in ggml-quants.c: IQ1_S and IQ1_M share one entry)
 IQ2_XXS = 0
@@ -58,8 +61,10 @@ _IQ1_LEVEL_BYTES = np.array([-1, 0, 1, 0], dtype=np.int8)
 
 class IQ2Tables(NamedTuple):
     grid: np.ndarray        # uint8 (grid_size, 8), coordinates 2l+1
-    kmap: np.ndarray        # int32 (KMAP_SIZE,)
-    neighbours: np.ndarray  # uint16 (flat lists [n, j_1..j_n])
+    kmap: np.ndarray        # int32 (KMAP_SIZE,), llama.cpp's
+    neighbours: np.ndarray  # uint16 (flat lists [n, j_1..j_n]), llama.cpp's
+    skmap: np.ndarray       # int32 (KMAP_SIZE,): kmap, its off-grid entries pointing into slists
+    slists: np.ndarray      # uint16: the same lists laid out for the searches (search_layout)
 
 
 def kgrid(kind: int) -> np.ndarray:
@@ -162,6 +167,52 @@ def _fill_neighbours(lo, hi, kmap, nwant, offsets, out):
                 hist[d] += 1
 
 
+# --- the lists as the searches read them
+LANES = 8               # candidates per vector in the searches
+MAX_LIST = 512          # a list's padded length is at most this (longest lists: 150, 292, 205, 70)
+SEARCH_SCRATCH = 32 + MAX_LIST   # float32 scratch of the searches: 24 terms, then one distance per entry
+
+
+@njit(cache=True)
+def _search_layout(kmap, neighbours, kg, skmap, out):
+    """Fill skmap and (when out is not empty) out; returns the size out needs. See search_layout."""
+    o = 0
+    for u in range(kmap.size):
+        m = kmap[u]
+        if m >= 0:
+            skmap[u] = m
+            continue
+        start = -m - 1
+        n = int(neighbours[start])
+        p = (n + LANES - 1) // LANES * LANES
+        skmap[u] = -(o + 1)
+        if out.size > 0:
+            out[o] = n
+            for j in range(p):
+                out[o + 1 + j] = kg[neighbours[start + 1 + min(j, n - 1)]]
+            for j in range(n):
+                out[o + 1 + p + j] = neighbours[start + 1 + j]
+        o += 1 + p + n
+    return o
+
+
+def search_layout(kmap: np.ndarray, neighbours: np.ndarray, kg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(skmap, slists): the neighbour lists as the searches read them.
+
+    skmap[u] is kmap[u] for a grid point; for an off-grid u it is -(s + 1), and slists[s] = n (the list's
+    length), slists[s+1 : s+1+P] the entries' levels packed as the map's key (kgrid[j], 2 bits per
+    coordinate), P = n rounded up to a multiple of LANES (the padding repeats the last entry; the searches
+    never pick it), then slists[s+1+P : s+1+P+n] the entries' grid indices. Same lists, same order."""
+    skmap = np.empty_like(kmap)
+    size = _search_layout(kmap, neighbours, kg, skmap, np.zeros(0, np.uint16))
+    out = np.zeros(size, np.uint16)
+    _search_layout(kmap, neighbours, kg, skmap, out)
+    longest = int(neighbours[-kmap[kmap < 0] - 1].max())
+    if -(-longest // LANES) * LANES > MAX_LIST:
+        raise RuntimeError("a neighbour list longer than the searches' scratch")
+    return skmap, out
+
+
 def _build(kind: int) -> IQ2Tables:
     lv = _levels(kind)
     grid = np.ascontiguousarray((2 * lv + 1).astype(np.uint8))
@@ -181,7 +232,8 @@ def _build(kind: int) -> IQ2Tables:
     neighbours = np.zeros(int(sizes.sum()), dtype=np.uint16)
     _fill_neighbours(lo, hi, kmap, _NWANT[kind], offsets, neighbours)
     kmap[off_grid] = (-(offsets[off_grid] + 1)).astype(np.int32)
-    return IQ2Tables(grid, kmap, neighbours)
+    skmap, slists = search_layout(kmap, neighbours, kgrid(kind))
+    return IQ2Tables(grid, kmap, neighbours, skmap, slists)
 
 
 _TABLES: dict[int, IQ2Tables] = {}
@@ -210,88 +262,148 @@ def pack_point(L, off):
     return u
 
 
-@njit(cache=True, error_model="numpy")
-def iq2_find_best_neighbour(neighbours, start, grid, xval, weight, off, scale, L, tab):
-    """ggml-quants.c iq2_find_best_neighbour: the neighbour of the list at `start` nearest to
+@njit(cache=True, inline="always", error_model="numpy")
+def _pick(u, i, t0, t1, t2):
+    """t0, t1 or t2 as the level of coordinate i in the packed point u (uint32) is 0, 1 or 2: bit 2i selects
+    t1 over t0, bit 2i+1 then t2 (no branches, 32-bit lanes: the lane loop vectorises)."""
+    return bit_select_f32(u, 2 * i + 1, bit_select_f32(u, 2 * i, t0, t1), t2)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _first_nearest(slists, start, tab):
+    """The position j in the list at slists[start] (search_layout) of the first entry with the least distance
+    sum_i tab[8*l_i + i] (l_i its levels), summed over i = 0..7 in order from 0.0f, as the reference's
+    `d2 += ...; if (d2 < best) ...` loop; -1 when no distance is below FLT_MAX. tab: float32[SEARCH_SCRATCH],
+    the 24 terms in tab[0:24]; the distances go to tab[32:]."""
+    n = np.int64(slists[start])
+    p = (n + LANES - 1) // LANES * LANES
+    base = start + 1
+    a0 = tab[0]
+    a1 = tab[1]
+    a2 = tab[2]
+    a3 = tab[3]
+    a4 = tab[4]
+    a5 = tab[5]
+    a6 = tab[6]
+    a7 = tab[7]
+    b0 = tab[8]
+    b1 = tab[9]
+    b2 = tab[10]
+    b3 = tab[11]
+    b4 = tab[12]
+    b5 = tab[13]
+    b6 = tab[14]
+    b7 = tab[15]
+    c0 = tab[16]
+    c1 = tab[17]
+    c2 = tab[18]
+    c3 = tab[19]
+    c4 = tab[20]
+    c5 = tab[21]
+    c6 = tab[22]
+    c7 = tab[23]
+    for j in range(p):     # lanes: one candidate each (unsigned indices: no wraparound checks)
+        u = np.uint32(slists[U64(base + j)])
+        d2 = F32(0.0) + _pick(u, 0, a0, b0, c0)
+        d2 = F32(d2 + _pick(u, 1, a1, b1, c1))
+        d2 = F32(d2 + _pick(u, 2, a2, b2, c2))
+        d2 = F32(d2 + _pick(u, 3, a3, b3, c3))
+        d2 = F32(d2 + _pick(u, 4, a4, b4, c4))
+        d2 = F32(d2 + _pick(u, 5, a5, b5, c5))
+        d2 = F32(d2 + _pick(u, 6, a6, b6, c6))
+        tab[U64(32 + j)] = F32(d2 + _pick(u, 7, a7, b7, c7))
+    best_d2 = FLT_MAX
+    jbest = -1
+    for j in range(n):     # the reference's `if (d2 < best_d2)`: the first strict minimum
+        d = tab[U64(32 + j)]
+        better = d < best_d2
+        best_d2 = select_f32(better, d, best_d2)
+        jbest = j if better else jbest
+    return jbest
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _take(slists, start, j, L, off):
+    """Entry j of the list at start: its levels to L[off:off+8], its grid index returned."""
+    n = np.int64(slists[start])
+    p = (n + LANES - 1) // LANES * LANES
+    u = int(slists[start + 1 + j])
+    for i in range(8):
+        L[off + i] = (u >> (2 * i)) & 3
+    return int(slists[start + 1 + p + j])
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def iq2_find_best_neighbour(slists, start, grid, xval, weight, off, scale, L, tab):
+    """ggml-quants.c iq2_find_best_neighbour: the neighbour of the list at `start` (search_layout) nearest to
     xval[off:off+8] / scale in the weighted squared distance (first of equals); writes its levels to
     L[off:off+8] and returns its grid index, or -1 when no distance is below FLT_MAX (the reference asserts).
 
     Speed: a coordinate's term weight*diff*diff (diff = scale*q - x) takes one of three values (the grid's
-    levels q are 1, 3, 5), so they are computed once into tab[8*q + i] (tab: float32[48] scratch) and each
-    candidate's distance is the same sequential sum of the same float32 terms as the reference's."""
-    for i in range(8):
-        x = xval[off + i]
-        w = weight[off + i]
-        for q in range(1, 6, 2):
-            diff = scale * np.float32(q) - x
-            tab[8 * q + i] = w * diff * diff
-    n = int(neighbours[start])
-    best_d2 = FLT_MAX
-    best = -1
-    for j in range(1, n + 1):
-        g = int(neighbours[start + j])
-        d2 = np.float32(0.0)
+    levels q are 1, 3, 5), so they are computed once into tab[8*l + i] (tab: float32[SEARCH_SCRATCH]
+    scratch); the candidates' distances, the same sequential sums of the same float32 terms as the
+    reference's, are then computed in vector lanes (_first_nearest)."""
+    for lv in range(3):
+        q = np.float32(2 * lv + 1)
         for i in range(8):
-            d2 += tab[8 * int(grid[g, i]) + i]
-        if d2 < best_d2:
-            best_d2 = d2
-            best = g
-    if best >= 0:
-        for i in range(8):
-            L[off + i] = (int(grid[best, i]) - 1) // 2
-    return best
+            diff = scale * q - xval[off + i]
+            tab[8 * lv + i] = weight[off + i] * diff * diff
+    j = _first_nearest(slists, start, tab)
+    if j < 0:
+        return -1
+    return _take(slists, start, j, L, off)
 
 
-@njit(cache=True, error_model="numpy")
-def iq1_find_best_neighbour2(neighbours, start, grid, xall, xbase, weight, woff, scale, xg, L, loff):
+@njit(cache=True, inline="always", error_model="numpy")
+def iq1_find_best_neighbour2(slists, start, grid, xall, xbase, weight, woff, scale, xg, L, loff, tab):
     """ggml-quants.c iq1_find_best_neighbour2 for the 8 values xall[xbase:xbase+8] with weights
-    weight[woff:woff+8]: the list's point minimising sum w (scale*xg[level] - x)^2 (first of equals), else
-    the whole grid searched the way the reference does. Writes the levels to L[loff:loff+8]; returns the
-    grid index, or -1 when the reference would assert (or read outside the tensor).
+    weight[woff:woff+8]: the list's point (search_layout) minimising sum w (scale*xg[level] - x)^2 (first of
+    equals), else the whole grid searched the way the reference does. Writes the levels to L[loff:loff+8];
+    returns the grid index, or -1 when the reference would assert (or read outside the tensor).
 
     The reference's whole-grid fallback compares point i with xval[i] (its loop index, not the coordinate:
     it reads up to 2047 floats past the 8 values, i.e. further along the tensor). xall is the flat tensor, so
     those reads are mirrored while they stay inside it. Past its end the reference reads whatever memory
     follows: the result is still determined when a point inside already scored 0 (nothing scores less), and
-    is -1 (undetermined) otherwise."""
-    n = int(neighbours[start])
+    is -1 (undetermined) otherwise.
+
+    Speed (as iq2_find_best_neighbour): coordinate i's term w*diff*diff (diff = scale*xg[l] - x) takes one of
+    three values, computed once into tab[8*l + i]; the listed candidates' distances (IQ1's lists are long:
+    32 points on average, up to 205) are the reference's sequential float32 sums of those values, computed
+    in vector lanes."""
+    for lv in range(3):
+        q = xg[lv]
+        for i in range(8):
+            diff = scale * q - xall[xbase + i]
+            tab[8 * lv + i] = weight[woff + i] * diff * diff
+    j = _first_nearest(slists, start, tab)
+    if j >= 0:
+        return _take(slists, start, j, L, loff)
     best_score = FLT_MAX
     best = -1
-    for j in range(1, n + 1):
-        g = int(neighbours[start + j])
+    G = grid.shape[0]
+    for i in range(G):
+        if xbase + i >= xall.size:
+            if best >= 0 and best_score == np.float32(0.0):
+                break
+            return -1
         d2 = np.float32(0.0)
-        for i in range(8):
-            q = xg[(int(grid[g, i]) - 1) // 2]
-            w = weight[woff + i]
-            diff = scale * q - xall[xbase + i]
+        xi = xall[xbase + i]
+        for j in range(8):
+            w = weight[woff + j]
+            q = xg[(int(grid[i, j]) - 1) // 2]
+            diff = scale * q - xi
             d2 += w * diff * diff
         if d2 < best_score:
             best_score = d2
-            best = g
-    if best < 0:
-        G = grid.shape[0]
-        for i in range(G):
-            if xbase + i >= xall.size:
-                if best >= 0 and best_score == np.float32(0.0):
-                    break
-                return -1
-            d2 = np.float32(0.0)
-            xi = xall[xbase + i]
-            for j in range(8):
-                w = weight[woff + j]
-                q = xg[(int(grid[i, j]) - 1) // 2]
-                diff = scale * q - xi
-                d2 += w * diff * diff
-            if d2 < best_score:
-                best_score = d2
-                best = i
+            best = i
     if best >= 0:
         for i in range(8):
             L[loff + i] = (int(grid[best, i]) - 1) // 2
     return best
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def iq2_search_16(xval, weight, waux, L, Laux, on_grid, grid, kmap, neigh, max_eps, tab):
     """The scale and lattice search of one 16-value group of quantize_row_iq2_xs_impl and
     quantize_row_iq2_s_impl (identical in both): xval[16] the magnitudes (signs already taken out), weight and

@@ -53,7 +53,7 @@ class LatticeKernels:
     def make_scratch(self) -> tuple:
         """The lattice tables and one block's work arrays."""
         t = grids.tables(self.kind)
-        return (t.grid, t.kmap, t.neighbours, self.work())
+        return (t.grid, t.skmap, t.slists, self.work())
 
     def quantize_block(self, x: np.ndarray, qw: np.ndarray, y: np.ndarray, s: tuple) -> None:
         if self.requires_imatrix:
@@ -68,5 +68,5 @@ class LatticeKernels:
             require_imatrix(self.qtype, imatrix)
         t = grids.tables(self.kind)
         status = np.zeros(x.shape[0], np.int32)
-        self.rows(x, imatrix, out, t.grid, t.kmap, t.neighbours, status)
+        self.rows(x, imatrix, out, t.grid, t.skmap, t.slists, status)
         raise_first_flagged(status, lambda r, code: str(self._fail(code, f"row {r}")))
