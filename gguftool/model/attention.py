@@ -15,9 +15,10 @@ float16 KV cache. For a prompt batch of at least 64 query rows (every perplexity
 - attention sinks (gpt-oss): after the last tile, one more logit per head that adds to the sum and to nothing else;
 - the output is the accumulator times ``1 / S`` (0 where S is 0).
 
-Not emulated (below the agreement tolerances, measured in docs/ppl_agreement.md): the summation order inside the
-float32 dot products (ggml's simd_gemm accumulates over the head dimension with FMAs, numpy's BLAS in blocks),
-ggml's polynomial ``expf`` (``ggml_v_expf``, within 1.5 ulp of exp) and the lane order of the tile sums.
+Bit for bit (x86 AVX2 + FMA, without a soft-cap: ``_fa_rows``): the scores are simd_gemm's FMA chain over the head
+dimension, the softmax is ggml_v_expf (model.ops) on groups of 8 whose hsums go into a double, the rescale factor
+is the C library's expf, and P V is accumulated by FMAs straight into the running output. With a soft-cap
+(gemma2) the numpy formulation below runs: ggml's tanh and the summation order are not emulated there.
 """
 from __future__ import annotations
 

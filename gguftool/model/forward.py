@@ -16,7 +16,7 @@ Where the pieces live: the hyperparameters in :mod:`.config`, the norm / RoPE / 
 :mod:`.threads`. The KV cache holds K and V as float16 (llama.cpp's default cache type), so K (after RoPE) and V
 are rounded to float16 before attention (``kv_f16``); Q stays float32, and attention is computed as ggml's tiled
 CPU flash-attention kernel does (:mod:`.attention`: 64-key tiles, online softmax). Matrix products are float32
-BLAS (numpy).
+BLAS (numpy), but for F16/BF16 weights, summed in tinyBLAS's order (:mod:`.tinyblas`; bit for bit with llama.cpp).
 
 One pass (``Model.forward``) runs layer by layer; within a layer, the row-wise stages (norm + Q/K/V + RoPE,
 output projection + residual + FFN input, FFN down + residual) are split over the worker threads by rows, and
