@@ -192,9 +192,10 @@ def test_hooks_report_every_matmul_input(tmp_path):
     assert seen["blk.1.attn_output.weight"] == (40, 64)
     assert seen["blk.1.ffn_down.weight"] == (40, 96)
     assert seen["output.weight"] == (40, 64)
-    # batching: two sequences at once give the same logits as one at a time
+    # batching: two sequences at once give the same logits as one at a time (up to the last bits of the F32 BLAS
+    # products, whose blocking depends on the row count, spread by the float16 rounding of K and V: ~1e-5 here)
     one = model.forward(tokens[1:], logits_from=10, logits_to=19)
-    np.testing.assert_allclose(one[0], logits[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(one[0], logits[1], rtol=1e-4, atol=1e-4)
     # threads do not change the result
     model.set_threads(3)
     again = model.forward(tokens, logits_from=10, logits_to=19)

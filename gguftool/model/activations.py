@@ -10,15 +10,16 @@ Q4_1/Q5_1, whose block minimum multiplies Q8_1's block sum stored as fp16: that 
 What is emulated, and what is not (checked against ggml-cpu of llama.cpp 0.3.36's vendored source, x86 AVX2):
 - F32 weights: no conversion (llamafile's tinyBLAS F32 kernel, or ggml's F32 dot product).
 - BF16 / F16 weights: the activations are rounded to BF16 / F16 (src1 converted to vec_dot_type), then tinyBLAS
-  on AVX2 widens both operands to float32 and sums with FMAs: emulated exactly, up to the summation order.
+  on AVX2 widens both operands to float32 and sums with FMAs: emulated exactly, summation order included
+  (model.tinyblas, when tinyBLAS takes the product: K % 8 == 0, rows % 4 == 0, two or more activation rows).
 - Q4_0/Q5_0/Q8_0/IQ4_NL/MXFP4 -> Q8_0, Q4_1/Q5_1 -> Q8_1, K-quants and IQ types -> Q8_K blocks. The repacked
   CPU paths (CPU_REPACK on AVX2: Q4_0, Q4_K, Q5_K, Q6_K, Q2_K, IQ4_NL, MXFP4 in 8-row interleaved form) quantize
   the activations with ggml_quantize_mat_q8_K_4x8 / q8_0_4x8: the same values as quantize_row_q8_K / q8_0 (the
   scale's sign convention differs, the dequantized activations do not), so the same conversion serves.
 - Not emulated: the order of the sums (ggml multiplies block scales d_w * d_a in float and adds per block; here
   dequantized values enter one float32 GEMM) - last-bit differences, which the activation rounding of the next
-  product amplifies into the noise the tolerances allow (BF16 most: a last-bit change of a GEMM alone moves
-  llama-imatrix-style in_sum2 by ~1e-3 relative on SmolLM2 BF16).
+  product amplifies into the noise the tolerances allow (BF16 most: a last-bit change of a GEMM alone moved
+  llama-imatrix-style in_sum2 by ~1e-3 relative on SmolLM2 BF16, hence model.tinyblas for F16/BF16).
 - The importance matrix is collected from the activations before this conversion, as llama-imatrix collects
   the (float32) src1 of each matmul.
 """

@@ -15,13 +15,19 @@ float16 KV cache. For a prompt batch of at least 64 query rows (every perplexity
 - attention sinks (gpt-oss): after the last tile, one more logit per head that adds to the sum and to nothing else;
 - the output is the accumulator times ``1 / S`` (0 where S is 0).
 
-Not emulated (below the agreement tolerances, measured in docs/ppl_agreement.md): the summation order inside the
-float32 dot products (ggml's simd_gemm accumulates over the head dimension with FMAs, numpy's BLAS in blocks),
-ggml's polynomial ``expf`` (``ggml_v_expf``, within 1.5 ulp of exp) and the lane order of the tile sums.
+Bit for bit (x86 AVX2 + FMA, without a soft-cap: ``_fa_rows``): the scores are simd_gemm's FMA chain over the head
+dimension, the softmax is ggml_v_expf (model.ops) on groups of 8 whose hsums go into a double, the rescale factor
+is the C library's expf, and P V is accumulated by FMAs straight into the running output. With a soft-cap
+(gemma2) the numpy formulation below runs: ggml's tanh and the summation order are not emulated there.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from numba import njit
+
+from .ops import _fma32, _ggml_v_expf
 
 __all__ = ["KV_TILE", "flash_attention"]
 
@@ -43,6 +49,14 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
     n_kv, Dv = v.shape
     f32 = np.float32
     R = n_q * G
+    if not softcap:
+        out = np.empty((R, Dv), dtype=f32)
+        has_sinks = sinks is not None
+        sk = np.asarray(sinks, dtype=f32) if has_sinks else np.zeros(G, dtype=f32)
+        _fa_rows(np.ascontiguousarray(q, dtype=f32).reshape(R, D), np.ascontiguousarray(k.T, dtype=f32),
+                 np.ascontiguousarray(v, dtype=f32), np.ascontiguousarray(mask, dtype=f32), f32(scale), G, sk,
+                 has_sinks, out)
+        return out.reshape(n_q, G, Dv)
     qr = np.ascontiguousarray(q, dtype=f32).reshape(R, D)
     sc = f32(scale)
     cap = f32(softcap)
@@ -92,3 +106,81 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
     np.divide(f32(1), S, out=inv, where=S != 0)
     acc *= inv[:, None]
     return acc.reshape(n_q, G, Dv)
+
+
+# --- the tiled kernel, bit for bit (x86 AVX2 + FMA)
+@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+def _fa_rows(q, kt, v, mask, scale, G, sinks, has_sinks, out):
+    """Every query row (R = n_q * G rows, row r is position r // G, head r % G) as the tiled kernel computes it:
+    scores by simd_gemm (a sequential FMA chain over the head dimension, from 0), times ``scale``, plus the mask;
+    the tile's softmax by ggml_vec_soft_max_f32 (ggml_v_expf on groups of 8, each group's hsum added to a double);
+    the rescale factor by the C library's expf; P V accumulated by simd_gemm straight into the running output (an
+    FMA chain over the tile's 64 keys, masked ones contributing exact zeros). kt is K transposed (D, n_kv)."""
+    R, D = q.shape
+    n_kv = kt.shape[1]
+    Dv = v.shape[1]
+    f32 = np.float32
+    ninf = f32(-np.inf)
+    kq = np.empty(KV_TILE, dtype=f32)
+    acc = np.empty(Dv, dtype=f32)
+    for r in range(R):
+        pos = r // G
+        M = ninf
+        S = f32(0.0)
+        acc[:] = f32(0.0)
+        for c0 in range(0, n_kv, KV_TILE):
+            c1 = min(n_kv, c0 + KV_TILE)
+            nj = c1 - c0
+            live = False
+            for j in range(nj):
+                if mask[pos, c0 + j] != ninf:
+                    live = True
+                    break
+            if not live:
+                continue                      # nothing of this tile for this row (ggml: skipped, or P = 0)
+            for j in range(KV_TILE):
+                kq[j] = f32(0.0)
+            for d in range(D):                # the FMA chain over d, vectorized over the tile's keys
+                qd = q[r, d]
+                for j in range(nj):
+                    kq[j] = _fma32(qd, kt[d, c0 + j], kq[j])
+            tmax = ninf
+            for j in range(KV_TILE):
+                a = kq[j] * scale + mask[pos, c0 + j] if j < nj else ninf
+                kq[j] = a
+                if a > tmax:
+                    tmax = a
+            m_new = max(M, tmax)
+            if m_new > M:
+                ms = np.float32(math.exp(M - m_new))      # expf (0 while M is -inf)
+                for d in range(Dv):
+                    acc[d] *= ms
+                S *= ms
+            M = m_new
+            tot = np.float64(0.0)
+            for g0 in range(0, KV_TILE, 8):
+                for t in range(8):
+                    kq[g0 + t] = _ggml_v_expf(kq[g0 + t] - M)
+                h0 = kq[g0] + kq[g0 + 4]
+                h1 = kq[g0 + 1] + kq[g0 + 5]
+                h2 = kq[g0 + 2] + kq[g0 + 6]
+                h3 = kq[g0 + 3] + kq[g0 + 7]
+                tot += np.float64((h0 + h2) + (h1 + h3))
+            S = f32(np.float64(S) + tot)
+            for j in range(c1 - c0):
+                pj = kq[j]
+                if pj != f32(0.0):           # an exact no-op in the FMA chain otherwise
+                    for d in range(Dv):
+                        acc[d] = _fma32(pj, v[c0 + j, d], acc[d])
+        if has_sinks:
+            sv = sinks[r % G]
+            if sv > M:
+                ms = np.float32(math.exp(M - sv))
+                for d in range(Dv):
+                    acc[d] *= ms
+                S = S * ms + f32(1.0)
+            else:
+                S = S + np.float32(math.exp(sv - M))
+        inv = f32(0.0) if S == f32(0.0) else f32(1.0) / S
+        for d in range(Dv):
+            out[r, d] = acc[d] * inv

@@ -16,7 +16,7 @@ Where the pieces live: the hyperparameters in :mod:`.config`, the norm / RoPE / 
 :mod:`.threads`. The KV cache holds K and V as float16 (llama.cpp's default cache type), so K (after RoPE) and V
 are rounded to float16 before attention (``kv_f16``); Q stays float32, and attention is computed as ggml's tiled
 CPU flash-attention kernel does (:mod:`.attention`: 64-key tiles, online softmax). Matrix products are float32
-BLAS (numpy).
+BLAS (numpy), but for F16/BF16 weights, summed in tinyBLAS's order (:mod:`.tinyblas`; bit for bit with llama.cpp).
 
 One pass (``Model.forward``) runs layer by layer; within a layer, the row-wise stages (norm + Q/K/V + RoPE,
 output projection + residual + FFN input, FFN down + residual) are split over the worker threads by rows, and
@@ -37,8 +37,9 @@ from . import gptoss, mla
 from .attention import flash_attention
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
-from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
+from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, swiglu_into
 from .threads import WorkerPool
+from .tinyblas import tinyblas_applies, tinyblas_matmul
 from .weights import WeightStore, layer_of
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class Model:
     small_product = 1 << 16     # weights of at most this many values are multiplied in one job
     product_blocks = 16         # bigger ones in this many jobs (or more, smaller ones, see block_values)
     slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
+    tinyblas = True             # F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas)
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], kv_f16: bool = True,
                  n_threads: int = 1, *, origin: str = ""):
@@ -379,10 +381,23 @@ class Model:
 
     def _product_job(self, job: tuple) -> None:
         xq, w, y, c0 = job
+        exact = False
         if isinstance(w, tuple):          # (name, r0, r1): widened here, into this thread's scratch
             name, r0, r1 = w
+            exact = self._tinyblas(name)
             w = self._weight_rows(name, r0, r1, self._scratch((r1 - r0) * xq.shape[1]))
-        np.matmul(xq, w.T, out=y[:, c0:c0 + w.shape[0]])
+        if exact:       # F16/BF16: summed in tinyBLAS's order, bit for bit (see model.tinyblas)
+            tinyblas_matmul(xq, w, y[:, c0:c0 + w.shape[0]])
+        else:
+            np.matmul(xq, w.T, out=y[:, c0:c0 + w.shape[0]])
+
+    def _tinyblas(self, name: str) -> bool:
+        """Whether ggml multiplies this weight with llamafile's tinyBLAS F16/BF16 kernel (2-D F16/BF16 weight, K a
+        multiple of 8, rows a multiple of 4), whose summation order ``tinyblas_matmul`` reproduces."""
+        if not self.tinyblas or self.act_kinds.get(name) not in ("f16", "bf16"):
+            return False
+        shape = self._shape(name)
+        return len(shape) == 2 and tinyblas_applies(shape[1], shape[0])
 
     def _run(self, jobs: list[tuple], parallel: bool) -> None:
         if parallel:
@@ -611,7 +626,10 @@ class Model:
         """Rows r0:r1 of the FFN activation (SiLU, gemma: GELU) of the gate times up (-> st.m)."""
         r0, r1 = rows
         gg = g[r0:r1]
-        st.m[r0:r1] = (gelu_f16_table(gg) if self.cfg.arch in GEMMA_ARCHS else silu(gg)) * u[r0:r1]
+        if self.cfg.arch in GEMMA_ARCHS:
+            st.m[r0:r1] = gelu_f16_table(gg) * u[r0:r1]
+        else:   # ggml's fused SwiGLU, bit for bit (its vectorized expf: see ops.swiglu_into)
+            swiglu_into(gg, u[r0:r1], st.m[r0:r1])
 
     def _ffn_residual_rows(self, st: _PassState, p: str, f: np.ndarray, rows: tuple[int, int]) -> None:
         """Rows r0:r1: the FFN output (gemma: post-normed) added to st.x."""
@@ -725,7 +743,8 @@ class Model:
             return None
         xe = h[rows]
         g, u = self._products(xe, (p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"), e, parallel=False)
-        a = silu(g) * u
+        a = np.empty_like(g)
+        swiglu_into(g, u, a)
         (y,) = self._products(a, (p + "ffn_down_exps.weight",), e, parallel=False)
         y *= weights[rows, slots][:, None]
         return e, rows, xe, a, y
