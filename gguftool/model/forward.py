@@ -37,7 +37,7 @@ from . import gptoss, mla
 from .attention import flash_attention
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
-from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, silu
+from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, swiglu_into
 from .threads import WorkerPool
 from .weights import WeightStore, layer_of
 
@@ -611,7 +611,10 @@ class Model:
         """Rows r0:r1 of the FFN activation (SiLU, gemma: GELU) of the gate times up (-> st.m)."""
         r0, r1 = rows
         gg = g[r0:r1]
-        st.m[r0:r1] = (gelu_f16_table(gg) if self.cfg.arch in GEMMA_ARCHS else silu(gg)) * u[r0:r1]
+        if self.cfg.arch in GEMMA_ARCHS:
+            st.m[r0:r1] = gelu_f16_table(gg) * u[r0:r1]
+        else:
+            swiglu_into(gg, u[r0:r1], st.m[r0:r1])
 
     def _ffn_residual_rows(self, st: _PassState, p: str, f: np.ndarray, rows: tuple[int, int]) -> None:
         """Rows r0:r1: the FFN output (gemma: post-normed) added to st.x."""
@@ -725,7 +728,8 @@ class Model:
             return None
         xe = h[rows]
         g, u = self._products(xe, (p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"), e, parallel=False)
-        a = silu(g) * u
+        a = np.empty_like(g)
+        swiglu_into(g, u, a)
         (y,) = self._products(a, (p + "ffn_down_exps.weight",), e, parallel=False)
         y *= weights[rows, slots][:, None]
         return e, rows, xe, a, y

@@ -87,6 +87,27 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
+SWIGLU_VALUES = 1 << 15     # values per piece of swiglu_into: its temporary stays in L1/L2
+
+
+def swiglu_into(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
+    """out = silu(g) * u for 2-D (rows, n) arrays, bit for bit ``silu(g) * u`` (the same numpy ufuncs in the same
+    order), computed a few rows at a time into one small reused temporary: the whole-array form makes five
+    passes over (rows, n) buffers larger than the caches (~4x the CPU time on an FFN-sized activation)."""
+    rows, n = g.shape
+    step = max(1, SWIGLU_VALUES // max(n, 1))
+    t = np.empty((min(step, rows), n), dtype=np.float32)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        tt = t[:r1 - r0]
+        gg = g[r0:r1]
+        np.negative(gg, out=tt)
+        np.exp(tt, out=tt)
+        np.add(np.float32(1.0), tt, out=tt)
+        np.divide(gg, tt, out=tt)
+        np.multiply(tt, u[r0:r1], out=out[r0:r1])
+
+
 def gelu_f16_table(x: np.ndarray) -> np.ndarray:
     """ggml's GELU (tanh form) through its float16 table: input and result rounded to float16 for |x| < 10."""
     xh = x.astype(np.float16).astype(np.float32)
