@@ -312,13 +312,15 @@ class Model:
         if not parallel or x.shape[0] < 64:
             return activations_as(x, kind)
         xq = np.empty_like(x)
-        parts = self.workers.map(lambda r: activations_as(x[r[0]:r[1]], kind), self.workers.row_ranges(x.shape[0]))
-        corr = None if parts[0][1] is None else np.concatenate([c for _, c in parts])
-        r0 = 0
-        for q, _ in parts:
-            xq[r0:r0 + q.shape[0]] = q
-            r0 += q.shape[0]
-        return xq, corr
+
+        def part(rows: tuple[int, int]) -> np.ndarray | None:
+            r0, r1 = rows
+            q, c = activations_as(x[r0:r1], kind)
+            xq[r0:r1] = q          # copied by the worker: a main-thread copy would idle the others
+            return c
+
+        corrs = [c for c in self.workers.map(part, self.workers.row_ranges(x.shape[0])) if c is not None]
+        return xq, (np.concatenate(corrs) if corrs else None)
 
     def _products(self, x: np.ndarray, names: Sequence[str], expert: int | None = None,
                   parallel: bool = True) -> list[np.ndarray]:
