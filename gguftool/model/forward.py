@@ -102,6 +102,7 @@ class Model:
         self.act_kinds: dict[str, str] = {}          # weight -> vec_dot conversion of its activations
         self.block_minima: dict[str, np.ndarray] = {}  # Q4_1/Q5_1 weight -> its block minima
         self._rope: dict = {}
+        self._pool: dict[tuple, np.ndarray] | None = None   # a pass's reused buffers (see _buffer)
         self._check()
 
     # required tensors per layer, by architecture
@@ -307,30 +308,46 @@ class Model:
             self._tls.buf = buf
         return buf
 
+    def _buffer(self, key: tuple, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialized float32 array of ``shape``: within a pass (run_layers) the same array for the same
+        ``key`` each time (layer after layer), else a new one. Fresh arrays of this size (tens of MB per product on
+        a 1.5B model) cost a page fault per 4 KiB page touched, ~15 % of the CPU time on SmolLM2 in system time.
+        A key's array is overwritten at its next use: keys name a product's role in the layer, whose result is
+        consumed before the next layer's product of that role."""
+        if self._pool is None:
+            return np.empty(shape, dtype=np.float32)
+        a = self._pool.get(key)
+        if a is None or a.shape != shape:
+            a = self._pool[key] = np.empty(shape, dtype=np.float32)
+        return a
+
     def _convert(self, x: np.ndarray, kind: str | None, parallel: bool):
         """activations_as(x, kind), split over the workers by rows."""
         if kind is None:
             return x, None
         if not parallel or x.shape[0] < 64:
             return activations_as(x, kind)
-        xq = np.empty_like(x)
-        parts = self.workers.map(lambda r: activations_as(x[r[0]:r[1]], kind), self.workers.row_ranges(x.shape[0]))
-        corr = None if parts[0][1] is None else np.concatenate([c for _, c in parts])
-        r0 = 0
-        for q, _ in parts:
-            xq[r0:r0 + q.shape[0]] = q
-            r0 += q.shape[0]
-        return xq, corr
+        xq = self._buffer(("act", kind, x.shape[1]), x.shape)    # used by this product call only
+
+        def part(rows: tuple[int, int]) -> np.ndarray | None:
+            r0, r1 = rows
+            q, c = activations_as(x[r0:r1], kind)
+            xq[r0:r1] = q          # copied by the worker: a main-thread copy would idle the others
+            return c
+
+        corrs = [c for c in self.workers.map(part, self.workers.row_ranges(x.shape[0])) if c is not None]
+        return xq, (np.concatenate(corrs) if corrs else None)
 
     def _products(self, x: np.ndarray, names: Sequence[str], expert: int | None = None,
-                  parallel: bool = True) -> list[np.ndarray]:
+                  parallel: bool = True, role: str | None = None) -> list[np.ndarray]:
         """x @ W.T for each named weight (all multiplying the same x), with the activations converted as ggml's
         CPU matmul converts them for each W's type (see model.activations) and the weights read in their stored
         form: the output columns are cut in blocks, and each job widens its block of W's rows into its thread's
         scratch and multiplies (one BLAS GEMM, single-threaded BLAS; M = all the batch's tokens amortizes the
         widening). Quantized weights are first dequantized a slab at a time (numba's threads), then multiplied
         by blocks the same way. ``expert``: the expert's matrix of 3-D weights. ``parallel``: False when called
-        from a worker thread (MoE experts): everything runs in the calling thread."""
+        from a worker thread (MoE experts): everything runs in the calling thread. ``role``: the results go to
+        the pass's buffers of that role (see _buffer; main thread only), else to new arrays."""
         N = x.shape[0]
         conv: dict = {}
         for n in names:
@@ -339,11 +356,12 @@ class Model:
                 conv[kind] = self._convert(x, kind, parallel)
         ys: list[np.ndarray] = []
         jobs: list[tuple] = []
-        for n in names:
+        for i, n in enumerate(names):
             C = self._out_rows(n)
             K = self._shape(n)[-1]
             base = C * expert if expert is not None else 0
-            y = np.empty((N, C), dtype=np.float32)
+            y = self._buffer((role, i), (N, C)) if role is not None and parallel else \
+                np.empty((N, C), dtype=np.float32)
             ys.append(y)
             xq = conv[self.act_kinds.get(n)][0]
             blk = self._block_rows(C, K)
@@ -410,9 +428,10 @@ class Model:
         """x @ W.T with the activations converted as ggml's CPU matmul converts them for W's type."""
         return self._products(x, (name,))[0]
 
-    def _linears(self, x: np.ndarray, names: Sequence[str], parallel: bool = True) -> list[np.ndarray]:
-        """x @ W.T (+ bias) for each named weight (``parallel``: as for _products)."""
-        ys = self._products(x, names, parallel=parallel)
+    def _linears(self, x: np.ndarray, names: Sequence[str], parallel: bool = True,
+                 role: str | None = None) -> list[np.ndarray]:
+        """x @ W.T (+ bias) for each named weight (``parallel``, ``role``: as for _products)."""
+        ys = self._products(x, names, parallel=parallel, role=role)
         for n, y in zip(names, ys):
             b = self.w.get(n[:-len("weight")] + "bias")
             if b is not None:
@@ -494,10 +513,14 @@ class Model:
         receives a copy of it at the input of each layer."""
         st = self._pass_state(B, T, x)
         ranges = self.workers.row_ranges(B * T)
-        for il in layers:
-            if record is not None:
-                record.append(st.x.copy())
-            self._layer(st, il, ranges, hook)
+        self._pool = {}
+        try:
+            for il in layers:
+                if record is not None:
+                    record.append(st.x.copy())
+                self._layer(st, il, ranges, hook)
+        finally:
+            self._pool = None
         return st.x
 
     def head(self, x: np.ndarray, B: int, T: int, hook: Hook | None = None, logits_from: int = 0,
@@ -553,10 +576,10 @@ class Model:
         if hook is not None:
             hook(names, st.h)
         if fused:
-            (qkv,) = self._linears(st.h, names)
+            (qkv,) = self._linears(st.h, names, role="qkv")
             qkv_parts = (qkv[:, :H * D], qkv[:, H * D:(H + Hkv) * D], qkv[:, (H + Hkv) * D:])
         else:
-            q, k, v = self._linears(st.h, names)
+            q, k, v = self._linears(st.h, names, role="qkv")
             qkv_parts = (q, k, v)
         cos, sin = self._rope_tables(T, il)
         self.workers.map(partial(self._rope_rows, st, qkv_parts, cos, sin, self.w.get(p + "attn_q_norm.weight"),
@@ -566,7 +589,7 @@ class Model:
         a_in = st.o.reshape(N, H * Dv)
         if hook is not None:
             hook((p + "attn_output.weight",), a_in)
-        (aa,) = self._linears(a_in, (p + "attn_output.weight",))
+        (aa,) = self._linears(a_in, (p + "attn_output.weight",), role="attn_output")
         self.workers.map(partial(self._attn_residual_rows, st, p, aa), ranges)
         if cfg.n_expert:
             if hook is not None:
@@ -576,12 +599,12 @@ class Model:
         names = (p + "ffn_up.weight",) if fused else (p + "ffn_gate.weight", p + "ffn_up.weight")
         if hook is not None:
             hook(names, st.h)
-        gu = self._linears(st.h, names)
+        gu = self._linears(st.h, names, role="ffn_gate_up")
         g, u = (gu[0][:, :cfg.n_ff], gu[0][:, cfg.n_ff:]) if fused else gu
         self.workers.map(partial(self._ffn_act_rows, st, g, u), ranges)
         if hook is not None:
             hook((p + "ffn_down.weight",), st.m)
-        (f,) = self._linears(st.m, (p + "ffn_down.weight",))
+        (f,) = self._linears(st.m, (p + "ffn_down.weight",), role="ffn_down")
         self.workers.map(partial(self._ffn_residual_rows, st, p, f), ranges)
 
     def _norm_rows(self, x: np.ndarray, out: np.ndarray, w: np.ndarray, rows: tuple[int, int]) -> None:
