@@ -120,7 +120,7 @@ def compare_one(f32: str, im: str | None, ftype: str, exe: str, work: str, threa
         row.update(kv_same=a["kv"] == b["kv"],
                    order_same=[t[0] for t in a["tensors"]] == [t[0] for t in b["tensors"]],
                    tensors_differing=len(diff), first_diffs=diff[:5])
-    row["tensors_identical"] = row["kv_same"] and row["order_same"] and not diff
+    row["tensors_identical"] = row["kv_same"] and row["order_same"] and row["tensors_differing"] == 0
     row["file_identical"] = row["ours_sha256"] == row["llama_sha256"]
     return row
 
