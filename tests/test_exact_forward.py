@@ -42,7 +42,7 @@ def test_residual_stream_is_llama_cpps_bit_for_bit(converted):
     toks = ref["tokens"].astype(np.int64)
     src = open_gguf_source(str(path))
     try:
-        model = Model.from_source(src, n_threads=2)
+        model = Model.from_source(src, n_threads=2, exact=True)
         assert all(model._tinyblas(n) for n in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output.weight"))
         rec: list[np.ndarray] = []
         x = model.run_layers(model.embed(toks[None]), 1, len(toks), range(model.cfg.n_layer), record=rec)
@@ -57,6 +57,25 @@ def test_residual_stream_is_llama_cpps_bit_for_bit(converted):
         assert np.count_nonzero(x2 != ref[f"l_out-{model.cfg.n_layer - 1}"]) > 0
     finally:
         src.close()
+
+
+def test_exact_is_opt_in(converted):
+    """--exact on perplexity and imatrix: the tinyBLAS-order products (slower) only when asked for; without it the
+    BLAS products give other bits (the residual stream above differs), so the two perplexities differ."""
+    import json
+
+    from conftest import run_cli
+
+    typ, path = converted
+    text = ROOT / "fixtures" / "tiny-llama-text.txt"
+    ppl = {}
+    for flag in ((), ("--exact",)):
+        r = run_cli("perplexity", path, "-f", text, "-c", "128", "--chunks", "2", "--json", "-q", *flag)
+        assert r.exit_code == 0, r.output
+        ppl[bool(flag)] = json.loads(r.stdout)["ppl"]
+    assert ppl[True] != ppl[False], typ
+    r = run_cli("imatrix", path, "-f", text, "-c", "128", "--chunks", "1", "--exact", "-q", "-o", path.with_suffix(".im"))
+    assert r.exit_code == 0, r.output
 
 
 def test_tinyblas_lane_order():

@@ -30,6 +30,13 @@ def threads_option(func: F) -> F:
                         help="Threads (default: all cores).")(func)
 
 
+def exact_option(func: F) -> F:
+    """--exact: the forward pass of an F16/BF16 model bit for bit llama.cpp's x86 CPU graph (gguftool.model.tinyblas)."""
+    return click.option("--exact", "exact", is_flag=True,
+                        help="F16/BF16 models: sum the products in llama.cpp's order (tinyBLAS), so the figures are "
+                             "bit for bit llama.cpp's x86 CPU ones; slower (1.4-2.7x the time).")(func)
+
+
 def force_option(func: F) -> F:
     """--force (no short flag): overwrite an existing output file; an input file is never overwritten."""
     return click.option("--force", "force", is_flag=True,

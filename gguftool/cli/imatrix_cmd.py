@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import fail, force_option, output_option, ray_option, report_errors, text_file_option, threads_option
+from .common import exact_option, fail, force_option, output_option, ray_option, report_errors, text_file_option, threads_option
 
 
 @click.command("imatrix")
@@ -22,6 +22,7 @@ from .common import fail, force_option, output_option, ray_option, report_errors
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, type=int,
               help="Evaluate at most this many chunks (-1: all the text gives).")
 @threads_option
+@exact_option
 @click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default="gguf", show_default=True,
               help="GGUF imatrix format, or llama.cpp's legacy .dat format.")
 @click.option("--process-output", is_flag=True,
@@ -46,7 +47,7 @@ from .common import fail, force_option, output_option, ray_option, report_errors
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
-def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, process_output, in_files,
+def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, exact, fmt, process_output, in_files,
             save_freq, no_ppl, batch, weight_gib, ray_address, ray_workers, ray_stages, force, quiet):
     """Compute an importance matrix for MODEL from the calibration text: the text is tokenized, cut into
     chunks of --ctx tokens (the first token of each replaced by BOS when the vocabulary adds one), each chunk is
@@ -94,7 +95,7 @@ def command(model_arg, model_opt, calib, output, n_ctx, n_chunks, threads, fmt, 
             output_format=fmt, process_output=process_output, in_files=in_files, save_frequency=save_freq,
             batch=batch, max_weight_memory=None if weight_gib is None else int(weight_gib * 2**30),
             compute_ppl=not no_ppl, overwrite=force, progress=progress, ray_address=ray_address,
-            ray_workers=ray_workers, ray_stages=ray_stages)
+            ray_workers=ray_workers, ray_stages=ray_stages, exact=exact)
     finally:
         for bar in bars:
             bar.close()

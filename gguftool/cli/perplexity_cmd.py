@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .common import fail, force_option, report_errors, text_file_option, threads_option
+from .common import exact_option, fail, force_option, report_errors, text_file_option, threads_option
 
 
 @click.command("perplexity")
@@ -24,6 +24,7 @@ from .common import fail, force_option, report_errors, text_file_option, threads
 @click.option("-b", "--batch-size", "batch", default=2048, show_default=True, type=int,
               help="Tokens evaluated together (several chunks at once when larger than --ctx).")
 @threads_option
+@exact_option
 @click.option("--kl-divergence-base", "base", metavar="FILE", type=click.Path(path_type=str),
               help="Without --kl-divergence: write the model's log-probabilities to FILE (llama-perplexity's "
                    "format). With it: the base model's file to compare with.")
@@ -33,7 +34,7 @@ from .common import fail, force_option, report_errors, text_file_option, threads
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
-def command(model_arg, model_opt, text, n_ctx, n_chunks, batch, threads, base, kld, as_json, force, quiet):
+def command(model_arg, model_opt, text, n_ctx, n_chunks, batch, threads, exact, base, kld, as_json, force, quiet):
     """Perplexity of MODEL on the text: cut into chunks of --ctx tokens (the first token of each replaced by BOS
     when the vocabulary adds one), the second half of each chunk scored; the figures are llama-perplexity's."""
     from ..quality.kld import format_kld_stats
@@ -66,7 +67,7 @@ def command(model_arg, model_opt, text, n_ctx, n_chunks, batch, threads, base, k
     try:
         result = compute_perplexity(model_path, text or None, n_ctx=n_ctx, n_chunks=n_chunks, batch=batch,
                                     threads=threads, kl_divergence_base=base, kl_divergence=kld, overwrite=force,
-                                    progress=progress)
+                                    exact=exact, progress=progress)
     finally:
         for bar in bars:
             bar.close()

@@ -87,11 +87,11 @@ class ImatrixWorker:
     ``layers`` (a, b): a pipeline stage holding layers [a, b) only (None: the whole model)."""
 
     def __init__(self, model_path: str, n_threads: int, n_ctx: int, process_output: bool,
-                 crash: CrashOnce | None = None, layers: tuple[int, int] | None = None):
+                 crash: CrashOnce | None = None, layers: tuple[int, int] | None = None, exact: bool = False):
         from ..model.forward import Model
         t0 = time.perf_counter()
         self.source = load_model(model_path)
-        self.model = Model.from_source(self.source, n_threads=n_threads, origin=model_path)
+        self.model = Model.from_source(self.source, n_threads=n_threads, origin=model_path, exact=exact)
         self.n_ctx, self.process_output, self.crash = n_ctx, process_output, crash
         n_layer = self.model.cfg.n_layer
         a, b = layers if layers is not None else (0, n_layer)
@@ -176,7 +176,7 @@ def compute_imatrix_on_cluster(model_path: str, tokenizer, text: str, *, address
                                in_files: Sequence[str] = (), dataset: str = "", batch_tokens: int = 2048,
                                progress: ProgressFn | None = None,
                                on_chunk: Callable[[int, ImatrixCollector], None] | None = None,
-                               crash: CrashOnce | None = None) -> ClusterImatrixRun:
+                               crash: CrashOnce | None = None, exact: bool = False) -> ClusterImatrixRun:
     """:func:`gguftool.importance.collect.compute_imatrix` with the batches evaluated by ``workers`` Ray workers
     (None: as many as the cluster's CPUs allow), each ``stages`` actors holding a share of the layers (1: the whole
     model) of ``threads`` threads each, on the cluster at ``address`` (LOCAL: started here with the CPUs they need
@@ -213,7 +213,7 @@ def compute_imatrix_on_cluster(model_path: str, tokenizer, text: str, *, address
         actor_cls = ray.remote(num_cpus=threads, max_restarts=MAX_RESTARTS,
                                max_task_retries=MAX_TASK_RETRIES)(ImatrixWorker)
         path = os.path.abspath(model_path)
-        pipelines = [[actor_cls.remote(path, threads, n_ctx, process_output, crash, layers)
+        pipelines = [[actor_cls.remote(path, threads, n_ctx, process_output, crash, layers, exact)
                       for layers in layer_ranges] for _ in range(n_workers)]
         actors = [a for p in pipelines for a in p]
         traffic = _drive(ray, pipelines, plan, totals, n_embd)

@@ -65,7 +65,7 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
                          save_frequency: int = 0, batch: int = 2048, max_weight_memory: int | None = None,
                          compute_ppl: bool = True, overwrite: bool = False,
                          progress: ProgressFn | None = None, ray_address: str | None = None,
-                         ray_workers: int | None = None, ray_stages: int = 1) -> ImatrixResult:
+                         ray_workers: int | None = None, ray_stages: int = 1, exact: bool = False) -> ImatrixResult:
     """Compute the importance matrix of the model at ``model_path`` (GGUF file or Hugging Face checkpoint) over
     the text at ``calib_path`` and write it to ``output_path`` (replaced if it exists), as llama-imatrix does.
 
@@ -75,7 +75,8 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
     ``in_files``: imatrix files (either format) merged into the result; ``save_frequency``: also write
     ``OUTPUT.at_N`` every N chunks (0: never); ``max_weight_memory``: obsolete, checked and ignored (the weights stay in
     their stored form and are widened to float32 a slab at a time, see gguftool.model.weights);
-    ``compute_ppl``: compute the perplexity; ``overwrite``: replace an existing output (and snapshots; never a
+    ``compute_ppl``: compute the perplexity; ``exact``: F16/BF16 products in llama.cpp's tinyBLAS order, bit for bit
+    with its x86 CPU graph (slower: see gguftool.model.tinyblas); ``overwrite``: replace an existing output (and snapshots; never a
     file the run reads); ``progress(done, total, running_ppl)`` after each chunk.
 
     ``ray_address``: evaluate the chunks on a Ray cluster (gguftool.distributed.imatrix; "local" starts one here,
@@ -122,7 +123,7 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
         tokenizer = Tokenizer.from_metadata(source, origin=model_file)
         # on a cluster the driver opens the model only to check it (memory-mapped, nothing evaluated here)
         n_threads = 1 if ray_address is not None else threads or os.cpu_count() or 1
-        model = Model.from_source(source, n_threads=n_threads, origin=model_file)
+        model = Model.from_source(source, n_threads=n_threads, origin=model_file, exact=exact)
 
         def save_snapshot(done: int, collector: ImatrixCollector) -> None:
             if save_frequency > 0 and done % save_frequency == 0:
@@ -139,7 +140,7 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
             del model
             cluster = compute_imatrix_on_cluster(
                 model_file, tokenizer, text, address=ray_address, workers=ray_workers, threads=threads or 1,
-                stages=ray_stages,
+                stages=ray_stages, exact=exact,
                 n_ctx=n_ctx, n_chunks=n_chunks, process_output=process_output, compute_ppl=compute_ppl,
                 in_files=in_paths, dataset=calib, batch_tokens=batch, progress=progress, on_chunk=save_snapshot)
             run = cluster.run

@@ -88,7 +88,7 @@ class Model:
     small_product = 1 << 16     # weights of at most this many values are multiplied in one job
     product_blocks = 16         # bigger ones in this many jobs (or more, smaller ones, see block_values)
     slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
-    tinyblas = True             # F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas)
+    tinyblas = False            # F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas; exact=)
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], kv_f16: bool = True,
                  n_threads: int = 1, *, origin: str = ""):
@@ -221,12 +221,13 @@ class Model:
 
     @classmethod
     def from_source(cls, source: TensorSource, kv_f16: bool = True, n_threads: int = 1, as_stored: bool = True,
-                    *, origin: str = "") -> "Model":
+                    *, origin: str = "", exact: bool = False) -> "Model":
         """A model over the tensors of a TensorSource, kept in their stored form (see model.weights).
 
         ``as_stored``: convert matmul activations for each weight's stored type as llama.cpp does (see
         ``activations_as``); False evaluates the model as its F32 dequantization. ``origin``: the model file,
-        named in error messages."""
+        named in error messages. ``exact``: F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas),
+        bit for bit with its x86 AVX2 CPU graph, at 1.4-2.7x the time of the BLAS products."""
         cfg = ModelConfig.from_metadata(source, origin=origin)
         where = f"{origin}: " if origin else ""
         for t in source.tensors:
@@ -248,6 +249,7 @@ class Model:
                     m = block_minima(t.read_raw(), BLOCK_MIN_BYTES[tname], n_rows)
                     minima[t.name] = m.reshape(t.shape[2], t.shape[1], -1) if len(t.shape) == 3 else m
         model.act_kinds = kinds
+        model.tinyblas = exact
         model.block_minima = minima
         return model
 

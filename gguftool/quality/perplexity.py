@@ -99,7 +99,7 @@ def _check_options(n_ctx: int | None, n_chunks: int, batch: int, threads: int | 
 def compute_perplexity(model_path: str | os.PathLike[str], text_path: str | os.PathLike[str] | None = None, *,
                        n_ctx: int | None = None, n_chunks: int = -1, batch: int = 2048, threads: int | None = None,
                        kl_divergence_base: str | os.PathLike[str] | None = None, kl_divergence: bool = False,
-                       max_weight_memory: int | None = None, overwrite: bool = False,
+                       max_weight_memory: int | None = None, overwrite: bool = False, exact: bool = False,
                        progress: ProgressFn | None = None) -> PerplexityResult:
     """The perplexity of the model at ``model_path`` (GGUF file or Hugging Face checkpoint) on the text at
     ``text_path``, as llama-perplexity computes it.
@@ -108,7 +108,9 @@ def compute_perplexity(model_path: str | os.PathLike[str], text_path: str | os.P
     evaluate (-1: all); ``batch``: tokens evaluated together; ``threads``: None for all CPUs;
     ``kl_divergence_base``: the base logits file to write (or, with ``kl_divergence``, to compare with);
     ``overwrite``: replace an existing base file (never an input); ``max_weight_memory``: obsolete, checked and ignored
-    (the weights stay in their stored form); ``progress(tokens done, tokens total, running ppl)``.
+    (the weights stay in their stored form); ``exact``: F16/BF16 products in llama.cpp's tinyBLAS order, bit for
+    bit with its x86 CPU graph (slower: see gguftool.model.tinyblas); ``progress(tokens done, tokens total, running
+    ppl)``.
     Raises PerplexityError (or another GGUFError) for bad options or input, before any work where it can tell.
     """
     base = None if kl_divergence_base is None else os.fspath(kl_divergence_base)
@@ -127,7 +129,7 @@ def compute_perplexity(model_path: str | os.PathLike[str], text_path: str | os.P
             check_outputs([base], source.input_files() + ([text_file] if text_file else []), overwrite=overwrite)
         ModelConfig.from_metadata(source, origin=model_file)
         tokenizer = Tokenizer.from_metadata(source, origin=model_file)
-        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1, origin=model_file)
+        model = Model.from_source(source, n_threads=threads or os.cpu_count() or 1, origin=model_file, exact=exact)
         if base_in is not None:
             result = _kl_divergence(model, tokenizer, model_file, text, base_in, n_chunks, batch, progress)
         else:
