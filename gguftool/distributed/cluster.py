@@ -7,7 +7,6 @@ saying how to get it.
 """
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 from ..errors import ClusterError
@@ -33,9 +32,6 @@ def connect(address: str, *, num_cpus: int | None = None) -> ModuleType:
         return ray
     try:
         if address == LOCAL:
-            # A local cluster keeps Ray's default, token authentication, but chosen explicitly: left unset, Ray
-            # prints a warning on every run saying it chose it (RAY_AUTH_MODE set by the user is respected).
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         else:
