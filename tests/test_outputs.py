@@ -113,10 +113,18 @@ def _written(pid: int, folder: Path) -> int:
     return -1
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGHUP back to their defaults. A suite run under nohup or as a background job
+    (`cmd &`) passes them on ignored, and gguftool rightly leaves ignored signals ignored; these tests play a user
+    pressing Ctrl-C or closing the terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_and_wait_for_output(args, out_dir: Path, at_least: int = 0, **env_extra) -> subprocess.Popen:
     """Start ``python -m gguftool ARGS`` and return once it has written ``at_least`` bytes of its output."""
     p = subprocess.Popen([sys.executable, "-m", "gguftool", *map(str, args)], env=env(**env_extra),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     deadline = time.monotonic() + 300
     while _written(p.pid, out_dir) < at_least:
         if p.poll() is not None:
@@ -178,7 +186,8 @@ def test_signal_during_imatrix(big, tmp_path, sig):
     calib.write_text(CALIB.read_text())
     p = subprocess.Popen([sys.executable, "-m", "gguftool", "imatrix", big["hf"], "--calib", calib, "-o",
                           out_dir / "im.gguf", "--ctx", "64", "--save-frequency", "1", "-t", "1", "-q"],
-                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_default_signals)
     deadline = time.monotonic() + 300
     while True:
         try:
