@@ -17,7 +17,7 @@ from ..gguf.constants import GGMLType
 from .bits import F32, FLT_MAX, U64, get_fp16, put_fp16
 from .legacy import QK, ROWS_PER_TASK, block_minmax, block_weights, c_int8, has_nonfinite, row_sigma2
 from .search_affine import SCRATCH_PER_ELEM, make_qkx3_quants
-from .search_lanes import qkx_lanes, qkx_workspace
+from .search_lanes import legacy_qkx3_lanes, qkx_workspace
 
 GGML_TYPE = GGMLType.Q4_1
 USES_IMATRIX = True
@@ -102,13 +102,7 @@ def _quantize_group_impl(x, off, nl, qw, sigma2, ws, L, scales, mins, out, o):
     """Blocks off/QK .. off/QK + nl - 1 (nl <= LANES) of quantize_row_q4_1_impl at once: the same weights and
     make_qkx3_quants(32, 15, -0.9, 0.05, 36 steps, squared error) per block, run as lanes; bit-identical
     with _quantize_block_impl on each block. ws: float32[_NW]; L: uint8[QK*LANES]; scales, mins: float32[LANES]."""
-    W = ws[QK * LANES:2 * QK * LANES]
-    for j in range(nl):
-        for i in range(QK):
-            v = x[U64(off + QK * j + i)]
-            W[U64(LANES * i + j)] = qw[U64(off + QK * j + i)] * np.sqrt(sigma2 + v * v)
-    qkx_lanes(x[off:off + QK * nl], ws, L, scales[:nl], mins[:nl], QK, LANES, 15, np.float32(-0.9),
-              np.float32(0.05), 36, False, True)
+    legacy_qkx3_lanes(x, off, nl, qw, sigma2, ws, L, scales, mins, QK, LANES, 15)
     for j in range(nl):
         ob = o + BLOCK_BYTES * j
         put_fp16(out, ob, scales[j])

@@ -206,6 +206,20 @@ def qkx_lanes(x, ws, L, scales, mins, n, lanes, nmax, rmin, rdelta, nstep, use_m
 
 # --- make_q3_quants(16, 4, x, L, true)
 @njit(cache=True, inline="always", error_model="numpy")
+def legacy_qkx3_lanes(x, off, nl, qw, sigma2, ws, L, scales, mins, n, lanes, nmax):
+    """Q4_1 / Q5_1 with an imatrix: blocks off/n .. off/n + nl - 1 (nl <= lanes) of a row, each weighted
+    qw * sqrt(sigma2 + x^2) as quantize_row_q4_1/q5_1_impl do, searched by make_qkx3_quants(n, nmax, -0.9, 0.05,
+    36 steps, squared error) as lanes; the weights go where qkx_lanes reads them (ws[n*lanes:2*n*lanes])."""
+    W = ws[n * lanes:2 * n * lanes]
+    for j in range(nl):
+        for i in range(n):
+            v = x[np.uint64(off + n * j + i)]
+            W[np.uint64(lanes * i + j)] = qw[np.uint64(off + n * j + i)] * np.sqrt(sigma2 + v * v)
+    qkx_lanes(x[off:off + n * nl], ws, L, scales[:nl], mins[:nl], n, lanes, nmax, np.float32(-0.9),
+              np.float32(0.05), 36, False, True)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
 def q3_lanes(x, ws, L, scales, lanes):
     """See the module docstring. The reference's coordinate descent visits the elements of a sub-block in
     order, each visit depending on the sums the previous one left; across sub-blocks the visits are
