@@ -3,7 +3,7 @@
 
 - golden: the arrays in fixtures/golden/iq/<TYPE>.npz that tests/test_quants_golden_iq.py compares (`q__*` and
   `qi__*`), and their rows (rows llama.cpp aborted on, `bad__*`, are not compared and not counted);
-- live oracle (--live, runs the tests: 6 minutes on 2 shared cores under a load of 5): the rows the tests feed to
+- live oracle (--live, runs the tests: 2 min 40 s on 2 shared cores, load 5): the rows the tests feed to
   llama.cpp's ggml_quantize_chunk through tests/llama_oracle.py, counted by wrapping GGMLOracle.quantize while
   pytest runs tests/test_quants_iq*.py (needs llama-cpp-python);
 - whole files: the IQ/TQ/MXFP4 ftypes of fixtures/quantize_reference/*.json (synthetic 256 and 576 wide, dense
