@@ -47,15 +47,18 @@ def _pack_q5(y, L):
 
 
 @njit(cache=True, error_model="numpy")
-def _quantize_block_ref(x, y, s):
-    affine_k_scales_ref(x, y, s, 31, np.float32(-0.5), np.float32(0.1), 15)
-    _pack_q5(y, s[0])
+def _quantize_blocks_ref(x, y, s):
+    """The 1 or 2 super-blocks in x into y (two share one 16-lane search, see q4_k.LANES)."""
+    affine_k_scales_ref(x, y, s, 31, np.float32(-0.5), np.float32(0.1), 15, BLOCK_BYTES)
+    for b in range(x.size // QK_K):
+        _pack_q5(y[BLOCK_BYTES * b:BLOCK_BYTES * (b + 1)], s[0][QK_K * b:QK_K * (b + 1)])
 
 
 @njit(cache=True, error_model="numpy")
-def _quantize_block_impl(x, qw, y, s):
-    affine_k_scales_impl(x, qw, y, s, 31, True)
-    _pack_q5(y, s[0])
+def _quantize_blocks_impl(x, qw, y, s):
+    affine_k_scales_impl(x, qw, y, s, 31, True, BLOCK_BYTES)
+    for b in range(x.size // QK_K):
+        _pack_q5(y[BLOCK_BYTES * b:BLOCK_BYTES * (b + 1)], s[0][QK_K * b:QK_K * (b + 1)])
 
 
 prepare_row = no_row_state
@@ -65,9 +68,9 @@ prepare_row = no_row_state
 def quantize_block(x, qw, y, s):
     """One block (the registry's convention): the importance path when qw is not empty, else the reference."""
     if qw.size > 0:
-        _quantize_block_impl(x, qw, y, s)
+        _quantize_blocks_impl(x, qw, y, s)
     else:
-        _quantize_block_ref(x, y, s)
+        _quantize_blocks_ref(x, y, s)
 
 
 @njit(cache=True, error_model="numpy")
@@ -103,13 +106,14 @@ def quantize_rows(x, imatrix, out):
     use_imatrix = imatrix.size > 0
     for r in prange(nrows):
         s = make_scratch()
-        for i in range(nb):
-            xb = x[r, QK_K * i:QK_K * (i + 1)]
-            yb = out[r, BLOCK_BYTES * i:BLOCK_BYTES * (i + 1)]
+        for i in range(0, nb, 2):  # two super-blocks at a time (the last alone when nb is odd)
+            e = min(i + 2, nb)
+            xb = x[r, QK_K * i:QK_K * e]
+            yb = out[r, BLOCK_BYTES * i:BLOCK_BYTES * e]
             if use_imatrix:
-                _quantize_block_impl(xb, imatrix[QK_K * i:QK_K * (i + 1)], yb, s)
+                _quantize_blocks_impl(xb, imatrix[QK_K * i:QK_K * e], yb, s)
             else:
-                _quantize_block_ref(xb, yb, s)
+                _quantize_blocks_ref(xb, yb, s)
 
 
 quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
