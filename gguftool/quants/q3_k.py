@@ -38,7 +38,11 @@ BLOCK_BYTES = 110
 _OFF_QS = 32
 _OFF_SC = 96
 _OFF_D = 108
-_NW = q3_workspace(16)      # the reference path's 16 make_q3_quants searches as lanes (search_lanes.q3_lanes)
+# The reference path's make_q3_quants searches as lanes (search_lanes.q3_lanes): the 16 sub-blocks of two
+# super-blocks at a time, 32 lanes = four AVX2 vectors in flight through each element's dependent
+# division-and-sums chain (16 lanes left two, latency-bound). Lanes are independent: the bytes do not change.
+LANES = 32
+_NW = q3_workspace(LANES)
 
 
 # --- shared tail: scales packing, final rounding against the fp16 scale, bit packing
@@ -93,12 +97,11 @@ def _finish_block(x, out, L, tmp):
 
 
 # --- one block
-@njit(cache=True, error_model="numpy")
-def _quantize_ref(x, out, L, scales, tmp, ws):
-    """Scratch: L int8[256], scales float32[16], tmp float32[>= 32], ws float32[_NW]."""
+@njit(cache=True, inline="always", error_model="numpy")
+def _scales_ref(x, out, L, scales, tmp):
+    """One block of quantize_row_q3_K_ref after its 16 searches: the 6-bit scales, d, then the final levels."""
     max_scale = np.float32(0.0)
     amax = np.float32(0.0)
-    q3_lanes(x, ws, L, scales, 16)      # make_q3_quants(16, 4, x + 16*j, L + 16*j, true) for the 16 sub-blocks
     for j in range(16):
         s = scales[j]
         a = abs(s)
@@ -122,6 +125,18 @@ def _quantize_ref(x, out, L, scales, tmp, ws):
     else:
         put_fp16(out, _OFF_D, np.float32(0.0))
     _finish_block(x, out, L, tmp)
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_ref(x, out, L, scales, tmp, ws):
+    """The nblk = x.size // 256 (1 or 2) blocks in x into out. Scratch: L int8[256*nblk], scales
+    float32[16*nblk], tmp float32[>= 32], ws float32[_NW]."""
+    nblk = x.size // QK_K
+    # make_q3_quants(16, 4, x + 16*j, L + 16*j, true) for the 16 * nblk sub-blocks
+    q3_lanes(x, ws, L, scales[:16 * nblk], LANES)
+    for b in range(nblk):
+        _scales_ref(x[QK_K * b:QK_K * (b + 1)], out[BLOCK_BYTES * b:BLOCK_BYTES * (b + 1)],
+                    L[QK_K * b:QK_K * (b + 1)], scales[16 * b:16 * b + 16], tmp)
 
 
 @njit(cache=True, error_model="numpy")
@@ -160,8 +175,9 @@ def _quantize_impl(x, qw, out, L, scales, weight, sw, Ls, work):
 
 @njit(cache=True, error_model="numpy")
 def make_scratch():
-    """L int8[256], scales/weight/sw float32[16], Ls int8[16], work float32[3*NT], ws float32[_NW]."""
-    return (np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
+    """L int8[512], scales float32[32], weight/sw float32[16], Ls int8[16], work float32[3*NT], ws float32[_NW]
+    (L and scales sized for the reference path's two blocks at a time)."""
+    return (np.empty(2 * QK_K, np.int8), np.empty(32, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
             np.empty(16, np.int8), np.empty(3 * NT, np.float32), np.empty(_NW, np.float32))
 
 
@@ -174,7 +190,7 @@ def quantize_block(x, qw, y, s):
     quantize_row_q3_K_ref: x float32[256] -> y uint8[110]."""
     L, scales, weight, sw, Ls, work, ws = s
     if qw.size > 0:
-        _quantize_impl(x, qw, y, L, scales, weight, sw, Ls, work)
+        _quantize_impl(x, qw, y, L[:QK_K], scales[:16], weight, sw, Ls, work)
     else:
         _quantize_ref(x, y, L, scales, work, ws)
 
@@ -209,20 +225,23 @@ def quantize_rows(x, imatrix, out):
     nb = x.shape[1] // QK_K
     use_w = imatrix.size > 0
     for r in prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
+        L = np.empty(2 * QK_K, np.int8)
+        scales = np.empty(32, np.float32)
         weight = np.empty(16, np.float32)
         sw = np.empty(16, np.float32)
         Ls = np.empty(16, np.int8)
         work = np.empty(3 * NT, np.float32)
         ws = np.empty(_NW, np.float32)
-        for b in range(nb):
-            xb = x[r, b * QK_K:(b + 1) * QK_K]
-            ob = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-            if use_w:
-                _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L, scales, weight, sw, Ls, work)
-            else:
-                _quantize_ref(xb, ob, L, scales, work, ws)
+        if use_w:
+            for b in range(nb):
+                xb = x[r, b * QK_K:(b + 1) * QK_K]
+                ob = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
+                _quantize_impl(xb, imatrix[b * QK_K:(b + 1) * QK_K], ob, L[:QK_K], scales[:16], weight, sw, Ls,
+                               work)
+        else:
+            for b in range(0, nb, 2):  # two blocks per lane search (the last alone when nb is odd)
+                e = min(b + 2, nb)
+                _quantize_ref(x[r, b * QK_K:e * QK_K], out[r, b * BLOCK_BYTES:e * BLOCK_BYTES], L, scales, work, ws)
 
 
 quantize_rows_screened = None  # no fused NaN/Inf screen: the API screens first (see registry)
