@@ -15,17 +15,19 @@ over lanes runs over contiguous memory and LLVM vectorises it.
     on entry plane 1 (``ws[n*lanes:2*n*lanes]``, ``[lanes*i + j]``) holds the weight of element i of
     sub-block j. Writes L[0:n*nl] (uint8, sub-block-major as x), scales[j] (the returned scale) and mins[j]
     (the returned ``the_min``). nstep >= 1.
-    Callers: Q2_K (16 lanes x 16, nmax 3), Q4_K / Q5_K (8 x 32, nmax 15 / 31), Q4_1 / Q5_1 with an imatrix
-    (the 32-blocks of a row, 8 at a time, nmax 15 / 31).
+    Callers: Q2_K (16 lanes x 16, nmax 3), Q4_K / Q5_K (16 x 32: two super-blocks, nmax 15 / 31),
+    Q4_1 / Q5_1 with an imatrix (the 32-blocks of a row, 8 at a time, nmax 15 / 31).
 
 ``q3_lanes(x, ws, L, scales, lanes)``
-    ``make_q3_quants(16, 4, x, L, true)`` (Q3_K's reference path) for ``nl = scales.size <= lanes``
-    sub-blocks of 16, x finite. Bit-identical with ``search_symmetric.make_q3_quants_rmse``.
+    ``make_q3_quants(16, 4, x, L, true)`` (Q3_K's reference path: 32 lanes, two blocks) for
+    ``nl = scales.size <= lanes`` sub-blocks of 16, x finite. Bit-identical with ``search_symmetric.make_q3_quants_rmse``.
     ws: float32[q3_workspace(lanes)]. Writes L[0:16*nl] (int8, levels + 4 as the reference leaves them,
     0 for an all-zero sub-block) and scales[j].
 
 Lane loops run to ``nl``, a run-time value, so that LLVM keeps them as loops and vectorises them; ``n``,
-``lanes`` and ``nmax`` are constants at the (inlined) call sites.
+``lanes`` and ``nmax`` are constants at the (inlined) call sites. LLVM vectorises such a loop as 8 lanes x 2
+interleaved: with fewer than 16 lanes only its 4-wide remainder loop runs, hence the callers' 16 and 32
+lanes. A constant trip count is worse: LLVM unrolls the lane loop fully into scalar code.
 """
 from __future__ import annotations
 
