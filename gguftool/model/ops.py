@@ -12,6 +12,8 @@ import math
 import numpy as np
 from numba import njit
 
+from .simd import expf_lane, fma32
+
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
     """ggml_rms_norm (squares in float, summed in double, float scale) followed by the weight multiply. The
@@ -124,84 +126,33 @@ def gelu_f16_table(x: np.ndarray) -> np.ndarray:
 
 
 # --- ggml's vectorized expf and SwiGLU (x86 AVX2 + FMA)
-@njit(cache=True, nogil=True, inline="always")
-def _fma32(a, b, c):
-    """float32 fma through double: the product is exact, the sum is rounded twice (double, then float), which
-    differs from one rounding only when the double lands exactly half-way between two floats."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
-
-
-# ggml_v_expf's constants, as written there (hexadecimal float literals)
-_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
-_SHIFT = np.float32(float.fromhex("0x1.8p23"))
-_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
-_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
-_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
-_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
-_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
-_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
-_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
-
-
-@njit(cache=True, nogil=True)
-def _bits_f32(i):
-    return np.array([np.int32(i)]).view(np.float32)[0]
+_fma32 = fma32      # float32 fused multiply-add (model.simd)
 
 
 @njit(cache=True, nogil=True)
 def _ggml_v_expf(x):
-    """One lane of ggml_v_expf(__m256) (ggml-cpu/vec.h, AVX2 with FMA): the ARM optimized-routines expf
-    (round-to-nearest 2^n by the 0x1.8p23 trick, a degree-5 polynomial of the remainder, scale by 2^n with the
-    over/underflow branches), with the same constants and the same fused multiply-adds."""
-    f32 = np.float32
-    z = _fma32(x, _LOG2E, _SHIFT)
-    n = z - _SHIFT
-    b = _fma32(-n, _LN2_LO, _fma32(-n, _LN2_HI, x))
-    e = np.int32(np.array([z]).view(np.int32)[0] << np.int32(23))
-    k = _bits_f32(e + np.int32(0x3F800000))
-    u = b * b
-    j = _fma32(_fma32(_fma32(_C5, b, _C4), u, _fma32(_C3, b, _C2)), u, _C1 * b)
-    if not abs(n) > f32(126.0):
-        return _fma32(k, j, k)
-    g = np.int32(-2113929216) if n <= f32(0.0) else np.int32(0)        # 0x82000000 where n <= 0
-    s1 = _bits_f32(g + np.int32(0x7F000000))
-    s2 = _bits_f32(e - g)
-    if abs(n) > f32(192.0):
-        return s1 * s1
-    return _fma32(s2, j, s2) * s1
+    """One lane of ggml_v_expf(__m256) (ggml-cpu/vec.h, AVX2 with FMA): model.simd.expf_lane."""
+    return expf_lane(np.float32(x))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 def _swiglu_rows(g, u, out):
     """out = silu(g) * u as ggml_vec_swiglu_f32 on AVX2: silu = x / (1 + ggml_v_expf(0 - x)) for the groups of 8,
-    the C library's expf for a row's last n % 8 values (ggml_silu_f32). ggml_v_expf is _ggml_v_expf, written
-    here over a row with its bit casts as array views (no branch in the common path, so it vectorizes)."""
+    the C library's expf for a row's last n % 8 values (ggml_silu_f32). Over 1-D row views with the branch-free
+    lane function, so the loop vectorizes."""
     f32 = np.float32
     n = g.shape[1]
     n8 = n - n % 8
-    zb = np.empty(n8, dtype=np.float32)
-    kb = np.empty(n8, dtype=np.int32)
-    zi = zb.view(np.int32)
-    kf = kb.view(np.float32)
     for r in range(g.shape[0]):
+        gr = g[r]
+        ur = u[r]
+        orow = out[r]
         for i in range(n8):
-            zb[i] = _fma32(f32(0.0) - g[r, i], _LOG2E, _SHIFT)
-        for i in range(n8):
-            kb[i] = np.int32(zi[i] << np.int32(23)) + np.int32(0x3F800000)
-        for i in range(n8):
-            x = f32(0.0) - g[r, i]
-            nn = zb[i] - _SHIFT
-            b = _fma32(-nn, _LN2_LO, _fma32(-nn, _LN2_HI, x))
-            uu = b * b
-            j = _fma32(_fma32(_fma32(_C5, b, _C4), uu, _fma32(_C3, b, _C2)), uu, _C1 * b)
-            k = kf[i]
-            ex = _fma32(k, j, k)
-            if abs(nn) > f32(126.0):        # over/underflow: the scalar lane function's branches
-                ex = _ggml_v_expf(x)
-            out[r, i] = (g[r, i] / (f32(1.0) + ex)) * u[r, i]
+            a = gr[i]
+            orow[i] = (a / (f32(1.0) + expf_lane(f32(0.0) - a))) * ur[i]
         for i in range(n8, n):
-            a = g[r, i]
-            out[r, i] = (a / (f32(1.0) + np.exp(-a))) * u[r, i]
+            a = gr[i]
+            orow[i] = (a / (f32(1.0) + np.exp(-a))) * ur[i]
 
 
 def swiglu_into(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
