@@ -37,7 +37,7 @@ from . import gptoss, mla
 from .attention import flash_attention
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
-from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, swiglu_into
+from .ops import f16_copy_into, gelu_f16_table, rms_norm, rope_cache, rope_into, swiglu_into
 from .threads import WorkerPool
 from .tinyblas import tinyblas_applies, tinyblas_matmul
 from .weights import WeightStore, layer_of
@@ -626,15 +626,14 @@ class Model:
         if q_norm is not None:
             qq = rms_norm(qq, q_norm, cfg.rms_eps)
             kk = rms_norm(kk, k_norm, cfg.rms_eps)
-        c = cos[st.pos[r0:r1]][:, None, :]
-        s = sin[st.pos[r0:r1]][:, None, :]
-        st.q[r0:r1] = apply_rope(qq, c, s, cfg.rope_dims, cfg.rope_neox)
-        kk = apply_rope(kk, c, s, cfg.rope_dims, cfg.rope_neox)
-        if self.kv_f16:   # llama.cpp's KV cache is float16
-            kk = kk.astype(np.float16).astype(np.float32)
-            vv = vv.astype(np.float16).astype(np.float32)
-        st.k[r0:r1] = kk
-        st.v[r0:r1] = vv
+        pos = st.pos[r0:r1]
+        rope_into(qq, pos, cos, sin, cfg.rope_dims, cfg.rope_neox, st.q[r0:r1])
+        # llama.cpp's KV cache is float16
+        rope_into(kk, pos, cos, sin, cfg.rope_dims, cfg.rope_neox, st.k[r0:r1], f16=self.kv_f16)
+        if self.kv_f16:
+            f16_copy_into(vv.reshape(r1 - r0, -1), st.v[r0:r1].reshape(r1 - r0, -1))
+        else:
+            st.v[r0:r1] = vv
 
     def _attn_residual_rows(self, st: _PassState, p: str, aa: np.ndarray, rows: tuple[int, int]) -> None:
         """Rows r0:r1: the attention output (gemma: post-normed) added to st.x, then the FFN norm (-> st.h)."""

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .simd import expf_lane, fma32
+from .simd import expf_lane, fma32, round_f16_lane, round_f16_lanes
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
@@ -108,6 +108,60 @@ def apply_rope(x: np.ndarray, c: np.ndarray, s: np.ndarray, n_dims: int, neox: b
         out[..., 0:n_dims:2] = _fma(x0, c, -(x1 * s))
         out[..., 1:n_dims:2] = _fma(x0, s, x1 * c)
     return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+def _rope_kernel(x, pos, cos, sin, n_dims, neox, f16, out, table):
+    """out[r, h] = x[r, h] rotated at position pos[r] (apply_rope's arithmetic with one-rounding FMAs, see there);
+    the dimensions past n_dims copied. ``f16``: the result rounded to float16 and back (the KV cache) as
+    widen.round_f16 rounds (``table``: model.widen's F16 table)."""
+    half = n_dims // 2
+    D = x.shape[2]
+    for r in range(x.shape[0]):
+        c = cos[pos[r]]
+        s = sin[pos[r]]
+        for h in range(x.shape[1]):
+            xr = x[r, h]
+            orow = out[r, h]
+            if neox:
+                for i in range(half):
+                    x0 = xr[i]
+                    x1 = xr[i + half]
+                    orow[i] = fma32(x0, c[i], -(x1 * s[i]))
+                    orow[i + half] = fma32(x0, s[i], x1 * c[i])
+            else:
+                for i in range(half):
+                    x0 = xr[2 * i]
+                    x1 = xr[2 * i + 1]
+                    orow[2 * i] = fma32(x0, c[i], -(x1 * s[i]))
+                    orow[2 * i + 1] = fma32(x0, s[i], x1 * c[i])
+            for i in range(n_dims, D):
+                orow[i] = xr[i]
+            if f16:
+                round_f16_lanes(orow, table)
+
+
+def rope_into(x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_dims: int, neox: bool,
+              out: np.ndarray, f16: bool = False) -> None:
+    """out = apply_rope(x, cos[pos], sin[pos]) (x, out: (rows, H, D); out may be x), optionally rounded to
+    float16 and back (K for the float16 KV cache): one pass, no temporaries, nogil (the workers run their rows)."""
+    from .widen import _F16_TABLE
+    _rope_kernel(x, pos, cos, sin, n_dims, neox, f16, out, _F16_TABLE)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _f16_copy_kernel(x, out, table):
+    for r in range(x.shape[0]):
+        xr = x[r]
+        orow = out[r]
+        for i in range(x.shape[1]):
+            orow[i] = round_f16_lane(xr[i], table)
+
+
+def f16_copy_into(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x (rows, n) rounded to float16 and back (V for the float16 KV cache), nogil."""
+    from .widen import _F16_TABLE
+    _f16_copy_kernel(x, out, _F16_TABLE)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
