@@ -156,7 +156,22 @@ def _fa_rows(q, kt, v, mask, scale, G, sinks, has_sinks, out):
             if not any_live:
                 continue                      # nothing of this tile for these rows (ggml: skipped, or P = 0)
             kq[:nr, :] = f32(0.0)
-            for d in range(D):                # each row's FMA chain over d, vectorized over the tile's keys
+            D4 = D - D % 4
+            for d in range(0, D4, 4):         # each row's FMA chain over d, vectorized over the tile's keys,
+                k0 = kt[d, c0:c0 + nj]        # four steps of it per load and store of the running scores
+                k1 = kt[d + 1, c0:c0 + nj]
+                k2 = kt[d + 2, c0:c0 + nj]
+                k3 = kt[d + 3, c0:c0 + nj]
+                for i in range(nr):
+                    qr = q[r0 + i]
+                    q0 = qr[d]
+                    q1 = qr[d + 1]
+                    q2 = qr[d + 2]
+                    q3 = qr[d + 3]
+                    a = kq[i]
+                    for j in range(nj):
+                        a[j] = fma32(q3, k3[j], fma32(q2, k2[j], fma32(q1, k1[j], fma32(q0, k0[j], a[j]))))
+            for d in range(D4, D):
                 krow = kt[d, c0:c0 + nj]
                 for i in range(nr):
                     qd = q[r0 + i, d]
@@ -197,12 +212,28 @@ def _fa_rows(q, kt, v, mask, scale, G, sinks, has_sinks, out):
                     tot += np.float64((h0 + h2) + (h1 + h3))
                 Ss[i] = f32(np.float64(S) + tot)
                 Ms[i] = M
-                for j in range(nj):
+                j = 0
+                while j < nj:
+                    if j + 4 <= nj and a[j] != f32(0.0) and a[j + 1] != f32(0.0) and a[j + 2] != f32(0.0) \
+                            and a[j + 3] != f32(0.0):       # four steps of the chain per load and store
+                        p0 = a[j]
+                        p1 = a[j + 1]
+                        p2 = a[j + 2]
+                        p3 = a[j + 3]
+                        v0 = v[c0 + j]
+                        v1 = v[c0 + j + 1]
+                        v2 = v[c0 + j + 2]
+                        v3 = v[c0 + j + 3]
+                        for d in range(Dv):
+                            arow[d] = fma32(p3, v3[d], fma32(p2, v2[d], fma32(p1, v1[d], fma32(p0, v0[d], arow[d]))))
+                        j += 4
+                        continue
                     pj = a[j]
                     if pj != f32(0.0):           # an exact no-op in the FMA chain otherwise
                         vrow = v[c0 + j]
                         for d in range(Dv):
                             arow[d] = fma32(pj, vrow[d], arow[d])
+                    j += 1
         for i in range(nr):
             r = r0 + i
             M = Ms[i]
