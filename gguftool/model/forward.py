@@ -332,10 +332,8 @@ class Model:
         xq = self._buffer(("act", kind, x.shape[1]), x.shape)    # used by this product call only
 
         def part(rows: tuple[int, int]) -> np.ndarray | None:
-            r0, r1 = rows
-            q, c = activations_as(x[r0:r1], kind)
-            xq[r0:r1] = q          # copied by the worker: a main-thread copy would idle the others
-            return c
+            r0, r1 = rows      # each worker converts its rows straight into the pass's buffer
+            return activations_as(x[r0:r1], kind, out=xq[r0:r1])[1]
 
         corrs = [c for c in self.workers.map(part, self.workers.row_ranges(x.shape[0])) if c is not None]
         return xq, (np.concatenate(corrs) if corrs else None)
