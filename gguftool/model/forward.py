@@ -683,9 +683,11 @@ class Model:
             scale = np.float32(1.0)
         # heads h = kv*G + g share kv head kv (ggml broadcasts K/V over the query heads the same way);
         # per (sequence, kv head) the G query heads of a position are adjacent rows of one 2-D product
-        qh = np.ascontiguousarray(q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4))   # (B, Hkv, T, G, D)
-        kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))                               # (B, Hkv, T, D)
-        vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))                               # (B, Hkv, T, Dv)
+        qh = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4)    # (B, Hkv, T, G, D)
+        kh = k.transpose(0, 2, 1, 3)                                 # (B, Hkv, T, D)
+        vh = v.transpose(0, 2, 1, 3)                                 # (B, Hkv, T, Dv)
+        if not self.flash_attn:   # flash_attention copies its job's rows itself (in the worker, not here)
+            qh, kh, vh = np.ascontiguousarray(qh), np.ascontiguousarray(kh), np.ascontiguousarray(vh)
         mask = self._mask(T, il)
         qb = min(T, self.query_block)
         # keys after a block's last query are masked anyway, so they are never computed
