@@ -4,8 +4,8 @@
     python scripts/bench_gemm_blocks.py [-m 2048] [-k 2048 8192] [-n 128 256 512 1024 2048] [--threads 1 2]
 
 The forward pass multiplies all the batch's M tokens (2048 at 4 chunks of 512) by a weight's rows, cut into blocks
-of N rows (Model._block_rows: 128 for attn_q/attn_output/ffn_down on a 1.5B model, 512 for ffn_gate/up and the
-output): each job calls ``np.matmul(x, w_block.T, out=y[:, c0:c0 + N])``. For each (K, N) this prints GFLOPS of
+of N rows (Model._block_rows; before the fwd3 branch 128 for attn_q/attn_output/ffn_down on a 1.5B model, 512 for
+ffn_gate/up; now at least 256): each job calls ``np.matmul(x, w_block.T, out=y[:, c0:c0 + N])``. For each (K, N) this prints GFLOPS of
 that call (output into a column slice of the whole (M, C) result, as the pass does) and into a contiguous array;
 with ``--threads 2``, also two threads running jobs at once (thread-pool like the pass, BLAS at one thread each):
 aggregate GFLOPS and the scaling over one thread. Thread CPU time per call is what the per-thread figure uses, so
@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     set_num_threads(1)
     rng = np.random.default_rng(0)
     print(f"M = {a.m} activation rows; GFLOPS = 2 M N K / time")
-    print("| K | N (rows a job) | 1 thread, column slice | 1 thread, contiguous out | " +
-          " | ".join(f"{t} threads aggregate (scaling)" for t in a.threads if t > 1) + " |")
+    multi = [f"{t} threads aggregate (scaling)" for t in a.threads if t > 1]
+    print("| K | N (rows a job) | 1 thread, column slice | 1 thread, contiguous out |" +
+          "".join(f" {h} |" for h in multi))
     print("|---|---|---|---|" + "---|" * sum(1 for t in a.threads if t > 1))
     for K in a.k:
         x = rng.standard_normal((a.m, K), dtype=np.float32)

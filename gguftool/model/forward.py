@@ -84,9 +84,10 @@ class Model:
 
     query_block = 128   # attention rows computed at once
     flash_attn = True   # attention as ggml's CPU flash-attention kernel (llama.cpp's default), see model.attention
-    block_values = 1 << 20      # at most this many weight values per product job (4 MiB of float32 scratch)
+    block_values = 1 << 21      # at most this many weight values per product job (8 MiB of float32 scratch)
     small_product = 1 << 16     # weights of at most this many values are multiplied in one job
-    product_blocks = 16         # bigger ones in this many jobs (or more, smaller ones, see block_values)
+    product_blocks = 16         # bigger ones in this many jobs (fewer: min_block_rows; more: block_values)
+    min_block_rows = 256        # ... of at least this many rows (within block_values): see _block_rows
     slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
     tinyblas = False            # F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas; exact=)
 
@@ -387,15 +388,23 @@ class Model:
 
     def _block_rows(self, C: int, K: int) -> int:
         """Weight rows per product job: a product of at most ``small_product`` values is one job, a bigger one
-        ``product_blocks`` jobs (fewer when a block would exceed ``block_values``). The blocks depend on the
-        shapes only, never on the thread count: BLAS may round a block differently from the whole product, and
-        the activation rounding downstream can amplify a last-bit difference, so the same model gives the same
-        numbers with any number of threads."""
+        ``product_blocks`` jobs, but of at least ``min_block_rows`` rows and at most ``block_values`` values.
+
+        Narrow blocks are slow: each job's GEMM packs the whole activation matrix again (M = 2048 tokens x K) for
+        its few output columns. OpenBLAS at one thread, M = 2048, K = 2048 (scripts/bench_gemm_blocks.py): 46
+        GFLOPS at 32 rows, 65-80 at 128, 89-91 at 256 and more; before min_block_rows a 1.5B model's attn_q,
+        attn_output and ffn_down (41 % of the FLOPs) ran in 128-row blocks, attn_k/attn_v in 32-row ones.
+
+        The blocks depend on the shapes only, never on the thread count: BLAS rounds a block differently from the
+        whole product or another cut of it (OpenBLAS 0.3.31 does, for every block size tried), and the activation
+        rounding downstream can amplify a last-bit difference, so the same model gives the same numbers with any
+        number of threads."""
         if C * K <= self.small_product:
             return C
         blk = -(-C // self.product_blocks)
-        blk = min(-(-blk // 16) * 16, self.block_values // max(K, 1) // 16 * 16)
-        return max(16, blk)
+        blk = max(-(-blk // 16) * 16, self.min_block_rows)
+        blk = min(blk, self.block_values // max(K, 1) // 16 * 16)
+        return max(16, min(blk, C))
 
     def _product_job(self, job: tuple) -> None:
         xq, w, y, c0 = job
