@@ -68,18 +68,21 @@ def _q8_k_rows(x, out):
                 out[r, j] = q * d
 
 
-def activations_as(x: np.ndarray, kind: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+def activations_as(x: np.ndarray, kind: str | None,
+                   out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """x (rows, k) float32 after conversion to the vec_dot type ``kind``; for q8_1 also the per-block correction
-    fp16(d * sum(q)) - fp16(d) * sum(q) (rows, k/32) that the weights' block minima multiply."""
+    fp16(d * sum(q)) - fp16(d) * sum(q) (rows, k/32) that the weights' block minima multiply. ``out``: a (rows, k)
+    float32 array to write the converted values into (the caller's buffer: no temporary, no page faults of a
+    fresh array), returned; else a new array (or x itself when nothing is converted)."""
     if kind is None:
-        return x, None
+        return _into(x, out), None
     if kind in ("f16", "bf16"):   # numba kernels (numpy's float16 cast is ~10 ns a value), bit-identical to it
         from .widen import round_bf16, round_f16
-        return (round_f16(x) if kind == "f16" else round_bf16(x)).reshape(x.shape), None
+        return (round_f16(x, out) if kind == "f16" else round_bf16(x, out)).reshape(x.shape), None
     n, k = x.shape
     if kind in ("q8_0", "q8_1"):
         if k % 32:
-            return x, None
+            return _into(x, out), None
         b = x.reshape(n, k // 32, 32)
         amax = np.abs(b).max(axis=-1, keepdims=True)
         d32 = amax / np.float32(127.0)
@@ -87,7 +90,7 @@ def activations_as(x: np.ndarray, kind: str | None) -> tuple[np.ndarray, np.ndar
         with np.errstate(divide="ignore"):
             inv = np.where(amax != 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
         q = np.rint(b * inv)
-        xq = (q * d).reshape(n, k)
+        xq = _into((q * d).reshape(n, k), out)
         if kind == "q8_0":
             return xq, None
         qs = q.sum(axis=-1)
@@ -95,12 +98,20 @@ def activations_as(x: np.ndarray, kind: str | None) -> tuple[np.ndarray, np.ndar
         return xq, (s16 - (q * d).sum(axis=-1, dtype=np.float32)).astype(np.float32)
     if kind == "q8_K":
         if k % 256:
-            return x, None
+            return _into(x, out), None
         xc = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty_like(xc)
+        if out is None:
+            out = np.empty_like(xc)
         _q8_k_rows(xc, out)
         return out, None
-    return x, None
+    return _into(x, out), None
+
+
+def _into(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return x
+    out[...] = x
+    return out
 
 
 def block_minima(raw: np.ndarray, block_bytes: int, n_rows: int) -> np.ndarray:

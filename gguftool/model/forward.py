@@ -37,7 +37,7 @@ from . import gptoss, mla
 from .attention import flash_attention
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
-from .ops import apply_rope, gelu_f16_table, rms_norm, rope_cache, swiglu_into
+from .ops import f16_copy_into, gelu_f16_table, rms_norm, rope_cache, rope_into, swiglu_into
 from .threads import WorkerPool
 from .tinyblas import tinyblas_applies, tinyblas_matmul
 from .weights import WeightStore, layer_of
@@ -84,9 +84,10 @@ class Model:
 
     query_block = 128   # attention rows computed at once
     flash_attn = True   # attention as ggml's CPU flash-attention kernel (llama.cpp's default), see model.attention
-    block_values = 1 << 20      # at most this many weight values per product job (4 MiB of float32 scratch)
+    block_values = 1 << 21      # at most this many weight values per product job (8 MiB of float32 scratch)
     small_product = 1 << 16     # weights of at most this many values are multiplied in one job
-    product_blocks = 16         # bigger ones in this many jobs (or more, smaller ones, see block_values)
+    product_blocks = 16         # bigger ones in this many jobs (fewer: min_block_rows; more: block_values)
+    min_block_rows = 256        # ... of at least this many rows (within block_values): see _block_rows
     slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
     tinyblas = False            # F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas; exact=)
 
@@ -332,10 +333,8 @@ class Model:
         xq = self._buffer(("act", kind, x.shape[1]), x.shape)    # used by this product call only
 
         def part(rows: tuple[int, int]) -> np.ndarray | None:
-            r0, r1 = rows
-            q, c = activations_as(x[r0:r1], kind)
-            xq[r0:r1] = q          # copied by the worker: a main-thread copy would idle the others
-            return c
+            r0, r1 = rows      # each worker converts its rows straight into the pass's buffer
+            return activations_as(x[r0:r1], kind, out=xq[r0:r1])[1]
 
         corrs = [c for c in self.workers.map(part, self.workers.row_ranges(x.shape[0])) if c is not None]
         return xq, (np.concatenate(corrs) if corrs else None)
@@ -389,15 +388,23 @@ class Model:
 
     def _block_rows(self, C: int, K: int) -> int:
         """Weight rows per product job: a product of at most ``small_product`` values is one job, a bigger one
-        ``product_blocks`` jobs (fewer when a block would exceed ``block_values``). The blocks depend on the
-        shapes only, never on the thread count: BLAS may round a block differently from the whole product, and
-        the activation rounding downstream can amplify a last-bit difference, so the same model gives the same
-        numbers with any number of threads."""
+        ``product_blocks`` jobs, but of at least ``min_block_rows`` rows and at most ``block_values`` values.
+
+        Narrow blocks are slow: each job's GEMM packs the whole activation matrix again (M = 2048 tokens x K) for
+        its few output columns. OpenBLAS at one thread, M = 2048, K = 2048 (scripts/bench_gemm_blocks.py): 46
+        GFLOPS at 32 rows, 65-80 at 128, 89-91 at 256 and more; before min_block_rows a 1.5B model's attn_q,
+        attn_output and ffn_down (41 % of the FLOPs) ran in 128-row blocks, attn_k/attn_v in 32-row ones.
+
+        The blocks depend on the shapes only, never on the thread count: BLAS rounds a block differently from the
+        whole product or another cut of it (OpenBLAS 0.3.31 does, for every block size tried), and the activation
+        rounding downstream can amplify a last-bit difference, so the same model gives the same numbers with any
+        number of threads."""
         if C * K <= self.small_product:
             return C
         blk = -(-C // self.product_blocks)
-        blk = min(-(-blk // 16) * 16, self.block_values // max(K, 1) // 16 * 16)
-        return max(16, blk)
+        blk = max(-(-blk // 16) * 16, self.min_block_rows)
+        blk = min(blk, self.block_values // max(K, 1) // 16 * 16)
+        return max(16, min(blk, C))
 
     def _product_job(self, job: tuple) -> None:
         xq, w, y, c0 = job
@@ -626,15 +633,14 @@ class Model:
         if q_norm is not None:
             qq = rms_norm(qq, q_norm, cfg.rms_eps)
             kk = rms_norm(kk, k_norm, cfg.rms_eps)
-        c = cos[st.pos[r0:r1]][:, None, :]
-        s = sin[st.pos[r0:r1]][:, None, :]
-        st.q[r0:r1] = apply_rope(qq, c, s, cfg.rope_dims, cfg.rope_neox)
-        kk = apply_rope(kk, c, s, cfg.rope_dims, cfg.rope_neox)
-        if self.kv_f16:   # llama.cpp's KV cache is float16
-            kk = kk.astype(np.float16).astype(np.float32)
-            vv = vv.astype(np.float16).astype(np.float32)
-        st.k[r0:r1] = kk
-        st.v[r0:r1] = vv
+        pos = st.pos[r0:r1]
+        rope_into(qq, pos, cos, sin, cfg.rope_dims, cfg.rope_neox, st.q[r0:r1])
+        # llama.cpp's KV cache is float16
+        rope_into(kk, pos, cos, sin, cfg.rope_dims, cfg.rope_neox, st.k[r0:r1], f16=self.kv_f16)
+        if self.kv_f16:
+            f16_copy_into(vv.reshape(r1 - r0, -1), st.v[r0:r1].reshape(r1 - r0, -1))
+        else:
+            st.v[r0:r1] = vv
 
     def _attn_residual_rows(self, st: _PassState, p: str, aa: np.ndarray, rows: tuple[int, int]) -> None:
         """Rows r0:r1: the attention output (gemma: post-normed) added to st.x, then the FFN norm (-> st.h)."""
@@ -686,9 +692,11 @@ class Model:
             scale = np.float32(1.0)
         # heads h = kv*G + g share kv head kv (ggml broadcasts K/V over the query heads the same way);
         # per (sequence, kv head) the G query heads of a position are adjacent rows of one 2-D product
-        qh = np.ascontiguousarray(q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4))   # (B, Hkv, T, G, D)
-        kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))                               # (B, Hkv, T, D)
-        vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))                               # (B, Hkv, T, Dv)
+        qh = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4)    # (B, Hkv, T, G, D)
+        kh = k.transpose(0, 2, 1, 3)                                 # (B, Hkv, T, D)
+        vh = v.transpose(0, 2, 1, 3)                                 # (B, Hkv, T, Dv)
+        if not self.flash_attn:   # flash_attention copies its job's rows itself (in the worker, not here)
+            qh, kh, vh = np.ascontiguousarray(qh), np.ascontiguousarray(kh), np.ascontiguousarray(vh)
         mask = self._mask(T, il)
         qb = min(T, self.query_block)
         # keys after a block's last query are masked anyway, so they are never computed

@@ -12,6 +12,8 @@ import math
 import numpy as np
 from numba import njit
 
+from .simd import expf_lane, fma32, round_f16_lane, round_f16_lanes
+
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
     """ggml_rms_norm (squares in float, summed in double, float scale) followed by the weight multiply. The
@@ -108,6 +110,60 @@ def apply_rope(x: np.ndarray, c: np.ndarray, s: np.ndarray, n_dims: int, neox: b
     return out
 
 
+@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+def _rope_kernel(x, pos, cos, sin, n_dims, neox, f16, out, table):
+    """out[r, h] = x[r, h] rotated at position pos[r] (apply_rope's arithmetic with one-rounding FMAs, see there);
+    the dimensions past n_dims copied. ``f16``: the result rounded to float16 and back (the KV cache) as
+    widen.round_f16 rounds (``table``: model.widen's F16 table)."""
+    half = n_dims // 2
+    D = x.shape[2]
+    for r in range(x.shape[0]):
+        c = cos[pos[r]]
+        s = sin[pos[r]]
+        for h in range(x.shape[1]):
+            xr = x[r, h]
+            orow = out[r, h]
+            if neox:
+                for i in range(half):
+                    x0 = xr[i]
+                    x1 = xr[i + half]
+                    orow[i] = fma32(x0, c[i], -(x1 * s[i]))
+                    orow[i + half] = fma32(x0, s[i], x1 * c[i])
+            else:
+                for i in range(half):
+                    x0 = xr[2 * i]
+                    x1 = xr[2 * i + 1]
+                    orow[2 * i] = fma32(x0, c[i], -(x1 * s[i]))
+                    orow[2 * i + 1] = fma32(x0, s[i], x1 * c[i])
+            for i in range(n_dims, D):
+                orow[i] = xr[i]
+            if f16:
+                round_f16_lanes(orow, table)
+
+
+def rope_into(x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_dims: int, neox: bool,
+              out: np.ndarray, f16: bool = False) -> None:
+    """out = apply_rope(x, cos[pos], sin[pos]) (x, out: (rows, H, D); out may be x), optionally rounded to
+    float16 and back (K for the float16 KV cache): one pass, no temporaries, nogil (the workers run their rows)."""
+    from .widen import _F16_TABLE
+    _rope_kernel(x, pos, cos, sin, n_dims, neox, f16, out, _F16_TABLE)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _f16_copy_kernel(x, out, table):
+    for r in range(x.shape[0]):
+        xr = x[r]
+        orow = out[r]
+        for i in range(x.shape[1]):
+            orow[i] = round_f16_lane(xr[i], table)
+
+
+def f16_copy_into(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x (rows, n) rounded to float16 and back (V for the float16 KV cache), nogil."""
+    from .widen import _F16_TABLE
+    _f16_copy_kernel(x, out, _F16_TABLE)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
@@ -124,84 +180,33 @@ def gelu_f16_table(x: np.ndarray) -> np.ndarray:
 
 
 # --- ggml's vectorized expf and SwiGLU (x86 AVX2 + FMA)
-@njit(cache=True, nogil=True, inline="always")
-def _fma32(a, b, c):
-    """float32 fma through double: the product is exact, the sum is rounded twice (double, then float), which
-    differs from one rounding only when the double lands exactly half-way between two floats."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
-
-
-# ggml_v_expf's constants, as written there (hexadecimal float literals)
-_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
-_SHIFT = np.float32(float.fromhex("0x1.8p23"))
-_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
-_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
-_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
-_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
-_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
-_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
-_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
-
-
-@njit(cache=True, nogil=True)
-def _bits_f32(i):
-    return np.array([np.int32(i)]).view(np.float32)[0]
+_fma32 = fma32      # float32 fused multiply-add (model.simd)
 
 
 @njit(cache=True, nogil=True)
 def _ggml_v_expf(x):
-    """One lane of ggml_v_expf(__m256) (ggml-cpu/vec.h, AVX2 with FMA): the ARM optimized-routines expf
-    (round-to-nearest 2^n by the 0x1.8p23 trick, a degree-5 polynomial of the remainder, scale by 2^n with the
-    over/underflow branches), with the same constants and the same fused multiply-adds."""
-    f32 = np.float32
-    z = _fma32(x, _LOG2E, _SHIFT)
-    n = z - _SHIFT
-    b = _fma32(-n, _LN2_LO, _fma32(-n, _LN2_HI, x))
-    e = np.int32(np.array([z]).view(np.int32)[0] << np.int32(23))
-    k = _bits_f32(e + np.int32(0x3F800000))
-    u = b * b
-    j = _fma32(_fma32(_fma32(_C5, b, _C4), u, _fma32(_C3, b, _C2)), u, _C1 * b)
-    if not abs(n) > f32(126.0):
-        return _fma32(k, j, k)
-    g = np.int32(-2113929216) if n <= f32(0.0) else np.int32(0)        # 0x82000000 where n <= 0
-    s1 = _bits_f32(g + np.int32(0x7F000000))
-    s2 = _bits_f32(e - g)
-    if abs(n) > f32(192.0):
-        return s1 * s1
-    return _fma32(s2, j, s2) * s1
+    """One lane of ggml_v_expf(__m256) (ggml-cpu/vec.h, AVX2 with FMA): model.simd.expf_lane."""
+    return expf_lane(np.float32(x))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 def _swiglu_rows(g, u, out):
     """out = silu(g) * u as ggml_vec_swiglu_f32 on AVX2: silu = x / (1 + ggml_v_expf(0 - x)) for the groups of 8,
-    the C library's expf for a row's last n % 8 values (ggml_silu_f32). ggml_v_expf is _ggml_v_expf, written
-    here over a row with its bit casts as array views (no branch in the common path, so it vectorizes)."""
+    the C library's expf for a row's last n % 8 values (ggml_silu_f32). Over 1-D row views with the branch-free
+    lane function, so the loop vectorizes."""
     f32 = np.float32
     n = g.shape[1]
     n8 = n - n % 8
-    zb = np.empty(n8, dtype=np.float32)
-    kb = np.empty(n8, dtype=np.int32)
-    zi = zb.view(np.int32)
-    kf = kb.view(np.float32)
     for r in range(g.shape[0]):
+        gr = g[r]
+        ur = u[r]
+        orow = out[r]
         for i in range(n8):
-            zb[i] = _fma32(f32(0.0) - g[r, i], _LOG2E, _SHIFT)
-        for i in range(n8):
-            kb[i] = np.int32(zi[i] << np.int32(23)) + np.int32(0x3F800000)
-        for i in range(n8):
-            x = f32(0.0) - g[r, i]
-            nn = zb[i] - _SHIFT
-            b = _fma32(-nn, _LN2_LO, _fma32(-nn, _LN2_HI, x))
-            uu = b * b
-            j = _fma32(_fma32(_fma32(_C5, b, _C4), uu, _fma32(_C3, b, _C2)), uu, _C1 * b)
-            k = kf[i]
-            ex = _fma32(k, j, k)
-            if abs(nn) > f32(126.0):        # over/underflow: the scalar lane function's branches
-                ex = _ggml_v_expf(x)
-            out[r, i] = (g[r, i] / (f32(1.0) + ex)) * u[r, i]
+            a = gr[i]
+            orow[i] = (a / (f32(1.0) + expf_lane(f32(0.0) - a))) * ur[i]
         for i in range(n8, n):
-            a = g[r, i]
-            out[r, i] = (a / (f32(1.0) + np.exp(-a))) * u[r, i]
+            a = gr[i]
+            orow[i] = (a / (f32(1.0) + np.exp(-a))) * ur[i]
 
 
 def swiglu_into(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit
 
 from ..quants.decode import F16_TABLE, bf16_rows, f16_rows
+from .simd import as_u32, u32_as_f32
 
 __all__ = ["bf16_rows", "f16_rows", "round_bf16", "round_f16"]
 
@@ -47,30 +48,34 @@ def _round_f16_rows(x, xu, out, table):
             out[r, i] = table[(sign >> np.uint32(16)) | h]
 
 
-@njit(cache=True, nogil=True)
-def _round_bf16_rows(xu, out):
-    """out = float32(bf16(x)) as ggml_compute_fp32_to_bf16: round to nearest even, NaN kept quiet."""
-    for r in range(xu.shape[0]):
-        for i in range(xu.shape[1]):
-            u = xu[r, i]
-            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                out[r, i] = ((u >> np.uint32(16)) | np.uint32(64)) << np.uint32(16)
-            else:
-                out[r, i] = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) \
-                    << np.uint32(16)
+@njit(cache=True, nogil=True, boundscheck=False)
+def _round_bf16_rows(x, out):
+    """out = float32(bf16(x)) as ggml_compute_fp32_to_bf16: round to nearest even, NaN kept quiet. Branch-free
+    over 1-D rows (both cases computed, one selected), so the loop vectorizes."""
+    u32 = np.uint32
+    for r in range(x.shape[0]):
+        xr = x[r]
+        orow = out[r]
+        for i in range(x.shape[1]):
+            u = as_u32(xr[i])
+            nan = u32(((u >> u32(16)) | u32(64)) << u32(16))
+            rne = u32((u32(u + u32(0x7FFF) + ((u >> u32(16)) & u32(1))) >> u32(16)) << u32(16))
+            orow[i] = u32_as_f32(nan if (u & u32(0x7FFFFFFF)) > u32(0x7F800000) else rne)
 
 
-def round_f16(x: np.ndarray) -> np.ndarray:
-    """float32 (rows, n) -> float32 rounded to F16 precision (a new array)."""
+def round_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, n) -> float32 rounded to F16 precision (into ``out``, rows x n float32, or a new array)."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    out = np.empty_like(x)
+    if out is None:
+        out = np.empty_like(x)
     _round_f16_rows(x, x.view(np.uint32), out.view(np.uint32), _F16_TABLE)
     return out
 
 
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 (rows, n) -> float32 rounded to BF16 precision (a new array)."""
+def round_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, n) -> float32 rounded to BF16 precision (into ``out``, rows x n float32, or a new array)."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    out = np.empty_like(x)
-    _round_bf16_rows(x.view(np.uint32), out.view(np.uint32))
+    if out is None:
+        out = np.empty_like(x)
+    _round_bf16_rows(x, out)
     return out

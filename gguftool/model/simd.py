@@ -1,0 +1,151 @@
+"""Scalar building blocks for the forward pass's numba kernels that LLVM vectorizes: float32 bit casts and
+ggml_v_expf as one branch-free lane function.
+
+Bit casts through a one-element array (``np.array([x]).view(np.int32)[0]``) allocate on every call: in the
+attention kernel's softmax (hundreds of millions of exponentials a pass) that allocation, not the arithmetic, was
+the time, and it stops the loops around it from being vectorized. ``as_i32`` / ``as_f32`` are LLVM bitcasts
+instead (no instruction at all in the vector code).
+
+``fma32`` is the float32 fused multiply-add with one rounding (LLVM's ``llvm.fma.f32``: one vfmadd instruction on
+x86 with FMA, eight lanes to a vector), what ggml's ``_mm256_fmadd_ps`` and GCC's contracted ``a*b + c`` compute.
+The first exact kernels emulated it in double (the product is exact, the sum rounded to double, then to float):
+that differs from one rounding only where the double lands exactly half-way between two floats (about 2^-29 of
+the sums; none in 2e7 random triples) and it vectorizes as 4-lane double arithmetic with conversions, at a
+quarter of the speed or less.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+__all__ = ["as_f32", "as_i32", "as_u32", "expf_lane", "fma32", "round_f16_lane", "round_f16_lanes", "u32_as_f32"]
+
+
+@intrinsic
+def as_i32(typingctx, x):
+    """The bits of a float32 as an int32 (an LLVM bitcast)."""
+    if x != types.float32:
+        return None
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def as_f32(typingctx, i):
+    """The float32 whose bits are the int32 ``i`` (an LLVM bitcast)."""
+    if i != types.int32:
+        return None
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def as_u32(typingctx, x):
+    """The bits of a float32 as a uint32 (an LLVM bitcast)."""
+    if x != types.float32:
+        return None
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def u32_as_f32(typingctx, u):
+    """The float32 whose bits are the uint32 ``u`` (an LLVM bitcast)."""
+    if u != types.uint32:
+        return None
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """float32 fused multiply-add, one rounding: LLVM's llvm.fma.f32, a vfmadd instruction on x86 with FMA (what
+    ggml's _mm256_fmadd_ps computes), 8 lanes to a vector in vectorized loops."""
+    if not (a == types.float32 and b == types.float32 and c == types.float32):
+        return None
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f], ir.FunctionType(f, [f, f, f]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+# ggml_v_expf's constants, as written there (hexadecimal float literals)
+_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
+_SHIFT = np.float32(float.fromhex("0x1.8p23"))
+_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
+_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
+_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
+_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def expf_lane(x):
+    """One lane of ggml_v_expf(__m256) (ggml-cpu/vec.h, AVX2 with FMA): the ARM optimized-routines expf
+    (round-to-nearest 2^n by the 0x1.8p23 trick, a degree-5 polynomial of the remainder, scale by 2^n with the
+    over/underflow cases), with the same constants and the same fused multiply-adds. Branch-free: every case is
+    computed and one selected, as the vector code's blends do, so loops over it vectorize."""
+    f32 = np.float32
+    z = fma32(x, _LOG2E, _SHIFT)
+    n = z - _SHIFT
+    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
+    e = np.int32(as_i32(z) << np.int32(23))
+    k = as_f32(np.int32(e + np.int32(0x3F800000)))
+    u = b * b
+    j = fma32(fma32(fma32(_C5, b, _C4), u, fma32(_C3, b, _C2)), u, _C1 * b)
+    common = fma32(k, j, k)
+    an = abs(n)
+    g = np.int32(-2113929216) if n <= f32(0.0) else np.int32(0)        # 0x82000000 where n <= 0
+    s1 = as_f32(np.int32(g + np.int32(0x7F000000)))
+    s2 = as_f32(np.int32(e - g))
+    big = s1 * s1 if an > f32(192.0) else fma32(s2, j, s2) * s1
+    return big if an > f32(126.0) else common
+
+
+@njit(cache=True, nogil=True, inline="always")
+def round_f16_lane(f, table):
+    """float32 ``f`` rounded to float16 and back, as model.widen.round_f16 (ggml's fp32_to_fp16: round to nearest
+    even, NaN -> quiet NaN, overflow -> inf; then ``table``, the F16 bits -> float32 bits table)."""
+    u32 = np.uint32
+    w = as_u32(f)
+    base = (abs(f) * np.float32(5.192296858534828e+33)) * np.float32(7.703719777548943e-34)   # 2^112, 2^-110
+    shl1_w = u32(w + w)
+    sign = u32(w & u32(0x80000000))
+    bias = u32(shl1_w & u32(0xFF000000))
+    if bias < u32(0x71000000):
+        bias = u32(0x71000000)
+    bits = as_u32(u32_as_f32(u32((bias >> u32(1)) + u32(0x07800000))) + base)
+    nonsign = u32(((bits >> u32(13)) & u32(0x00007C00)) + (bits & u32(0x00000FFF)))
+    h = u32(0x7E00) if shl1_w > u32(0xFF000000) else nonsign
+    return u32_as_f32(table[u32((sign >> u32(16)) | h)])
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def round_f16_lanes(row, table):
+    """A 1-D float32 array rounded to float16 precision in place (round_f16_lane on each value)."""
+    for i in range(row.shape[0]):
+        row[i] = round_f16_lane(row[i], table)
