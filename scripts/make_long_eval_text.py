@@ -7,11 +7,12 @@ The English prose of the Python language reference's topic texts (``pydoc_data.t
 the topics in sorted order, each topic's paragraphs that are not indented (grammar rules, code examples and
 tables are indented or are underlines, and are dropped), one blank line between paragraphs. No tokenizer is
 involved; the text depends only on the Python version's pydoc_data, so the script prints that version, the size
-and the SHA-256 of what it wrote: the same version gives the same bytes. Never committed (about 300 KB); a
-perplexity run on it is reproduced by remaking it with the same Python.
+and the SHA-256 of what it wrote: the same version gives the same bytes (Python 3.11.7: 227477 bytes, sha256
+f1c96fa66a61d5e1..., 51754 SmolLM2 tokens = 101 chunks of 512). Never committed (too large); a perplexity run on
+it is reproduced by remaking it with the same Python.
 
-Used by docs/ppl_agreement.md (the long-text agreement table: ~150 chunks of 512 SmolLM2 tokens, against the 21
-of fixtures/calibration/essays.txt).
+Used by docs/ppl_agreement.md (the long-text rows: 80 chunks of 512, against the 21 of
+fixtures/calibration/essays.txt).
 """
 from __future__ import annotations
 
