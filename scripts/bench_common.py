@@ -8,6 +8,7 @@ than a user's machine runs (docs: REFERENCE.md, "Pitfalls measured here").
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -68,3 +69,14 @@ def table(rows: list[tuple[str, Run, str]], tokens: int, file_size: int) -> str:
         lines.append(f"{name:<20} {r.wall:8.2f} {r.cpu:8.2f} {tokens / r.wall:8.1f} {r.max_rss / 2**20:13.0f} "
                      f"{(r.max_rss - file_size) / 2**20:15.0f}  {extra}")
     return "\n".join(lines)
+
+
+def forward_pass_args(description: str) -> argparse.ArgumentParser:
+    """The arguments of the in-process forward-pass scripts (bench_forward_pass.py, profile_forward_phases.py):
+    MODEL, --chunks sequences of -c tokens, -t threads."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("model")
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("-c", "--ctx", type=int, default=512)
+    ap.add_argument("-t", "--threads", type=int, default=1)
+    return ap

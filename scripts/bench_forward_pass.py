@@ -11,20 +11,16 @@ time and page faults show allocation costs that wall time hides.
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
 
 import numpy as np
+from bench_common import forward_pass_args
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--chunks", type=int, default=4)
-    ap.add_argument("-c", "--ctx", type=int, default=512)
-    ap.add_argument("-t", "--threads", type=int, default=1)
+    ap = forward_pass_args(__doc__.splitlines()[0])
     ap.add_argument("--passes", type=int, default=1)
     a = ap.parse_args(argv)
     from gguftool.errors import PerplexityError

@@ -14,7 +14,6 @@ skipped), so the script runs on older commits too.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import resource
 import sys
@@ -24,6 +23,7 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+from bench_common import forward_pass_args
 
 _totals: dict[str, float] = defaultdict(float)
 _calls: dict[str, int] = defaultdict(int)
@@ -76,11 +76,7 @@ def instrument() -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--chunks", type=int, default=4)
-    ap.add_argument("-c", "--ctx", type=int, default=512)
-    ap.add_argument("-t", "--threads", type=int, default=1)
+    ap = forward_pass_args(__doc__.splitlines()[0])
     ap.add_argument("--exact", action="store_true", help="F16/BF16 products in tinyBLAS's order")
     a = ap.parse_args(argv)
     from gguftool.errors import PerplexityError

@@ -20,59 +20,30 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["as_f32", "as_i32", "as_u32", "expf_lane", "fma32", "round_f16_lane", "round_f16_lanes", "u32_as_f32"]
+from ..quants.bits import f32_as_u32, u32_as_f32
+
+__all__ = ["as_f32", "as_i32", "expf_lane", "fma32", "round_f16_lane", "round_f16_lanes"]
 
 
-@intrinsic
-def as_i32(typingctx, x):
-    """The bits of a float32 as an int32 (an LLVM bitcast)."""
-    if x != types.float32:
-        return None
-    sig = types.int32(types.float32)
+def _bitcast(name: str, src, dst, llvm_type, doc: str):
+    """An intrinsic reinterpreting a ``src`` scalar's 32 bits as ``dst`` (an LLVM bitcast: no instruction)."""
+    def impl(typingctx, x):
+        if x != src:
+            return None
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_type)
 
-    return sig, codegen
+        return dst(src), codegen
 
-
-@intrinsic
-def as_f32(typingctx, i):
-    """The float32 whose bits are the int32 ``i`` (an LLVM bitcast)."""
-    if i != types.int32:
-        return None
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
+    impl.__name__ = impl.__qualname__ = name
+    impl.__doc__ = doc
+    return intrinsic(impl)
 
 
-@intrinsic
-def as_u32(typingctx, x):
-    """The bits of a float32 as a uint32 (an LLVM bitcast)."""
-    if x != types.float32:
-        return None
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def u32_as_f32(typingctx, u):
-    """The float32 whose bits are the uint32 ``u`` (an LLVM bitcast)."""
-    if u != types.uint32:
-        return None
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
+# the unsigned casts are quants.bits' f32_as_u32 / u32_as_f32
+as_i32 = _bitcast("as_i32", types.float32, types.int32, ir.IntType(32), "The bits of a float32 as an int32.")
+as_f32 = _bitcast("as_f32", types.int32, types.float32, ir.FloatType(), "The float32 whose bits are the int32 i.")
 
 
 @intrinsic
@@ -131,14 +102,14 @@ def round_f16_lane(f, table):
     """float32 ``f`` rounded to float16 and back, as model.widen.round_f16 (ggml's fp32_to_fp16: round to nearest
     even, NaN -> quiet NaN, overflow -> inf; then ``table``, the F16 bits -> float32 bits table)."""
     u32 = np.uint32
-    w = as_u32(f)
+    w = f32_as_u32(f)
     base = (abs(f) * np.float32(5.192296858534828e+33)) * np.float32(7.703719777548943e-34)   # 2^112, 2^-110
     shl1_w = u32(w + w)
     sign = u32(w & u32(0x80000000))
     bias = u32(shl1_w & u32(0xFF000000))
     if bias < u32(0x71000000):
         bias = u32(0x71000000)
-    bits = as_u32(u32_as_f32(u32((bias >> u32(1)) + u32(0x07800000))) + base)
+    bits = f32_as_u32(u32_as_f32(u32((bias >> u32(1)) + u32(0x07800000))) + base)
     nonsign = u32(((bits >> u32(13)) & u32(0x00007C00)) + (bits & u32(0x00000FFF)))
     h = u32(0x7E00) if shl1_w > u32(0xFF000000) else nonsign
     return u32_as_f32(table[u32((sign >> u32(16)) | h)])

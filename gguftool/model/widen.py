@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..quants.bits import f32_as_u32, u32_as_f32
 from ..quants.decode import F16_TABLE, bf16_rows, f16_rows
-from .simd import as_u32, u32_as_f32
 
 __all__ = ["bf16_rows", "f16_rows", "round_bf16", "round_f16"]
 
@@ -57,7 +57,7 @@ def _round_bf16_rows(x, out):
         xr = x[r]
         orow = out[r]
         for i in range(x.shape[1]):
-            u = as_u32(xr[i])
+            u = f32_as_u32(xr[i])
             nan = u32(((u >> u32(16)) | u32(64)) << u32(16))
             rne = u32((u32(u + u32(0x7FFF) + ((u >> u32(16)) & u32(1))) >> u32(16)) << u32(16))
             orow[i] = u32_as_f32(nan if (u & u32(0x7FFFFFFF)) > u32(0x7F800000) else rne)
