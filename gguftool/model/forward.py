@@ -37,10 +37,11 @@ from . import gptoss, mla
 from .attention import flash_attention
 from .activations import BLOCK_MIN_BYTES, VEC_DOT, activations_as, block_minima
 from .config import GEMMA_ARCHS, QK_NORM_ARCHS, ModelConfig
-from .ops import f16_copy_into, gelu_f16_table, rms_norm, rope_cache, rope_into, swiglu_into
+from .ops import gelu_f16_table, rms_norm, rope_cache, rope_into, swiglu_into
 from .threads import WorkerPool
 from .tinyblas import tinyblas_applies, tinyblas_matmul
 from .weights import WeightStore, layer_of
+from .widen import round_f16
 
 if TYPE_CHECKING:
     from ..pipeline.source import TensorSource
@@ -638,7 +639,7 @@ class Model:
         # llama.cpp's KV cache is float16
         rope_into(kk, pos, cos, sin, cfg.rope_dims, cfg.rope_neox, st.k[r0:r1], f16=self.kv_f16)
         if self.kv_f16:
-            f16_copy_into(vv.reshape(r1 - r0, -1), st.v[r0:r1].reshape(r1 - r0, -1))
+            round_f16(vv.reshape(r1 - r0, -1), out=st.v[r0:r1].reshape(r1 - r0, -1))
         else:
             st.v[r0:r1] = vv
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .simd import expf_lane, fma32, round_f16_lane, round_f16_lanes
+from .simd import expf_lane, fma32, round_f16_lanes
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
@@ -147,21 +147,6 @@ def rope_into(x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, 
     float16 and back (K for the float16 KV cache): one pass, no temporaries, nogil (the workers run their rows)."""
     from .widen import _F16_TABLE
     _rope_kernel(x, pos, cos, sin, n_dims, neox, f16, out, _F16_TABLE)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _f16_copy_kernel(x, out, table):
-    for r in range(x.shape[0]):
-        xr = x[r]
-        orow = out[r]
-        for i in range(x.shape[1]):
-            orow[i] = round_f16_lane(xr[i], table)
-
-
-def f16_copy_into(x: np.ndarray, out: np.ndarray) -> None:
-    """out = x (rows, n) rounded to float16 and back (V for the float16 KV cache), nogil."""
-    from .widen import _F16_TABLE
-    _f16_copy_kernel(x, out, _F16_TABLE)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
