@@ -85,10 +85,10 @@ class Model:
 
     query_block = 128   # attention rows computed at once
     flash_attn = True   # attention as ggml's CPU flash-attention kernel (llama.cpp's default), see model.attention
-    block_values = 1 << 21      # at most this many weight values per product job (8 MiB of float32 scratch)
+    block_values = 1 << 22      # at most this many weight values per product job (16 MiB of float32 scratch)
     small_product = 1 << 16     # weights of at most this many values are multiplied in one job
     product_blocks = 16         # bigger ones in this many jobs (fewer: min_block_rows; more: block_values)
-    min_block_rows = 256        # ... of at least this many rows (within block_values): see _block_rows
+    min_block_rows = 1024       # ... of at least this many rows (within block_values): see _block_rows
     slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
     tinyblas = False            # F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas; exact=)
 

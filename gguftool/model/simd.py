@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 
 from ..quants.bits import f32_as_u32, u32_as_f32
 
-__all__ = ["as_f32", "as_i32", "expf_lane", "fma32", "round_f16_lane", "round_f16_lanes"]
+__all__ = ["F16C", "as_f32", "as_i32", "expf_lane", "f16_bits_lane", "fma32", "round_f16_lane", "round_f16_lanes"]
 
 
 def _bitcast(name: str, src, dst, llvm_type, doc: str):
@@ -97,10 +97,51 @@ def expf_lane(x):
     return big if an > f32(126.0) else common
 
 
+def _host_f16c() -> bool:
+    """True when numba compiles for this machine's CPU and it has F16C (vcvtps2ph / vcvtph2ps: every x86-64 CPU with
+    AVX2 has them). Without F16C, LLVM would lower half-precision conversions to library calls numba's JIT may not
+    link, so the portable bit-twiddling lanes below are used instead."""
+    import numba
+    from llvmlite import binding
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:      # compiling for another CPU than this one
+        return False
+    try:
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:
+        return False
+
+
+F16C = _host_f16c()
+
+
+@intrinsic
+def _f16_round_hw(typingctx, x):
+    """float32 -> float16 -> float32 as LLVM fptrunc / fpext: vcvtps2ph (round to nearest even, what ggml's
+    fp32_to_fp16 does with F16C) and vcvtph2ps, eight lanes to an instruction in vectorized loops."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def _f16_widen_hw(typingctx, u):
+    """The float32 value of F16 bits ``u`` (uint16): bitcast to half, LLVM fpext (vcvtph2ps)."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
 @njit(cache=True, nogil=True, inline="always")
-def round_f16_lane(f, table):
-    """float32 ``f`` rounded to float16 and back, as model.widen.round_f16 (ggml's fp32_to_fp16: round to nearest
-    even, NaN -> quiet NaN, overflow -> inf; then ``table``, the F16 bits -> float32 bits table)."""
+def _round_f16_lane_bits(f, table):
+    """round_f16_lane without F16C: ggml's scalar fp32_to_fp16 bit manipulation, then the table lookup."""
     u32 = np.uint32
     w = f32_as_u32(f)
     base = (abs(f) * np.float32(5.192296858534828e+33)) * np.float32(7.703719777548943e-34)   # 2^112, 2^-110
@@ -113,6 +154,28 @@ def round_f16_lane(f, table):
     nonsign = u32(((bits >> u32(13)) & u32(0x00007C00)) + (bits & u32(0x00000FFF)))
     h = u32(0x7E00) if shl1_w > u32(0xFF000000) else nonsign
     return u32_as_f32(table[u32((sign >> u32(16)) | h)])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _round_f16_lane_f16c(f, table):
+    return _f16_round_hw(f)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _f16_bits_lane_table(u, table):
+    return u32_as_f32(table[u])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _f16_bits_lane_f16c(u, table):
+    return _f16_widen_hw(u)
+
+
+# float32 ``f`` rounded to float16 and back (ggml's fp32_to_fp16: round to nearest even, NaN -> a quiet NaN,
+# overflow -> inf), as model.widen.round_f16; ``table``: the F16 bits -> float32 bits table (unused with F16C)
+round_f16_lane = _round_f16_lane_f16c if F16C else _round_f16_lane_bits
+# the float32 value of F16 bits ``u`` (uint16), exact; ``table`` as for round_f16_lane
+f16_bits_lane = _f16_bits_lane_f16c if F16C else _f16_bits_lane_table
 
 
 @njit(cache=True, nogil=True, boundscheck=False)

@@ -2,8 +2,9 @@
 widen their own slabs of a weight at the same time (numpy's float16 cast runs at ~10 ns a value here, too slow to
 repeat per batch; these run at memory speed).
 
-Both conversions are exact: BF16 is the top half of a float32; an F16 value is looked up in a 65536-entry table
-made by numpy's IEEE conversion (subnormals, infinities and NaN payloads included).
+Both conversions are exact: BF16 is the top half of a float32; an F16 value is converted by the CPU's F16C
+instruction (vcvtph2ps, as ggml's fp16_to_fp32 on x86) or, without F16C, looked up in a 65536-entry table made by
+numpy's IEEE conversion (subnormals, infinities and NaN included).
 """
 from __future__ import annotations
 
@@ -11,14 +12,29 @@ import numpy as np
 from numba import njit
 
 from ..quants.bits import f32_as_u32, u32_as_f32
-from ..quants.decode import F16_TABLE, bf16_rows, f16_rows
-from .simd import round_f16_lane
+from ..quants.decode import F16_TABLE, bf16_rows
+from .simd import f16_bits_lane, round_f16_lane
 
 __all__ = ["bf16_rows", "f16_rows", "round_bf16", "round_f16"]
 
-# the widening kernels live with the dequantizing drivers (gguftool.quants.decode), which the pipeline's slab reader
-# shares; this module keeps their names for the forward pass
+# BF16 widening and the F16 table are quants.decode's (the pipeline's slab reader shares them); F16 widening is
+# this module's own, with F16C where the CPU has it
 _F16_TABLE = F16_TABLE
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _f16_rows(src, out, table):
+    """src: (rows, n) uint16 F16 words; out: (rows, n) uint32 view of the float32 result (simd.f16_bits_lane)."""
+    for r in range(src.shape[0]):
+        srow = src[r]
+        orow = out[r]
+        for i in range(src.shape[1]):
+            orow[i] = f32_as_u32(f16_bits_lane(srow[i], table))
+
+
+def f16_rows(src: np.ndarray, out: np.ndarray) -> None:
+    """src: (rows, n) uint16 F16 words; out: (rows, n) uint32 view of the float32 result."""
+    _f16_rows(src, out, _F16_TABLE)
 
 
 # --- rounding float32 activations to F16 / BF16 and back (what ggml's matmul does to src1 for such weights)
