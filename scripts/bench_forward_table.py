@@ -3,7 +3,7 @@
 several models and thread counts, each pair run back to back, as one markdown table.
 
     python scripts/bench_forward_table.py M-bf16.gguf M-f16.gguf M-q4_k_m.gguf M-f32.gguf [-t 1 2] [--chunks 4]
-        [--tools perplexity imatrix] [--repeat 1] [--no-omp-passive] [--llama-bin DIR]
+        [--tools perplexity imatrix] [--repeat 1] [--no-omp-passive] [--llama-bin DIR] [--ours-option=--exact]
 
 One row per (tool, model, threads): wall and CPU seconds (user + system, every thread) of both processes and the
 ratios gguftool / llama.cpp. Whole processes are timed (start-up, model load, tokenizing and evaluating included),
@@ -23,11 +23,13 @@ import tempfile
 from bench_common import LLAMA_BIN, Run, load, ours, run
 
 
-def commands(tool: str, model: str, common: list[str], llama_bin: str, tmp: str) -> dict[str, list[str]]:
+def commands(tool: str, model: str, common: list[str], llama_bin: str, tmp: str,
+             extra: list[str]) -> dict[str, list[str]]:
     if tool == "perplexity":
-        return {"ours": ours() + ["perplexity", model, *common, "-q"],
+        return {"ours": ours() + ["perplexity", model, *common, *extra, "-q"],
                 "llama": [os.path.join(llama_bin, "llama-perplexity"), "-m", model, *common]}
-    return {"ours": ours() + ["imatrix", model, *common, "-o", os.path.join(tmp, "ours.gguf"), "--force", "-q"],
+    return {"ours": ours() + ["imatrix", model, *common, *extra, "-o", os.path.join(tmp, "ours.gguf"), "--force",
+                              "-q"],
             "llama": [os.path.join(llama_bin, "llama-imatrix"), "-m", model, *common,
                       "-o", os.path.join(tmp, "ref.gguf")]}
 
@@ -44,10 +46,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-omp-passive", action="store_true")
     ap.add_argument("--llama-bin", default=LLAMA_BIN)
+    ap.add_argument("--ours-option", action="append", default=[], metavar="OPT",
+                    help="an option for gguftool's command (repeatable), e.g. --ours-option=--exact")
     a = ap.parse_args(argv)
     if not a.no_omp_passive:
         os.environ["OMP_WAIT_POLICY"] = "passive"     # bench_common.run passes the environment on
     print(f"ctx {a.ctx}, {a.chunks} chunks, batch {a.batch}, best of {a.repeat} (by wall); "
+          f"gguftool options: {' '.join(a.ours_option) or '(none)'}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print("| tool | model | threads | wall ours s | wall llama s | wall ratio | CPU ours s | CPU llama s | CPU ratio "
           "| load |")
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
                               "-t", str(t)]
                     best: dict[str, Run] = {}
                     for _ in range(a.repeat):
-                        for name, cmd in commands(tool, model, common, a.llama_bin, tmp).items():
+                        for name, cmd in commands(tool, model, common, a.llama_bin, tmp, a.ours_option).items():
                             r = run(cmd)       # back to back: both see the same machine load
                             if name not in best or r.wall < best[name].wall:
                                 best[name] = r

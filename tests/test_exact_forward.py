@@ -52,16 +52,16 @@ def test_residual_stream_is_llama_cpps_bit_for_bit(converted):
             differ = int(np.count_nonzero(ours.view(np.uint32) != theirs.view(np.uint32)))
             assert differ == 0, f"{typ} layer {il}: {differ} of {theirs.size} values differ"
         # the same pass with BLAS products (tinyblas off) is NOT bit-identical: the test can fail
-        model.tinyblas = False
+        model.tinyblas_kinds = frozenset()
         x2 = model.run_layers(model.embed(toks[None]), 1, len(toks), range(model.cfg.n_layer))
         assert np.count_nonzero(x2 != ref[f"l_out-{model.cfg.n_layer - 1}"]) > 0
     finally:
         src.close()
 
 
-def test_exact_is_opt_in(converted):
-    """--exact on perplexity and imatrix: the tinyBLAS-order products (slower) only when asked for; without it the
-    BLAS products give other bits (the residual stream above differs), so the two perplexities differ."""
+def test_exact_is_opt_in_for_f16_and_the_default_for_bf16(converted):
+    """--exact on perplexity and imatrix: F16's tinyBLAS-order products only when asked for (without it the BLAS
+    products give other bits, so the two perplexities differ); BF16's always (the same perplexity either way)."""
     import json
 
     from conftest import run_cli
@@ -73,7 +73,7 @@ def test_exact_is_opt_in(converted):
         r = run_cli("perplexity", path, "-f", text, "-c", "128", "--chunks", "2", "--json", "-q", *flag)
         assert r.exit_code == 0, r.output
         ppl[bool(flag)] = json.loads(r.stdout)["ppl"]
-    assert ppl[True] != ppl[False], typ
+    assert (ppl[True] != ppl[False]) == (typ == "F16"), (typ, ppl)
     r = run_cli("imatrix", path, "-f", text, "-c", "128", "--chunks", "1", "--exact", "-q", "-o", path.with_suffix(".im"))
     assert r.exit_code == 0, r.output
 
@@ -87,17 +87,31 @@ def test_tinyblas_lane_order():
         u = a.astype(np.float32).view(np.uint32)
         return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).view(np.float32)
 
-    for M, R, K in ((7, 12, 24), (64, 36, 128), (5, 260, 40)):
-        x, w = bf16(rng.standard_normal((M, K))), bf16(rng.standard_normal((R, K)))
-        lanes = np.zeros((M, R, 8), dtype=np.float32)
-        for k in range(K):     # eight float32 lanes, k in order within a lane (products of BF16 values are exact)
-            lanes[:, :, k % 8] += np.outer(x[:, k], w[:, k]).astype(np.float32)
-        a = lanes[:, :, :4] + lanes[:, :, 4:]
-        want = (a[:, :, 0] + a[:, :, 2]) + (a[:, :, 1] + a[:, :, 3])
-        out = np.full((M, R + 3), np.nan, dtype=np.float32)
-        tinyblas_matmul(x, w, out[:, 1:R + 1])           # into a column slice, as the forward pass does
-        assert np.array_equal(out[:, 1:R + 1], want)
-        assert np.isnan(out[:, 0]).all() and np.isnan(out[:, R + 1:]).all()
+    def f16(a):
+        return a.astype(np.float16).astype(np.float32)
+
+    def as_bits(a, fmt):          # the stored forms the kernel reads: float32 values, F16 bits, BF16 bits
+        if fmt == "f16":
+            return a.astype(np.float16).view(np.uint16)
+        if fmt == "bf16":
+            return (a.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+        return a
+
+    # edges of both tiles (4 x 2 for 16-bit activations, 3 x 4 for float32 ones) and of the weight-row blocks
+    for M, R, K in ((7, 12, 24), (64, 36, 128), (5, 260, 40), (13, 7, 8), (9, 515, 136)):
+        for rnd, x_fmts, w_fmts in ((bf16, ("f32",), ("f32", "bf16")), (f16, ("f32", "f16"), ("f32", "f16"))):
+            x, w = rnd(rng.standard_normal((M, K))), rnd(rng.standard_normal((R, K)))
+            lanes = np.zeros((M, R, 8), dtype=np.float32)
+            for k in range(K):     # eight float32 lanes, k in order within a lane (products of BF16/F16 values are exact)
+                lanes[:, :, k % 8] += np.outer(x[:, k], w[:, k]).astype(np.float32)
+            a = lanes[:, :, :4] + lanes[:, :, 4:]
+            want = (a[:, :, 0] + a[:, :, 2]) + (a[:, :, 1] + a[:, :, 3])
+            for xf in x_fmts:
+                for wf in w_fmts:
+                    out = np.full((M, R + 3), np.nan, dtype=np.float32)
+                    tinyblas_matmul(as_bits(x, xf), as_bits(w, wf), out[:, 1:R + 1])   # into a column slice
+                    assert np.array_equal(out[:, 1:R + 1], want), (M, R, K, xf, wf)
+                    assert np.isnan(out[:, 0]).all() and np.isnan(out[:, R + 1:]).all()
     assert tinyblas_applies(576, 1536) and not tinyblas_applies(100, 64) and not tinyblas_applies(64, 30)
 
 

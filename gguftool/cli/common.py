@@ -31,10 +31,11 @@ def threads_option(func: F) -> F:
 
 
 def exact_option(func: F) -> F:
-    """--exact: the forward pass of an F16/BF16 model bit for bit llama.cpp's x86 CPU graph (gguftool.model.tinyblas)."""
+    """--exact: the forward pass of an F16 model bit for bit llama.cpp's x86 CPU graph (gguftool.model.tinyblas); BF16
+    models always are."""
     return click.option("--exact", "exact", is_flag=True,
-                        help="F16/BF16 models: sum the products in llama.cpp's order (tinyBLAS), so the figures are "
-                             "bit for bit llama.cpp's x86 CPU ones; slower (1.4-2.7x the time).")(func)
+                        help="F16 models: sum the products in llama.cpp's order (tinyBLAS), so the figures are bit "
+                             "for bit llama.cpp's x86 CPU ones (BF16 models always are); ~10% slower.")(func)
 
 
 def force_option(func: F) -> F:

@@ -75,8 +75,8 @@ def compute_imatrix_file(model_path: str | os.PathLike[str] | None, calib_path: 
     ``in_files``: imatrix files (either format) merged into the result; ``save_frequency``: also write
     ``OUTPUT.at_N`` every N chunks (0: never); ``max_weight_memory``: obsolete, checked and ignored (the weights stay in
     their stored form and are widened to float32 a slab at a time, see gguftool.model.weights);
-    ``compute_ppl``: compute the perplexity; ``exact``: F16/BF16 products in llama.cpp's tinyBLAS order, bit for bit
-    with its x86 CPU graph (slower: see gguftool.model.tinyblas); ``overwrite``: replace an existing output (and snapshots; never a
+    ``compute_ppl``: compute the perplexity; ``exact``: F16 products in llama.cpp's tinyBLAS order too (BF16 ones
+    always are), bit for bit with its x86 CPU graph (~10 % slower: see gguftool.model.tinyblas); ``overwrite``: replace an existing output (and snapshots; never a
     file the run reads); ``progress(done, total, running_ppl)`` after each chunk.
 
     ``ray_address``: evaluate the chunks on a Ray cluster (gguftool.distributed.imatrix; "local" starts one here,

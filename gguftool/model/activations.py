@@ -70,7 +70,8 @@ def _q8_k_rows(x, out):
 
 def activations_as(x: np.ndarray, kind: str | None,
                    out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """x (rows, k) float32 after conversion to the vec_dot type ``kind``; for q8_1 also the per-block correction
+    """x (rows, k) float32 after conversion to the vec_dot type ``kind`` (``f16_bits``: F16 as its uint16 bits);
+    for q8_1 also the per-block correction
     fp16(d * sum(q)) - fp16(d) * sum(q) (rows, k/32) that the weights' block minima multiply. ``out``: a (rows, k)
     float32 array to write the converted values into (the caller's buffer: no temporary, no page faults of a
     fresh array), returned; else a new array (or x itself when nothing is converted)."""
@@ -79,6 +80,9 @@ def activations_as(x: np.ndarray, kind: str | None,
     if kind in ("f16", "bf16"):   # numba kernels (numpy's float16 cast is ~10 ns a value), bit-identical to it
         from .widen import round_bf16, round_f16
         return (round_f16(x, out) if kind == "f16" else round_bf16(x, out)).reshape(x.shape), None
+    if kind == "f16_bits":        # the same rounding, as uint16 F16 bits (what model.tinyblas reads)
+        from .widen import f16_bits
+        return f16_bits(x, out).reshape(x.shape), None
     n, k = x.shape
     if kind in ("q8_0", "q8_1"):
         if k % 32:

@@ -16,7 +16,8 @@ Where the pieces live: the hyperparameters in :mod:`.config`, the norm / RoPE / 
 :mod:`.threads`. The KV cache holds K and V as float16 (llama.cpp's default cache type), so K (after RoPE) and V
 are rounded to float16 before attention (``kv_f16``); Q stays float32, and attention is computed as ggml's tiled
 CPU flash-attention kernel does (:mod:`.attention`: 64-key tiles, online softmax). Matrix products are float32
-BLAS (numpy), but for F16/BF16 weights, summed in tinyBLAS's order (:mod:`.tinyblas`; bit for bit with llama.cpp).
+BLAS (numpy), but for BF16 weights (and F16 ones with ``exact``) summed in tinyBLAS's order (:mod:`.tinyblas`; bit
+for bit with llama.cpp).
 
 One pass (``Model.forward``) runs layer by layer; within a layer, the row-wise stages (norm + Q/K/V + RoPE,
 output projection + residual + FFN input, FFN down + residual) are split over the worker threads by rows, and
@@ -90,7 +91,10 @@ class Model:
     product_blocks = 16         # bigger ones in this many jobs (fewer: min_block_rows; more: block_values)
     min_block_rows = 1024       # ... of at least this many rows (within block_values): see _block_rows
     slab_values = 1 << 23       # quantized weights are dequantized this many values at a time (32 MiB)
-    tinyblas = False            # F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas; exact=)
+    # the products summed in llama.cpp's tinyBLAS order (model.tinyblas), by activation kind: BF16 always (bit for
+    # bit llama.cpp's, and faster than BLAS on float32 widened from BF16 plus its own pass), F16 with exact=True
+    # (about 10 % slower than BLAS at 2 threads)
+    tinyblas_kinds: frozenset[str] = frozenset({"bf16"})
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], kv_f16: bool = True,
                  n_threads: int = 1, *, origin: str = ""):
@@ -228,8 +232,8 @@ class Model:
 
         ``as_stored``: convert matmul activations for each weight's stored type as llama.cpp does (see
         ``activations_as``); False evaluates the model as its F32 dequantization. ``origin``: the model file,
-        named in error messages. ``exact``: F16/BF16 products summed in llama.cpp's tinyBLAS order (model.tinyblas),
-        bit for bit with its x86 AVX2 CPU graph, at 1.4-2.7x the time of the BLAS products."""
+        named in error messages. ``exact``: F16 products summed in llama.cpp's tinyBLAS order too (model.tinyblas;
+        BF16 ones always are), so that the pass is bit for bit its x86 AVX2 CPU graph, ~10 % slower."""
         cfg = ModelConfig.from_metadata(source, origin=origin)
         where = f"{origin}: " if origin else ""
         for t in source.tensors:
@@ -251,7 +255,7 @@ class Model:
                     m = block_minima(t.read_raw(), BLOCK_MIN_BYTES[tname], n_rows)
                     minima[t.name] = m.reshape(t.shape[2], t.shape[1], -1) if len(t.shape) == 3 else m
         model.act_kinds = kinds
-        model.tinyblas = exact
+        model.tinyblas_kinds = frozenset({"bf16", "f16"}) if exact else cls.tinyblas_kinds
         model.block_minima = minima
         return model
 
@@ -312,17 +316,17 @@ class Model:
             self._tls.buf = buf
         return buf
 
-    def _buffer(self, key: tuple, shape: tuple[int, ...]) -> np.ndarray:
+    def _buffer(self, key: tuple, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
         """An uninitialized float32 array of ``shape``: within a pass (run_layers) the same array for the same
         ``key`` each time (layer after layer), else a new one. Fresh arrays of this size (tens of MB per product on
         a 1.5B model) cost a page fault per 4 KiB page touched, ~15 % of the CPU time on SmolLM2 in system time.
         A key's array is overwritten at its next use: keys name a product's role in the layer, whose result is
         consumed before the next layer's product of that role."""
         if self._pool is None:
-            return np.empty(shape, dtype=np.float32)
+            return np.empty(shape, dtype=dtype)
         a = self._pool.get(key)
-        if a is None or a.shape != shape:
-            a = self._pool[key] = np.empty(shape, dtype=np.float32)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self._pool[key] = np.empty(shape, dtype=dtype)
         return a
 
     def _convert(self, x: np.ndarray, kind: str | None, parallel: bool):
@@ -331,7 +335,8 @@ class Model:
             return x, None
         if not parallel or x.shape[0] < 64:
             return activations_as(x, kind)
-        xq = self._buffer(("act", kind, x.shape[1]), x.shape)    # used by this product call only
+        xq = self._buffer(("act", kind, x.shape[1]), x.shape,     # used by this product call only
+                          np.uint16 if kind == "f16_bits" else np.float32)
 
         def part(rows: tuple[int, int]) -> np.ndarray | None:
             r0, r1 = rows      # each worker converts its rows straight into the pass's buffer
@@ -352,8 +357,8 @@ class Model:
         the pass's buffers of that role (see _buffer; main thread only), else to new arrays."""
         N = x.shape[0]
         conv: dict = {}
-        for n in names:
-            kind = self.act_kinds.get(n)
+        kinds = [self._input_kind(n) for n in names]
+        for kind in kinds:
             if kind not in conv:
                 conv[kind] = self._convert(x, kind, parallel)
         ys: list[np.ndarray] = []
@@ -365,7 +370,7 @@ class Model:
             y = self._buffer((role, i), (N, C)) if role is not None and parallel else \
                 np.empty((N, C), dtype=np.float32)
             ys.append(y)
-            xq = conv[self.act_kinds.get(n)][0]
+            xq = conv[kinds[i]][0]
             blk = self._block_rows(C, K)
             if self._slab_first(n):
                 slab = max(blk, (self.slab_values // max(K, 1)) // blk * blk)
@@ -380,8 +385,8 @@ class Model:
             else:
                 jobs += [(xq, (n, base + c0, base + min(C, c0 + blk)), y, c0) for c0 in range(0, C, blk)]
         self._run(jobs, parallel)
-        for n, y in zip(names, ys):
-            corr = conv[self.act_kinds.get(n)][1]
+        for n, kind, y in zip(names, kinds, ys):
+            corr = conv[kind][1]
             if corr is not None and n in self.block_minima:
                 m = self.block_minima[n]
                 y += corr @ (m[expert] if expert is not None else m).T
@@ -407,22 +412,31 @@ class Model:
         blk = min(blk, self.block_values // max(K, 1) // 16 * 16)
         return max(16, min(blk, C))
 
+    def _input_kind(self, name: str) -> str | None:
+        """The conversion of weight ``name``'s activations (activations_as): its vec_dot type, but F16 bits for an
+        F16 product in tinyBLAS's order (model.tinyblas reads them at half the bytes of float32)."""
+        kind = self.act_kinds.get(name)
+        return "f16_bits" if kind == "f16" and self._tinyblas(name) else kind
+
     def _product_job(self, job: tuple) -> None:
         xq, w, y, c0 = job
         exact = False
-        if isinstance(w, tuple):          # (name, r0, r1): widened here, into this thread's scratch
+        if isinstance(w, tuple):          # (name, r0, r1): read here (widened into this thread's scratch)
             name, r0, r1 = w
             exact = self._tinyblas(name)
-            w = self._weight_rows(name, r0, r1, self._scratch((r1 - r0) * xq.shape[1]))
+            stored = self.w.stored_16bit_rows(name, r0, r1) if exact and isinstance(self.w, WeightStore) else None
+            w = stored if stored is not None else \
+                self._weight_rows(name, r0, r1, self._scratch((r1 - r0) * xq.shape[1]))
         if exact:       # F16/BF16: summed in tinyBLAS's order, bit for bit (see model.tinyblas)
             tinyblas_matmul(xq, w, y[:, c0:c0 + w.shape[0]])
         else:
             np.matmul(xq, w.T, out=y[:, c0:c0 + w.shape[0]])
 
     def _tinyblas(self, name: str) -> bool:
-        """Whether ggml multiplies this weight with llamafile's tinyBLAS F16/BF16 kernel (2-D F16/BF16 weight, K a
-        multiple of 8, rows a multiple of 4), whose summation order ``tinyblas_matmul`` reproduces."""
-        if not self.tinyblas or self.act_kinds.get(name) not in ("f16", "bf16"):
+        """Whether this weight's product is summed in tinyBLAS's order (``tinyblas_matmul``): its activation kind is
+        one of ``tinyblas_kinds`` and ggml multiplies it with llamafile's tinyBLAS F16/BF16 kernel (2-D weight, K a
+        multiple of 8, rows a multiple of 4)."""
+        if self.act_kinds.get(name) not in self.tinyblas_kinds:
             return False
         shape = self._shape(name)
         return len(shape) == 2 and tinyblas_applies(shape[1], shape[0])

@@ -22,7 +22,8 @@ from numba.extending import intrinsic
 
 from ..quants.bits import f32_as_u32, u32_as_f32
 
-__all__ = ["F16C", "as_f32", "as_i32", "expf_lane", "f16_bits_lane", "fma32", "round_f16_lane", "round_f16_lanes"]
+__all__ = ["F16C", "as_f32", "as_i32", "expf_lane", "f16_bits_lane", "fma32", "round_f16_lane", "round_f16_lanes",
+           "widen_f16_lane"]
 
 
 def _bitcast(name: str, src, dst, llvm_type, doc: str):
@@ -115,16 +116,16 @@ F16C = _host_f16c()
 
 
 @intrinsic
-def _f16_round_hw(typingctx, x):
-    """float32 -> float16 -> float32 as LLVM fptrunc / fpext: vcvtps2ph (round to nearest even, what ggml's
-    fp32_to_fp16 does with F16C) and vcvtph2ps, eight lanes to an instruction in vectorized loops."""
+def _f16_bits_hw(typingctx, x):
+    """The F16 bits (uint16) of float32 ``x`` as LLVM fptrunc: vcvtps2ph, round to nearest even (what ggml's
+    fp32_to_fp16 does with F16C), eight lanes to an instruction in vectorized loops."""
     if x != types.float32:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
-    return types.float32(types.float32), codegen
+    return types.uint16(types.float32), codegen
 
 
 @intrinsic
@@ -140,8 +141,8 @@ def _f16_widen_hw(typingctx, u):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _round_f16_lane_bits(f, table):
-    """round_f16_lane without F16C: ggml's scalar fp32_to_fp16 bit manipulation, then the table lookup."""
+def _f16_bits_lane_portable(f):
+    """f16_bits_lane without F16C: ggml's scalar fp32_to_fp16 bit manipulation."""
     u32 = np.uint32
     w = f32_as_u32(f)
     base = (abs(f) * np.float32(5.192296858534828e+33)) * np.float32(7.703719777548943e-34)   # 2^112, 2^-110
@@ -153,29 +154,31 @@ def _round_f16_lane_bits(f, table):
     bits = f32_as_u32(u32_as_f32(u32((bias >> u32(1)) + u32(0x07800000))) + base)
     nonsign = u32(((bits >> u32(13)) & u32(0x00007C00)) + (bits & u32(0x00000FFF)))
     h = u32(0x7E00) if shl1_w > u32(0xFF000000) else nonsign
-    return u32_as_f32(table[u32((sign >> u32(16)) | h)])
+    return np.uint16((sign >> u32(16)) | h)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _round_f16_lane_f16c(f, table):
-    return _f16_round_hw(f)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _f16_bits_lane_table(u, table):
+def _widen_f16_lane_table(u, table):
     return u32_as_f32(table[u])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _f16_bits_lane_f16c(u, table):
+def _widen_f16_lane_f16c(u, table):
     return _f16_widen_hw(u)
 
 
-# float32 ``f`` rounded to float16 and back (ggml's fp32_to_fp16: round to nearest even, NaN -> a quiet NaN,
-# overflow -> inf), as model.widen.round_f16; ``table``: the F16 bits -> float32 bits table (unused with F16C)
-round_f16_lane = _round_f16_lane_f16c if F16C else _round_f16_lane_bits
-# the float32 value of F16 bits ``u`` (uint16), exact; ``table`` as for round_f16_lane
-f16_bits_lane = _f16_bits_lane_f16c if F16C else _f16_bits_lane_table
+# the F16 bits (uint16) of float32 ``f``: ggml's fp32_to_fp16 (round to nearest even, NaN -> a quiet NaN,
+# overflow -> inf)
+f16_bits_lane = _f16_bits_hw if F16C else _f16_bits_lane_portable
+# the float32 value of F16 bits ``u`` (uint16), exact; ``table``: the F16 bits -> float32 bits table (unused with
+# F16C)
+widen_f16_lane = _widen_f16_lane_f16c if F16C else _widen_f16_lane_table
+
+
+@njit(cache=True, nogil=True, inline="always")
+def round_f16_lane(f, table):
+    """float32 ``f`` rounded to float16 and back, as model.widen.round_f16 (``table`` as for widen_f16_lane)."""
+    return widen_f16_lane(f16_bits_lane(f), table)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)

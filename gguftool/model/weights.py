@@ -125,6 +125,18 @@ class WeightStore(Mapping):
             self._raw[name] = raw
         return raw
 
+    def stored_16bit_rows(self, name: str, r0: int, r1: int) -> np.ndarray | None:
+        """Rows [r0, r1) of an F16 or BF16 matrix as stored, a view of the file map: uint16 F16 bits or int16 BF16
+        bits (r1 - r0, ne0), the formats model.tinyblas reads; None for other types or tensors without a stored
+        form."""
+        ttype = self._src[name].type
+        if ttype not in (GGMLType.F16, GGMLType.BF16):
+            return None
+        raw = self._raw_rows(name)
+        if raw is None:
+            return None
+        return raw[r0:r1].view(np.uint16 if ttype == GGMLType.F16 else np.int16)
+
     def rows_into(self, name: str, r0: int, r1: int, scratch: np.ndarray | None) -> np.ndarray:
         """Rows [r0, r1) of matrix ``name`` (a 3-D tensor: of its (n_expert * ne1, ne0) row view) as float32
         (r1 - r0, ne0): a view of the file for F32, else widened / dequantized into ``scratch`` (a writeable float32

@@ -13,9 +13,9 @@ from numba import njit
 
 from ..quants.bits import f32_as_u32, u32_as_f32
 from ..quants.decode import F16_TABLE, bf16_rows
-from .simd import f16_bits_lane, round_f16_lane
+from .simd import f16_bits_lane, round_f16_lane, widen_f16_lane
 
-__all__ = ["bf16_rows", "f16_rows", "round_bf16", "round_f16"]
+__all__ = ["bf16_rows", "f16_bits", "f16_rows", "round_bf16", "round_f16"]
 
 # BF16 widening and the F16 table are quants.decode's (the pipeline's slab reader shares them); F16 widening is
 # this module's own, with F16C where the CPU has it
@@ -24,12 +24,12 @@ _F16_TABLE = F16_TABLE
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _f16_rows(src, out, table):
-    """src: (rows, n) uint16 F16 words; out: (rows, n) uint32 view of the float32 result (simd.f16_bits_lane)."""
+    """src: (rows, n) uint16 F16 words; out: (rows, n) uint32 view of the float32 result (simd.widen_f16_lane)."""
     for r in range(src.shape[0]):
         srow = src[r]
         orow = out[r]
         for i in range(src.shape[1]):
-            orow[i] = f32_as_u32(f16_bits_lane(srow[i], table))
+            orow[i] = f32_as_u32(widen_f16_lane(srow[i], table))
 
 
 def f16_rows(src: np.ndarray, out: np.ndarray) -> None:
@@ -46,6 +46,16 @@ def _round_f16_rows(x, out, table):
         orow = out[r]
         for i in range(x.shape[1]):
             orow[i] = round_f16_lane(xr[i], table)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _f16_bits_rows(x, out):
+    """out = the F16 bits of x for (rows, n) arrays (out uint16), as ggml's fp32_to_fp16 (simd.f16_bits_lane)."""
+    for r in range(x.shape[0]):
+        xr = x[r]
+        orow = out[r]
+        for i in range(x.shape[1]):
+            orow[i] = f16_bits_lane(xr[i])
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -69,6 +79,16 @@ def round_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         out = np.empty_like(x)
     _round_f16_rows(x, out, _F16_TABLE)
+    return out
+
+
+def f16_bits(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, n) -> its F16 bits, uint16 (rows, n) (into ``out`` or a new array): the activations of an F16
+    product as tinyBLAS reads them (model.tinyblas)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    if out is None:
+        out = np.empty(x.shape, np.uint16)
+    _f16_bits_rows(x, out)
     return out
 
 

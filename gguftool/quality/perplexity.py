@@ -108,8 +108,8 @@ def compute_perplexity(model_path: str | os.PathLike[str], text_path: str | os.P
     evaluate (-1: all); ``batch``: tokens evaluated together; ``threads``: None for all CPUs;
     ``kl_divergence_base``: the base logits file to write (or, with ``kl_divergence``, to compare with);
     ``overwrite``: replace an existing base file (never an input); ``max_weight_memory``: obsolete, checked and ignored
-    (the weights stay in their stored form); ``exact``: F16/BF16 products in llama.cpp's tinyBLAS order, bit for
-    bit with its x86 CPU graph (slower: see gguftool.model.tinyblas); ``progress(tokens done, tokens total, running
+    (the weights stay in their stored form); ``exact``: F16 products in llama.cpp's tinyBLAS order too (BF16 ones
+    always are), bit for bit with its x86 CPU graph (~10 % slower: see gguftool.model.tinyblas); ``progress(tokens done, tokens total, running
     ppl)``.
     Raises PerplexityError (or another GGUFError) for bad options or input, before any work where it can tell.
     """
