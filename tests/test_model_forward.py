@@ -292,7 +292,7 @@ def test_float32_weights_of_a_mapped_file_are_views(tmp_path):
 def test_f16_bf16_rounding_and_widening_kernels_match_numpy():
     # every float32 class: random bit patterns (NaN, inf, subnormals, huge), plus the rounding edges of F16
     from gguftool.model.activations import activations_as
-    from gguftool.model.widen import bf16_rows, f16_rows, round_bf16, round_f16
+    from gguftool.model.widen import bf16_rows, f16_bits, f16_rows, round_bf16, round_f16
 
     bits = np.random.default_rng(5).integers(0, 2**32, size=(64, 512), dtype=np.uint64).astype(np.uint32)
     x = bits.view(np.float32).copy()
@@ -303,6 +303,20 @@ def test_f16_bf16_rounding_and_widening_kernels_match_numpy():
     nan = np.isnan(ref)
     assert np.array_equal(nan, np.isnan(got))
     assert np.array_equal(ref.view(np.uint32)[~nan], got.view(np.uint32)[~nan])
+    with np.errstate(over="ignore"):
+        ref_bits = x.astype(np.float16).view(np.uint16)
+    bits = f16_bits(x)                                 # the same rounding as F16 bits (model.tinyblas's input)
+    assert bits.dtype == np.uint16 and np.array_equal(ref_bits[~nan], bits[~nan])
+    assert np.isnan(bits.view(np.float16)[nan]).all()
+    # the lanes without F16C (machines without it, or numba compiling for another CPU) give the same bits
+    from gguftool.model import simd
+    from gguftool.quants.decode import F16_TABLE
+    sample = x.reshape(-1)[:4096]
+    port = np.array([simd._f16_bits_lane_portable(v) for v in sample], dtype=np.uint16)
+    ok = ~np.isnan(sample)
+    assert np.array_equal(port[ok], ref_bits.reshape(-1)[:4096][ok]) and np.isnan(port[~ok].view(np.float16)).all()
+    back = np.array([simd._widen_f16_lane_table(u, F16_TABLE) for u in port], dtype=np.float32)
+    assert np.array_equal(back[ok], ref.reshape(-1)[:4096][ok])
     u = x.view(np.uint32)
     want = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
     want = np.where(np.isnan(x), ((u >> 16) | np.uint32(64)) << 16, want)

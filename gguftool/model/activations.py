@@ -70,10 +70,10 @@ def _q8_k_rows(x, out):
 
 def activations_as(x: np.ndarray, kind: str | None,
                    out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """x (rows, k) float32 after conversion to the vec_dot type ``kind`` (``f16_bits``: F16 as its uint16 bits);
-    for q8_1 also the per-block correction
-    fp16(d * sum(q)) - fp16(d) * sum(q) (rows, k/32) that the weights' block minima multiply. ``out``: a (rows, k)
-    float32 array to write the converted values into (the caller's buffer: no temporary, no page faults of a
+    """x (rows, k) float32 after conversion to the vec_dot type ``kind`` (``f16_bits``: the F16 rounding as uint16
+    bits); for q8_1 also the per-block correction fp16(d * sum(q)) - fp16(d) * sum(q) (rows, k/32) that the
+    weights' block minima multiply. ``out``: a (rows, k) float32 (uint16 for f16_bits) array to write the converted
+    values into (the caller's buffer: no temporary, no page faults of a
     fresh array), returned; else a new array (or x itself when nothing is converted)."""
     if kind is None:
         return _into(x, out), None

@@ -317,7 +317,7 @@ class Model:
         return buf
 
     def _buffer(self, key: tuple, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        """An uninitialized float32 array of ``shape``: within a pass (run_layers) the same array for the same
+        """An uninitialized array of ``shape`` and ``dtype``: within a pass (run_layers) the same array for the same
         ``key`` each time (layer after layer), else a new one. Fresh arrays of this size (tens of MB per product on
         a 1.5B model) cost a page fault per 4 KiB page touched, ~15 % of the CPU time on SmolLM2 in system time.
         A key's array is overwritten at its next use: keys name a product's role in the layer, whose result is
@@ -397,9 +397,10 @@ class Model:
         ``product_blocks`` jobs, but of at least ``min_block_rows`` rows and at most ``block_values`` values.
 
         Narrow blocks are slow: each job's GEMM packs the whole activation matrix again (M = 2048 tokens x K) for
-        its few output columns. OpenBLAS at one thread, M = 2048, K = 2048 (scripts/bench_gemm_blocks.py): 46
-        GFLOPS at 32 rows, 65-80 at 128, 89-91 at 256 and more; before min_block_rows a 1.5B model's attn_q,
-        attn_output and ffn_down (41 % of the FLOPs) ran in 128-row blocks, attn_k/attn_v in 32-row ones.
+        its few output columns. OpenBLAS at one thread, M = 2048 (scripts/bench_gemm_blocks.py, Zen 3): K = 2048:
+        46 GFLOPS at 32 rows, 65-80 at 128, 78 at 256, 89 at 512, 93 at 1024; K = 8192: 85 at 256, 90 at 512.
+        Blocks of >= 1024 rows (within block_values: 512 at K = 8192) took a 1.5B Q4_K_M model's GEMM from 71.4 to
+        ~64.8 s of CPU a pass (4 x 512 tokens) against 256-row ones.
 
         The blocks depend on the shapes only, never on the thread count: BLAS rounds a block differently from the
         whole product or another cut of it (OpenBLAS 0.3.31 does, for every block size tried), and the activation
