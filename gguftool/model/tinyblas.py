@@ -22,9 +22,9 @@ memory map at half the bytes of float32 and never widened into a scratch buffer.
 in LLVM IR (an intrinsic, :func:`_tile`): numba cannot express vector registers, and LLVM's own vectorizer
 reassociates nothing here (every sum is an explicit lane-wise FMA chain), so the order is tinyBLAS's by
 construction. One thread (nogil); the forward pass's workers call it on their own blocks of weight rows. Measured on
-the 2-core EPYC (Zen 3, AVX2), M = 2040, K = 2048, 1020 weight rows, one thread: F16 x F16 91 GFLOPS (4 x 2 tile;
-OpenBLAS sgemm on float32 of the same shape: 93), float32 x BF16 72 (3 x 4 tile; widening BF16 costs two vector
-instructions a load), float32 x float32 ~55 (twice the bytes).
+the 2-core EPYC (Zen 3, AVX2), M = 2048, K = 2048 and 8192, 512-2048 weight rows, one thread: F16 x F16 80-90
+GFLOPS (4 x 2 tile; OpenBLAS sgemm on float32 of those shapes: 89-93), float32 x BF16 63-72 (3 x 4 tile; widening
+BF16 costs two vector instructions a load), float32 x float32 ~55 (twice the bytes).
 
 The operands' element format is told by their dtype: float32 values, uint16 F16 bits, int16 BF16 bits.
 """
@@ -77,11 +77,11 @@ def _hsum(builder, v):
     return builder.fadd(builder.fadd(e[0], e[2]), builder.fadd(e[1], e[3]))
 
 
-def _tile_shape_of(x_dtype, wide: bool | None) -> tuple[int, int]:
-    """(activation rows, weight rows) of a tile: 4 x 2 when the activations are 16-bit (F16: 91 GFLOPS), 3 x 4 when
-    they are float32 (BF16: 72, where 4 x 2 gives 56); 1 x 1 (``wide`` None) for the edges: the order of each
+def _tile_shape_of(x_dtype, edge: bool) -> tuple[int, int]:
+    """(activation rows, weight rows) of a tile: 4 x 2 when the activations are 16-bit (F16: 80-90 GFLOPS), 3 x 4
+    when they are float32 (BF16: 63-72, where 4 x 2 gives ~50); 1 x 1 for the ``edge`` rows: the order of each
     output's sum does not depend on the tile, so any tile gives the same bits."""
-    if wide is None:
+    if edge:
         return 1, 1
     return (3, 4) if x_dtype == types.float32 else (4, 2)
 
@@ -95,7 +95,7 @@ def _make_tile(edge: bool):
         ok = (types.float32, types.uint16, types.int16)
         if not (isinstance(x, types.Array) and isinstance(w, types.Array) and x.dtype in ok and w.dtype in ok):
             return None
-        nt, nr = _tile_shape_of(x.dtype, None if edge else True)
+        nt, nr = _tile_shape_of(x.dtype, edge)
         ret = types.UniTuple(types.float32, nt * nr)
 
         def codegen(context, builder, signature, args):
@@ -145,7 +145,7 @@ _tile_edge = _make_tile(edge=True)
 @intrinsic
 def _tile_shape(typingctx, x):
     """(nt, nr) of ``_tile`` for activations x, as compile-time constants."""
-    nt, nr = _tile_shape_of(x.dtype, True)
+    nt, nr = _tile_shape_of(x.dtype, False)
     ret = types.UniTuple(types.int64, 2)
 
     def codegen(context, builder, signature, args):
