@@ -26,14 +26,15 @@ __all__ = ["F16C", "as_f32", "as_i32", "expf_lane", "f16_bits_lane", "fma32", "r
            "widen_f16_lane"]
 
 
-def _bitcast(name: str, src, dst, llvm_type, doc: str):
-    """An intrinsic reinterpreting a ``src`` scalar's 32 bits as ``dst`` (an LLVM bitcast: no instruction)."""
+def _scalar_op(name: str, src, dst, build, doc: str):
+    """An intrinsic taking one ``src`` scalar to ``dst`` by ``build(builder, value)`` (a few LLVM instructions that
+    LLVM vectorizes with the loop around them)."""
     def impl(typingctx, x):
         if x != src:
             return None
 
         def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], llvm_type)
+            return build(builder, args[0])
 
         return dst(src), codegen
 
@@ -43,8 +44,10 @@ def _bitcast(name: str, src, dst, llvm_type, doc: str):
 
 
 # the unsigned casts are quants.bits' f32_as_u32 / u32_as_f32
-as_i32 = _bitcast("as_i32", types.float32, types.int32, ir.IntType(32), "The bits of a float32 as an int32.")
-as_f32 = _bitcast("as_f32", types.int32, types.float32, ir.FloatType(), "The float32 whose bits are the int32 i.")
+as_i32 = _scalar_op("as_i32", types.float32, types.int32, lambda b, v: b.bitcast(v, ir.IntType(32)),
+                    "The bits of a float32 as an int32 (an LLVM bitcast: no instruction).")
+as_f32 = _scalar_op("as_f32", types.int32, types.float32, lambda b, v: b.bitcast(v, ir.FloatType()),
+                    "The float32 whose bits are the int32 i (an LLVM bitcast: no instruction).")
 
 
 @intrinsic
@@ -115,29 +118,15 @@ def _host_f16c() -> bool:
 F16C = _host_f16c()
 
 
-@intrinsic
-def _f16_bits_hw(typingctx, x):
-    """The F16 bits (uint16) of float32 ``x`` as LLVM fptrunc: vcvtps2ph, round to nearest even (what ggml's
-    fp32_to_fp16 does with F16C), eight lanes to an instruction in vectorized loops."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
-@intrinsic
-def _f16_widen_hw(typingctx, u):
-    """The float32 value of F16 bits ``u`` (uint16): bitcast to half, LLVM fpext (vcvtph2ps)."""
-    if u != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
+_f16_bits_hw = _scalar_op(
+    "_f16_bits_hw", types.float32, types.uint16,
+    lambda b, v: b.bitcast(b.fptrunc(v, ir.HalfType()), ir.IntType(16)),
+    "The F16 bits (uint16) of float32 ``x`` as LLVM fptrunc: vcvtps2ph, round to nearest even (what ggml's "
+    "fp32_to_fp16 does with F16C), eight lanes to an instruction in vectorized loops.")
+_f16_widen_hw = _scalar_op(
+    "_f16_widen_hw", types.uint16, types.float32,
+    lambda b, v: b.fpext(b.bitcast(v, ir.HalfType()), ir.FloatType()),
+    "The float32 value of F16 bits ``u`` (uint16): bitcast to half, LLVM fpext (vcvtph2ps).")
 
 
 @njit(cache=True, nogil=True, inline="always")
