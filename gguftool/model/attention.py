@@ -25,9 +25,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .simd import expf_lane, fma32
+from .simd import expf_lane
 
 __all__ = ["KV_TILE", "flash_attention"]
 
@@ -50,13 +53,25 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
     f32 = np.float32
     R = n_q * G
     if not softcap:
-        out = np.empty((R, Dv), dtype=f32)
+        # padded to whole tiles: rows to _ROWS (zero queries), keys to KV_TILE (zero keys and values, masked
+        # out), value columns to _COLS (zero values); the padding adds exact zeros to nothing that is returned
+        Rp = -(-R // _ROWS) * _ROWS
+        n_kvp = -(-n_kv // KV_TILE) * KV_TILE
+        Dvp = -(-Dv // _COLS) * _COLS
+        n_qp = -(-Rp // G)
+        qp = np.zeros((Rp, D), dtype=f32)
+        qp[:R] = q.reshape(R, D)
+        kt = np.zeros((D, n_kvp), dtype=f32)
+        kt[:, :n_kv] = k.T
+        vp = np.zeros((n_kvp, Dvp), dtype=f32)
+        vp[:n_kv, :Dv] = v
+        mp = np.full((n_qp, n_kvp), -np.inf, dtype=f32)
+        mp[:n_q, :n_kv] = mask
+        out = np.empty((Rp, Dvp), dtype=f32)
         has_sinks = sinks is not None
         sk = np.asarray(sinks, dtype=f32) if has_sinks else np.zeros(G, dtype=f32)
-        _fa_rows(np.ascontiguousarray(q, dtype=f32).reshape(R, D), np.ascontiguousarray(k.T, dtype=f32),
-                 np.ascontiguousarray(v, dtype=f32), np.ascontiguousarray(mask, dtype=f32), f32(scale), G, sk,
-                 has_sinks, out)
-        return out.reshape(n_q, G, Dv)
+        _fa_rows(qp, kt, vp, mp, f32(scale), G, sk, has_sinks, out)
+        return out[:R, :Dv].reshape(n_q, G, Dv)
     qr = np.ascontiguousarray(q, dtype=f32).reshape(R, D)
     sc = f32(scale)
     cap = f32(softcap)
@@ -109,7 +124,84 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
 
 
 # --- the tiled kernel, bit for bit (x86 AVX2 + FMA)
-_ROWS = 4         # query rows whose scores are computed together (K's tile is read once for them)
+_ROWS = 6         # query rows of a register tile (the scores' and P V's)
+_COLS = 16        # columns of a register tile: keys of the scores, value dimensions of P V (two <8 x float>)
+_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+_V8F = ir.VectorType(_F32, 8)
+
+
+def _make_fma_tile(accumulate: bool):
+    """An intrinsic ``tile(a, ia, lda, b, ib, ldb, n, c, ic, ldc)`` on flat float32 arrays: for the _ROWS x _COLS
+    outputs ``c[ic + i * ldc + j]``, the FMA chain ``acc = fma(a[ia + i * lda + t], b[ib + t * ldb + j], acc)`` over
+    t = 0 .. n-1 in order, from 0 (or, ``accumulate``, from c's values), stored into c. Each output is its own
+    sequential chain (ggml's simd_gemm order); the tile keeps its _ROWS x 2 ``<8 x float>`` chains in registers
+    (a's value broadcast, b's 16 values loaded as two vectors), where numba's loops went through memory."""
+    def impl(typingctx, a, ia, lda, b, ib, ldb, n, c, ic, ldc):
+        if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in (a, b, c)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            a_, ia_, lda_, b_, ib_, ldb_, n_, c_, ic_, ldc_ = args
+            at, _, _, bt, _, _, _, ct = signature.args[:8]
+            pa, pb, pc = (builder.bitcast(context.make_array(t)(context, builder, x).data, _F32.as_pointer())
+                          for t, x in ((at, a_), (bt, b_), (ct, c_)))
+            a_rows = [builder.gep(pa, [builder.add(ia_, builder.mul(ir.Constant(_I64, i), lda_))])
+                      for i in range(_ROWS)]
+            c_ptrs = [[builder.bitcast(builder.gep(pc, [builder.add(builder.add(ic_, builder.mul(
+                ir.Constant(_I64, i), ldc_)), ir.Constant(_I64, 8 * h))]), _V8F.as_pointer()) for h in (0, 1)]
+                for i in range(_ROWS)]
+            zero = ir.Constant(_V8F, [0.0] * 8)
+            init = [[builder.load(p, align=4) if accumulate else zero for p in row] for row in c_ptrs]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+            entry = builder.block
+            loop = builder.append_basic_block("fma_tile_t")
+            done = builder.append_basic_block("fma_tile_done")
+            builder.cbranch(builder.icmp_signed(">", n_, ir.Constant(_I64, 0)), loop, done)
+            builder.position_at_end(loop)
+            t = builder.phi(_I64)
+            t.add_incoming(ir.Constant(_I64, 0), entry)
+            phis = [[builder.phi(_V8F) for _ in (0, 1)] for _ in range(_ROWS)]
+            for row, row_init in zip(phis, init):
+                for p, v in zip(row, row_init):
+                    p.add_incoming(v, entry)
+            pb_t = builder.gep(pb, [builder.add(ib_, builder.mul(t, ldb_))])
+            bv = [builder.load(builder.bitcast(builder.gep(pb_t, [ir.Constant(_I64, 8 * h)]), _V8F.as_pointer()),
+                               align=4) for h in (0, 1)]
+            new = []
+            for i in range(_ROWS):
+                s = builder.load(builder.gep(a_rows[i], [t]), align=4)
+                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_V8F, ir.Undefined), s,
+                                                                      ir.Constant(_I32, 0)),
+                                               ir.Constant(_V8F, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8),
+                                                                                            [0] * 8))
+                new.append([builder.call(fma, [splat, bv[h], phis[i][h]]) for h in (0, 1)])
+            t_next = builder.add(t, ir.Constant(_I64, 1))
+            t.add_incoming(t_next, loop)
+            for row, row_new in zip(phis, new):
+                for p, v in zip(row, row_new):
+                    p.add_incoming(v, loop)
+            builder.cbranch(builder.icmp_signed("<", t_next, n_), loop, done)
+            builder.position_at_end(done)
+            results = []
+            for i in range(_ROWS):
+                for h in (0, 1):
+                    res = builder.phi(_V8F)
+                    res.add_incoming(init[i][h], entry)
+                    res.add_incoming(new[i][h], loop)
+                    results.append((res, c_ptrs[i][h]))
+            for res, ptr in results:
+                builder.store(res, ptr, align=4)
+            return context.get_dummy_value()
+
+        return types.none(a, types.int64, types.int64, b, types.int64, types.int64, types.int64, c, types.int64,
+                          types.int64), codegen
+
+    impl.__name__ = impl.__qualname__ = "_fma_tile_acc" if accumulate else "_fma_tile"
+    return intrinsic(impl)
+
+
+_fma_tile = _make_fma_tile(accumulate=False)
+_fma_tile_acc = _make_fma_tile(accumulate=True)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
@@ -120,34 +212,35 @@ def _fa_rows(q, kt, v, mask, scale, G, sinks, has_sinks, out):
     the rescale factor by the C library's expf; P V accumulated by simd_gemm straight into the running output (an
     FMA chain over the tile's 64 keys, masked ones contributing exact zeros). kt is K transposed (D, n_kv).
 
-    Arranged for the vector units, each value's operations in ggml's order: the scores of _ROWS query rows at once
-    (d outer, the tile's keys inner, K's tile row read once for them), the exponentials by the branch-free
-    ``simd.expf_lane`` over the tile, P V over the value dimension; inner loops run over 1-D row views (numba
-    vectorizes those, not 2-D indexing) and nothing is allocated per value (the bit casts of the first version
-    allocated two arrays per exponential: 10x the time of the whole numpy attention it replaced)."""
+    Shapes are whole tiles (the caller pads): R a multiple of _ROWS, n_kv of KV_TILE, v's columns of _COLS, mask
+    (R / G rounded up, n_kv). The scores and P V run in register tiles (:func:`_make_fma_tile`), _ROWS query rows
+    at a time; the softmax's exponentials by the branch-free ``simd.expf_lane`` over the tile."""
     R, D = q.shape
     n_kv = kt.shape[1]
     Dv = v.shape[1]
     f32 = np.float32
     ninf = f32(-np.inf)
+    qf = q.reshape(-1)
+    ktf = kt.reshape(-1)
+    vf = v.reshape(-1)
     kq = np.empty((_ROWS, KV_TILE), dtype=f32)
+    kqf = kq.reshape(-1)
     acc = np.empty((_ROWS, Dv), dtype=f32)
+    accf = acc.reshape(-1)
     Ms = np.empty(_ROWS, dtype=f32)
     Ss = np.empty(_ROWS, dtype=f32)
     live = np.empty(_ROWS, dtype=np.bool_)
     for r0 in range(0, R, _ROWS):
-        nr = min(_ROWS, R - r0)
-        for i in range(nr):
+        for i in range(_ROWS):
             Ms[i] = ninf
             Ss[i] = f32(0.0)
             acc[i, :] = f32(0.0)
         for c0 in range(0, n_kv, KV_TILE):
-            nj = min(KV_TILE, n_kv - c0)
             any_live = False
-            for i in range(nr):
-                mrow = mask[(r0 + i) // G, c0:c0 + nj]
+            for i in range(_ROWS):
+                mrow = mask[(r0 + i) // G, c0:c0 + KV_TILE]
                 lv = False
-                for j in range(nj):
+                for j in range(KV_TILE):
                     if mrow[j] != ninf:
                         lv = True
                         break
@@ -155,38 +248,16 @@ def _fa_rows(q, kt, v, mask, scale, G, sinks, has_sinks, out):
                 any_live = any_live or lv
             if not any_live:
                 continue                      # nothing of this tile for these rows (ggml: skipped, or P = 0)
-            kq[:nr, :] = f32(0.0)
-            D4 = D - D % 4
-            for d in range(0, D4, 4):         # each row's FMA chain over d, vectorized over the tile's keys,
-                k0 = kt[d, c0:c0 + nj]        # four steps of it per load and store of the running scores
-                k1 = kt[d + 1, c0:c0 + nj]
-                k2 = kt[d + 2, c0:c0 + nj]
-                k3 = kt[d + 3, c0:c0 + nj]
-                for i in range(nr):
-                    qr = q[r0 + i]
-                    q0 = qr[d]
-                    q1 = qr[d + 1]
-                    q2 = qr[d + 2]
-                    q3 = qr[d + 3]
-                    a = kq[i]
-                    for j in range(nj):
-                        a[j] = fma32(q3, k3[j], fma32(q2, k2[j], fma32(q1, k1[j], fma32(q0, k0[j], a[j]))))
-            for d in range(D4, D):
-                krow = kt[d, c0:c0 + nj]
-                for i in range(nr):
-                    qd = q[r0 + i, d]
-                    a = kq[i]
-                    for j in range(nj):
-                        a[j] = fma32(qd, krow[j], a[j])
-            for i in range(nr):
-                if not live[i]:
-                    continue
+            for j0 in range(0, KV_TILE, _COLS):
+                _fma_tile(qf, r0 * D, D, ktf, c0 + j0, n_kv, D, kqf, j0, KV_TILE)
+            for i in range(_ROWS):
                 a = kq[i]
-                mrow = mask[(r0 + i) // G, c0:c0 + nj]
-                for j in range(nj):
+                if not live[i]:               # the tile is skipped for this row: P = 0 adds nothing below
+                    a[:] = f32(0.0)
+                    continue
+                mrow = mask[(r0 + i) // G, c0:c0 + KV_TILE]
+                for j in range(KV_TILE):
                     a[j] = a[j] * scale + mrow[j]
-                for j in range(nj, KV_TILE):
-                    a[j] = ninf
                 tmax = ninf
                 for j in range(KV_TILE):
                     if a[j] > tmax:
@@ -212,29 +283,9 @@ def _fa_rows(q, kt, v, mask, scale, G, sinks, has_sinks, out):
                     tot += np.float64((h0 + h2) + (h1 + h3))
                 Ss[i] = f32(np.float64(S) + tot)
                 Ms[i] = M
-                j = 0
-                while j < nj:
-                    if j + 4 <= nj and a[j] != f32(0.0) and a[j + 1] != f32(0.0) and a[j + 2] != f32(0.0) \
-                            and a[j + 3] != f32(0.0):       # four steps of the chain per load and store
-                        p0 = a[j]
-                        p1 = a[j + 1]
-                        p2 = a[j + 2]
-                        p3 = a[j + 3]
-                        v0 = v[c0 + j]
-                        v1 = v[c0 + j + 1]
-                        v2 = v[c0 + j + 2]
-                        v3 = v[c0 + j + 3]
-                        for d in range(Dv):
-                            arow[d] = fma32(p3, v3[d], fma32(p2, v2[d], fma32(p1, v1[d], fma32(p0, v0[d], arow[d]))))
-                        j += 4
-                        continue
-                    pj = a[j]
-                    if pj != f32(0.0):           # an exact no-op in the FMA chain otherwise
-                        vrow = v[c0 + j]
-                        for d in range(Dv):
-                            arow[d] = fma32(pj, vrow[d], arow[d])
-                    j += 1
-        for i in range(nr):
+            for d0 in range(0, Dv, _COLS):
+                _fma_tile_acc(kqf, 0, KV_TILE, vf, c0 * Dv + d0, Dv, KV_TILE, accf, d0, Dv)
+        for i in range(_ROWS):
             r = r0 + i
             M = Ms[i]
             S = Ss[i]
