@@ -27,10 +27,12 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import expf_lane
+from .simd import IR_I32 as _I32
+from .simd import IR_I64 as _I64
+from .simd import IR_V8F as _V8F
+from .simd import element_pointer, expf_lane, fma_v8f32, row_pointers
 
 __all__ = ["KV_TILE", "flash_attention"]
 
@@ -126,8 +128,6 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
 # --- the tiled kernel, bit for bit (x86 AVX2 + FMA)
 _ROWS = 6         # query rows of a register tile (the scores' and P V's)
 _COLS = 16        # columns of a register tile: keys of the scores, value dimensions of P V (two <8 x float>)
-_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-_V8F = ir.VectorType(_F32, 8)
 
 
 def _make_fma_tile(accumulate: bool):
@@ -143,16 +143,13 @@ def _make_fma_tile(accumulate: bool):
         def codegen(context, builder, signature, args):
             a_, ia_, lda_, b_, ib_, ldb_, n_, c_, ic_, ldc_ = args
             at, _, _, bt, _, _, _, ct = signature.args[:8]
-            pa, pb, pc = (builder.bitcast(context.make_array(t)(context, builder, x).data, _F32.as_pointer())
-                          for t, x in ((at, a_), (bt, b_), (ct, c_)))
-            a_rows = [builder.gep(pa, [builder.add(ia_, builder.mul(ir.Constant(_I64, i), lda_))])
-                      for i in range(_ROWS)]
-            c_ptrs = [[builder.bitcast(builder.gep(pc, [builder.add(builder.add(ic_, builder.mul(
-                ir.Constant(_I64, i), ldc_)), ir.Constant(_I64, 8 * h))]), _V8F.as_pointer()) for h in (0, 1)]
-                for i in range(_ROWS)]
+            pb = element_pointer(builder, context, bt, b_)
+            a_rows = row_pointers(builder, element_pointer(builder, context, at, a_), ia_, lda_, _ROWS)
+            c_ptrs = [[builder.bitcast(builder.gep(r, [ir.Constant(_I64, 8 * h)]), _V8F.as_pointer()) for h in (0, 1)]
+                      for r in row_pointers(builder, element_pointer(builder, context, ct, c_), ic_, ldc_, _ROWS)]
             zero = ir.Constant(_V8F, [0.0] * 8)
             init = [[builder.load(p, align=4) if accumulate else zero for p in row] for row in c_ptrs]
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+            fma = fma_v8f32(builder)
             entry = builder.block
             loop = builder.append_basic_block("fma_tile_t")
             done = builder.append_basic_block("fma_tile_done")

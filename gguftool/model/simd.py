@@ -1,5 +1,6 @@
 """Scalar building blocks for the forward pass's numba kernels that LLVM vectorizes: float32 bit casts and
-ggml_v_expf as one branch-free lane function.
+ggml_v_expf as one branch-free lane function; and the LLVM IR pieces of the register-tile intrinsics
+(model.tinyblas, model.attention): IR types, an array's element pointer, strided row pointers, the 8-lane FMA.
 
 Bit casts through a one-element array (``np.array([x]).view(np.int32)[0]``) allocate on every call: in the
 attention kernel's softmax (hundreds of millions of exponentials a pass) that allocation, not the arithmetic, was
@@ -18,12 +19,33 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quants.bits import f32_as_u32, u32_as_f32
 
-__all__ = ["F16C", "as_f32", "as_i32", "expf_lane", "f16_bits_lane", "fma32", "round_f16_lane", "round_f16_lanes",
+__all__ = ["F16C", "IR_F32", "IR_I16", "IR_I32", "IR_I64", "IR_V8F", "as_f32", "as_i32", "element_pointer",
+           "expf_lane", "f16_bits_lane", "fma32", "fma_v8f32", "round_f16_lane", "round_f16_lanes", "row_pointers",
            "widen_f16_lane"]
+
+IR_F32, IR_I16, IR_I32, IR_I64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+IR_V8F = ir.VectorType(IR_F32, 8)        # __m256
+
+
+def element_pointer(builder, context, array_type, array):
+    """The data pointer of a numba array: float* for float32, i16* for the 16-bit formats (F16 / BF16 bits)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(data, (IR_F32 if array_type.dtype == types.float32 else IR_I16).as_pointer())
+
+
+def row_pointers(builder, ptr, start, stride, n: int) -> list:
+    """Pointers to ``ptr[start + i * stride]`` for i < n (IR int64 start and stride): the rows of a register tile."""
+    return [builder.gep(ptr, [builder.add(start, builder.mul(ir.Constant(IR_I64, i), stride))]) for i in range(n)]
+
+
+def fma_v8f32(builder):
+    """LLVM's ``llvm.fma.v8f32`` (one vfmadd231ps on 8 float lanes, one rounding each), declared in the module."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(IR_V8F, [IR_V8F] * 3), "llvm.fma.v8f32")
 
 
 def _scalar_op(name: str, src, dst, build, doc: str):

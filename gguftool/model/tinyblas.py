@@ -33,27 +33,24 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .simd import IR_I16 as _I16
+from .simd import IR_I32 as _I32
+from .simd import IR_I64 as _I64
+from .simd import IR_V8F as _V8F
+from .simd import element_pointer, fma_v8f32, row_pointers
 
 __all__ = ["LANES", "tinyblas_applies", "tinyblas_matmul"]
 
 LANES = 8          # __m256 float lanes (tinyBLAS's KN on AVX2)
 BLOCK_BYTES = 1 << 18   # weight rows multiplied by all activation rows before the next ones: L2-sized
 
-_F32, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_V8F = ir.VectorType(_F32, LANES)
 
 
 def tinyblas_applies(k: int, weight_rows: int) -> bool:
     """Whether tinyBLAS takes an F16/BF16 product with inner size k and a weight of ``weight_rows`` rows."""
     return k % LANES == 0 and weight_rows % 4 == 0
-
-
-def _element_pointer(builder, context, array_type, array):
-    """The data pointer of a numba array, typed by the element format its dtype stands for."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(data, (_F32 if array_type.dtype == types.float32 else _I16).as_pointer())
 
 
 def _load_lanes(builder, dtype, ptr):
@@ -101,11 +98,9 @@ def _make_tile(edge: bool):
         def codegen(context, builder, signature, args):
             xt, _, _, wt = signature.args[:4]
             x_, ix_, ldx_, w_, iw_, ldw_, k_ = args
-            px = _element_pointer(builder, context, xt, x_)
-            pw = _element_pointer(builder, context, wt, w_)
-            x_rows = [builder.gep(px, [builder.add(ix_, builder.mul(ir.Constant(_I64, i), ldx_))]) for i in range(nt)]
-            w_rows = [builder.gep(pw, [builder.add(iw_, builder.mul(ir.Constant(_I64, j), ldw_))]) for j in range(nr)]
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+            x_rows = row_pointers(builder, element_pointer(builder, context, xt, x_), ix_, ldx_, nt)
+            w_rows = row_pointers(builder, element_pointer(builder, context, wt, w_), iw_, ldw_, nr)
+            fma = fma_v8f32(builder)
             entry = builder.block
             loop = builder.append_basic_block("tile_k")
             done = builder.append_basic_block("tile_done")
