@@ -418,6 +418,19 @@ def test_mismatched_base_files(base_file, models, tmp_path):
                                               tmp_path / "none.kld")
 
 
+def test_progress_moves_within_a_batch(models):
+    """One batch of 4 chunks: the progress callback reports the layers' share of it before its logits, in order,
+    and ends at every token with the final perplexity."""
+    calls = []
+    r = gguftool.perplexity(models["f32"], TEXT, n_ctx=CTX, n_chunks=4, batch=4 * CTX,
+                            progress=lambda done, total, ppl: calls.append((done, total, ppl)))
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and len(calls) > 4
+    assert 0 < done[0] < 4 * CTX and calls[0][2] != calls[0][2]   # after a layer, before any chunk is scored
+    assert all(c[1] == 4 * CTX for c in calls)
+    assert calls[-1][0] == 4 * CTX and calls[-1][2] == pytest.approx(r.ppl)
+
+
 def test_interrupted_run_leaves_no_base_file(models, tmp_path):
     base = tmp_path / "b.kld"
 

@@ -490,7 +490,8 @@ class Model:
     # --- the forward pass
     def forward(self, tokens: np.ndarray, hook: Hook | None = None, logits_from: int = 0,
                 logits_to: int | None = None, process_output: bool = False,
-                record: list[np.ndarray] | None = None, resume: tuple[int, np.ndarray] | None = None) -> np.ndarray:
+                record: list[np.ndarray] | None = None, resume: tuple[int, np.ndarray] | None = None,
+                on_layer: Callable[[int], None] | None = None) -> np.ndarray:
         """Evaluate ``tokens`` (B, T): B independent sequences at positions 0..T-1.
 
         Returns logits (B, logits_to - logits_from, n_vocab) for those positions (float32). ``hook`` receives every
@@ -499,6 +500,7 @@ class Model:
         ``record``: a list that receives a copy of the residual stream at the input of every layer (n_layer arrays
         (B * T, n_embd)). ``resume=(il, x)``: start at layer il from such a residual stream (the layers before it
         are skipped: what the sensitivity probes use when only later weights differ from a recorded pass).
+        ``on_layer(il)``: called after each layer (a progress display within a long pass).
         """
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
@@ -511,7 +513,7 @@ class Model:
             if not 0 <= first <= self.cfg.n_layer or x0.shape != (B * T, self.cfg.n_embd):
                 raise ValueError(f"resume at layer {first} with a residual of shape {x0.shape}")
             x = np.array(x0, dtype=np.float32, copy=True)
-        x = self.run_layers(x, B, T, range(first, self.cfg.n_layer), hook, record=record)
+        x = self.run_layers(x, B, T, range(first, self.cfg.n_layer), hook, record=record, on_layer=on_layer)
         return self.head(x, B, T, hook, logits_from, logits_to, process_output)
 
     # The pass in three parts, for a pipeline whose stages hold a share of the layers each
@@ -533,9 +535,10 @@ class Model:
         return x
 
     def run_layers(self, x: np.ndarray, B: int, T: int, layers: range, hook: Hook | None = None,
-                   record: list[np.ndarray] | None = None) -> np.ndarray:
+                   record: list[np.ndarray] | None = None,
+                   on_layer: Callable[[int], None] | None = None) -> np.ndarray:
         """The residual stream ``x`` (B*T, n_embd) after ``layers`` (updated in place and returned); ``record``
-        receives a copy of it at the input of each layer."""
+        receives a copy of it at the input of each layer, ``on_layer(il)`` is called after layer il."""
         st = self._pass_state(B, T, x)
         ranges = self.workers.row_ranges(B * T)
         self._pool = {}
@@ -544,6 +547,8 @@ class Model:
                 if record is not None:
                     record.append(st.x.copy())
                 self._layer(st, il, ranges, hook)
+                if on_layer is not None:
+                    on_layer(il)
         finally:
             self._pool = None
         return st.x

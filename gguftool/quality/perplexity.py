@@ -149,19 +149,44 @@ def _n_vocab(tokenizer: Tokenizer, logits: np.ndarray, origin: str) -> int:
     return tokenizer.n_vocab
 
 
+class _TokenProgress:
+    """A ``ProgressFn`` fed in tokens and never backwards: during a batch's forward pass the batch's tokens in
+    proportion to the layers done (the output layer the last step), so that a bar moves through a long batch rather
+    than sitting still until its logits; then chunk by chunk as they are scored."""
+
+    def __init__(self, fn: ProgressFn | None, total: int, n_layer: int):
+        self.fn, self.total, self.steps = fn, total, n_layer + 1
+        self.done = 0
+
+    def __call__(self, done: int, ppl: float) -> None:
+        if self.fn is not None:
+            self.done = max(self.done, done)
+            self.fn(self.done, self.total, ppl)
+
+    def layers(self, first_token: int, n_tokens: int, running: list[float]) -> Callable[[int], None] | None:
+        """The forward pass's ``on_layer`` for a batch of ``n_tokens`` from ``first_token`` (``running``: the
+        perplexities so far)."""
+        if self.fn is None:
+            return None
+        ppl = running[-1] if running else math.nan
+        return lambda il: self(first_token + n_tokens * (il + 1) // self.steps, ppl)
+
+
 def _perplexity(model: Model, tokenizer: Tokenizer, origin: str, text: str, n_ctx: int, n_chunks: int, batch: int,
                 base: str | None, overwrite: bool, progress: ProgressFn | None) -> PerplexityResult:
     tokens = tokenize_text(tokenizer, text, n_ctx, PerplexityError, "evaluation")
     n_chunk = chunk_count(len(tokens), n_ctx, n_chunks)
     first, last = scored_range(n_ctx)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
+    report = _TokenProgress(progress, n_chunk * n_ctx, model.cfg.n_layer)
     writer = None
     if base is not None:
         writer = LogitsFileWriter(base, n_ctx, tokenizer.n_vocab, tokens, n_chunk, overwrite=overwrite)
     try:
         totals = NLLTotals()
         for i, chunks in chunk_batches(tokens, n_ctx, n_chunk, max(1, batch // n_ctx), bos):
-            logits = model.forward(chunks, logits_from=first, logits_to=last)
+            logits = model.forward(chunks, logits_from=first, logits_to=last,
+                                   on_layer=report.layers(i * n_ctx, chunks.size, totals.running))
             _n_vocab(tokenizer, logits, origin)
             for j in range(chunks.shape[0]):
                 start = (i + j) * n_ctx
@@ -173,8 +198,7 @@ def _perplexity(model: Model, tokenizer: Tokenizer, origin: str, text: str, n_ct
                     ppl = totals.add(float(v64.sum()), float((v64 * v64).sum()), last - first)
                 else:
                     ppl = totals.add(*chunk_nll(logits[j], targets), last - first)
-                if progress is not None:
-                    progress((i + j + 1) * n_ctx, n_chunk * n_ctx, ppl)
+                report((i + j + 1) * n_ctx, ppl)
         if writer is not None:
             writer.commit()
     except BaseException:
@@ -206,16 +230,17 @@ def _kl_divergence(model: Model, tokenizer: Tokenizer, origin: str, text: str | 
     first, last = scored_range(n_ctx)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     acc = KLDAccumulator(base.n_vocab)
+    report = _TokenProgress(progress, n_chunk * n_ctx, model.cfg.n_layer)
     running: list[float] = []
     for i, chunks in chunk_batches(tokens, n_ctx, n_chunk, max(1, batch // n_ctx), bos):
-        logits = model.forward(chunks, logits_from=first, logits_to=last)
+        logits = model.forward(chunks, logits_from=first, logits_to=last,
+                               on_layer=report.layers(i * n_ctx, chunks.size, running))
         _n_vocab(tokenizer, logits, origin)
         for j in range(chunks.shape[0]):
             start = (i + j) * n_ctx
             acc.add(logits[j], base.chunk(i + j), tokens[start + first + 1:start + n_ctx])
             running.append(acc.running()[0])
-            if progress is not None:
-                progress((i + j + 1) * n_ctx, n_chunk * n_ctx, running[-1])
+            report((i + j + 1) * n_ctx, running[-1])
     stats = acc.stats()
     return PerplexityResult("kl-divergence", origin, n_ctx, n_chunk, base.n_vocab, len(base.tokens), acc.count,
                             stats.ppl, stats.ppl_err, running, base_path=base.path, kld=stats)
