@@ -513,8 +513,13 @@ class Model:
             if not 0 <= first <= self.cfg.n_layer or x0.shape != (B * T, self.cfg.n_embd):
                 raise ValueError(f"resume at layer {first} with a residual of shape {x0.shape}")
             x = np.array(x0, dtype=np.float32, copy=True)
-        x = self.run_layers(x, B, T, range(first, self.cfg.n_layer), hook, record=record, on_layer=on_layer)
-        return self.head(x, B, T, hook, logits_from, logits_to, process_output)
+        lo, hi = logits_from, T if logits_to is None else logits_to
+        keep = (lo, hi) if hook is None and (lo, hi) != (0, T) and self._prunes_last_layer else None
+        x = self.run_layers(x, B, T, range(first, self.cfg.n_layer), hook, record=record, on_layer=on_layer,
+                            keep=keep)
+        if keep is not None:
+            return self.head(x, B, hi - lo)
+        return self.head(x, B, T, hook, lo, hi, process_output)
 
     # The pass in three parts, for a pipeline whose stages hold a share of the layers each
     # (gguftool.distributed.imatrix); forward() is their composition.
@@ -536,9 +541,15 @@ class Model:
 
     def run_layers(self, x: np.ndarray, B: int, T: int, layers: range, hook: Hook | None = None,
                    record: list[np.ndarray] | None = None,
-                   on_layer: Callable[[int], None] | None = None) -> np.ndarray:
+                   on_layer: Callable[[int], None] | None = None,
+                   keep: tuple[int, int] | None = None) -> np.ndarray:
         """The residual stream ``x`` (B*T, n_embd) after ``layers`` (updated in place and returned); ``record``
-        receives a copy of it at the input of each layer, ``on_layer(il)`` is called after layer il."""
+        receives a copy of it at the input of each layer, ``on_layer(il)`` is called after layer il.
+
+        ``keep=(lo, hi)``: only positions lo:hi of each sequence are wanted from the model's last layer, which then
+        finishes (from its attention output on) for those rows only, as llama.cpp's graph does with the outputs
+        of a batch (inp_out_ids): the rows are independent there, so the wanted ones come out the same. Returns
+        them, (B*(hi-lo), n_embd). Only where ``_prunes_last_layer``."""
         st = self._pass_state(B, T, x)
         ranges = self.workers.row_ranges(B * T)
         self._pool = {}
@@ -546,7 +557,7 @@ class Model:
             for il in layers:
                 if record is not None:
                     record.append(st.x.copy())
-                self._layer(st, il, ranges, hook)
+                st = self._layer(st, il, ranges, hook, keep if il == self.cfg.n_layer - 1 else None)
                 if on_layer is not None:
                     on_layer(il)
         finally:
@@ -584,16 +595,24 @@ class Model:
             o=np.empty((B, T, Hkv, H // Hkv, Dv), dtype=np.float32),
             m=np.empty((0 if cfg.n_expert else N, cfg.n_ff), dtype=np.float32))
 
-    def _layer(self, st: _PassState, il: int, ranges: list[tuple[int, int]], hook: Hook | None) -> None:
+    @property
+    def _prunes_last_layer(self) -> bool:
+        """Whether the last layer can finish for some positions only (run_layers' ``keep``): not written for the
+        MLA and gpt-oss layers."""
+        return self.cfg.mla is None and self.cfg.arch != gptoss.ARCH
+
+    def _layer(self, st: _PassState, il: int, ranges: list[tuple[int, int]], hook: Hook | None,
+               keep: tuple[int, int] | None = None) -> _PassState:
         """Layer il: attention block, then the FFN (dense or MoE), each added to the residual stream st.x. Row-wise
-        stages run on the workers by rows, the products by blocks of output columns (see _products)."""
+        stages run on the workers by rows, the products by blocks of output columns (see _products). Returns the
+        pass's state: ``st``, or with ``keep=(lo, hi)`` a new one of positions lo:hi only (see run_layers)."""
         cfg = self.cfg
         if cfg.mla is not None:
             mla.layer(self, st, il, ranges, hook)
-            return
+            return st
         if cfg.arch == gptoss.ARCH:
             gptoss.layer(self, st, il, ranges, hook)
-            return
+            return st
         p = f"blk.{il}."
         fused = cfg.arch == "phi3"     # attn_qkv = Q|K|V, ffn_up = gate|up
         B, T, N = st.B, st.T, st.B * st.T
@@ -616,6 +635,10 @@ class Model:
                                  self.w.get(p + "attn_k_norm.weight")), ranges)
         self._attention(st.q.reshape(B, T, H, D), st.k.reshape(B, T, Hkv, D), st.v.reshape(B, T, Hkv, Dv), il,
                         st.o)
+        if keep is not None:
+            st = self._positions(st, *keep)
+            N = st.B * st.T
+            ranges = self.workers.row_ranges(N)
         a_in = st.o.reshape(N, H * Dv)
         if hook is not None:
             hook((p + "attn_output.weight",), a_in)
@@ -625,7 +648,7 @@ class Model:
             if hook is not None:
                 hook((p + "ffn_gate_inp.weight",), st.h)
             st.x += self._moe_ffn(st.h, p, hook)
-            return
+            return st
         names = (p + "ffn_up.weight",) if fused else (p + "ffn_gate.weight", p + "ffn_up.weight")
         if hook is not None:
             hook(names, st.h)
@@ -636,6 +659,19 @@ class Model:
             hook((p + "ffn_down.weight",), st.m)
         (f,) = self._linears(st.m, (p + "ffn_down.weight",), role="ffn_down")
         self.workers.map(partial(self._ffn_residual_rows, st, p, f), ranges)
+        return st
+
+    def _positions(self, st: _PassState, lo: int, hi: int) -> _PassState:
+        """The state of positions lo:hi of each sequence after attention: their residual stream and attention
+        output, new buffers for the rest of the layer."""
+        E, T = self.cfg.n_embd, hi - lo
+        N = st.B * T
+        return _PassState(
+            B=st.B, T=T, pos=st.pos.reshape(st.B, st.T)[:, lo:hi].reshape(-1), q=st.q, k=st.k, v=st.v,
+            x=st.x.reshape(st.B, st.T, E)[:, lo:hi].reshape(N, E),
+            h=np.empty((N, E), dtype=np.float32),
+            o=np.ascontiguousarray(st.o[:, lo:hi]),
+            m=np.empty((0 if self.cfg.n_expert else N, self.cfg.n_ff), dtype=np.float32))
 
     def _norm_rows(self, x: np.ndarray, out: np.ndarray, w: np.ndarray, rows: tuple[int, int]) -> None:
         r0, r1 = rows
