@@ -204,6 +204,21 @@ def test_hooks_report_every_matmul_input(tmp_path):
     src.close()
 
 
+def test_last_layer_finishes_only_the_wanted_positions(tmp_path):
+    """Logits of positions 10:19 (the last layer then runs its FFN for those rows only, as llama.cpp's graph does)
+    are the full pass's logits of those positions, up to the last bits of BLAS's row-count-dependent blocking."""
+    rng = np.random.default_rng(8)
+    src, model = _open(write_model(tmp_path / "m.gguf", "llama", rng), n_threads=2)
+    tokens = rng.integers(3, N_VOCAB, size=(2, 20))
+    full = model.forward(tokens)
+    part = model.forward(tokens, logits_from=10, logits_to=19)
+    assert part.shape == (2, 9, N_VOCAB)
+    np.testing.assert_allclose(part, full[:, 10:19], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(part, full[:, 9:18], rtol=1e-2, atol=1e-2)      # the rows are the wanted ones
+    del model
+    src.close()
+
+
 def test_missing_tensor_and_unsupported_arch(tmp_path):
     rng = np.random.default_rng(3)
     path = write_model(tmp_path / "m.gguf", "llama", rng)

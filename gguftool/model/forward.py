@@ -514,7 +514,8 @@ class Model:
                 raise ValueError(f"resume at layer {first} with a residual of shape {x0.shape}")
             x = np.array(x0, dtype=np.float32, copy=True)
         lo, hi = logits_from, T if logits_to is None else logits_to
-        keep = (lo, hi) if hook is None and (lo, hi) != (0, T) and self._prunes_last_layer else None
+        prune = hook is None and (lo, hi) != (0, T) and first < self.cfg.n_layer and self._prunes_last_layer
+        keep = (lo, hi) if prune else None
         x = self.run_layers(x, B, T, range(first, self.cfg.n_layer), hook, record=record, on_layer=on_layer,
                             keep=keep)
         if keep is not None:
