@@ -47,7 +47,6 @@ LANES = 8          # __m256 float lanes (tinyBLAS's KN on AVX2)
 BLOCK_BYTES = 1 << 18   # weight rows multiplied by all activation rows before the next ones: L2-sized
 
 
-
 def tinyblas_applies(k: int, weight_rows: int) -> bool:
     """Whether tinyBLAS takes an F16/BF16 product with inner size k and a weight of ``weight_rows`` rows."""
     return k % LANES == 0 and weight_rows % 4 == 0
